@@ -1,0 +1,49 @@
+# Two commands: `make demo` and `make test`. Both set everything up from a fresh clone.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+STAMP   := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+export OMP_NUM_THREADS ?= 1
+export RAY_AUTH_MODE ?= disabled
+export DS_ACCELERATOR ?= cpu
+export RAY_USAGE_STATS_ENABLED ?= 0
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
+
+.PHONY: demo test test-fast setup system-deps clean
+
+demo: setup
+	$(VENV)/bin/contrast run configs/demo.yaml
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Developer loop: skip the multi-process and multi-minute tests.
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+setup: system-deps $(STAMP)
+
+# DeepSpeed compiles a small C++ extension at run time on CPU: g++ must exist.
+# Fashion-MNIST (Debian package) is the real-image zero-shot eval set.
+system-deps:
+	@missing=""; \
+	command -v g++ >/dev/null 2>&1 || missing="$$missing g++"; \
+	[ -d /usr/share/datasets/fashion-mnist ] || missing="$$missing dataset-fashion-mnist"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+# torch first, pinned: anything that lets pip choose pulls a multi-GB CUDA build.
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	DS_BUILD_OPS=0 $(PIP) install -q -c constraints.txt -e ".[dev,s3,hf]"
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

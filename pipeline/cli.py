@@ -1,0 +1,147 @@
+"""The `contrast` command: one subcommand per stage, each a thin call into its library module."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from pipeline.config import ConfigError, load_config
+from pipeline.log import get_logger, setup_logging
+
+log = get_logger("cli")
+
+EXIT_NOT_LANDED = 2
+
+
+class NotLanded(RuntimeError):
+    """A subcommand whose stage is not built yet: exit 2 and say so, never invent results."""
+
+
+def _not_landed(what: str) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        raise NotLanded(f"`contrast {what}` is not available yet: its stage has not landed in this version.")
+    return handler
+
+
+# ------------------------------------------------------------------------------------- handlers
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    print(cfg.to_yaml(), end="")
+    return 0
+
+
+# ------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="contrast",
+        description="Distributed contrastive image-text pretraining: data → train → eval → report.",
+        epilog="Overrides are dotted keys with YAML values, e.g. train.global_batch=4096 loss.name=siglip. "
+               "`contrast config CONFIG` prints the resolved config.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def config_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("config", metavar="CONFIG", help="YAML run config, e.g. configs/demo.yaml")
+        sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted overrides read as YAML, e.g. train.steps=200 cluster.num_workers=4")
+
+    # data
+    data = sub.add_parser("data", help="make, pack and inspect WebDataset shards",
+                          description="Make, pack and inspect WebDataset shards (tars + manifest.json).")
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    synth = dsub.add_parser("synth", help="generate a synthetic image-caption dataset and eval sets (no download)",
+                            description="Render coloured shapes with captions into shards, plus evaluation sets "
+                                        "(zero-shot on seen and held-out combinations, retrieval, relations).")
+    synth.add_argument("--out", required=True, help="output URL (folder); train/ and eval/ are written inside")
+    synth.add_argument("--samples", type=int, required=True, help="number of training samples")
+    synth.add_argument("--eval-samples", type=int, default=1000, help="samples per evaluation set (default 1000)")
+    synth.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
+    synth.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    synth.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    synth.set_defaults(func=_not_landed("data synth"))
+
+    pack = dsub.add_parser("pack", help="pack a folder, CSV, parquet or img2dataset output into shards",
+                           description="Pack image-caption pairs into tars of a chosen size plus manifest.json. "
+                                       "Bad inputs are skipped and counted by reason.")
+    src = pack.add_mutually_exclusive_group(required=True)
+    src.add_argument("--folder", help="class subfolders, or x.jpg beside x.txt")
+    src.add_argument("--csv", help="table with image path and caption columns")
+    src.add_argument("--parquet", help="table with image path and caption columns")
+    src.add_argument("--img2dataset", help="img2dataset output folder (re-shard)")
+    pack.add_argument("--out", required=True, help="output URL (folder)")
+    pack.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    pack.add_argument("--image-column", default="image", help="table column with image paths (default image)")
+    pack.add_argument("--caption-column", default="caption", help="table column with captions (default caption)")
+    pack.set_defaults(func=_not_landed("data pack"))
+
+    inspect = dsub.add_parser("inspect", help="counts, bytes, sample keys and corrupt members of shards",
+                              description="Read shards (any fsspec URL, brace pattern, folder or manifest.json) "
+                                          "and print counts, bytes, keys per sample and corrupt members.")
+    inspect.add_argument("urls", nargs="+", metavar="URL")
+    inspect.set_defaults(func=_not_landed("data inspect"))
+
+    # stages
+    train = sub.add_parser("train", help="train with Ray + DeepSpeed (local Ray when no cluster.address)",
+                           description="Train with Ray Train + DeepSpeed. Resumes from the latest checkpoint in "
+                                       "run_dir unless train.resume=never.")
+    config_args(train)
+    train.set_defaults(func=_not_landed("train"))
+
+    ev = sub.add_parser("eval", help="evaluate one published checkpoint",
+                        description="Zero-shot, retrieval and linear probe on a published checkpoint; writes "
+                                    "run_dir/eval/step_N.json and TensorBoard scalars.")
+    ev.add_argument("checkpoint", metavar="CHECKPOINT", help="published checkpoint folder (run_dir/published/step_N)")
+    ev.add_argument("--config", help="run config for the eval sets (default: the one in the checkpoint)")
+    ev.set_defaults(func=_not_landed("eval"))
+
+    watch = sub.add_parser("watch", help="evaluate new published checkpoints as they appear",
+                           description="Scheduled evaluation: each complete published checkpoint is evaluated "
+                                       "exactly once, following eval.schedule.")
+    watch.add_argument("run_dir", metavar="RUN_DIR")
+    watch.add_argument("--config", help="run config (default: the one in the newest checkpoint)")
+    watch.add_argument("--once", action="store_true", help="evaluate what is pending, then exit")
+    watch.set_defaults(func=_not_landed("watch"))
+
+    run = sub.add_parser("run", help="the whole pipeline: data if missing, train, eval, report",
+                         description="Synthesise data when missing, train, evaluate on schedule, write the report.")
+    config_args(run)
+    run.set_defaults(func=_not_landed("run"))
+
+    export = sub.add_parser("export", help="export a published checkpoint to open_clip, Hugging Face or safetensors",
+                            description="Export a published checkpoint with its tokenizer.")
+    export.add_argument("checkpoint", metavar="CHECKPOINT")
+    export.add_argument("--format", required=True, choices=["open_clip", "hf", "safetensors"])
+    export.add_argument("--out", required=True, help="output folder")
+    export.set_defaults(func=_not_landed("export"))
+
+    report = sub.add_parser("report", help="write run_dir/report.html with training and eval plots",
+                            description="Plots of training curves and eval metrics vs step, into report.html.")
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.set_defaults(func=_not_landed("report"))
+
+    cfg = sub.add_parser("config", help="print the fully resolved, validated config",
+                         description="Load CONFIG, apply overrides, validate, print the result as YAML.")
+    config_args(cfg)
+    cfg.set_defaults(func=cmd_config)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging("debug" if args.verbose else "warning" if args.quiet else "info")
+    try:
+        return int(args.func(args) or 0)
+    except NotLanded as e:
+        print(f"contrast: {e}", file=sys.stderr)
+        return EXIT_NOT_LANDED
+    except ConfigError as e:
+        print(f"contrast: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("contrast: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,453 @@
+"""Typed run configuration: dataclasses, YAML loading, dotted overrides, strict validation.
+
+A config is built from defaults, then one YAML file, then ``key=value`` overrides whose values are
+read as YAML (``train.global_batch=4096``, ``data.train_urls=[a.tar,b.tar]``). Every key is
+checked against the dataclasses; every value is coerced to the field's type or rejected. Errors
+name the key, the value, what was expected and where the value came from, and they happen before
+any worker starts. ``deepspeed`` is the one free-form section: its keys pass through to DeepSpeed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+DEFAULTS = "defaults"
+COMMAND_LINE = "command line"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message says which, why and where it came from."""
+
+
+# --------------------------------------------------------------------------------------- sections
+@dataclass
+class SynthConfig:
+    """What `contrast run` synthesises when `data.train_urls` has no shards yet."""
+    samples: int = 0                       # 0: never synthesise
+    eval_samples: int = 1000               # per evaluation set
+    image_size: int = 64
+    shard_size: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    train_urls: list[str] = field(default_factory=list)
+    eval_dir: Optional[str] = None         # folder of evaluation sets (classnames.txt, templates, shards)
+    image_size: int = 64                   # model input side, pixels
+    context_length: int = 77
+    tokenizer: Optional[str] = None        # tokenizer.json URL; default: the one beside the manifest
+    num_workers: int = 0                   # loader processes per rank
+    shuffle_buffer: int = 1000
+    resampled: bool = False                # stream without epochs
+    max_bad_fraction: float = 0.01
+    allow_pipe: bool = False               # allow `pipe:` URLs (they run shell commands)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass
+class TowerConfig:
+    hf_path: Optional[str] = None          # local Hugging Face model directory for a pretrained tower
+    lock: bool = False                     # freeze the tower (LiT)
+    unlock_last: int = 0                   # with lock: train the last n blocks
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    dropout: float = 0.0
+    grad_checkpointing: bool = False
+    image: TowerConfig = field(default_factory=TowerConfig)
+    text: TowerConfig = field(default_factory=TowerConfig)
+
+
+@dataclass
+class LossConfig:
+    """The loss and its hyper-parameters (LOSSES.md); a hyper left at None takes the loss default."""
+    name: str = "clip"
+    tiled: bool = False
+    tile_size: int = 1024
+    init_temperature: Optional[float] = None   # None: the loss family's default
+    learn_temperature: bool = True
+    k1: Optional[float] = None             # tcl
+    k2: Optional[float] = None             # tcl
+    sigma: Optional[float] = None          # dclw
+    beta: Optional[float] = None           # hcl
+    tau_plus: Optional[float] = None       # hcl
+    cross_uniformity: Optional[bool] = None  # clip_gap
+
+    def hyper(self) -> dict[str, Any]:
+        """The hyper-parameters explicitly set, as keyword arguments for `get_loss`."""
+        names = ("k1", "k2", "sigma", "beta", "tau_plus", "cross_uniformity")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    global_batch: int = 256
+    lr: float = 5e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 10
+    weight_decay: float = 0.2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    grad_clip: float = 1.0                 # 0 disables clipping
+    precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 where the hardware has it
+    resume: Literal["auto", "never"] = "auto"
+    log_every: int = 10
+
+
+@dataclass
+class GradCacheConfig:
+    chunk_size: int = 0                    # 0: no gradient cache (one plain backward per step)
+    text_chunk_size: int = 0               # 0: same as chunk_size
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = None          # Ray address; None starts a local Ray
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 50
+    keep: int = 2                          # resume checkpoints kept; published ones are all kept
+
+
+@dataclass
+class EvalConfig:
+    schedule: Literal["off", "every", "latest"] = "every"
+    every_k: int = 1                       # with `every`: evaluate every k-th published checkpoint
+    sets: list[str] = field(default_factory=list)   # eval set names under data.eval_dir
+    batch_size: int = 256
+    linear_probe_train_fraction: float = 0.8
+    claim_ttl_s: float = 1800.0            # a claim older than this is taken to be abandoned
+    cpus: float = 1.0                      # resources of the eval actor beside training
+    poll_s: float = 5.0
+
+
+@dataclass
+class LoggingConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    tensorboard: bool = True
+    progress: bool = True                  # tqdm bars in the CLI
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gradcache: GradCacheConfig = field(default_factory=GradCacheConfig)
+    deepspeed: dict[str, Any] = field(default_factory=dict)   # raw DeepSpeed keys, passed through
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def local_batch(self) -> int:
+        return self.train.global_batch // self.cluster.num_workers
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def origin(self, key: str) -> str:
+        """Where the value of a dotted key came from: a file, the command line, or the defaults."""
+        sources: dict[str, str] = getattr(self, "_sources", {})
+        parts = key.split(".")
+        for n in range(len(parts), 0, -1):
+            if ".".join(parts[:n]) in sources:
+                return sources[".".join(parts[:n])]
+        return DEFAULTS
+
+
+FREE_FORM_SECTIONS = ("deepspeed",)
+
+
+# ------------------------------------------------------------------------------------- building
+def load_config(path: str | Path | None = None, overrides: list[str] = (), validate: bool = True) -> Config:
+    """Defaults, then the YAML file at `path`, then `key=value` overrides; validated unless told not."""
+    cfg = Config()
+    sources: dict[str, str] = {}
+    if path is not None:
+        text = _read_text(path)
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+        for key, value in _flatten(raw):
+            _set(cfg, key, value, str(path), sources)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set(cfg, key, value, COMMAND_LINE, sources)
+    object.__setattr__(cfg, "_sources", sources)
+    if validate:
+        validate_config(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any], origin: str = "dict", validate: bool = True) -> Config:
+    """Rebuild a config from `to_dict()` output (a run's manifest, a checkpoint)."""
+    cfg = Config()
+    sources: dict[str, str] = {}
+    for key, value in _flatten(data):
+        _set(cfg, key, value, origin, sources)
+    object.__setattr__(cfg, "_sources", sources)
+    if validate:
+        validate_config(cfg)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`train.global_batch=4096` → ("train.global_batch", 4096); the value is read as YAML."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. train.global_batch=4096")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text            # not YAML (e.g. a brace pattern with a colon): keep the string
+    return key, value
+
+
+def _read_text(path: str | Path) -> str:
+    import fsspec
+    try:
+        with fsspec.open(str(path), "r", encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+
+
+def _flatten(raw: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested mappings → dotted keys; free-form sections stay whole so their keys pass through."""
+    out: list[tuple[str, Any]] = []
+    for k, v in raw.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key not in FREE_FORM_SECTIONS and _is_section(key):
+            out.extend(_flatten(v, key + "."))
+        else:
+            out.append((key, v))
+    return out
+
+
+def _is_section(dotted: str) -> bool:
+    obj: Any = Config
+    for part in dotted.split("."):
+        fields = {f.name: f for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else {}
+        if part not in fields:
+            return False
+        obj = _hints(obj)[part]
+    return dataclasses.is_dataclass(obj)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _set(cfg: Config, key: str, value: Any, origin: str, sources: dict[str, str]) -> None:
+    parts = key.split(".")
+    obj: Any = cfg
+    for i, part in enumerate(parts):
+        here = ".".join(parts[: i + 1])
+        if isinstance(obj, dict):                      # inside a free-form section
+            if i == len(parts) - 1:
+                obj[part] = _merge(obj.get(part), value)
+            else:
+                obj = obj.setdefault(part, {})
+                if not isinstance(obj, dict):
+                    raise ConfigError(f"{origin}: {here} is a value, not a section; cannot set {key}")
+            continue
+        names = [f.name for f in dataclasses.fields(obj)]
+        if part not in names:
+            where = ".".join(parts[:i]) or "the top level"
+            valid = ", ".join(names)
+            raise ConfigError(f"{origin}: unknown key {here!r}; valid keys of {where}: {valid}")
+        hint = _hints(type(obj))[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(hint):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{origin}: {here} is a section; expected a mapping, got {value!r}")
+                for k, v in _flatten(value, here + "."):
+                    _set(cfg, k, v, origin, sources)
+                return
+            current = getattr(obj, part)
+            if isinstance(current, dict):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{origin}: {here} expects a mapping of raw keys, got {value!r}")
+                setattr(obj, part, _merge(current, value))
+            else:
+                setattr(obj, part, _coerce(here, value, hint, origin))
+            sources[here] = origin
+            return
+        obj = getattr(obj, part)
+
+
+def _merge(old: Any, new: Any) -> Any:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = dict(old)
+        for k, v in new.items():
+            out[k] = _merge(out.get(k), v)
+        return out
+    return new
+
+
+def _coerce(key: str, value: Any, hint: Any, origin: str) -> Any:
+    """Coerce a YAML value to a field's type, or raise a ConfigError naming key, value and type."""
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{origin}: {key} = {value!r} ({type(value).__name__}); expected {expected}")
+
+    origin_t = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin_t in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0], origin)
+    if origin_t is Literal:
+        if value not in args:
+            raise fail("one of " + ", ".join(repr(a) for a in args))
+        return value
+    if origin_t is list:
+        (item_t,) = args
+        if isinstance(value, (str, int, float)) and item_t is str:
+            value = [value]                           # a single URL is a list of one
+        if not isinstance(value, (list, tuple)):
+            raise fail(f"a list of {item_t.__name__}")
+        return [_coerce(f"{key}[{i}]", v, item_t, origin) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise fail("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise fail("an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail("a number")
+        return float(value)
+    if hint is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise fail("a string")
+        return str(value)
+    if hint is Any:
+        return value
+    raise fail(str(hint))
+
+
+# ------------------------------------------------------------------------------------ validation
+def validate_config(cfg: Config) -> None:
+    """Check ranges and combinations; raise one ConfigError listing every problem found."""
+    problems: list[str] = []
+
+    def need(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            value = _get(cfg, key)
+            problems.append(f"{key} = {value!r} (from {cfg.origin(key)}): expected {expected}")
+
+    t, c, g = cfg.train, cfg.cluster, cfg.gradcache
+    need(t.steps >= 1, "train.steps", "at least 1")
+    need(t.global_batch >= 2, "train.global_batch", "at least 2 (a contrastive batch needs negatives)")
+    need(t.lr > 0, "train.lr", "a positive learning rate")
+    need(t.warmup_steps >= 0, "train.warmup_steps", "0 or more")
+    need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "two numbers in [0, 1)")
+    need(t.grad_clip >= 0, "train.grad_clip", "0 (off) or a positive norm")
+    need(c.num_workers >= 1, "cluster.num_workers", "at least 1")
+    need(c.max_failures >= -1, "cluster.max_failures", "-1 (unlimited) or a count >= 0")
+    need(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "at least 1")
+    need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "at least 1")
+    need(cfg.eval.every_k >= 1, "eval.every_k", "at least 1")
+    need(0 < cfg.eval.linear_probe_train_fraction < 1, "eval.linear_probe_train_fraction", "a fraction in (0, 1)")
+    need(0 <= cfg.data.max_bad_fraction <= 1, "data.max_bad_fraction", "a fraction in [0, 1]")
+    need(cfg.data.num_workers >= 0, "data.num_workers", "0 or more")
+    need(cfg.data.image_size >= 8, "data.image_size", "at least 8 pixels")
+    need(cfg.data.context_length >= 2, "data.context_length", "at least 2 tokens")
+    need(0 <= cfg.model.dropout < 1, "model.dropout", "a probability in [0, 1)")
+    need(cfg.loss.tile_size >= 1, "loss.tile_size", "at least 1")
+    need(g.chunk_size >= 0 and g.text_chunk_size >= 0, "gradcache.chunk_size", "0 (off) or a positive chunk size")
+    if c.num_workers >= 1 and t.global_batch % c.num_workers:
+        problems.append(
+            f"train.global_batch = {t.global_batch} (from {cfg.origin('train.global_batch')}) is not divisible by "
+            f"cluster.num_workers = {c.num_workers} (from {cfg.origin('cluster.num_workers')}): every rank needs "
+            f"the same local batch; pick a multiple of {c.num_workers}")
+    elif c.num_workers >= 1:
+        local = cfg.local_batch
+        for key in ("gradcache.chunk_size", "gradcache.text_chunk_size"):
+            size = _get(cfg, key)
+            if size > local:
+                problems.append(
+                    f"{key} = {size} (from {cfg.origin(key)}) is larger than the local batch {local} "
+                    f"(train.global_batch {t.global_batch} / cluster.num_workers {c.num_workers}); use at most {local}")
+    if not c.use_gpu and _get_dict(cfg.deepspeed, "fp16.enabled"):
+        problems.append(f"deepspeed.fp16.enabled = true (from {cfg.origin('deepspeed.fp16')}): DeepSpeed refuses fp16 "
+                        "on CPU; use train.precision=bf16 or fp32, or cluster.use_gpu=true")
+    problems.extend(_check_stage_names(cfg))
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _check_stage_names(cfg: Config) -> list[str]:
+    """Names resolved by the stage registries (losses, models), asked only when they have landed."""
+    problems = []
+    try:
+        from pipeline.losses import get_loss, LOSS_NAMES
+    except ImportError:
+        get_loss, LOSS_NAMES = None, None
+    if LOSS_NAMES is not None:
+        if cfg.loss.name not in LOSS_NAMES:
+            problems.append(f"loss.name = {cfg.loss.name!r} (from {cfg.origin('loss.name')}): expected one of "
+                            + ", ".join(LOSS_NAMES))
+        else:
+            try:
+                get_loss(cfg.loss.name, **cfg.loss.hyper())
+            except (TypeError, ValueError) as e:
+                problems.append(f"loss (from {cfg.origin('loss')}): {e}")
+    try:
+        from pipeline.models import MODEL_NAMES
+    except ImportError:
+        MODEL_NAMES = None
+    if MODEL_NAMES is not None and cfg.model.name not in MODEL_NAMES:
+        problems.append(f"model.name = {cfg.model.name!r} (from {cfg.origin('model.name')}): expected one of "
+                        + ", ".join(MODEL_NAMES))
+    return problems
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+    return obj
+
+
+def _get_dict(d: dict, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d

@@ -135,6 +135,8 @@ class EvalConfig:
     batch_size: int = 256
     linear_probe_train_fraction: float = 0.8
     claim_ttl_s: float = 1800.0            # a claim older than this is taken to be abandoned
+    retry_s: float = 60.0                  # wait before retrying a checkpoint whose evaluation failed
+    max_attempts: int = 3                  # evaluations tried per checkpoint before giving up on it
     cpus: float = 1.0                      # resources of the eval actor beside training
     poll_s: float = 5.0
 
@@ -388,6 +390,9 @@ def validate_config(cfg: Config) -> None:
     need(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "at least 1")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "at least 1")
     need(cfg.eval.every_k >= 1, "eval.every_k", "at least 1")
+    need(cfg.eval.max_attempts >= 1, "eval.max_attempts", "at least 1")
+    need(cfg.eval.claim_ttl_s > 0, "eval.claim_ttl_s", "a positive number of seconds")
+    need(cfg.eval.retry_s >= 0, "eval.retry_s", "0 or more seconds")
     need(0 < cfg.eval.linear_probe_train_fraction < 1, "eval.linear_probe_train_fraction", "a fraction in (0, 1)")
     need(0 <= cfg.data.max_bad_fraction <= 1, "data.max_bad_fraction", "a fraction in [0, 1]")
     need(cfg.data.num_workers >= 0, "data.num_workers", "0 or more")

@@ -96,6 +96,34 @@ def write_bytes(url: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
+def create_exclusive(url: str, data: bytes) -> bool:
+    """Create a file only if it does not exist yet; True when this call created it.
+
+    Atomic against concurrent creators on local/NFS filesystems (a fully written temporary file is
+    hard-linked to the name, which fails if the name exists), on S3 (a conditional PUT with
+    ``If-None-Match: *``) and in ``memory://``. Other filesystems fall back to check-then-write,
+    which two racing writers can both pass: do not rely on it for mutual exclusion there.
+    """
+    if is_local(url):
+        path = Path(local_path(url))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+        tmp.write_bytes(data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink()
+    fs, path = filesystem(url)
+    try:
+        fs.pipe_file(path, data, mode="create")
+        return True
+    except FileExistsError:
+        return False
+
+
 def write_json(url: str, obj: Any) -> None:
     write_bytes(url, json.dumps(obj, indent=2, sort_keys=True).encode("utf-8"))
 

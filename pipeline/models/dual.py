@@ -1,0 +1,224 @@
+"""The dual encoder: two towers, L2-normalised embeddings, a learnable logit scale (and bias).
+
+One forward entry point, `model(image=..., text=...)`, serves the train loop and the gradient
+cache, so DeepSpeed ZeRO-3 gathers every parameter (the logit scale included) through module hooks.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import ModelConfig
+from pipeline.log import get_logger
+from pipeline.models.configs import HFSpec, ModelSpec, named_spec
+from pipeline.models.towers import block_prefix, build_tower
+
+log = get_logger(__name__)
+
+TOWERS = ("image", "text")
+MAX_LOGIT_SCALE = 100.0
+
+
+class DualEncoder(nn.Module):
+    """Image and text towers whose normalised embeddings meet in one `embed_dim` space.
+
+    The logit scale is a parameter θ with s = exp(θ); θ starts at ln(1/τ₀) and `clamp_logit_scale()`
+    keeps it in [0, ln 100]. `logit_bias` exists for losses that use one (SigLIP), else it is None.
+    """
+
+    def __init__(self, spec: ModelSpec, *, image_size: int, context_length: int, vocab_size: int,
+                 dropout: float = 0.0, init_temperature: float = 0.07, init_bias: Optional[float] = None,
+                 learn_temperature: bool = True):
+        super().__init__()
+        self.spec = spec
+        self.image_size = image_size
+        self.context_length = context_length
+        self.vocab_size = vocab_size
+        sizes = dict(image_size=image_size, context_length=context_length, vocab_size=vocab_size,
+                     embed_dim=spec.embed_dim, dropout=dropout)
+        self.image_tower = build_tower(spec.image, "image", **sizes)
+        self.text_tower = build_tower(spec.text, "text", **sizes)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)),
+                                        requires_grad=learn_temperature)
+        if init_bias is None:
+            self.register_parameter("logit_bias", None)
+        else:
+            self.logit_bias = nn.Parameter(torch.tensor(float(init_bias)))
+        self.locked_towers: set[str] = set()
+        self.tokenizer: Any = None         # set by `load_published`
+
+    # ------------------------------------------------------------------------------ encoding
+    def tower(self, name: str) -> nn.Module:
+        if name not in TOWERS:
+            raise ValueError(f"unknown tower {name!r}; expected one of {TOWERS}")
+        return self.image_tower if name == "image" else self.text_tower
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) normalised pixels → (N, D) unit vectors (fp32)."""
+        expected = (3, self.image_size, self.image_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"encode_image: expected images of shape (N, {', '.join(map(str, expected))}), "
+                             f"got {tuple(images.shape)}")
+        return self._encode("image", images)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, L) token ids, L ≤ context length → (N, D) unit vectors (fp32)."""
+        if tokens.ndim != 2 or tokens.shape[1] > self.context_length or tokens.dtype not in (torch.long, torch.int):
+            raise ValueError(f"encode_text: expected integer token ids of shape (N, L ≤ {self.context_length}), "
+                             f"got {tuple(tokens.shape)} {tokens.dtype}")
+        if tokens.numel() and not tokens.is_meta and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ValueError(f"encode_text: token ids must lie in [0, {self.vocab_size}), got "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]: was the text tokenised with this "
+                             f"model's tokenizer?")
+        return self._encode("text", tokens)
+
+    def _encode(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        frozen = torch.no_grad() if name in self.locked_towers else contextlib.nullcontext()
+        with frozen:
+            features = self.tower(name)(x)
+        return F.normalize(features.float(), dim=-1)
+
+    def forward(self, image: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None) -> dict[str, Any]:
+        """Embeddings of whichever inputs are given, plus s = exp(θ) and the bias (None without one)."""
+        return {
+            "image": self.encode_image(image) if image is not None else None,
+            "text": self.encode_text(text) if text is not None else None,
+            "logit_scale": self.logit_scale.float().exp(),
+            "logit_bias": self.logit_bias.float() if self.logit_bias is not None else None,
+        }
+
+    # ------------------------------------------------------------------------------ training
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """θ ← clamp(θ, 0, ln 100); call after every optimizer step.
+
+        Under DeepSpeed ZeRO-3 the parameter's data lives in this rank's partition (`ds_tensor`);
+        the clamp is elementwise, so clamping the partition is exact.
+        """
+        p = self.logit_scale
+        for t in (p.data, getattr(p, "ds_tensor", None)):
+            if t is not None and t.numel():
+                t.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
+
+    def lock(self, name: str, unlock_last: int = 0) -> None:
+        """Freeze a tower (LiT); with `unlock_last = n` its last n blocks and what follows them train.
+
+        A fully frozen tower runs without a graph and in eval mode, and is listed in `locked_towers`.
+        """
+        tower = self.tower(name)
+        blocks, prefix = len(tower.blocks), block_prefix(tower) + "."
+        if not 0 <= unlock_last <= blocks:
+            raise ValueError(f"model.{name}.unlock_last = {unlock_last}: expected 0..{blocks} (the tower's blocks)")
+        for pname, p in tower.named_parameters():
+            if pname.startswith(prefix):
+                trainable = int(pname[len(prefix):].split(".")[0]) >= blocks - unlock_last
+            elif pname.startswith(tower.stem):
+                trainable = False
+            else:                                         # the head: final norm, projection
+                trainable = unlock_last > 0
+            p.requires_grad_(trainable)
+        if unlock_last == 0:
+            self.locked_towers.add(name)
+            tower.eval()
+
+    def train(self, mode: bool = True) -> "DualEncoder":
+        super().train(mode)
+        for name in self.locked_towers:
+            self.tower(name).eval()                       # no dropout in a frozen tower
+        return self
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        for tower in (self.image_tower, self.text_tower):
+            if hasattr(tower, "transformer"):
+                tower.transformer.grad_checkpointing = enabled
+            elif enabled:
+                tower.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                tower.model.gradient_checkpointing_disable()
+
+    def describe(self) -> dict[str, Any]:
+        """What rebuilds this model: the spec, the data-dependent sizes, the scale/bias setup."""
+        return {"spec": self.spec.to_dict(), "image_size": self.image_size, "context_length": self.context_length,
+                "vocab_size": self.vocab_size, "has_bias": self.logit_bias is not None}
+
+
+# ---------------------------------------------------------------------------------- building
+def resolve_spec(cfg: ModelConfig) -> ModelSpec:
+    """The named spec, with each tower that has `hf_path` replaced by that model's config."""
+    spec = named_spec(cfg.name)
+    towers = {}
+    for name, tower_cfg in (("image", cfg.image), ("text", cfg.text)):
+        if tower_cfg.unlock_last and not tower_cfg.lock:
+            raise ValueError(f"model.{name}.unlock_last = {tower_cfg.unlock_last} needs model.{name}.lock = true")
+        towers[name] = _hf_spec(tower_cfg.hf_path, name) if tower_cfg.hf_path else getattr(spec, name)
+    return ModelSpec(spec.embed_dim, towers["image"], towers["text"])
+
+
+def _hf_spec(path: str, name: str) -> HFSpec:
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.{name}.hf_path = {path!r}: not a readable Hugging Face model directory ({e})") from None
+    return HFSpec(config=config.to_dict(), pool="mean" if name == "text" else "cls", source=str(path))
+
+
+def logit_init(loss_name: str, init_temperature: Optional[float] = None) -> tuple[float, Optional[float]]:
+    """(τ₀, bias₀) for a loss: its default temperature unless overridden; bias −10 if it uses one."""
+    try:
+        from pipeline.losses import default_temperature, uses_bias
+    except ImportError:          # TEMPORARY until pipeline.losses lands: CLIP's init, SigLIP's bias
+        def default_temperature(name: str) -> float: return 0.1 if name == "siglip" else 0.07
+        def uses_bias(name: str) -> bool: return name == "siglip"
+    tau = init_temperature if init_temperature is not None else default_temperature(loss_name)
+    return tau, (-10.0 if uses_bias(loss_name) else None)
+
+
+def build_model(cfg_model: ModelConfig, *, image_size: int, context_length: int, vocab_size: int,
+                loss_name: str = "clip", init_temperature: Optional[float] = None, learn_temperature: bool = True,
+                load_pretrained: bool = True) -> DualEncoder:
+    """The dual encoder of a `model` config section: named spec, pretrained towers, locks, checkpointing.
+
+    The logit scale/bias start where the loss `loss_name` wants them (`loss.init_temperature`
+    overrides the temperature). `load_pretrained=False` skips reading `hf_path` weights (for
+    counting parameters on the meta device).
+    """
+    spec = resolve_spec(cfg_model)
+    tau, bias = logit_init(loss_name, init_temperature)
+    model = DualEncoder(spec, image_size=image_size, context_length=context_length, vocab_size=vocab_size,
+                        dropout=cfg_model.dropout, init_temperature=tau, init_bias=bias,
+                        learn_temperature=learn_temperature)
+    for name, tower_cfg in (("image", cfg_model.image), ("text", cfg_model.text)):
+        if tower_cfg.hf_path and load_pretrained:
+            model.tower(name).load_pretrained(tower_cfg.hf_path)
+            log.info("%s tower: pretrained weights from %s", name, tower_cfg.hf_path)
+        if tower_cfg.lock:
+            model.lock(name, tower_cfg.unlock_last)
+    model.set_grad_checkpointing(cfg_model.grad_checkpointing)
+    return model
+
+
+def count_parameters(cfg_model: ModelConfig, *, image_size: int, context_length: int, vocab_size: int,
+                     loss_name: str = "clip") -> dict[str, int]:
+    """Parameter counts {image, text, logit, total, trainable}, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = build_model(cfg_model, image_size=image_size, context_length=context_length,
+                            vocab_size=vocab_size, loss_name=loss_name, load_pretrained=False)
+    total = sum(p.numel() for p in model.parameters())
+    image = sum(p.numel() for p in model.image_tower.parameters())
+    text = sum(p.numel() for p in model.text_tower.parameters())
+    return {"image": image, "text": text, "logit": total - image - text, "total": total,
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups over the trainable parameters only: weight decay on matrices, none on
+    gains, biases, the class token and the logit scale/bias (everything with fewer than 2 dims)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]

@@ -1,0 +1,154 @@
+"""The image and text towers: a ViT, a causal text transformer, and a pretrained Hugging Face model.
+
+Every tower maps its input to unnormalised (N, embed_dim) features; the dual encoder normalises.
+Each tower names its `stem` (what comes before the blocks) and its `blocks`, which is what locking
+needs: a locked tower with `unlock_last = n` trains its last n blocks and everything after them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.models.configs import HFSpec, TextSpec, TowerSpec, ViTSpec
+from pipeline.models.transformer import LayerNorm, Transformer
+
+
+class VisionTower(nn.Module):
+    """Patches → class token + positions → pre-norm → blocks → norm → pool → projection (CLIP's ViT)."""
+
+    stem = ("patch_embed", "cls_token", "pos_embed", "norm_pre")
+
+    def __init__(self, spec: ViTSpec, image_size: int, embed_dim: int, dropout: float = 0.0):
+        super().__init__()
+        if image_size % spec.patch_size:
+            raise ValueError(f"image size {image_size} is not a multiple of the patch size {spec.patch_size}")
+        grid = image_size // spec.patch_size
+        scale = spec.width ** -0.5
+        self.pool = spec.pool
+        self.patch_embed = nn.Conv2d(3, spec.width, spec.patch_size, spec.patch_size, bias=False)
+        self.cls_token = nn.Parameter(scale * torch.randn(spec.width))
+        self.pos_embed = nn.Parameter(scale * torch.randn(grid * grid + 1, spec.width))
+        self.norm_pre = LayerNorm(spec.width)
+        self.transformer = Transformer(spec.width, spec.layers, spec.heads, spec.mlp_ratio, dropout)
+        self.norm_post = LayerNorm(spec.width)
+        self.proj = nn.Parameter(scale * torch.randn(spec.width, embed_dim))
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.blocks
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(images.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = self.norm_pre(torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype))
+        x = self.norm_post(self.transformer(x))
+        pooled = x[:, 0] if self.pool == "cls" else x[:, 1:].mean(dim=1)
+        return pooled @ self.proj
+
+
+class TextTower(nn.Module):
+    """Tokens + positions → causal blocks → norm → the end token's state → projection.
+
+    The end token is the largest token id (so `argmax` finds it, as in open_clip); everything after it
+    is padding that the causal mask keeps from influencing it.
+    """
+
+    stem = ("token_embed", "pos_embed")
+
+    def __init__(self, spec: TextSpec, context_length: int, vocab_size: int, embed_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.token_embed = nn.Embedding(vocab_size, spec.width)
+        self.pos_embed = nn.Parameter(0.01 * torch.randn(context_length, spec.width))
+        self.transformer = Transformer(spec.width, spec.layers, spec.heads, spec.mlp_ratio, dropout, causal=True)
+        self.norm_final = LayerNorm(spec.width)
+        self.proj = nn.Parameter(spec.width ** -0.5 * torch.randn(spec.width, embed_dim))
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.blocks
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.token_embed(tokens) + self.pos_embed[: tokens.shape[1]].to(self.token_embed.weight.dtype)
+        x = self.norm_final(self.transformer(x))
+        end = tokens.argmax(dim=-1)
+        return x[torch.arange(x.shape[0], device=x.device), end] @ self.proj
+
+
+class HFTower(nn.Module):
+    """A Hugging Face encoder (text: `input_ids`, padding id 0 masked; image: `pixel_values`), pooled
+    (first token or masked mean) and projected by a new linear layer."""
+
+    stem = ("model.embeddings",)
+
+    def __init__(self, spec: HFSpec, embed_dim: int, modality: str):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        raw = dict(spec.config)
+        config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+        self.modality = modality
+        self.pool = spec.pool
+        self.model = AutoModel.from_config(config)
+        if getattr(self.model, "pooler", None) is not None:
+            self.model.pooler = None       # an unused head (BERT, ViT): no parameters without gradients
+        self.proj = nn.Linear(config.hidden_size, embed_dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=config.hidden_size ** -0.5)
+        self.block_prefix, self._blocks = _find_blocks(self.model, config.num_hidden_layers)
+        self.block_prefix = "model." + self.block_prefix
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self._blocks
+
+    @torch.no_grad()
+    def load_pretrained(self, path: str) -> None:
+        """Copy the weights of the local model directory `path` into this tower (strict)."""
+        from transformers import AutoModel
+
+        pretrained = AutoModel.from_pretrained(path, local_files_only=True)
+        missing, unexpected = self.model.load_state_dict(pretrained.state_dict(), strict=False)
+        unexpected = [k for k in unexpected if not k.startswith("pooler.")]
+        if missing or unexpected:
+            raise ValueError(f"pretrained tower {path}: weights do not fit its config "
+                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.modality == "text":
+            mask = (x != 0).long()
+            hidden = self.model(input_ids=x, attention_mask=mask).last_hidden_state
+        else:
+            mask = None
+            hidden = self.model(pixel_values=x.to(self.proj.weight.dtype)).last_hidden_state
+        if self.pool == "cls":
+            pooled = hidden[:, 0]
+        elif mask is None:
+            pooled = hidden.mean(dim=1)
+        else:
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+        return self.proj(pooled.to(self.proj.weight.dtype))
+
+
+def _find_blocks(model: nn.Module, layers: int) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of transformer layers in a Hugging Face model (e.g. `encoder.layer`)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == layers:
+            return name, module
+    raise ValueError(f"{type(model).__name__}: found no list of {layers} transformer layers to lock or unlock")
+
+
+def block_prefix(tower: nn.Module) -> str:
+    return getattr(tower, "block_prefix", "transformer.blocks")
+
+
+def build_tower(spec: TowerSpec, modality: str, *, image_size: int, context_length: int, vocab_size: int,
+                embed_dim: int, dropout: float) -> nn.Module:
+    if isinstance(spec, HFSpec):
+        return HFTower(spec, embed_dim, modality)
+    if modality == "image" and isinstance(spec, ViTSpec):
+        return VisionTower(spec, image_size, embed_dim, dropout)
+    if modality == "text" and isinstance(spec, TextSpec):
+        return TextTower(spec, context_length, vocab_size, embed_dim, dropout)
+    raise ValueError(f"a {spec.kind!r} tower cannot encode {modality}")

@@ -24,6 +24,17 @@ def _not_landed(what: str) -> Callable[[argparse.Namespace], int]:
 
 
 # ------------------------------------------------------------------------------------- handlers
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from pipeline.data import synthesize
+    summary = synthesize(args.out, args.samples, eval_samples=args.eval_samples, image_size=args.image_size,
+                         shard_size=args.shard_size, seed=args.seed, workers=args.workers, progress=not args.quiet)
+    print(f"train: {summary['train']} ({summary['samples']} samples, tokenizer.json beside the manifest)")
+    for name, url in summary["eval"].items():
+        print(f"eval {name}: {url}")
+    print("held out of training: " + ", ".join(summary["held_out"]))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     print(cfg.to_yaml(), end="")
@@ -59,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
     synth.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     synth.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    synth.set_defaults(func=_not_landed("data synth"))
+    synth.add_argument("--workers", type=int, default=1, help="rendering processes (default 1)")
+    synth.set_defaults(func=cmd_data_synth)
 
     pack = dsub.add_parser("pack", help="pack a folder, CSV, parquet or img2dataset output into shards",
                            description="Pack image-caption pairs into tars of a chosen size plus manifest.json. "

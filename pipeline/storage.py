@@ -199,3 +199,24 @@ def iter_files(url: str, suffix: str = "") -> Iterator[str]:
     for p in sorted(fs.ls(path, detail=False)):
         if p.endswith(suffix) and fs.isfile(p):
             yield with_protocol(fs, p)
+
+
+def register_webdataset_opener() -> None:
+    """Make webdataset open every fsspec protocol (s3, gs, http(s), memory, …) through fsspec.
+
+    webdataset 1.0 has its own URL table (`webdataset.gopen.gopen_schemes`) without ``s3://`` and
+    with ``http(s)`` going through curl; we point every fsspec protocol at fsspec instead. Local
+    paths and ``pipe:`` keep webdataset's handlers (the data stage refuses ``pipe:`` unless allowed).
+    """
+    import sys
+    import webdataset  # noqa: F401  (imports webdataset.gopen)
+    schemes = sys.modules["webdataset.gopen"].gopen_schemes
+    if schemes.get("s3") is _gopen_fsspec:
+        return
+    for proto in fsspec.available_protocols():
+        if proto not in ("file", "local", "pipe"):
+            schemes[proto] = _gopen_fsspec
+
+
+def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kwargs: Any):
+    return fsspec.open(url, mode, block_size=max(bufsize, 1 << 22)).open()

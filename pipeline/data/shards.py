@@ -1,0 +1,222 @@
+"""WebDataset shards: writing tars atomically with a manifest, resolving shard URLs, reading samples.
+
+A shard is a tar of samples ``KEY.jpg`` (or .png/.webp), ``KEY.txt`` and optional ``KEY.json``; the
+members of one sample are adjacent. ``manifest.json`` beside the shards lists each shard's name,
+sample count and byte size. Reading goes through webdataset's tar iterator and its ``gopen`` table,
+in which `pipeline.storage.register_webdataset_opener` puts fsspec (so ``s3://``, ``memory://`` work).
+"""
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import braceexpand
+
+from pipeline import storage
+from pipeline.log import get_logger
+
+log = get_logger(__name__)
+
+MANIFEST = "manifest.json"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class DataError(RuntimeError):
+    """Data that cannot be streamed: the message names the shards and what was expected."""
+
+
+# -------------------------------------------------------------------------------------- writing
+class ShardWriter:
+    """Write samples into numbered tars of `shard_size` samples, then `manifest.json`.
+
+    Each tar is built in a local temporary file and only then renamed (local) or uploaded (object
+    stores publish an object when its upload completes): an interrupted run leaves no partial shard
+    under a shard name, and no manifest.
+    """
+
+    def __init__(self, out_url: str, shard_size: int = 1000, prefix: str = ""):
+        if shard_size < 1:
+            raise ValueError(f"shard_size = {shard_size}: expected at least 1")
+        self.out_url = str(out_url).rstrip("/")
+        self.shard_size = shard_size
+        self.prefix = prefix
+        self.shards: list[dict[str, Any]] = []
+        self._tmp: Optional[Any] = None
+        self._tar: Optional[tarfile.TarFile] = None
+        self._count = 0
+        storage.makedirs(self.out_url)
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        """Add one sample: `members` maps extension (``jpg``, ``txt``, ``json``) to bytes."""
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r}: expected no '.' or '/' (webdataset splits names at the first dot)")
+        if self._tar is None:
+            self._open()
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            self._tar.addfile(info, io.BytesIO(data))
+        self._count += 1
+        if self._count >= self.shard_size:
+            self._finish()
+
+    def close(self, **manifest_extra: Any) -> dict[str, Any]:
+        """Finish the last shard and write the manifest (last, so a manifest means a whole dataset)."""
+        if self._tar is not None:
+            self._finish()
+        manifest = {"format": "webdataset", "version": 1, "shards": self.shards,
+                    "samples": sum(s["samples"] for s in self.shards), **manifest_extra}
+        storage.write_json(storage.join(self.out_url, MANIFEST), manifest)
+        return manifest
+
+    def abort(self) -> None:
+        """Drop the shard being written (on an error or an interrupt)."""
+        if self._tar is not None:
+            self._tar.close()
+            self._tmp.close()
+            os.unlink(self._tmp.name)
+            self._tar = None
+
+    def _name(self) -> str:
+        return f"{self.prefix}{len(self.shards):05d}.tar"
+
+    def _open(self) -> None:
+        self._tmp = tempfile.NamedTemporaryFile(prefix=".shard-", suffix=".tar", delete=False,
+                                                dir=self._tmp_dir())
+        self._tar = tarfile.open(fileobj=self._tmp, mode="w", format=tarfile.USTAR_FORMAT)
+        self._count = 0
+
+    def _tmp_dir(self) -> Optional[str]:
+        """Local outputs: a temporary file in the output folder, so the final rename is atomic."""
+        return storage.local_path(self.out_url) if storage.is_local(self.out_url) else None
+
+    def _finish(self) -> None:
+        self._tar.close()
+        self._tmp.close()
+        name, tmp = self._name(), self._tmp.name
+        size = os.path.getsize(tmp)
+        dest = storage.join(self.out_url, name)
+        if storage.is_local(dest):
+            os.replace(tmp, storage.local_path(dest))
+        else:
+            fs, path = storage.filesystem(dest)
+            fs.put_file(tmp, path)
+            os.unlink(tmp)
+        self.shards.append({"name": name, "samples": self._count, "bytes": size})
+        self._tar = self._tmp = None
+        self._count = 0
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, etype, value, tb) -> None:
+        if etype is not None:
+            self.abort()
+
+
+# ------------------------------------------------------------------------------------- resolving
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    samples: Optional[int] = None          # from the manifest, when there is one
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.url)
+
+
+def resolve_shards(urls: str | Sequence[str], allow_pipe: bool = False) -> list[Shard]:
+    """Shard URLs from a URL, brace pattern, dataset folder, manifest.json, or a list of these."""
+    items = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
+    if not items:
+        raise DataError("no shard URLs given: expected a dataset folder, a manifest.json, tar URLs or a brace pattern")
+    shards: list[Shard] = []
+    for item in items:
+        item = str(item)
+        if item.startswith("pipe:"):
+            if not allow_pipe:
+                raise DataError(f"{item}: `pipe:` URLs run shell commands and are refused; set data.allow_pipe=true "
+                                "to allow them for data you trust")
+            shards.extend(Shard(u) for u in braceexpand.braceexpand(item))
+        elif item.rstrip("/").endswith(MANIFEST):
+            shards.extend(_from_manifest(item.rstrip("/")))
+        elif "{" in item or item.endswith(".tar"):
+            shards.extend(Shard(u) for u in braceexpand.braceexpand(item))
+        else:
+            shards.extend(_from_folder(item.rstrip("/")))
+    return shards
+
+
+def _from_manifest(url: str) -> list[Shard]:
+    manifest = storage.read_json(url)
+    base = url[: -len(MANIFEST)].rstrip("/")
+    try:
+        return [Shard(storage.join(base, s["name"]), int(s["samples"])) for s in manifest["shards"]]
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{url}: expected a manifest with 'shards': [{{'name', 'samples', 'bytes'}}, ...] ({e})") from None
+
+
+def _from_folder(url: str) -> list[Shard]:
+    if storage.exists(storage.join(url, MANIFEST)):
+        return _from_manifest(storage.join(url, MANIFEST))
+    tars = list(storage.iter_files(url, ".tar"))
+    if not tars:
+        raise DataError(f"{url}: no manifest.json and no .tar files; expected a dataset folder written by "
+                        "`contrast data synth` or `contrast data pack`, tar URLs, or a brace pattern")
+    return [Shard(t) for t in tars]
+
+
+def dataset_dir(urls: str | Sequence[str]) -> Optional[str]:
+    """The folder of the first dataset folder or manifest among `urls` (where tokenizer.json lives)."""
+    first = str(urls if isinstance(urls, (str, os.PathLike)) else (list(urls) or [""])[0]).rstrip("/")
+    if first.endswith(MANIFEST):
+        return first[: -len(MANIFEST)].rstrip("/")
+    if first.endswith(".tar") or "{" in first:
+        return posixpath.dirname(first) or "."
+    return first or None
+
+
+# --------------------------------------------------------------------------------------- reading
+@dataclass
+class RawSample:
+    """One sample's members as bytes, keyed by lower-case extension."""
+    key: str
+    members: dict[str, bytes]
+    shard: str
+
+
+def read_shard(url: str) -> Iterator[RawSample]:
+    """The samples of one tar, in order. Raises on an unreadable or truncated tar (after the good part)."""
+    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+    storage.register_webdataset_opener()
+    from webdataset import gopen
+    stream = gopen.gopen(url, "rb")
+    try:
+        current: Optional[RawSample] = None
+        for item in tar_file_iterator(stream, skip_meta=None):
+            prefix, ext = base_plus_ext(item["fname"])
+            if prefix is None:
+                continue
+            if current is None or prefix != current.key:
+                if current is not None:
+                    yield current
+                current = RawSample(prefix, {}, url)
+            current.members[ext.lower()] = item["data"]
+        if current is not None:
+            yield current
+    finally:
+        stream.close()
+
+
+def image_member(sample: RawSample) -> Optional[bytes]:
+    for ext in IMAGE_EXTS:
+        if ext in sample.members:
+            return sample.members[ext]
+    return None

@@ -1,0 +1,297 @@
+"""A procedural image-caption dataset on which contrastive learning measurably works, no download.
+
+Coloured shapes (10 colours × 8 shapes) on grey backgrounds (plain, stripes, checker, noise), one
+object ("a small red circle.") or two with a spatial relation ("a red circle left of a blue star.").
+A fixed set of 16 colour-shape combinations (shape k with colours k and k+5) is never rendered in
+the training shards; the `zeroshot_heldout` set asks for exactly those. Every sample is drawn from
+its own seeded RNG, so the output depends only on (seed, split, index) — not on sharding or workers.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterator, Optional
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from pipeline import storage
+from pipeline.data.shards import ShardWriter
+from pipeline.data.tokenizer import TOKENIZER_FILE, train_tokenizer
+from pipeline.log import get_logger
+
+log = get_logger(__name__)
+
+COLOURS = {
+    "red": (220, 30, 30), "orange": (245, 140, 20), "yellow": (240, 220, 30), "green": (40, 170, 50),
+    "cyan": (30, 205, 225), "blue": (30, 60, 220), "purple": (140, 40, 190), "pink": (250, 135, 195),
+    "white": (248, 248, 248), "black": (12, 12, 12),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "ring", "semicircle")
+BACKGROUNDS = ("plain", "striped", "checkered", "noisy")
+RELATIONS = ("left of", "right of", "above", "below")
+COLOUR_NAMES = tuple(COLOURS)
+# shape k is held out with colours k and k+5: each shape twice, each colour once or twice
+HELD_OUT = frozenset((COLOUR_NAMES[(k + d) % len(COLOURS)], SHAPES[k]) for k in range(len(SHAPES)) for d in (0, 5))
+ALL_COMBOS = tuple((c, s) for c in COLOUR_NAMES for s in SHAPES)
+SEEN = tuple(x for x in ALL_COMBOS if x not in HELD_OUT)
+HELD = tuple(x for x in ALL_COMBOS if x in HELD_OUT)
+
+ZEROSHOT_TEMPLATES = ("a photo of a {c}.", "a {c}.", "an image of a {c}.", "there is a {c} in the picture.")
+SINGLE_PHRASES = ("a photo of a {o}.", "a {o}.", "an image of a {o}.", "there is a {o} in the picture.",
+                  "a {z} {o}.", "a photo of a {z} {o}.", "a {o} on a {b} background.", "a {z} {o} on a {b} background.")
+PAIR_PHRASES = ("a {a} {r} a {b}.", "a photo of a {a} {r} a {b}.", "an image of a {a} {r} a {b}.",
+                "a {a} {r} a {b} on a {g} background.")
+FLIPPED = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+EVAL_SETS = ("zeroshot_seen", "zeroshot_heldout", "retrieval", "relation")
+SINGLE_FRACTION = 0.6                      # of training samples with one object (the rest: two)
+JPEG_QUALITY = 90
+
+
+def classname(combo: tuple[str, str]) -> str:
+    return f"{combo[0]} {combo[1]}"
+
+
+@dataclass
+class Obj:
+    colour: str
+    shape: str
+    cx: float
+    cy: float
+    d: float                               # diameter in pixels
+
+
+# ----------------------------------------------------------------------------------- rendering
+@lru_cache(maxsize=4)
+def _texture_bank(size: int, seed: int, per_kind: int = 24) -> dict[str, list[Image.Image]]:
+    """Pre-rendered striped, checkered and noisy grey backgrounds (rendering noise per sample is slow)."""
+    rng = np.random.default_rng([seed, size])
+    yy, xx = np.mgrid[0:size, 0:size]
+    bank: dict[str, list[Image.Image]] = {"striped": [], "checkered": [], "noisy": []}
+    for _ in range(per_kind):
+        g1, g2 = rng.integers(85, 175, size=2)
+        period = int(rng.integers(max(size // 16, 2), max(size // 5, 3)))
+        axis = xx if rng.random() < 0.5 else yy
+        stripes = np.where((axis // period) % 2 == 0, g1, g2)
+        checker = np.where(((xx // period) + (yy // period)) % 2 == 0, g1, g2)
+        noise = np.clip(rng.integers(95, 165) + rng.normal(0, 18, size=(size, size)), 0, 255)
+        for kind, grey in (("striped", stripes), ("checkered", checker), ("noisy", noise)):
+            bank[kind].append(Image.fromarray(np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2), "RGB"))
+    return bank
+
+
+def _background(rng: random.Random, kind: str, size: int, seed: int) -> Image.Image:
+    if kind == "plain":
+        g = rng.randint(85, 175)
+        return Image.new("RGB", (size, size), (g, g, g))
+    return rng.choice(_texture_bank(size, seed)[kind]).copy()
+
+
+def _jitter(rgb: tuple[int, int, int], rng: random.Random) -> tuple[int, ...]:
+    return tuple(min(255, max(0, v + rng.randint(-12, 12))) for v in rgb)
+
+
+def _polygon(cx: float, cy: float, r: float, points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    return [(cx + r * x, cy + r * y) for x, y in points]
+
+
+_STAR = [(math.cos(math.pi * (k / 5 - 0.5)) * (1 if k % 2 == 0 else 0.48),
+          math.sin(math.pi * (k / 5 - 0.5)) * (1 if k % 2 == 0 else 0.48)) for k in range(10)]
+_W = 0.36                                  # half-width of the cross's arms, relative to the radius
+_CROSS = [(-_W, -1), (_W, -1), (_W, -_W), (1, -_W), (1, _W), (_W, _W), (_W, 1), (-_W, 1), (-_W, _W), (-1, _W),
+          (-1, -_W), (-_W, -_W)]
+_TRIANGLE = [(0, -1), (0.97, 0.75), (-0.97, 0.75)]
+_DIAMOND = [(0, -1), (0.85, 0), (0, 1), (-0.85, 0)]
+
+
+def draw_object(draw: ImageDraw.ImageDraw, obj: Obj, fill: tuple[int, ...]) -> None:
+    r, cx, cy = obj.d / 2, obj.cx, obj.cy
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if obj.shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif obj.shape == "square":
+        s = 0.82 * r
+        draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
+    elif obj.shape == "ring":
+        draw.ellipse(box, outline=fill, width=max(2, round(0.38 * r)))
+    elif obj.shape == "semicircle":                  # the upper half of a disc, centred on the object
+        draw.pieslice((cx - r, cy - r / 2, cx + r, cy + 1.5 * r), 180, 360, fill=fill)
+    else:
+        points = {"triangle": _TRIANGLE, "diamond": _DIAMOND, "star": _STAR, "cross": _CROSS}[obj.shape]
+        draw.polygon(_polygon(cx, cy, r, points), fill=fill)
+
+
+def render(objects: list[Obj], background: str, size: int, rng: random.Random, seed: int) -> bytes:
+    """The JPEG bytes of the objects drawn on a background."""
+    img = _background(rng, background, size, seed)
+    draw = ImageDraw.Draw(img)
+    for obj in objects:
+        draw_object(draw, obj, _jitter(COLOURS[obj.colour], rng))
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=JPEG_QUALITY)
+    return out.getvalue()
+
+
+# ------------------------------------------------------------------------------------- scenes
+def _single(rng: random.Random, combo: tuple[str, str], size: int) -> tuple[Obj, str]:
+    big = rng.random() < 0.5
+    d = size * (rng.uniform(0.52, 0.72) if big else rng.uniform(0.3, 0.42))
+    cx, cy = rng.uniform(d / 2, size - d / 2), rng.uniform(d / 2, size - d / 2)
+    return Obj(*combo, cx, cy, d), "large" if big else "small"
+
+
+def _pair(rng: random.Random, a: tuple[str, str], b: tuple[str, str], relation: str, size: int) -> list[Obj]:
+    """Object a in one half of the image and b in the other, so that `a <relation> b` holds."""
+    da, db = size * rng.uniform(0.26, 0.38), size * rng.uniform(0.26, 0.38)
+    half = size / 2
+
+    def place(d: float, first_half: bool) -> tuple[float, float]:
+        along = rng.uniform(d / 2, half - d / 2) + (0 if first_half else half)
+        across = rng.uniform(d / 2, size - d / 2)
+        return along, across
+
+    a_first = relation in ("left of", "above")
+    (pa, qa), (pb, qb) = place(da, a_first), place(db, not a_first)
+    if relation in ("left of", "right of"):
+        return [Obj(*a, pa, qa, da), Obj(*b, pb, qb, db)]
+    return [Obj(*a, qa, pa, da), Obj(*b, qb, pb, db)]
+
+
+def _two_combos(rng: random.Random, pool: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], tuple[str, str]]:
+    a = rng.choice(pool)
+    b = rng.choice(pool)
+    while b == a:
+        b = rng.choice(pool)
+    return a, b
+
+
+def _pair_label(a: tuple[str, str], relation: str, b: tuple[str, str]) -> int:
+    """One label per described scene; `b right of a` is the same scene as `a left of b`."""
+    if relation in ("right of", "below"):
+        a, b, relation = b, a, FLIPPED[relation]
+    rel_bit = 0 if relation == "left of" else 1
+    n = len(ALL_COMBOS)
+    return n + (ALL_COMBOS.index(a) * 2 + rel_bit) * n + ALL_COMBOS.index(b)
+
+
+def train_sample(seed: int, index: int, size: int) -> tuple[bytes, str, dict]:
+    """One training pair: (JPEG, caption, metadata with a scene label). Held-out combos never appear."""
+    rng = random.Random(f"{seed}/train/{index}")
+    bg = rng.choice(BACKGROUNDS)
+    if rng.random() < SINGLE_FRACTION:
+        combo = rng.choice(SEEN)
+        obj, z = _single(rng, combo, size)
+        caption = rng.choice(SINGLE_PHRASES).format(o=classname(combo), z=z, b=bg)
+        return render([obj], bg, size, rng, seed), caption, {"label": ALL_COMBOS.index(combo)}
+    a, b = _two_combos(rng, SEEN)
+    relation = rng.choice(RELATIONS)
+    objects = _pair(rng, a, b, relation, size)
+    if rng.random() < 0.3:                                    # the same scene described from b's side
+        caption_a, caption_r, caption_b = b, FLIPPED[relation], a
+    else:
+        caption_a, caption_r, caption_b = a, relation, b
+    caption = rng.choice(PAIR_PHRASES).format(a=classname(caption_a), r=caption_r, b=classname(caption_b), g=bg)
+    return render(objects, bg, size, rng, seed), caption, {"label": _pair_label(a, relation, b)}
+
+
+def eval_sample(name: str, seed: int, index: int, size: int) -> tuple[bytes, str, Optional[dict]]:
+    """One sample of an evaluation set (see EVAL_SETS); RNG streams are disjoint from training."""
+    rng = random.Random(f"{seed}/{name}/{index}")
+    bg = rng.choice(BACKGROUNDS)
+    if name in ("zeroshot_seen", "zeroshot_heldout"):
+        classes = SEEN if name == "zeroshot_seen" else HELD
+        label = index % len(classes)                          # balanced classes
+        obj, _ = _single(rng, classes[label], size)
+        caption = ZEROSHOT_TEMPLATES[0].format(c=classname(classes[label]))
+        return render([obj], bg, size, rng, seed), caption, {"label": label}
+    a, b = _two_combos(rng, SEEN)
+    relation = rng.choice(RELATIONS)
+    jpeg = render(_pair(rng, a, b, relation, size), bg, size, rng, seed)
+    if name == "retrieval":                                   # several captions, one per line
+        phrases = rng.sample(PAIR_PHRASES, 3)
+        lines = [p.format(a=classname(a), r=relation, b=classname(b), g=bg) for p in phrases]
+        return jpeg, "\n".join(lines), None
+    if name == "relation":
+        true = PAIR_PHRASES[0].format(a=classname(a), r=relation, b=classname(b))
+        swapped = PAIR_PHRASES[0].format(a=classname(b), r=relation, b=classname(a))
+        return jpeg, true, {"swapped": swapped}
+    raise ValueError(f"unknown eval set {name!r}; expected one of {', '.join(EVAL_SETS)}")
+
+
+# -------------------------------------------------------------------------------------- writing
+def _members(jpeg: bytes, caption: str, meta: Optional[dict]) -> dict[str, bytes]:
+    members = {"jpg": jpeg, "txt": caption.encode("utf-8")}
+    if meta is not None:
+        members["json"] = json.dumps(meta).encode("utf-8")
+    return members
+
+
+def _render_range(split: str, seed: int, start: int, stop: int, size: int) -> list[tuple[bytes, str, Optional[dict]]]:
+    if split == "train":
+        return [train_sample(seed, i, size) for i in range(start, stop)]
+    return [eval_sample(split, seed, i, size) for i in range(start, stop)]
+
+
+def _write_split(out: str, split: str, n: int, seed: int, size: int, shard_size: int, workers: int,
+                 progress: bool) -> list[str]:
+    """Render `n` samples of a split into shards at `out`; returns the captions (for the tokenizer)."""
+    ranges = [(i, min(i + shard_size, n)) for i in range(0, n, shard_size)]
+    captions: list[str] = []
+    extra = {"created_by": "contrast data synth", "split": split, "seed": seed, "image_size": size}
+    bar = tqdm(total=n, desc=f"synth {split}", unit="sample", disable=not progress, leave=False)
+    with ShardWriter(out, shard_size) as writer, ProcessPoolExecutor(workers) if workers > 1 else _Inline() as pool:
+        chunks = pool.map(_render_range, *zip(*[(split, seed, a, b, size) for a, b in ranges]))
+        for (start, _), chunk in zip(ranges, chunks):
+            for i, (jpeg, caption, meta) in enumerate(chunk):
+                writer.write(f"{start + i:08d}", _members(jpeg, caption, meta))
+                captions.append(caption)
+            bar.update(len(chunk))
+        writer.close(**extra)
+    bar.close()
+    return captions
+
+
+class _Inline:
+    """A stand-in for a process pool that maps lazily in this process."""
+
+    def map(self, fn, *iterables) -> Iterator:
+        return map(fn, *iterables)
+
+    def __enter__(self) -> "_Inline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def synthesize(out: str, samples: int, *, eval_samples: int = 1000, image_size: int = 64, shard_size: int = 1000,
+               seed: int = 0, workers: int = 1, vocab_size: int = 1024, progress: bool = True) -> dict:
+    """Write `out/train` (shards, manifest.json, tokenizer.json) and `out/eval/<set>` for EVAL_SETS."""
+    if samples < 1 or eval_samples < 1:
+        raise ValueError(f"samples = {samples}, eval_samples = {eval_samples}: expected at least 1 of each")
+    if image_size < 16:
+        raise ValueError(f"image_size = {image_size}: expected at least 16 pixels for recognisable shapes")
+    out = str(out).rstrip("/")
+    train_dir = storage.join(out, "train")
+    captions = _write_split(train_dir, "train", samples, seed, image_size, shard_size, workers, progress)
+    for name in EVAL_SETS:
+        set_dir = storage.join(out, "eval", name)
+        _write_split(set_dir, name, eval_samples, seed, image_size, shard_size, workers, progress)
+        if name.startswith("zeroshot"):
+            classes = SEEN if name == "zeroshot_seen" else HELD
+            storage.write_bytes(storage.join(set_dir, "classnames.txt"),
+                                "".join(classname(c) + "\n" for c in classes).encode())
+            storage.write_bytes(storage.join(set_dir, "zeroshot_classification_templates.txt"),
+                                "".join(t + "\n" for t in ZEROSHOT_TEMPLATES).encode())
+    corpus = captions + [t.format(c=classname(c)) for t in ZEROSHOT_TEMPLATES for c in ALL_COMBOS]
+    train_tokenizer(corpus, vocab_size=vocab_size).save(storage.join(train_dir, TOKENIZER_FILE))
+    summary = {"train": train_dir, "samples": samples, "eval": {n: storage.join(out, "eval", n) for n in EVAL_SETS},
+               "held_out": sorted(classname(c) for c in HELD)}
+    log.info("synthesised %d training samples at %s and %d samples per eval set", samples, train_dir, eval_samples)
+    return summary

@@ -1,0 +1,104 @@
+"""Text tokenizer: a byte-level BPE trained on the captions, stored as ``tokenizer.json``.
+
+Contract (shared with the models and eval stages): calling the tokenizer on a list of strings gives
+a LongTensor (N, context_length); pad id is 0; every row ends with the end token, which is the
+largest id of our own vocabularies (so argmax pooling over ids finds it, as open_clip does, and a
+Hugging Face ``eos_token_id`` agrees). Rows longer than the context are truncated and keep the end
+token. Any other ``tokenizer.json`` (e.g. one shipped with a pretrained text tower) also loads; its
+own post-processor (``[CLS] … [SEP]``) is kept.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from pipeline import storage
+
+PAD = "<pad>"
+END = "<end>"
+TOKENIZER_FILE = "tokenizer.json"
+_END_NAMES = (END, "<|endoftext|>", "</s>", "[SEP]")
+_PAD_NAMES = (PAD, "[PAD]", "<|pad|>")
+
+
+class Tokenizer:
+    """Strings → fixed-length token ids (pad 0, end token kept under truncation)."""
+
+    def __init__(self, tok: HFTokenizer, context_length: int):
+        if context_length < 2:
+            raise ValueError(f"context_length = {context_length}: expected at least 2 (one token plus the end token)")
+        self._tok = tok
+        self.context_length = context_length
+        self.eot_id = _first_id(tok, _END_NAMES, "an end token")
+        self.pad_id = _first_id(tok, _PAD_NAMES, default=0)
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        tok.no_padding()
+        tok.enable_truncation(max_length=context_length)
+
+    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        out = torch.full((len(texts), self.context_length), self.pad_id, dtype=torch.long)
+        for i, enc in enumerate(self._tok.encode_batch(list(texts))):
+            ids = enc.ids
+            if self.eot_id not in ids[-1:]:               # a foreign tokenizer without an end post-processor
+                ids = ids[: self.context_length - 1] + [self.eot_id]
+            out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids if int(i) != self.pad_id])
+
+    def to_json(self) -> str:
+        return self._tok.to_str()
+
+    def save(self, url: str) -> None:
+        storage.write_bytes(url, self.to_json().encode("utf-8"))
+
+
+def _first_id(tok: HFTokenizer, names: Sequence[str], what: str = "", default: int | None = None) -> int:
+    for name in names:
+        idx = tok.token_to_id(name)
+        if idx is not None:
+            return idx
+    if default is not None:
+        return default
+    raise ValueError(f"tokenizer has none of {', '.join(names)}; expected {what}")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, context_length: int = 77) -> Tokenizer:
+    """Train a byte-level BPE on captions; `<pad>` gets id 0 and `<end>` the largest id."""
+    tok = HFTokenizer(models.BPE())
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=max(vocab_size - 1, 257), special_tokens=[PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_special_tokens([END])                         # appended after training: the largest id
+    tok.post_processor = processors.TemplateProcessing(single=f"$A {END}", special_tokens=[(END, tok.token_to_id(END))])
+    return Tokenizer(tok, context_length)
+
+
+def tokenizer_url(url_or_dataset_dir: str) -> str:
+    """`tokenizer.json` itself, or the one beside a dataset folder / its manifest.json."""
+    url = str(url_or_dataset_dir).rstrip("/")
+    if url.endswith(".json") and not url.endswith("manifest.json"):
+        return url
+    if url.endswith("manifest.json"):
+        url = url[: -len("manifest.json")].rstrip("/")
+    return storage.join(url, TOKENIZER_FILE)
+
+
+def load_tokenizer(url_or_dataset_dir: str, context_length: int = 77) -> Tokenizer:
+    """Load a `tokenizer.json` (or the one of a dataset folder) with the given context length."""
+    url = tokenizer_url(url_or_dataset_dir)
+    try:
+        text = storage.read_bytes(url).decode("utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no tokenizer at {url}: expected a tokenizer.json written by `contrast data synth` "
+                                "or `contrast data pack`, or set data.tokenizer to one") from None
+    return Tokenizer(HFTokenizer.from_str(text), context_length)

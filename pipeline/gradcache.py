@@ -1,0 +1,282 @@
+"""The training step's forward and backward, with a gradient cache for batches larger than memory.
+
+A contrastive loss couples every row of the batch, so a plain backward keeps the activations of the
+whole batch alive. The gradient cache (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch
+Size under Memory Limited Setup") makes activation memory grow with the chunk size instead:
+
+1. pass 1 encodes the local batch chunk by chunk without a graph, saving the RNG state before each
+   model call (dropout must draw the same masks again in pass 2);
+2. the loss is computed once, in fp32, on the detached embeddings and the logit scale/bias; it
+   gathers the other ranks' embeddings itself. Its gradient g = d loss / d embedding for every local
+   row, and ds, db for the scale and bias, are cached;
+3. pass 2 replays each call from its RNG state with a graph and back-propagates the surrogate
+   Σ_rows e·g, whose parameter gradient is exactly the chain rule of the whole-batch loss.
+
+The gradients must cross ranks once per optimizer step and the scale/bias gradient must arrive
+exactly once, under DDP and every DeepSpeed ZeRO stage. Both follow from one arrangement of the
+calls, identical in the two passes:
+
+    image chunks but the last, text chunks but the last, then ONE call encoding the last image
+    chunk and the last text chunk, whose surrogate Σ e·g + s·ds + b·db is the step's only
+    "boundary" backward.
+
+Earlier calls only accumulate gradients locally (DDP `no_sync`, DeepSpeed with the accumulation
+boundary off); in the boundary backward every trainable parameter, the scale and bias included,
+receives gradient, so DDP (without `find_unused_parameters`) and ZeRO 1/2 reduce one complete set.
+Towers listed in `model.locked_towers` are encoded in pass 1 only: their embeddings are final.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, fields
+from typing import Any, Callable, ContextManager, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+TOWERS = ("image", "text")
+
+
+@dataclass
+class StepOutput:
+    """What the train loop logs after a step; every tensor is detached."""
+    loss: Tensor                      # this rank's loss (fp32 scalar)
+    image: Tensor                     # (N, D) fp32 image embeddings of this rank's rows
+    text: Tensor                      # (N, D) fp32 text embeddings of this rank's rows
+    logit_scale: Tensor               # s = exp(θ)
+    logit_bias: Optional[Tensor]
+
+
+# ---------------------------------------------------------------------------- backward strategies
+class Backward:
+    """How one micro-step's backward reaches the parameters; this base is plain autograd.
+
+    A step makes several micro-steps (forward + backward) and marks the last one; gradients must be
+    communicated across ranks only in the last (the "boundary"), and `optimizer.step()` comes after.
+    """
+
+    def micro_step(self, is_last: bool) -> ContextManager:
+        """Context around one micro-step's forward and backward."""
+        return nullcontext()
+
+    def backward(self, loss: Tensor, is_last: bool) -> None:
+        loss.backward()
+
+
+class DDPBackward(Backward):
+    """DDP: all-reduce only in the last micro-step; earlier ones accumulate under `no_sync`."""
+
+    def __init__(self, ddp: DistributedDataParallel):
+        self.ddp = ddp
+
+    def micro_step(self, is_last: bool) -> ContextManager:
+        return nullcontext() if is_last else self.ddp.no_sync()
+
+
+class DeepSpeedBackward(Backward):
+    """A DeepSpeed engine built with `gradient_accumulation_steps=1`.
+
+    The accumulation boundary is set explicitly before each micro-step (what DeepSpeed documents for
+    caller-driven accumulation; `no_sync` is refused under ZeRO 2/3), so ZeRO 1/2 reduce and
+    partition the accumulated gradients once, at the last micro-step, and nothing is divided by K.
+    """
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+
+    @contextmanager
+    def micro_step(self, is_last: bool) -> Iterator[None]:
+        self.engine.set_gradient_accumulation_boundary(is_last)
+        yield
+
+    def backward(self, loss: Tensor, is_last: bool) -> None:
+        self.engine.backward(loss)
+
+
+def _is_deepspeed(model: nn.Module) -> bool:
+    return hasattr(model, "set_gradient_accumulation_boundary")
+
+
+def backward_strategy(model: nn.Module) -> Backward:
+    """The strategy matching how `model` is wrapped: a DeepSpeed engine, DDP, or a plain module."""
+    if _is_deepspeed(model):
+        return DeepSpeedBackward(model)
+    if isinstance(model, DistributedDataParallel):
+        return DDPBackward(model)
+    return Backward()
+
+
+def locked_towers(model: nn.Module) -> frozenset[str]:
+    """The towers the (possibly wrapped) dual encoder declares frozen."""
+    inner = model.module if isinstance(model, DistributedDataParallel) or _is_deepspeed(model) else model
+    locked = frozenset(getattr(inner, "locked_towers", ()))
+    if not locked <= set(TOWERS):
+        raise ValueError(f"model.locked_towers = {sorted(locked)}: expected a subset of {list(TOWERS)}")
+    return locked
+
+
+# ---------------------------------------------------------------------------------- the step
+def forward_backward(model: nn.Module, images: Tensor, texts: Tensor, loss_fn: Callable[..., Tensor], *,
+                     labels: Optional[Tensor] = None, chunk_size: int = 0, text_chunk_size: int = 0,
+                     weights_from: Optional[str] = None, backward: Optional[Backward] = None) -> StepOutput:
+    """Forward and backward of one step over this rank's batch; the caller then steps the optimizer.
+
+    `model` is a dual encoder (plain, DDP or a DeepSpeed engine) called as
+    `model(image=..., text=...) -> {"image", "text", "logit_scale", "logit_bias"}`. `chunk_size` is
+    the image chunk of the gradient cache, `text_chunk_size` the text one (0: the same); 0, or chunks
+    covering the whole batch, is one plain forward and backward. `weights_from` ("image" or "text")
+    passes that tower's detached embeddings to the loss (cwcl). The parameter gradients equal those
+    of a plain backward over the batch, dropout included (the cache replays each call's RNG).
+    """
+    n = _check_batch(images, texts, labels, chunk_size, text_chunk_size, weights_from)
+    image_chunk = chunk_size or n
+    text_chunk = text_chunk_size or image_chunk
+    backward = backward or backward_strategy(model)
+    loss = _Loss(loss_fn, labels, weights_from)
+    if image_chunk >= n and text_chunk >= n:
+        return _plain_step(model, images, texts, loss, backward)
+    calls = plan_calls(n, image_chunk, text_chunk, locked_towers(model))
+    return _cached_step(model, images, texts, loss, backward, calls)
+
+
+def _plain_step(model: nn.Module, images: Tensor, texts: Tensor, loss: "_Loss", backward: Backward) -> StepOutput:
+    with backward.micro_step(is_last=True):
+        out = model(image=images, text=texts)
+        value = loss(out["image"], out["text"], out["logit_scale"], out["logit_bias"])
+        backward.backward(value, is_last=True)
+    return StepOutput(value.detach(), out["image"].detach().float(), out["text"].detach().float(),
+                      out["logit_scale"].detach(), _detach(out["logit_bias"]))
+
+
+def _cached_step(model: nn.Module, images: Tensor, texts: Tensor, loss: "_Loss", backward: Backward,
+                 calls: list["Call"]) -> StepOutput:
+    inputs = {"image": images, "text": texts}
+
+    # Pass 1: embeddings without a graph, the RNG state before each call saved for the replay.
+    rng, outs = [], []
+    with torch.no_grad():
+        for call in calls:
+            rng.append(RngState.capture())
+            outs.append(model(**call.inputs(inputs)))
+    emb = {t: torch.cat([out[t] for call, out in zip(calls, outs) if call.rows(t) is not None]).float() for t in TOWERS}
+    scale, bias = outs[-1]["logit_scale"], outs[-1]["logit_bias"]
+
+    # The loss once, on fp32 leaves: d loss / d (every embedding row, scale, bias).
+    leaves = {name: x.detach().float().requires_grad_()
+              for name, x in (("image", emb["image"]), ("text", emb["text"]), ("logit_scale", scale),
+                              ("logit_bias", bias)) if x is not None}
+    with torch.enable_grad():
+        value = loss(leaves["image"], leaves["text"], leaves["logit_scale"], leaves.get("logit_bias"))
+        grads = dict(zip(leaves, torch.autograd.grad(value, list(leaves.values()), allow_unused=True)))
+
+    # Pass 2: replay every call that has something to train; the last one is the boundary.
+    locked = locked_towers(model)
+    for call, state in zip(calls, rng):
+        is_last = call is calls[-1]
+        towers = [t for t in TOWERS if call.rows(t) is not None and t not in locked]
+        if not towers and not is_last:
+            continue
+        with backward.micro_step(is_last):
+            state.restore()
+            out = model(**call.inputs(inputs))
+            parts = [(out[t], grads[t][call.rows(t)]) for t in towers]
+            if is_last:                       # the scale/bias gradient, delivered exactly once
+                parts += [(out[k], grads[k]) for k in ("logit_scale", "logit_bias")
+                          if out[k] is not None and out[k].requires_grad and grads.get(k) is not None]
+            backward.backward(_surrogate(parts, call), is_last)
+    return StepOutput(value.detach(), emb["image"], emb["text"], scale.detach(), _detach(bias))
+
+
+def _surrogate(parts: list[tuple[Tensor, Tensor]], call: "Call") -> Tensor:
+    """Σ x·g over (output, cached gradient) pairs: its gradient w.r.t. the parameters is Σ g·dx/dθ."""
+    total = sum((x.float() * g).sum() for x, g in parts)
+    if not isinstance(total, Tensor) or not total.requires_grad:
+        raise ValueError(
+            f"gradient cache: model call {call} produced nothing that requires a gradient; a tower "
+            "without trainable parameters must be listed in model.locked_towers")
+    return total
+
+
+# ------------------------------------------------------------------------------ the call plan
+@dataclass(frozen=True)
+class Call:
+    """One model call of the gradient cache: the rows of the image and/or text batch it encodes."""
+    image: Optional[slice] = None
+    text: Optional[slice] = None
+
+    def rows(self, tower: str) -> Optional[slice]:
+        return getattr(self, tower)
+
+    def inputs(self, batch: dict[str, Tensor]) -> dict[str, Optional[Tensor]]:
+        return {t: None if self.rows(t) is None else batch[t][self.rows(t)] for t in TOWERS}
+
+    def __str__(self) -> str:
+        return ", ".join(f"{f.name} rows {s.start}:{s.stop}" for f in fields(self)
+                         if (s := getattr(self, f.name)) is not None) or "scale/bias only"
+
+
+def plan_calls(n: int, image_chunk: int, text_chunk: int, locked: frozenset[str] = frozenset()) -> list[Call]:
+    """The model calls of both passes, in order: image chunks but the last, text chunks but the
+    last, then one call with the last chunk of every trainable tower (the boundary). A locked
+    tower's chunks are all separate calls (pass 1 only)."""
+    last: dict[str, slice] = {}
+    calls = []
+    for tower, size in (("image", image_chunk), ("text", text_chunk)):
+        chunks = [slice(i, min(i + size, n)) for i in range(0, n, size)]
+        if tower not in locked:
+            last[tower] = chunks.pop()
+        calls += [Call(**{tower: rows}) for rows in chunks]
+    return calls + [Call(**last)]
+
+
+# ------------------------------------------------------------------------------------- helpers
+@dataclass
+class RngState:
+    """The CPU and (when in use) CUDA generator states: what dropout draws from."""
+    cpu: Tensor
+    cuda: Optional[Tensor]
+
+    @classmethod
+    def capture(cls) -> "RngState":
+        cuda = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+        return cls(torch.get_rng_state(), cuda)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda)
+
+
+@dataclass
+class _Loss:
+    """The loss call of a step: fp32 inputs whatever the towers' dtype, labels and weights bound."""
+    fn: Callable[..., Tensor]
+    labels: Optional[Tensor]
+    weights_from: Optional[str]
+
+    def __call__(self, image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+        image, text = image.float(), text.float()
+        weights = {"image": image, "text": text}[self.weights_from].detach() if self.weights_from else None
+        return self.fn(image, text, logit_scale=scale.float(), logit_bias=None if bias is None else bias.float(),
+                       labels=self.labels, weights_from=weights)
+
+
+def _check_batch(images: Tensor, texts: Tensor, labels: Optional[Tensor], chunk_size: int,
+                 text_chunk_size: int, weights_from: Optional[str]) -> int:
+    n = len(images)
+    if n == 0 or len(texts) != n:
+        raise ValueError(f"forward_backward: expected the same non-zero number of images and texts, "
+                         f"got {len(images)} images and {len(texts)} texts")
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"forward_backward: expected {n} labels (one per pair), got {len(labels)}")
+    if chunk_size < 0 or text_chunk_size < 0:
+        raise ValueError(f"forward_backward: chunk sizes must be 0 (off) or positive, got chunk_size="
+                         f"{chunk_size}, text_chunk_size={text_chunk_size}")
+    if weights_from not in (None, *TOWERS):
+        raise ValueError(f"forward_backward: weights_from = {weights_from!r}; expected None, 'image' or 'text'")
+    return n
+
+
+def _detach(x: Optional[Tensor]) -> Optional[Tensor]:
+    return None if x is None else x.detach()

@@ -70,8 +70,8 @@ class ModelSpec:
 # `tiny` is sized to train on 64x64 synthetic images on two CPU cores in minutes; `small` is
 # open_clip's ViT-S-16 shape, for a single GPU.
 NAMED_SPECS: dict[str, ModelSpec] = {
-    "tiny": ModelSpec(128, ViTSpec(width=128, layers=4, heads=4, patch_size=8),
-                      TextSpec(width=128, layers=3, heads=4)),
+    "tiny": ModelSpec(128, ViTSpec(width=128, layers=3, heads=4, patch_size=8),
+                      TextSpec(width=128, layers=2, heads=4)),
     "small": ModelSpec(384, ViTSpec(width=384, layers=12, heads=6, patch_size=16),
                        TextSpec(width=384, layers=12, heads=6)),
     "ViT-B-32": ModelSpec(512, ViTSpec(width=768, layers=12, heads=12, patch_size=32),

@@ -1,0 +1,9 @@
+"""Contrastive losses with negatives gathered across ranks (LOSSES.md), and embedding metrics.
+
+    from pipeline.losses import get_loss, LOSS_NAMES
+    loss = get_loss("clip", tiled=False)
+    value = loss(image, text, logit_scale=s, logit_bias=None, labels=None, weights_from=None)
+"""
+from pipeline.losses.registry import LOSS_NAMES, default_temperature, get_loss, hyper_parameters, uses_bias
+
+__all__ = ["LOSS_NAMES", "get_loss", "default_temperature", "uses_bias", "hyper_parameters"]

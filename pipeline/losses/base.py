@@ -1,0 +1,153 @@
+"""What every loss shares: input checks, the gather of the global batch, the pairwise reductions.
+
+A loss subclasses `ContrastiveLoss` and writes `compute(pairs)`, its formula over this rank's rows
+(`pairs.u`, `pairs.v`) against every rank's rows (`pairs.U`, `pairs.V`, gathered with gradient).
+It returns a value whose mean over ranks is the loss of the global batch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.distributed import all_gather, all_gather_with_grad, all_reduce_sum, get_world_size, local_rows
+from pipeline.losses.tiled import Term, pairwise_reduce
+
+
+@dataclass
+class Pairs:
+    """One rank's view of the global batch, in the compute dtype (float32, or float64 if given)."""
+    u: Tensor                   # (n, D) this rank's image embeddings
+    v: Tensor                   # (n, D) this rank's text embeddings
+    U: Tensor                   # (N, D) all ranks' image embeddings, rank-major, with gradient
+    V: Tensor                   # (N, D) all ranks' text embeddings
+    rows: Tensor                # (n,) global index of each local row
+    scale: Tensor               # the logit scale s (scalar)
+    bias: Optional[Tensor]      # the logit bias b (scalar) for losses that use one
+    labels: Tensor              # (n,) class of each local pair; the pair's own index when none given
+    all_labels: Tensor          # (N,)
+    weights: Optional[Tensor]   # (n, D') `weights_from` rows, detached
+    all_weights: Optional[Tensor]
+
+
+@dataclass
+class Views:
+    """The 2N anchors Z = [u_1..u_N, v_1..v_N] of supcon, tcl, dcl and hcl, seen from one rank."""
+    z: Tensor                   # (2n, D) this rank's anchors: [u; v]
+    Z: Tensor                   # (2N, D) all anchors: [U; V]
+    me: Tensor                  # (2n,) index in Z of each local anchor itself
+    partner: Tensor             # (2n,) index in Z of its other view (u_i <-> v_i)
+    labels: Tensor              # (2n,)
+    all_labels: Tensor          # (2N,)
+
+    @staticmethod
+    def of(p: Pairs) -> "Views":
+        n = p.U.shape[0]
+        return Views(z=torch.cat([p.u, p.v]), Z=torch.cat([p.U, p.V]),
+                     me=torch.cat([p.rows, p.rows + n]), partner=torch.cat([p.rows + n, p.rows]),
+                     labels=torch.cat([p.labels, p.labels]), all_labels=torch.cat([p.all_labels, p.all_labels]))
+
+    @property
+    def partner_z(self) -> Tensor:
+        n = self.z.shape[0] // 2
+        return torch.cat([self.z[n:], self.z[:n]])
+
+
+def leave_out(t: Tensor, cols: slice, *index: Tensor) -> Tensor:
+    """Set t[i, j] = −inf where column j (a global index inside `cols`) equals index[i], for each index."""
+    col_ids = torch.arange(cols.start, cols.stop, device=t.device)
+    for idx in index:
+        t = t.masked_fill(col_ids == idx.unsqueeze(1), -math.inf)
+    return t
+
+
+def global_mean(values: Tensor, keep: Tensor) -> Tensor:
+    """Mean of `values[keep]` over all ranks' kept rows, scaled so that the mean over ranks of the
+    returned partials is that global mean (the count is all-reduced before it divides)."""
+    count = all_reduce_sum(keep.sum().to(values.dtype).detach())
+    return torch.where(keep, values, 0).sum() * get_world_size() / count.clamp_min(1)
+
+
+class ContrastiveLoss(nn.Module):
+    """Base of every loss: `loss(image, text, *, logit_scale, logit_bias=None, labels=None, weights_from=None)`.
+
+    `labels` are used by the losses that define positives by class (supcon, tcl) and ignored by
+    the others, so a training loop may always pass them. Negatives are every rank's rows.
+    """
+    default_temperature = 0.1   # τ = 1/s the model starts from for this loss
+    uses_bias = False           # siglip: the model learns a logit bias and must pass it
+    uses_weights = False        # cwcl: `weights_from` is required
+
+    def __init__(self, tiled: bool = False, tile_size: int = 1024) -> None:
+        super().__init__()
+        if not isinstance(tile_size, int) or isinstance(tile_size, bool) or tile_size < 1:
+            raise ValueError(f"tile_size must be a positive int, got {tile_size!r}")
+        self.tiled = bool(tiled)
+        self.tile_size = tile_size
+
+    def extra_repr(self) -> str:
+        return f"tiled={self.tiled}, tile_size={self.tile_size}" if self.tiled else "tiled=False"
+
+    def pairwise(self, a: Tensor, b: Tensor, term: Term, *params: Tensor, row: str = "lse",
+                 col: Optional[str] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """`pairwise_reduce` in this loss's mode (tiled or dense)."""
+        return pairwise_reduce(a, b, term, *params, row=row, col=col,
+                               tile_size=self.tile_size if self.tiled else None)
+
+    def forward(self, image: Tensor, text: Tensor, *, logit_scale: Tensor | float,
+                logit_bias: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                weights_from: Optional[Tensor] = None) -> Tensor:
+        pairs = self._gather(image, text, logit_scale, logit_bias, labels, weights_from)
+        return self.compute(pairs)
+
+    def compute(self, p: Pairs) -> Tensor:
+        raise NotImplementedError
+
+    def _gather(self, image, text, logit_scale, logit_bias, labels, weights_from) -> Pairs:
+        name = type(self).__name__
+        if image.ndim != 2 or image.shape != text.shape:
+            raise ValueError(f"{name}: image and text must both be (N, D) with the same shape, "
+                             f"got {tuple(image.shape)} and {tuple(text.shape)}")
+        n, d = image.shape
+        if n == 0:
+            raise ValueError(f"{name}: empty local batch")
+        # logits in fp32 (fp64 kept for exact tests) whatever the towers' dtype
+        dtype = torch.promote_types(torch.promote_types(image.dtype, text.dtype), torch.float32)
+        scale = torch.as_tensor(logit_scale, dtype=dtype, device=image.device)
+        if scale.numel() != 1:
+            raise ValueError(f"{name}: logit_scale must be a scalar, got shape {tuple(scale.shape)}")
+        if self.uses_bias and logit_bias is None:
+            raise ValueError(f"{name}: logit_bias is required (the model must learn a bias for this loss)")
+        if not self.uses_bias and logit_bias is not None:
+            raise ValueError(f"{name}: takes no logit_bias (it would get no gradient); pass None")
+        bias = None if logit_bias is None else torch.as_tensor(logit_bias, dtype=dtype, device=image.device)
+        if bias is not None and bias.numel() != 1:
+            raise ValueError(f"{name}: logit_bias must be a scalar, got shape {tuple(bias.shape)}")
+        if labels is not None and (labels.shape != (n,) or labels.is_floating_point()):
+            raise ValueError(f"{name}: labels must be an integer tensor of shape ({n},), "
+                             f"got {labels.dtype} {tuple(labels.shape)}")
+        if self.uses_weights != (weights_from is not None):
+            need = "requires" if self.uses_weights else "takes no"
+            raise ValueError(f"{name}: {need} weights_from")
+        if weights_from is not None and (weights_from.ndim != 2 or weights_from.shape[0] != n):
+            raise ValueError(f"{name}: weights_from must be ({n}, D'), got {tuple(weights_from.shape)}")
+
+        uv = all_gather_with_grad(torch.cat([image, text], 1).to(dtype))
+        if uv.shape[0] < 2:
+            raise ValueError(f"{name}: needs at least 2 pairs in the global batch, got {uv.shape[0]}")
+        mine = local_rows(n)
+        rows = torch.arange(mine.start, mine.stop, device=image.device)
+        if labels is None:
+            labels, all_labels = rows, torch.arange(uv.shape[0], device=image.device)
+        else:
+            all_labels = all_gather(labels)
+        weights = all_weights = None
+        if weights_from is not None:
+            weights = weights_from.detach().to(dtype)
+            all_weights = all_gather(weights)
+        return Pairs(u=image.to(dtype), v=text.to(dtype), U=uv[:, :d], V=uv[:, d:], rows=rows,
+                     scale=scale.reshape(()), bias=None if bias is None else bias.reshape(()),
+                     labels=labels, all_labels=all_labels, weights=weights, all_weights=all_weights)

@@ -1,0 +1,48 @@
+"""The loss registry: names → classes, hyper-parameter validation, and the model-side defaults."""
+from __future__ import annotations
+
+import inspect
+
+from pipeline.losses.base import ContrastiveLoss
+from pipeline.losses.clip import ClipLoss
+
+_LOSSES: dict[str, type[ContrastiveLoss]] = {
+    "clip": ClipLoss,
+}
+LOSS_NAMES: tuple[str, ...] = tuple(_LOSSES)
+
+
+def _loss_class(name: str) -> type[ContrastiveLoss]:
+    if name not in _LOSSES:
+        raise ValueError(f"unknown loss {name!r}: expected one of {', '.join(LOSS_NAMES)}")
+    return _LOSSES[name]
+
+
+def hyper_parameters(name: str) -> tuple[str, ...]:
+    """The hyper-parameters loss `name` takes (LOSSES.md), besides `tiled` and `tile_size`."""
+    params = inspect.signature(_loss_class(name).__init__).parameters
+    return tuple(p for p in params if p not in ("self", "tiled", "tile_size"))
+
+
+def get_loss(name: str, tiled: bool = False, tile_size: int = 1024, **hyper) -> ContrastiveLoss:
+    """Build loss `name`; `tiled=True` selects the memory-linear tiled form (same values and gradients).
+
+    A hyper-parameter the loss does not take is a TypeError; a value out of range a ValueError.
+    """
+    cls = _loss_class(name)
+    allowed = hyper_parameters(name)
+    unknown = sorted(set(hyper) - set(allowed))
+    if unknown:
+        takes = ", ".join(allowed) if allowed else "no hyper-parameters"
+        raise TypeError(f"loss {name!r} does not take {', '.join(unknown)}; it takes {takes}")
+    return cls(tiled=tiled, tile_size=tile_size, **hyper)
+
+
+def default_temperature(name: str) -> float:
+    """The initial temperature τ = 1/s the model should start from for this loss."""
+    return _loss_class(name).default_temperature
+
+
+def uses_bias(name: str) -> bool:
+    """Whether the model must learn a logit bias (and pass it as `logit_bias`) for this loss."""
+    return _loss_class(name).uses_bias

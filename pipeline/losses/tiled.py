@@ -1,0 +1,101 @@
+"""Row and column reductions of a pairwise term matrix, dense or tiled with O(rows × tile) memory.
+
+Every loss in this package is built from reductions of a matrix of per-pair terms
+
+    t_ij = term(a_i · b_j, j, *params)       (−inf marks a pair that is left out)
+
+over the columns j (a log-sum-exp or a sum per row) and, for the symmetric InfoNCE losses, over
+the rows i as well (one column reduction per column; b's rows are all ranks' rows, a's are
+this rank's, so the column reductions are partial and the caller combines them across ranks).
+
+`pairwise_reduce` computes them either densely (plain autograd; memory O(rows × cols)) or in
+column tiles with a custom autograd function: the forward keeps a running log-sum-exp (or sum)
+per row and never stores a tile; the backward recomputes each tile and differentiates the term
+on it. Both forms give the same values and gradients; the dense one is the reference in tests.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+Term = Callable[..., Tensor]     # term(dots (rows × tile), cols: slice, *params) -> terms (rows × tile)
+REDUCTIONS = ("lse", "sum")
+
+
+def pairwise_reduce(a: Tensor, b: Tensor, term: Term, *params: Tensor, row: str = "lse",
+                    col: Optional[str] = None, tile_size: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Reduce t = term(a @ bᵀ, ...) over columns (`row`) and optionally over rows (`col`).
+
+    `row` / `col` are "lse" (log Σ exp) or "sum". `params` are tensors the term uses (the logit
+    scale and bias) and that need gradients. With `tile_size` the columns are processed in tiles
+    of that many and nothing of size rows × cols is ever stored. Returns (row_values, col_values or None).
+    """
+    if row not in REDUCTIONS or col not in (*REDUCTIONS, None):
+        raise ValueError(f"pairwise_reduce: row/col reductions must be one of {REDUCTIONS}, got {row!r}/{col!r}")
+    if tile_size is None:
+        t = term(a @ b.T, slice(0, b.shape[0]), *params)
+        return _reduce(t, row, 1), (None if col is None else _reduce(t, col, 0))
+    row_out, col_out = _TiledPairwise.apply(term, row, col, tile_size, a, b, *params)
+    return row_out, (None if col is None else col_out)
+
+
+def _reduce(t: Tensor, op: str, dim: int) -> Tensor:
+    return torch.logsumexp(t, dim) if op == "lse" else t.sum(dim)
+
+
+def _reduce_grad(t: Tensor, op: str, dim: int, out: Tensor, grad: Tensor) -> Tensor:
+    """d(reduction)/dt times the incoming gradient, for one tile (`out`, `grad` are this tile's slices)."""
+    if op == "sum":
+        return grad.unsqueeze(dim).expand_as(t)
+    # softmax weights exp(t − lse); an all-left-out line has lse = −inf, clamp it so 0 (not NaN) results
+    out = out.clamp_min(torch.finfo(out.dtype).min).unsqueeze(dim)
+    return grad.unsqueeze(dim) * torch.exp(t - out)
+
+
+class _TiledPairwise(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, term: Term, row: str, col: Optional[str], tile_size: int, a: Tensor, b: Tensor, *params: Tensor):
+        row_out = a.new_full((a.shape[0],), -torch.inf if row == "lse" else 0.0)
+        col_out = a.new_zeros(b.shape[0] if col else 0)
+        for cols in _tiles(b.shape[0], tile_size):
+            t = term(a @ b[cols].T, cols, *params)
+            part = _reduce(t, row, 1)
+            row_out = torch.logaddexp(row_out, part) if row == "lse" else row_out + part
+            if col:
+                col_out[cols] = _reduce(t, col, 0)
+        ctx.save_for_backward(a, b, row_out, col_out, *params)
+        ctx.setup = (term, row, col, tile_size)
+        return row_out, col_out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_row: Optional[Tensor], grad_col: Optional[Tensor]):
+        a, b, row_out, col_out, *params = ctx.saved_tensors
+        term, row, col, tile_size = ctx.setup
+        a_leaf = a.detach().requires_grad_()
+        p_leaf = [p.detach().requires_grad_() for p in params]
+        grad_a, grad_b = torch.zeros_like(a), torch.zeros_like(b)
+        grad_p = [torch.zeros_like(p) for p in params]
+        for cols in _tiles(b.shape[0], tile_size):
+            b_leaf = b[cols].detach().requires_grad_()
+            with torch.enable_grad():
+                t = term(a_leaf @ b_leaf.T, cols, *p_leaf)
+            grad_t = torch.zeros_like(t)
+            if grad_row is not None:
+                grad_t += _reduce_grad(t.detach(), row, 1, row_out, grad_row)
+            if col and grad_col is not None:
+                grad_t += _reduce_grad(t.detach(), col, 0, col_out[cols], grad_col[cols])
+            grads = torch.autograd.grad(t, (a_leaf, b_leaf, *p_leaf), grad_t, allow_unused=True)
+            grad_a += grads[0]
+            grad_b[cols] = grads[1]
+            for acc, g in zip(grad_p, grads[2:]):
+                if g is not None:
+                    acc += g
+        return (None, None, None, None, grad_a, grad_b, *grad_p)
+
+
+def _tiles(n: int, tile_size: int):
+    for start in range(0, n, tile_size):
+        yield slice(start, min(start + tile_size, n))

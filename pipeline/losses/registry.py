@@ -5,9 +5,23 @@ import inspect
 
 from pipeline.losses.base import ContrastiveLoss
 from pipeline.losses.clip import ClipLoss
+from pipeline.losses.clip_gap import ClipGapLoss
+from pipeline.losses.cwcl import CwclLoss
+from pipeline.losses.dcl import DclLoss, DclwLoss
+from pipeline.losses.hcl import HclLoss
+from pipeline.losses.siglip import SiglipLoss
+from pipeline.losses.supcon import SupConLoss, TclLoss
 
 _LOSSES: dict[str, type[ContrastiveLoss]] = {
     "clip": ClipLoss,
+    "siglip": SiglipLoss,
+    "supcon": SupConLoss,
+    "tcl": TclLoss,
+    "dcl": DclLoss,
+    "dclw": DclwLoss,
+    "hcl": HclLoss,
+    "cwcl": CwclLoss,
+    "clip_gap": ClipGapLoss,
 }
 LOSS_NAMES: tuple[str, ...] = tuple(_LOSSES)
 

@@ -1,0 +1,56 @@
+"""hcl — contrastive learning with hard negative samples (Robinson et al. 2021, arXiv 2010.04592).
+
+Over the 2N anchors Z = [u; v] with t = 1/s, positive z_i⁺ (the other view) and the M = 2N − 2
+other anchors as negatives, importance weights ω_ij = softmax_j(β·z_i·z_j/t) give
+    Ng_i = max( M/(1−τ⁺) · (Σ_j ω_ij e^{z_i·z_j/t} − τ⁺·e^{z_i·z_i⁺/t}),  M·e^{−1/t} ),
+    L = mean_i −log( e^{z_i·z_i⁺/t} / (e^{z_i·z_i⁺/t} + Ng_i) ).
+In log space: log Σ_j ω_ij e^{x_ij} = LSE_j((β+1)·x_ij) − LSE_j(β·x_ij) with x = s·z_i·z_j, and the
+debiasing subtraction is done as log(e^A − τ⁺e^P) = A + log(−expm1(P − A + ln τ⁺)), which is only
+taken where it is positive; elsewhere the floor M·e^{−s} wins.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from pipeline.losses.base import ContrastiveLoss, Pairs, Views, leave_out
+
+
+class HclLoss(ContrastiveLoss):
+    default_temperature = 0.5
+
+    def __init__(self, beta: float = 1.0, tau_plus: float = 0.1, tiled: bool = False, tile_size: int = 1024) -> None:
+        super().__init__(tiled=tiled, tile_size=tile_size)
+        if not (beta >= 0 and math.isfinite(beta)):
+            raise ValueError(f"hcl: beta must be finite and >= 0, got {beta!r}")
+        if not 0 <= tau_plus < 1:
+            raise ValueError(f"hcl: tau_plus must be in [0, 1), got {tau_plus!r}")
+        self.beta, self.tau_plus = float(beta), float(tau_plus)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, tau_plus={self.tau_plus}, {super().extra_repr()}"
+
+    def compute(self, p: Pairs) -> Tensor:
+        views = Views.of(p)
+
+        def negatives_lse(factor: float) -> Tensor:
+            def term(dots: Tensor, cols: slice, s: Tensor) -> Tensor:
+                return leave_out(factor * s * dots, cols, views.me, views.partner)
+            return self.pairwise(views.z, views.Z, term, p.scale)[0]
+
+        m = views.Z.shape[0] - 2
+        positive = p.scale * (views.z * views.partner_z).sum(1)
+        log_reweighted = negatives_lse(self.beta + 1) - negatives_lse(self.beta)   # log Σ_j ω_ij e^{x_ij}
+        log_negatives = torch.maximum(math.log(m) - p.scale,
+                                      math.log(m / (1 - self.tau_plus)) + self._log_debiased(log_reweighted, positive))
+        return (torch.logaddexp(positive, log_negatives) - positive).mean()
+
+    def _log_debiased(self, a: Tensor, positive: Tensor) -> Tensor:
+        """log(e^a − τ⁺·e^positive), or −inf where that is not positive."""
+        if self.tau_plus == 0:
+            return a
+        delta = positive - a + math.log(self.tau_plus)
+        safe = delta.clamp_max(-1e-30)               # keeps the unused branch finite (no NaN gradient)
+        return torch.where(delta < 0, a + torch.log(-torch.expm1(safe)), -math.inf)

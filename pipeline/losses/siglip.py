@@ -1,0 +1,27 @@
+"""siglip — pairwise sigmoid loss (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training").
+
+    L = −(1/N) Σ_i Σ_j log σ(z_ij·(t·u_i·v_j + b)),   z_ii = +1, z_ij = −1 (i ≠ j).
+
+With x_ij = t·u_i·v_j + b, −log σ(−x) = softplus(x) and −log σ(x) = softplus(x) − x, so row i is
+Σ_j softplus(x_ij) − x_ii: a plain sum over the columns (the global texts), then the local positive.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.losses.base import ContrastiveLoss, Pairs
+
+
+def softplus_logits(dots: Tensor, cols: slice, scale: Tensor, bias: Tensor) -> Tensor:
+    return F.softplus(scale * dots + bias)
+
+
+class SiglipLoss(ContrastiveLoss):
+    default_temperature = 0.1    # t = 10, with b = −10
+    uses_bias = True
+
+    def compute(self, p: Pairs) -> Tensor:
+        negatives_and_positive, _ = self.pairwise(p.u, p.V, softplus_logits, p.scale, p.bias, row="sum")
+        positive = p.scale * (p.u * p.v).sum(1) + p.bias
+        return (negatives_and_positive - positive).mean()

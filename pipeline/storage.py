@@ -54,8 +54,16 @@ def with_protocol(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if "://" in path else f"{proto}://{path}"
 
 
-def exists(url: str) -> bool:
+def fresh(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Like `filesystem`, with the listing cache for the path and its parents dropped: pollers
+    (the eval watcher, claims) must see what other processes wrote since (s3fs caches listings)."""
     fs, path = filesystem(url)
+    fs.invalidate_cache(path)
+    return fs, path
+
+
+def exists(url: str) -> bool:
+    fs, path = fresh(url)
     return fs.exists(path)
 
 
@@ -130,7 +138,7 @@ def write_json(url: str, obj: Any) -> None:
 
 def listdir(url: str) -> list[str]:
     """Names (not paths) of the entries directly inside a folder URL; empty when it does not exist."""
-    fs, path = filesystem(url)
+    fs, path = fresh(url)
     if not fs.exists(path):
         return []
     return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
@@ -193,7 +201,7 @@ def complete_subdirs(url: str, prefix: str = "step_") -> list[str]:
 
 def iter_files(url: str, suffix: str = "") -> Iterator[str]:
     """URLs of the files directly inside a folder URL whose names end with `suffix`, sorted."""
-    fs, path = filesystem(url)
+    fs, path = fresh(url)
     if not fs.exists(path):
         return
     for p in sorted(fs.ls(path, detail=False)):

@@ -35,6 +35,18 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.models.export import export
+    from pipeline.models.published import CheckpointError
+    try:
+        out = export(args.checkpoint, args.format, args.out)
+    except (CheckpointError, ValueError) as e:
+        print(f"contrast export: {e}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     print(cfg.to_yaml(), end="")
@@ -125,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", metavar="CHECKPOINT")
     export.add_argument("--format", required=True, choices=["open_clip", "hf", "safetensors"])
     export.add_argument("--out", required=True, help="output folder")
-    export.set_defaults(func=_not_landed("export"))
+    export.set_defaults(func=cmd_export)
 
     report = sub.add_parser("report", help="write run_dir/report.html with training and eval plots",
                             description="Plots of training curves and eval metrics vs step, into report.html.")

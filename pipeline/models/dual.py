@@ -170,11 +170,7 @@ def _hf_spec(path: str, name: str) -> HFSpec:
 
 def logit_init(loss_name: str, init_temperature: Optional[float] = None) -> tuple[float, Optional[float]]:
     """(τ₀, bias₀) for a loss: its default temperature unless overridden; bias −10 if it uses one."""
-    try:
-        from pipeline.losses import default_temperature, uses_bias
-    except ImportError:          # TEMPORARY until pipeline.losses lands: CLIP's init, SigLIP's bias
-        def default_temperature(name: str) -> float: return 0.1 if name == "siglip" else 0.07
-        def uses_bias(name: str) -> bool: return name == "siglip"
+    from pipeline.losses import default_temperature, uses_bias
     tau = init_temperature if init_temperature is not None else default_temperature(loss_name)
     return tau, (-10.0 if uses_bias(loss_name) else None)
 

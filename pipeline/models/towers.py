@@ -146,6 +146,10 @@ def block_prefix(tower: nn.Module) -> str:
 def build_tower(spec: TowerSpec, modality: str, *, image_size: int, context_length: int, vocab_size: int,
                 embed_dim: int, dropout: float) -> nn.Module:
     if isinstance(spec, HFSpec):
+        tower_vocab = spec.config.get("vocab_size")
+        if modality == "text" and tower_vocab is not None and vocab_size > tower_vocab:
+            raise ValueError(f"the tokenizer has {vocab_size} tokens but the pretrained text tower {spec.source or ''} "
+                             f"knows {tower_vocab}: set data.tokenizer to that model's tokenizer.json")
         return HFTower(spec, embed_dim, modality)
     if modality == "image" and isinstance(spec, ViTSpec):
         return VisionTower(spec, image_size, embed_dim, dropout)

@@ -1,0 +1,249 @@
+"""Published checkpoints (save/load, refusal of unfinished or corrupt ones) and export to HF / open_clip."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from pipeline import cli, storage
+from pipeline.config import Config
+from pipeline.data import train_tokenizer
+from pipeline.models import DualEncoder, ModelSpec, TextSpec, ViTSpec, build_model
+from pipeline.models.export import export, open_clip_config, open_clip_state_dict
+from pipeline.models.published import CheckpointError, load_published, save_published
+
+CAPTIONS = [f"a {c} {s} {p} a {c2} {s2}" for c in ("red", "green", "blue") for s in ("square", "circle")
+            for p in ("left of", "above") for c2 in ("yellow", "purple") for s2 in ("star", "triangle")]
+CONTEXT, SIZE = 12, 32
+# A ViT config scaled down in depth and width (heads of width 16 like ViT-B's 64, patch 8 on 32 px)
+SCALED_SPEC = ModelSpec(24, ViTSpec(width=48, layers=2, heads=3, patch_size=8), TextSpec(width=32, layers=2, heads=2))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(CAPTIONS, vocab_size=300, context_length=CONTEXT)
+
+
+def perturbed_model(tokenizer, spec: ModelSpec = SCALED_SPEC, bias: float | None = None) -> DualEncoder:
+    """A model whose every weight (norm gains and biases included) is random, so no mapping hides."""
+    torch.manual_seed(0)
+    model = DualEncoder(spec, image_size=SIZE, context_length=CONTEXT, vocab_size=tokenizer.vocab_size, init_bias=bias)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def inputs(tokenizer, n: int = 5):
+    images = torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    return images, tokenizer(CAPTIONS[:n - 1] + ["a red square left of a purple star above a green circle twice"])
+
+
+@pytest.fixture
+def published(tmp_path, tokenizer):
+    model = perturbed_model(tokenizer)
+    url = str(tmp_path / "run" / "published" / "step_00000007")
+    save_published(model, tokenizer, url, 7, samples_seen=7 * 256, run_config=Config())
+    return model, url
+
+
+# ------------------------------------------------------------------------------ published checkpoints
+def test_published_round_trip(published, tokenizer):
+    model, url = published
+    assert sorted(os.listdir(url)) == ["COMPLETE", "manifest.json", "model.safetensors", "tokenizer.json"]
+    manifest = json.load(open(os.path.join(url, "manifest.json")))
+    with open(os.path.join(url, "model.safetensors"), "rb") as f:
+        assert manifest["sha256"]["model.safetensors"] == hashlib.sha256(f.read()).hexdigest()
+    assert manifest["step"] == 7 and manifest["samples_seen"] == 1792
+    assert manifest["config"] == Config().to_dict()
+    assert manifest["image_size"] == SIZE and manifest["context_length"] == CONTEXT
+
+    loaded = load_published(url)
+    assert not loaded.training and loaded.image_size == SIZE
+    images, _ = inputs(tokenizer)
+    texts = ["a blue circle above a yellow star", "a green square"]
+    assert torch.equal(loaded.tokenizer(texts), tokenizer(texts))
+    assert torch.equal(loaded.encode_image(images), model.encode_image(images))
+    assert torch.equal(loaded.encode_text(loaded.tokenizer(texts)), model.encode_text(tokenizer(texts)))
+
+
+def test_published_round_trip_on_s3(s3_server, tokenizer):
+    model = perturbed_model(tokenizer, bias=-10.0)
+    url = "s3://test-bucket/run/published/step_00000001"
+    save_published(model, tokenizer, url, 1)
+    assert storage.is_complete(url)
+    loaded = load_published(url)
+    images, tokens = inputs(tokenizer)
+    assert torch.equal(loaded(image=images, text=tokens)["image"], model(image=images)["image"])
+    assert loaded.logit_bias.item() == pytest.approx(model.logit_bias.item())
+
+
+def test_folder_without_complete_is_refused(published):
+    _, url = published
+    os.remove(os.path.join(url, "COMPLETE"))
+    with pytest.raises(CheckpointError, match="no COMPLETE marker"):
+        load_published(url)
+
+
+def test_changed_weights_fail_the_hash(published):
+    _, url = published
+    path = os.path.join(url, "model.safetensors")
+    data = bytearray(open(path, "rb").read())
+    data[-3] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256 .* does not match the manifest"):
+        load_published(url)
+
+
+def test_corrupt_safetensors_is_a_clear_error(published):
+    _, url = published
+    garbage = b"\xff" * 64
+    open(os.path.join(url, "model.safetensors"), "wb").write(garbage)
+    manifest_path = os.path.join(url, "manifest.json")
+    manifest = json.load(open(manifest_path))
+    manifest["sha256"]["model.safetensors"] = hashlib.sha256(garbage).hexdigest()
+    json.dump(manifest, open(manifest_path, "w"))
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        load_published(url)
+
+
+# ------------------------------------------------------------------------------ Hugging Face export
+def test_hf_export_gives_our_embeddings(published, tokenizer, tmp_path):
+    from transformers import AutoTokenizer, CLIPModel
+    model, url = published
+    out = str(tmp_path / "hf")
+    export(url, "hf", out)
+    clip = CLIPModel.from_pretrained(out).eval()
+    assert clip.config.text_config.eos_token_id == tokenizer.eot_id == tokenizer.vocab_size - 1
+    images, tokens = inputs(tokenizer)
+
+    def features(out):
+        return F.normalize((out if torch.is_tensor(out) else out.pooler_output).float(), dim=-1)
+    with torch.no_grad():
+        theirs_image = features(clip.get_image_features(pixel_values=images))
+        theirs_text = features(clip.get_text_features(input_ids=tokens))
+    assert (theirs_image - model.encode_image(images)).abs().max() < 1e-5
+    assert (theirs_text - model.encode_text(tokens)).abs().max() < 1e-5
+    assert clip.logit_scale.item() == pytest.approx(model.logit_scale.item())
+
+    hf_tok = AutoTokenizer.from_pretrained(out)           # the tokenizer travels and agrees with ours
+    ids = hf_tok(CAPTIONS[:3], padding="max_length", max_length=CONTEXT, return_tensors="pt")["input_ids"]
+    assert torch.equal(ids, tokenizer(CAPTIONS[:3]))
+
+
+# ------------------------------------------------------------------------------ open_clip export
+def expected_open_clip_shapes(embed, v_width, v_layers, patch, image_size, t_width, t_layers, context, vocab):
+    """open_clip's CLIP state-dict layout (its `VisionTransformer` and `TextTransformer`, `nn.MultiheadAttention`
+    with packed in_proj, `x @ proj` projections), written out from its documented architecture."""
+    def blocks(prefix, width, layers):
+        shapes = {}
+        for i in range(layers):
+            b = f"{prefix}.{i}"
+            shapes.update({f"{b}.ln_1.weight": (width,), f"{b}.ln_1.bias": (width,),
+                           f"{b}.attn.in_proj_weight": (3 * width, width), f"{b}.attn.in_proj_bias": (3 * width,),
+                           f"{b}.attn.out_proj.weight": (width, width), f"{b}.attn.out_proj.bias": (width,),
+                           f"{b}.ln_2.weight": (width,), f"{b}.ln_2.bias": (width,),
+                           f"{b}.mlp.c_fc.weight": (4 * width, width), f"{b}.mlp.c_fc.bias": (4 * width,),
+                           f"{b}.mlp.c_proj.weight": (width, 4 * width), f"{b}.mlp.c_proj.bias": (width,)})
+        return shapes
+    grid = image_size // patch
+    shapes = {"logit_scale": (), "visual.class_embedding": (v_width,),
+              "visual.positional_embedding": (grid * grid + 1, v_width), "visual.proj": (v_width, embed),
+              "visual.conv1.weight": (v_width, 3, patch, patch),
+              "visual.ln_pre.weight": (v_width,), "visual.ln_pre.bias": (v_width,),
+              "visual.ln_post.weight": (v_width,), "visual.ln_post.bias": (v_width,),
+              "token_embedding.weight": (vocab, t_width), "positional_embedding": (context, t_width),
+              "ln_final.weight": (t_width,), "ln_final.bias": (t_width,), "text_projection": (t_width, embed)}
+    shapes.update(blocks("visual.transformer.resblocks", v_width, v_layers))
+    shapes.update(blocks("transformer.resblocks", t_width, t_layers))
+    return shapes
+
+
+@pytest.mark.parametrize("name, dims", [
+    ("ViT-B-32", (512, 768, 12, 32, 224, 512, 12, 77, 49408)),
+    ("ViT-B-16", (512, 768, 12, 16, 224, 512, 12, 77, 49408)),
+    ("ViT-L-14", (768, 1024, 24, 14, 224, 768, 12, 77, 49408)),
+])
+def test_open_clip_layout_of_the_public_models(name, dims):
+    from pipeline.config import ModelConfig
+    with torch.device("meta"):
+        model = build_model(ModelConfig(name=name), image_size=224, context_length=77, vocab_size=49408)
+    sd = open_clip_state_dict(model)
+    assert {k: tuple(v.shape) for k, v in sd.items()} == expected_open_clip_shapes(*dims)
+    cfg = open_clip_config(model)                        # open_clip's model_configs/<name>.json values
+    embed, v_width, v_layers, patch, image_size, t_width, t_layers, context, vocab = dims
+    assert cfg["embed_dim"] == embed
+    assert {k: cfg["vision_cfg"][k] for k in ("image_size", "layers", "width", "patch_size", "head_width")} == \
+        {"image_size": image_size, "layers": v_layers, "width": v_width, "patch_size": patch, "head_width": 64}
+    assert {k: cfg["text_cfg"][k] for k in ("context_length", "vocab_size", "width", "heads", "layers")} == \
+        {"context_length": context, "vocab_size": vocab, "width": t_width, "heads": t_width // 64, "layers": t_layers}
+
+
+def open_clip_reference(sd, cfg, images, tokens):
+    """open_clip's CLIP forward, written from its layout with torch.nn.MultiheadAttention (independent of ours)."""
+    def resblocks(x, prefix, layers, heads, causal):
+        mask = torch.full((x.shape[1], x.shape[1]), float("-inf")).triu(1) if causal else None
+        for i in range(layers):
+            p = lambda n: sd[f"{prefix}.{i}.{n}"]  # noqa: E731
+            width = x.shape[-1]
+            attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
+            attn.load_state_dict({"in_proj_weight": p("attn.in_proj_weight"), "in_proj_bias": p("attn.in_proj_bias"),
+                                  "out_proj.weight": p("attn.out_proj.weight"), "out_proj.bias": p("attn.out_proj.bias")})
+            h = F.layer_norm(x, (width,), p("ln_1.weight"), p("ln_1.bias"))
+            x = x + attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+            h = F.layer_norm(x, (width,), p("ln_2.weight"), p("ln_2.bias"))
+            x = x + F.linear(F.gelu(F.linear(h, p("mlp.c_fc.weight"), p("mlp.c_fc.bias"))),
+                             p("mlp.c_proj.weight"), p("mlp.c_proj.bias"))
+        return x
+    v, t = cfg["vision_cfg"], cfg["text_cfg"]
+    x = F.conv2d(images, sd["visual.conv1.weight"], stride=v["patch_size"]).flatten(2).transpose(1, 2)
+    x = torch.cat([sd["visual.class_embedding"].expand(len(x), 1, -1), x], 1) + sd["visual.positional_embedding"]
+    x = F.layer_norm(x, (v["width"],), sd["visual.ln_pre.weight"], sd["visual.ln_pre.bias"])
+    x = resblocks(x, "visual.transformer.resblocks", v["layers"], v["width"] // v["head_width"], causal=False)
+    x = F.layer_norm(x, (v["width"],), sd["visual.ln_post.weight"], sd["visual.ln_post.bias"])
+    image = x[:, 0] @ sd["visual.proj"]
+    x = sd["token_embedding.weight"][tokens] + sd["positional_embedding"]
+    x = resblocks(x, "transformer.resblocks", t["layers"], t["heads"], causal=True)
+    x = F.layer_norm(x, (t["width"],), sd["ln_final.weight"], sd["ln_final.bias"])
+    text = x[torch.arange(len(x)), tokens.argmax(-1)] @ sd["text_projection"]
+    return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+
+
+def test_open_clip_export_computes_our_embeddings(published, tokenizer, tmp_path):
+    model, url = published
+    out = tmp_path / "oc"
+    export(url, "open_clip", str(out))
+    assert sorted(os.listdir(out)) == ["open_clip_config.json", "open_clip_model.safetensors", "tokenizer.json"]
+    sd = load_file(str(out / "open_clip_model.safetensors"))
+    cfg = json.load(open(out / "open_clip_config.json"))["model_cfg"]
+    images, tokens = inputs(tokenizer)
+    with torch.no_grad():
+        image, text = open_clip_reference(sd, cfg, images, tokens)
+    assert (image - model.encode_image(images)).abs().max() < 1e-5
+    assert (text - model.encode_text(tokens)).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------------------ CLI and refusals
+def test_cli_export_safetensors(published, tmp_path, capsys):
+    model, url = published
+    out = tmp_path / "st"
+    assert cli.main(["export", url, "--format", "safetensors", "--out", str(out)]) == 0
+    weights = load_file(str(out / "model.safetensors"))
+    assert weights.keys() == model.state_dict().keys()
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    config = json.load(open(out / "config.json"))
+    assert config["model"]["spec"]["image"]["patch_size"] == 8 and config["step"] == 7
+    assert (out / "tokenizer.json").exists()
+
+
+def test_cli_export_of_an_unfinished_checkpoint_fails_clearly(published, tmp_path, capsys):
+    _, url = published
+    os.remove(os.path.join(url, "COMPLETE"))
+    assert cli.main(["export", url, "--format", "hf", "--out", str(tmp_path / "x")]) == 1
+    assert "no COMPLETE marker" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -1,12 +1,19 @@
-"""Loss library: LOSSES.md test vectors, gradcheck (dense and tiled), dtype behaviour, registry errors."""
+"""Loss library, one process: LOSSES.md test vectors, gradcheck (dense and tiled), tiled = dense,
+dtype behaviour, argument and hyper-parameter errors, embedding metrics."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from pipeline.losses import LOSS_NAMES, default_temperature, get_loss, uses_bias
+from pipeline.config import LossConfig
+from pipeline.losses import LOSS_NAMES, default_temperature, embedding_metrics, get_loss, hyper_parameters, uses_bias
+from pipeline.losses.cwcl import CwclLoss
+from pipeline.losses.dcl import DclwLoss
+from pipeline.losses.metrics import alignment, log_mean_gaussian
 
 F64 = torch.float64
 
@@ -16,26 +23,294 @@ def unit(angles) -> torch.Tensor:
     return torch.stack([a.cos(), a.sin()], 1)
 
 
-U = unit([0.0, 0.6, 1.5])
-V = unit([0.2, 0.4, 1.9])
-
-
 def s(x: float) -> torch.Tensor:
     return torch.tensor(x, dtype=F64)
 
 
-@pytest.mark.parametrize("tiled", [False, True])
-@pytest.mark.parametrize("scale, expected", [(1 / 0.07, 0.238967681578), (0.0, math.log(3))])
-def test_clip_vectors(tiled, scale, expected):
-    loss = get_loss("clip", tiled=tiled, tile_size=2)
-    assert loss(U, V, logit_scale=s(scale)).item() == pytest.approx(expected, abs=1e-11)
+U = unit([0.0, 0.6, 1.5])
+V = unit([0.2, 0.4, 1.9])
+Y = torch.tensor([0, 0, 1])
+E = unit([0, 2 * math.pi / 3, 4 * math.pi / 3])
+E1 = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=F64)
+E2 = torch.tensor([[0.0, 1.0], [0.0, 1.0]], dtype=F64)
+
+# (name, hyper, image, text, call keywords, expected) — the table in LOSSES.md
+VECTORS = [
+    ("clip", {}, U, V, dict(logit_scale=s(1 / 0.07)), 0.238967681578),
+    ("clip", {}, U, V, dict(logit_scale=s(0.0)), 1.098612288668),
+    ("siglip", {}, E1, E2, dict(logit_scale=s(10), logit_bias=s(-10)), 10.000090797798),
+    ("supcon", {}, U, V, dict(logit_scale=s(10), labels=Y), 0.818658253975),
+    ("supcon", {}, U, V, dict(logit_scale=s(10), labels=torch.tensor([0, 1, 2])), 0.515611442188),
+    ("supcon", {}, U, V, dict(logit_scale=s(10)), 0.515611442188),        # no labels: each pair its own class
+    ("tcl", dict(k1=5000, k2=1), U, V, dict(logit_scale=s(10), labels=Y), 0.974151115411),
+    ("dcl", {}, U, V, dict(logit_scale=s(10)), -1.464940904353),
+    ("dcl", {}, E, E, dict(logit_scale=s(10)), -15 + math.log(4)),
+    ("hcl", dict(beta=1.0, tau_plus=0.1), U, V, dict(logit_scale=s(2)), 1.116530133716),
+    ("hcl", dict(beta=0.0, tau_plus=0.0), U, V, dict(logit_scale=s(2)), 1.006301565404),
+    ("cwcl", {}, U, V, dict(logit_scale=s(1 / 0.07), weights_from=U), 4.319392084889),
+]
 
 
-def test_registry_defaults():
-    assert "clip" in LOSS_NAMES
+@pytest.mark.parametrize("tiled", [False, True], ids=["dense", "tiled"])
+@pytest.mark.parametrize("name, hyper, image, text, kwargs, expected", VECTORS,
+                         ids=[f"{v[0]}-{i}" for i, v in enumerate(VECTORS)])
+def test_vectors(name, hyper, image, text, kwargs, expected, tiled):
+    loss = get_loss(name, tiled=tiled, tile_size=2, **hyper)
+    assert loss(image, text, **kwargs).item() == pytest.approx(expected, abs=1e-10)
+
+
+def test_metric_vectors():
+    assert alignment(U, V).item() == pytest.approx(0.079203900210, abs=1e-11)
+    assert log_mean_gaussian(E, E, torch.arange(3)).item() == pytest.approx(-6.0, abs=1e-11)
+    metrics = embedding_metrics(U, V)
+    assert metrics["alignment"].item() == pytest.approx(0.079203900210, abs=1e-6)
+    assert "tolerance" not in metrics
+
+
+def test_clip_gap_is_clip_plus_geometry():
+    """clip_gap against its definition written out with pdist-free brute-force pair loops."""
+    def unif(x):
+        vals = [math.exp(-2 * float((x[i] - x[j]).pow(2).sum())) for i in range(len(x)) for j in range(len(x)) if i < j]
+        return math.log(sum(vals) / len(vals))
+
+    def xunif(a, b):
+        vals = [math.exp(-2 * float((a[i] - b[j]).pow(2).sum())) for i in range(len(a)) for j in range(len(b)) if i != j]
+        return math.log(sum(vals) / len(vals))
+
+    scale = s(1 / 0.07)
+    base = 0.238967681578 + 0.5 * (unif(U) + unif(V)) + 0.079203900210
+    assert get_loss("clip_gap")(U, V, logit_scale=scale).item() == pytest.approx(base, abs=1e-10)
+    with_cross = get_loss("clip_gap", cross_uniformity=True, tiled=True, tile_size=2)(U, V, logit_scale=scale)
+    assert with_cross.item() == pytest.approx(base + xunif(U, V), abs=1e-10)
+
+
+def test_cwcl_with_identity_weights_is_clip():
+    class IdentityWeights(CwclLoss):
+        factors = staticmethod(lambda a: torch.eye(len(a), dtype=a.dtype))
+
+    x, y = random_pairs(6, 4, seed=1)
+    expected = get_loss("clip")(x, y, logit_scale=s(7.0))
+    got = IdentityWeights()(x, y, logit_scale=s(7.0), weights_from=x)
+    assert got.item() == pytest.approx(expected.item(), abs=1e-12)
+
+
+def test_tcl_reduces_to_supcon():
+    x, y = random_pairs(6, 4, seed=2)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0])
+    supcon = get_loss("supcon")(x, y, logit_scale=s(5.0), labels=labels)
+    tcl = get_loss("tcl", k1=0.0, k2=1.0)(x, y, logit_scale=s(5.0), labels=labels)
+    assert tcl.item() == pytest.approx(supcon.item(), abs=1e-12)
+
+
+def test_supcon_against_loop_definition():
+    """supcon with repeated labels against a per-anchor loop over LOSSES.md's formula."""
+    x, y = random_pairs(5, 3, seed=3)
+    labels = torch.tensor([1, 0, 1, 1, 2])
+    z, zl, scale = torch.cat([x, y]), torch.cat([labels, labels]), 4.0
+    terms = []
+    for i in range(len(z)):
+        others = [a for a in range(len(z)) if a != i]
+        lse = torch.logsumexp(torch.stack([scale * z[i] @ z[a] for a in others]), 0)
+        positives = [p for p in others if zl[p] == zl[i]]
+        terms.append(-sum(scale * z[i] @ z[p] - lse for p in positives) / len(positives))
+    expected = torch.stack(terms).mean()
+    got = get_loss("supcon", tiled=True, tile_size=3)(x, y, logit_scale=s(scale), labels=labels)
+    assert got.item() == pytest.approx(expected.item(), abs=1e-12)
+
+
+# ---- gradients -------------------------------------------------------------------------------------
+
+def random_pairs(n: int, d: int, seed: int, dtype=F64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(n, d, generator=g, dtype=F64), dim=1)
+    y = F.normalize(x + 0.8 * torch.randn(n, d, generator=g, dtype=F64), dim=1)
+    return x.to(dtype), y.to(dtype)
+
+
+# per loss: (hyper, scale) for the gradient and dtype checks; labels and weights added by `call_args`
+SETUPS = {
+    "clip": ({}, 1 / 0.07),
+    "siglip": ({}, 10.0),
+    "supcon": ({}, 10.0),
+    "tcl": (dict(k1=50.0, k2=2.0), 10.0),
+    "dcl": ({}, 10.0),
+    "dclw": (dict(sigma=0.5), 10.0),
+    "hcl": (dict(beta=1.0, tau_plus=0.1), 2.0),
+    "cwcl": ({}, 1 / 0.07),
+    "clip_gap": (dict(cross_uniformity=True), 1 / 0.07),
+}
+EXTRA = [("hcl", dict(beta=2.0, tau_plus=0.9), 8.0)]     # the clamp at M·e^{−1/t} is active here
+
+
+def test_every_loss_has_a_setup():
+    assert set(SETUPS) == set(LOSS_NAMES)
+
+
+def call_args(name: str, n: int, scale: float, dtype=F64) -> dict:
+    g = torch.Generator().manual_seed(7)
+    kwargs = dict(logit_scale=torch.tensor(scale, dtype=dtype, requires_grad=True),
+                  labels=torch.randint(0, 3, (n,), generator=g))
+    if uses_bias(name):
+        kwargs["logit_bias"] = torch.tensor(-3.0, dtype=dtype, requires_grad=True)
+    if name == "cwcl":
+        kwargs["weights_from"] = F.normalize(torch.randn(n, 5, generator=g, dtype=F64), dim=1).to(dtype)
+    return kwargs
+
+
+CASES = [(name, *SETUPS[name]) for name in sorted(SETUPS)] + EXTRA
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["dense", "tiled"])
+@pytest.mark.parametrize("name, hyper, scale", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_gradcheck(name, hyper, scale, tiled):
+    x, y = random_pairs(5, 3, seed=4)
+    kwargs = call_args(name, 5, scale)
+    loss = get_loss(name, tiled=tiled, tile_size=2, **hyper)
+    if name == "dclw":
+        loss = frozen_dclw_weights(loss, x, y)
+    leaves = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad}
+
+    def f(image, text, *params):
+        return loss(image, text, **{**kwargs, **dict(zip(leaves, params))})
+    assert torch.autograd.gradcheck(f, (x.requires_grad_(), y.requires_grad_(), *leaves.values()))
+
+
+def frozen_dclw_weights(loss: DclwLoss, x: torch.Tensor, y: torch.Tensor) -> DclwLoss:
+    """dclw's weights carry no gradient, so finite differences must hold them at their value at (x, y):
+    returns a copy of `loss` whose weights are those constants, after checking that the weights
+    indeed contribute no gradient (dclw and the frozen copy have the same analytic gradient there)."""
+    class Frozen(type(loss)):
+        def positive_weights(self, p):
+            return weights
+
+    weights = 2 - 5 * torch.softmax((x * y).sum(1) / loss.sigma, 0)
+    frozen = Frozen(sigma=loss.sigma, tiled=loss.tiled, tile_size=loss.tile_size)
+    torch.testing.assert_close(loss(x, y, logit_scale=s(10.0)), frozen(x, y, logit_scale=s(10.0)), rtol=1e-12, atol=0)
+    grads = []
+    for fn in (loss, frozen):
+        a, b = x.clone().requires_grad_(), y.clone().requires_grad_()
+        grads.append(torch.autograd.grad(fn(a, b, logit_scale=s(10.0)), (a, b)))
+    for g, h in zip(*grads):
+        torch.testing.assert_close(g, h, rtol=1e-12, atol=1e-12)
+    return frozen
+
+
+@pytest.mark.parametrize("name, hyper, scale", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_tiled_equals_dense(name, hyper, scale):
+    """Values and gradients of the tiled form equal the dense form on a batch of several uneven tiles."""
+    results = []
+    for tiled in (False, True):
+        x, y = (t.requires_grad_() for t in random_pairs(37, 8, seed=5))
+        kwargs = call_args(name, 37, scale)
+        value = get_loss(name, tiled=tiled, tile_size=8, **hyper)(x, y, **kwargs)
+        leaves = [x, y] + [v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+        results.append((value, torch.autograd.grad(value, leaves)))
+    (dense, dense_grads), (tiled, tiled_grads) = results
+    torch.testing.assert_close(tiled, dense, rtol=1e-12, atol=1e-12)
+    for a, b in zip(tiled_grads, dense_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["dense", "tiled"])
+@pytest.mark.parametrize("name, hyper, scale", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_bf16_inputs(name, hyper, scale, tiled):
+    """bf16 embeddings: fp32 logits, finite value close to the fp32 one, finite bf16 gradients."""
+    x, y = random_pairs(16, 8, seed=6, dtype=torch.float32)
+    loss = get_loss(name, tiled=tiled, tile_size=5, **hyper)
+    reference = loss(x, y, **call_args(name, 16, scale, torch.float32))
+    xb, yb = x.bfloat16().requires_grad_(), y.bfloat16().requires_grad_()
+    kwargs = call_args(name, 16, scale, torch.float32)
+    value = loss(xb, yb, **kwargs)
+    assert value.dtype == torch.float32
+    assert torch.isfinite(value)
+    assert value.item() == pytest.approx(reference.item(), rel=0.03, abs=0.03)
+    value.backward()
+    assert xb.grad.dtype == torch.bfloat16 and torch.isfinite(xb.grad).all() and torch.isfinite(yb.grad).all()
+    assert torch.isfinite(kwargs["logit_scale"].grad)
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["dense", "tiled"])
+@pytest.mark.parametrize("name", sorted(SETUPS))
+def test_no_nan_at_extremes(name, tiled):
+    """Coincident embeddings, scale 100 (the clamp), one label for all: finite values and gradients."""
+    x = F.normalize(torch.ones(6, 4), dim=1).requires_grad_()
+    y = F.normalize(torch.ones(6, 4), dim=1).requires_grad_()
+    kwargs = call_args(name, 6, 100.0, torch.float32)
+    kwargs["labels"] = torch.zeros(6, dtype=torch.long)
+    hyper = dict(SETUPS[name][0], **({"tau_plus": 0.9} if name == "hcl" else {}))
+    value = get_loss(name, tiled=tiled, tile_size=4, **hyper)(x, y, **kwargs)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all()
+    assert torch.isfinite(kwargs["logit_scale"].grad)
+
+
+# ---- registry and argument errors --------------------------------------------------------------------
+
+def test_model_side_defaults():
     assert default_temperature("clip") == 0.07
-    assert not uses_bias("clip")
-    with pytest.raises(TypeError, match="does not take k1"):
-        get_loss("clip", k1=3.0)
-    with pytest.raises(ValueError, match="unknown loss 'nope'"):
-        get_loss("nope")
+    assert default_temperature("siglip") == 0.1 and uses_bias("siglip")
+    assert all(default_temperature(n) == 0.1 for n in ("supcon", "dcl", "dclw", "tcl"))
+    assert default_temperature("hcl") == 0.5
+    assert [n for n in LOSS_NAMES if uses_bias(n)] == ["siglip"]
+
+
+def test_config_hyper_parameters_are_taken_by_some_loss():
+    """Every hyper-parameter field of LossConfig is a real hyper-parameter of at least one loss."""
+    config_fields = set(LossConfig().hyper()) | {"k1", "k2", "sigma", "beta", "tau_plus", "cross_uniformity"}
+    assert {f.name for f in dataclasses.fields(LossConfig)} >= config_fields
+    taken = {h for name in LOSS_NAMES for h in hyper_parameters(name)}
+    assert config_fields == taken
+
+
+@pytest.mark.parametrize("name, hyper, match", [
+    ("clip", dict(k1=3.0), "does not take k1; it takes no hyper-parameters"),
+    ("tcl", dict(sigma=0.5), "does not take sigma; it takes k1, k2"),
+    ("hcl", dict(beta=1.0, k2=1.0), "does not take k2"),
+])
+def test_unknown_hyper_is_type_error(name, hyper, match):
+    with pytest.raises(TypeError, match=match):
+        get_loss(name, **hyper)
+
+
+@pytest.mark.parametrize("name, hyper, match", [
+    ("nope", {}, "unknown loss 'nope': expected one of clip, siglip"),
+    ("tcl", dict(k1=-1.0), "k1 and k2 must be finite and >= 0"),
+    ("dclw", dict(sigma=0.0), "sigma must be a positive number"),
+    ("hcl", dict(tau_plus=1.0), r"tau_plus must be in \[0, 1\)"),
+    ("hcl", dict(beta=-1.0), "beta must be finite and >= 0"),
+    ("clip_gap", dict(cross_uniformity="yes"), "cross_uniformity must be true or false"),
+    ("clip", dict(tile_size=0), "tile_size must be a positive int"),
+])
+def test_bad_hyper_value_is_value_error(name, hyper, match):
+    with pytest.raises(ValueError, match=match):
+        get_loss(name, **hyper)
+
+
+@pytest.mark.parametrize("name, image, text, kwargs, match", [
+    ("clip", U, V[:2], dict(logit_scale=s(1.0)), "same shape"),
+    ("clip", U, V, dict(logit_scale=torch.ones(2)), "logit_scale must be a scalar"),
+    ("clip", U, V, dict(logit_scale=s(1.0), logit_bias=s(0.0)), "takes no logit_bias"),
+    ("siglip", U, V, dict(logit_scale=s(1.0)), "logit_bias is required"),
+    ("cwcl", U, V, dict(logit_scale=s(1.0)), "requires weights_from"),
+    ("cwcl", U, V, dict(logit_scale=s(1.0), weights_from=U[:2]), r"weights_from must be \(3, D'\)"),
+    ("clip", U, V, dict(logit_scale=s(1.0), weights_from=U), "takes no weights_from"),
+    ("supcon", U, V, dict(logit_scale=s(1.0), labels=torch.tensor([0.0, 1.0, 1.0])), "labels must be an integer"),
+    ("supcon", U, V, dict(logit_scale=s(1.0), labels=torch.tensor([0, 1])), r"shape \(3,\)"),
+    ("clip", U[:1], V[:1], dict(logit_scale=s(1.0)), "at least 2 pairs in the global batch"),
+])
+def test_bad_call_is_value_error(name, image, text, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        get_loss(name)(image, text, **kwargs)
+
+
+# ---- metrics -----------------------------------------------------------------------------------------
+
+def test_tolerance_against_pair_loop():
+    x, y = random_pairs(7, 4, seed=8, dtype=torch.float32)
+    labels = torch.tensor([0, 1, 0, 0, 2, 1, 3])
+    pairs = [(i, j) for i in range(7) for j in range(7) if i != j and labels[i] == labels[j]]
+    expected = sum(float(x[i] @ x[j] + y[i] @ y[j]) for i, j in pairs) / (2 * len(pairs))
+    metrics = embedding_metrics(x, y, labels)
+    assert metrics["tolerance"].item() == pytest.approx(expected, abs=1e-6)
+    assert metrics["uniformity_image"].item() == pytest.approx(log_mean_gaussian(x, x, torch.arange(7)).item())
+    assert "tolerance" not in embedding_metrics(x, y, torch.arange(7))   # no pair shares a label

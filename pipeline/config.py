@@ -45,6 +45,7 @@ class DataConfig:
     tokenizer: Optional[str] = None        # tokenizer.json URL; default: the one beside the manifest
     num_workers: int = 0                   # loader processes per rank
     shuffle_buffer: int = 1000
+    streams: int = 0                       # virtual streams S (0: from global_batch); W must divide S, S divide G
     resampled: bool = False                # stream without epochs
     max_bad_fraction: float = 0.01
     allow_pipe: bool = False               # allow `pipe:` URLs (they run shell commands)

@@ -195,9 +195,10 @@ def read_shard(url: str) -> Iterator[RawSample]:
     """The samples of one tar, in order. Raises on an unreadable or truncated tar (after the good part)."""
     from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
+    from webdataset.gopen import gopen
+
     storage.register_webdataset_opener()
-    from webdataset import gopen
-    stream = gopen.gopen(url, "rb")
+    stream = gopen(url, "rb")
     try:
         current: Optional[RawSample] = None
         for item in tar_file_iterator(stream, skip_meta=None):

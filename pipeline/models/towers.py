@@ -95,12 +95,11 @@ class HFTower(nn.Module):
             self.model.pooler = None       # an unused head (BERT, ViT): no parameters without gradients
         self.proj = nn.Linear(config.hidden_size, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=config.hidden_size ** -0.5)
-        self.block_prefix, self._blocks = _find_blocks(self.model, config.num_hidden_layers)
-        self.block_prefix = "model." + self.block_prefix
+        self.block_prefix = "model." + _find_blocks(self.model, config.num_hidden_layers)
 
     @property
     def blocks(self) -> nn.ModuleList:
-        return self._blocks
+        return self.get_submodule(self.block_prefix)
 
     @torch.no_grad()
     def load_pretrained(self, path: str) -> None:
@@ -113,6 +112,18 @@ class HFTower(nn.Module):
         if missing or unexpected:
             raise ValueError(f"pretrained tower {path}: weights do not fit its config "
                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        # transformers 5 renamed gradient_* to activation_checkpointing_*; older versions have only the first
+        new = hasattr(self.model, "activation_checkpointing_enable")
+        if enabled:
+            kwargs = {"use_reentrant": False}
+            if new:
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            (self.model.activation_checkpointing_disable if new else self.model.gradient_checkpointing_disable)()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.modality == "text":
@@ -131,11 +142,11 @@ class HFTower(nn.Module):
         return self.proj(pooled.to(self.proj.weight.dtype))
 
 
-def _find_blocks(model: nn.Module, layers: int) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of transformer layers in a Hugging Face model (e.g. `encoder.layer`)."""
+def _find_blocks(model: nn.Module, layers: int) -> str:
+    """The name of the ModuleList of transformer layers in a Hugging Face model (e.g. `encoder.layer`)."""
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == layers:
-            return name, module
+            return name
     raise ValueError(f"{type(model).__name__}: found no list of {layers} transformer layers to lock or unlock")
 
 

@@ -24,6 +24,19 @@ def _not_landed(what: str) -> Callable[[argparse.Namespace], int]:
 
 
 # ------------------------------------------------------------------------------------- handlers
+def _data_command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Data problems (missing files, bad shards) end the command with their message, not a traceback."""
+    def handler(args: argparse.Namespace) -> int:
+        from pipeline.data import DataError
+        try:
+            return fn(args)
+        except (DataError, FileNotFoundError) as e:
+            print(f"contrast data: {e}", file=sys.stderr)
+            return 1
+    return handler
+
+
+@_data_command
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from pipeline.data import synthesize
     summary = synthesize(args.out, args.samples, eval_samples=args.eval_samples, image_size=args.image_size,
@@ -33,6 +46,29 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
         print(f"eval {name}: {url}")
     print("held out of training: " + ", ".join(summary["held_out"]))
     return 0
+
+
+@_data_command
+def cmd_data_pack(args: argparse.Namespace) -> int:
+    from pipeline.data.pack import folder_items, img2dataset_items, pack, table_items
+    if args.folder:
+        source, items = args.folder, folder_items(args.folder)
+    elif args.img2dataset:
+        source, items = args.img2dataset, img2dataset_items(args.img2dataset)
+    else:
+        source = args.csv or args.parquet
+        items = table_items(source, args.image_column, args.caption_column)
+    summary = pack(items, args.out, shard_size=args.shard_size, progress=not args.quiet, source=source)
+    print(summary.text())
+    return 0
+
+
+@_data_command
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from pipeline.data.inspection import format_reports, inspect_shards
+    reports = inspect_shards(args.urls, allow_pipe=args.allow_pipe)
+    print(format_reports(reports))
+    return 1 if any(r.problems for r in reports) else 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -97,13 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     pack.add_argument("--image-column", default="image", help="table column with image paths (default image)")
     pack.add_argument("--caption-column", default="caption", help="table column with captions (default caption)")
-    pack.set_defaults(func=_not_landed("data pack"))
+    pack.set_defaults(func=cmd_data_pack)
 
     inspect = dsub.add_parser("inspect", help="counts, bytes, sample keys and corrupt members of shards",
                               description="Read shards (any fsspec URL, brace pattern, folder or manifest.json) "
                                           "and print counts, bytes, keys per sample and corrupt members.")
     inspect.add_argument("urls", nargs="+", metavar="URL")
-    inspect.set_defaults(func=_not_landed("data inspect"))
+    inspect.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run shell commands)")
+    inspect.set_defaults(func=cmd_data_inspect)
 
     # stages
     train = sub.add_parser("train", help="train with Ray + DeepSpeed (local Ray when no cluster.address)",

@@ -36,8 +36,8 @@ class ShardWriter:
     """Write samples into numbered tars of `shard_size` samples, then `manifest.json`.
 
     Each tar is built in a local temporary file and only then renamed (local) or uploaded (object
-    stores publish an object when its upload completes): an interrupted run leaves no partial shard
-    under a shard name, and no manifest.
+    stores publish an object when its upload completes). Used as a context manager, an error or an
+    interrupt removes every shard of this writer: nothing half-written is left, and no manifest.
     """
 
     def __init__(self, out_url: str, shard_size: int = 1000, prefix: str = ""):
@@ -66,22 +66,29 @@ class ShardWriter:
         if self._count >= self.shard_size:
             self._finish()
 
-    def close(self, **manifest_extra: Any) -> dict[str, Any]:
-        """Finish the last shard and write the manifest (last, so a manifest means a whole dataset)."""
+    def flush(self) -> None:
+        """Finish the shard being written (it may hold fewer than shard_size samples)."""
         if self._tar is not None:
             self._finish()
+
+    def close(self, **manifest_extra: Any) -> dict[str, Any]:
+        """Finish the last shard and write the manifest (last, so a manifest means a whole dataset)."""
+        self.flush()
         manifest = {"format": "webdataset", "version": 1, "shards": self.shards,
                     "samples": sum(s["samples"] for s in self.shards), **manifest_extra}
         storage.write_json(storage.join(self.out_url, MANIFEST), manifest)
         return manifest
 
     def abort(self) -> None:
-        """Drop the shard being written (on an error or an interrupt)."""
+        """On an error or an interrupt: drop the shard being written and the shards already written."""
         if self._tar is not None:
             self._tar.close()
             self._tmp.close()
             os.unlink(self._tmp.name)
-            self._tar = None
+            self._tar = self._tmp = None
+        for shard in self.shards:
+            storage.remove(storage.join(self.out_url, shard["name"]))
+        self.shards = []
 
     def _name(self) -> str:
         return f"{self.prefix}{len(self.shards):05d}.tar"

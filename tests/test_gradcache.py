@@ -16,12 +16,12 @@ from typing import Callable, Optional
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.gradcache import Backward, Call, StepOutput, forward_backward, plan_calls
+from pipeline.losses import get_loss
 
 LR = 1.0           # parameter differences after one step are then gradient differences
 TOL = 1e-5
@@ -42,8 +42,9 @@ class ToyDual(nn.Module):
                                          nn.Dropout(dropout), nn.Linear(32, DIM))
         self.token_embed = nn.Embedding(VOCAB, 32)
         self.text_head = nn.Sequential(nn.GELU(), nn.Dropout(dropout), nn.Linear(32, DIM))
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.logit_bias = nn.Parameter(torch.tensor(-3.0)) if bias else None
+        # shape (1,), not (): DeepSpeed 0.19 cannot broadcast a 0-dim parameter (ZeRO 0-2 refuse it)
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))
+        self.logit_bias = nn.Parameter(torch.tensor([-3.0])) if bias else None
         self.grad_checkpointing = grad_checkpointing
         self.locked_towers: set[str] = set()
         if lock_text:
@@ -77,40 +78,7 @@ def batch(n: int, seed: int = 1, classes: int = 0) -> tuple[Tensor, Tensor, Opti
     return torch.randn(n, *IMAGE_SHAPE, generator=g), torch.randint(0, VOCAB, (n, CONTEXT), generator=g), labels
 
 
-def _gather(x: Tensor) -> tuple[Tensor, int]:
-    """All ranks' rows with gradient (the loss library's contract), and this rank's row offset."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x, 0
-    import torch.distributed.nn.functional as dist_fn
-    return torch.cat(dist_fn.all_gather(x)), dist.get_rank() * len(x)
-
-
-def clip_loss(image: Tensor, text: Tensor, *, logit_scale: Tensor, logit_bias=None, labels=None,
-              weights_from=None) -> Tensor:
-    """Symmetric InfoNCE of this rank's rows against the gathered columns (mean over local rows)."""
-    all_image, offset = _gather(image)
-    all_text, _ = _gather(text)
-    target = torch.arange(len(image)) + offset
-    return 0.5 * (F.cross_entropy(logit_scale * image @ all_text.T, target)
-                  + F.cross_entropy(logit_scale * text @ all_image.T, target))
-
-
-def sigmoid_loss(image: Tensor, text: Tensor, *, logit_scale: Tensor, logit_bias: Tensor, labels=None,
-                 weights_from=None) -> Tensor:
-    """Pairwise sigmoid loss (SigLIP) of this rank's rows against the gathered texts."""
-    all_text, offset = _gather(text)
-    logits = logit_scale * image @ all_text.T + logit_bias
-    sign = -torch.ones_like(logits)
-    sign[torch.arange(len(image)), torch.arange(len(image)) + offset] = 1.0
-    return -F.logsigmoid(sign * logits).sum() / len(image)
-
-
-def label_loss(image: Tensor, text: Tensor, *, logit_scale: Tensor, logit_bias=None, labels: Tensor,
-               weights_from=None) -> Tensor:
-    """Image→text cross-entropy over all texts sharing the image's label (single process)."""
-    log_p = F.log_softmax(logit_scale * image @ text.T, dim=1)
-    same = (labels[:, None] == labels[None, :]).float()
-    return -(log_p * same).sum(1).div(same.sum(1)).mean()
+clip_loss, siglip_loss, supcon_loss, cwcl_loss = (get_loss(name) for name in ("clip", "siglip", "supcon", "cwcl"))
 
 
 # ----------------------------------------------------------------------------- the references
@@ -119,9 +87,10 @@ Rows = tuple[Optional[slice], Optional[slice]]
 
 def reference_step(model: nn.Module, images: Tensor, texts: Tensor, loss_fn: Callable, *,
                    calls: Optional[list[Rows]] = None, world: int = 1, seed: int = 0,
-                   labels: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
+                   labels: Optional[Tensor] = None, weights_from: Optional[str] = None) -> tuple[Tensor, dict[str, Tensor]]:
     """One plain step: each rank's rows (`len / world` of them, drawn with seed + rank) encoded with a
     graph by `calls` (default: one call), one loss over the whole batch, one backward, SGD.
+    `weights_from` names the tower whose detached embeddings weight the loss (cwcl).
 
     Returns the loss and the parameters after the step."""
     n = len(images) // world
@@ -138,7 +107,7 @@ def reference_step(model: nn.Module, images: Tensor, texts: Tensor, loss_fn: Cal
     full = {t: torch.cat([e for _, e in sorted(parts, key=lambda p: p[0])]) for t, parts in emb.items()}
     out = model()
     loss = loss_fn(full["image"], full["text"], logit_scale=out["logit_scale"], logit_bias=out["logit_bias"],
-                   labels=labels)
+                   labels=labels, weights_from=full[weights_from].detach() if weights_from else None)
     loss.backward()
     torch.optim.SGD(model.parameters(), lr=LR).step()
     return loss.detach(), params(model)
@@ -214,8 +183,8 @@ def test_logit_scale_and_bias_get_their_gradient_once():
     images, texts, _ = batch(12)
     model = ToyDual(bias=True)
     reference = copy.deepcopy(model)
-    reference_step(reference, images, texts, sigmoid_loss)
-    cached_step(model, images, texts, sigmoid_loss, chunk_size=3)
+    reference_step(reference, images, texts, siglip_loss)
+    cached_step(model, images, texts, siglip_loss, chunk_size=3)
     for name in ("logit_scale", "logit_bias"):
         want, got = getattr(reference, name).grad.item(), getattr(model, name).grad.item()
         assert abs(want) * (4 - 1) > 100 * TOL                 # 4x the gradient is far outside the tolerance
@@ -225,8 +194,17 @@ def test_logit_scale_and_bias_get_their_gradient_once():
 def test_labels_reach_the_loss():
     images, texts, labels = batch(12, classes=3)
     model = ToyDual()
-    _, ref = reference_step(copy.deepcopy(model), images, texts, label_loss, labels=labels)
-    _, got = cached_step(model, images, texts, label_loss, labels=labels, chunk_size=5)
+    _, ref = reference_step(copy.deepcopy(model), images, texts, supcon_loss, labels=labels)
+    _, got = cached_step(model, images, texts, supcon_loss, labels=labels, chunk_size=5)
+    assert max_diff(got, ref) <= TOL
+
+
+def test_weights_from_a_locked_tower():
+    """cwcl weighted by the frozen text tower's embeddings (the LiT setting it was made for)."""
+    images, texts, _ = batch(12)
+    model = ToyDual(lock_text=True)
+    _, ref = reference_step(copy.deepcopy(model), images, texts, cwcl_loss, weights_from="text")
+    _, got = cached_step(model, images, texts, cwcl_loss, weights_from="text", chunk_size=5)
     assert max_diff(got, ref) <= TOL
 
 

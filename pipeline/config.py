@@ -424,26 +424,20 @@ def validate_config(cfg: Config) -> None:
 
 
 def _check_stage_names(cfg: Config) -> list[str]:
-    """Names resolved by the stage registries (losses, models), asked only when they have landed."""
+    """Names resolved by the stage registries: the loss (with its hyper-parameters) and the model."""
+    from pipeline.losses import LOSS_NAMES, get_loss
+    from pipeline.models import MODEL_NAMES
+
     problems = []
-    try:
-        from pipeline.losses import get_loss, LOSS_NAMES
-    except ImportError:
-        get_loss, LOSS_NAMES = None, None
-    if LOSS_NAMES is not None:
-        if cfg.loss.name not in LOSS_NAMES:
-            problems.append(f"loss.name = {cfg.loss.name!r} (from {cfg.origin('loss.name')}): expected one of "
-                            + ", ".join(LOSS_NAMES))
-        else:
-            try:
-                get_loss(cfg.loss.name, **cfg.loss.hyper())
-            except (TypeError, ValueError) as e:
-                problems.append(f"loss (from {cfg.origin('loss')}): {e}")
-    try:
-        from pipeline.models import MODEL_NAMES
-    except ImportError:
-        MODEL_NAMES = None
-    if MODEL_NAMES is not None and cfg.model.name not in MODEL_NAMES:
+    if cfg.loss.name not in LOSS_NAMES:
+        problems.append(f"loss.name = {cfg.loss.name!r} (from {cfg.origin('loss.name')}): expected one of "
+                        + ", ".join(LOSS_NAMES))
+    else:
+        try:
+            get_loss(cfg.loss.name, **cfg.loss.hyper())
+        except (TypeError, ValueError) as e:
+            problems.append(f"loss (from {cfg.origin('loss')}): {e}")
+    if cfg.model.name not in MODEL_NAMES:
         problems.append(f"model.name = {cfg.model.name!r} (from {cfg.origin('model.name')}): expected one of "
                         + ", ".join(MODEL_NAMES))
     return problems

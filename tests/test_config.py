@@ -190,3 +190,9 @@ def test_cli_help_lists_every_stage():
     assert out.returncode == 0
     for name in ("data", "train", "eval", "watch", "run", "export", "config", "report"):
         assert name in out.stdout
+
+
+def test_unknown_model_name_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.name=ViT-Z-99"])
+    assert "model.name = 'ViT-Z-99'" in str(e.value) and "ViT-B-32" in str(e.value)

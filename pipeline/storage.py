@@ -227,4 +227,4 @@ def register_webdataset_opener() -> None:
 
 
 def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kwargs: Any):
-    return fsspec.open(url, mode, block_size=max(bufsize, 1 << 22)).open()
+    return fsspec.open(url, mode).open()

@@ -200,12 +200,11 @@ class RawSample:
 
 def read_shard(url: str) -> Iterator[RawSample]:
     """The samples of one tar, in order. Raises on an unreadable or truncated tar (after the good part)."""
+    from webdataset.gopen import gopen
     from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-    from webdataset.gopen import gopen
-
     storage.register_webdataset_opener()
-    stream = gopen(url, "rb")
+    stream = _TailReader(gopen(url, "rb"))
     try:
         current: Optional[RawSample] = None
         for item in tar_file_iterator(stream, skip_meta=None):
@@ -217,10 +216,39 @@ def read_shard(url: str) -> Iterator[RawSample]:
                     yield current
                 current = RawSample(prefix, {}, url)
             current.members[ext.lower()] = item["data"]
+        stream.check_end()
         if current is not None:
             yield current
     finally:
         stream.close()
+
+
+class _TailReader:
+    """A file wrapper that remembers the last bytes read, to tell a whole tar from a truncated one.
+
+    Python's streaming tar reader takes a file cut exactly between two members for a complete
+    archive; a complete tar ends with the end-of-archive marker (two zero blocks, then padding).
+    """
+
+    TAIL = 1024
+
+    def __init__(self, f: Any):
+        self._f, self._tail = f, b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        if data:
+            self._tail = (self._tail + data)[-self.TAIL:]
+        return data
+
+    def check_end(self) -> None:
+        while self.read(1 << 16):              # drain the padding after the marker
+            pass
+        if self._tail != bytes(self.TAIL):
+            raise tarfile.ReadError("the tar ends without its end-of-archive marker: truncated")
+
+    def close(self) -> None:
+        self._f.close()
 
 
 def image_member(sample: RawSample) -> Optional[bytes]:

@@ -115,6 +115,7 @@ class Lost:
     reason: str
     count: int
     shard: str
+    error: str                             # what the reader raised
 
 
 def check_raw(raw: RawSample) -> Union[Entry, str]:
@@ -174,9 +175,9 @@ def iter_raw(shard: Shard, skip: int = 0) -> Iterator[Union[RawSample, Lost]]:
     except Exception as e:                             # unreadable or truncated tar
         reason = "truncated_shard" if n else "unreadable_shard"
         missing = max(1, shard.samples - n) if shard.samples is not None else 1
-        log.warning("%s: %s after %d samples (%s: %s); skipping the rest of it",
-                    shard.url, reason, n, type(e).__name__, str(e)[:200])
-        yield Lost(reason, missing, shard.name)
+        error = f"{type(e).__name__}: {str(e)[:300]}"
+        log.warning("%s: %s after %d samples (%s); skipping the rest of it", shard.url, reason, n, error)
+        yield Lost(reason, missing, shard.name, error)
 
 
 class RawReader:
@@ -186,6 +187,7 @@ class RawReader:
         self.spec, self.sid, self.k, self.offset = spec, sid, k, offset
         self._it: Optional[Iterator[Union[RawSample, Lost]]] = None
         self._empty_in_a_row = 0
+        self._last_error = ""
 
     def next(self) -> Union[RawSample, Lost]:
         while True:
@@ -196,13 +198,16 @@ class RawReader:
                 self._empty_in_a_row = self._empty_in_a_row + 1 if self.offset == 0 else 0
                 if self._empty_in_a_row > self.spec.dry_limit(self.sid):
                     raise DataError(f"virtual stream {self.sid}: {self._empty_in_a_row} shards in a row gave no "
-                                    f"samples, empty or unreadable (last: {self.spec.shard_of(self.sid, self.k).url}); "
-                                    "expected readable tars of samples KEY.jpg + KEY.txt")
+                                    f"samples, empty or unreadable (last: {self.spec.shard_of(self.sid, self.k).url}"
+                                    f"{'; ' + self._last_error if self._last_error else ''}); expected readable tars "
+                                    "of samples KEY.jpg + KEY.txt")
                 self._next_shard()
                 continue
             if isinstance(item, RawSample):
                 self.offset += 1
                 self._empty_in_a_row = 0
+            else:
+                self._last_error = item.error
             return item
 
     def _next_shard(self) -> None:

@@ -141,14 +141,14 @@ def render(objects: list[Obj], background: str, size: int, rng: random.Random, s
 # ------------------------------------------------------------------------------------- scenes
 def _single(rng: random.Random, combo: tuple[str, str], size: int) -> tuple[Obj, str]:
     big = rng.random() < 0.5
-    d = size * (rng.uniform(0.52, 0.72) if big else rng.uniform(0.3, 0.42))
+    d = size * (rng.uniform(0.56, 0.76) if big else rng.uniform(0.34, 0.46))
     cx, cy = rng.uniform(d / 2, size - d / 2), rng.uniform(d / 2, size - d / 2)
     return Obj(*combo, cx, cy, d), "large" if big else "small"
 
 
 def _pair(rng: random.Random, a: tuple[str, str], b: tuple[str, str], relation: str, size: int) -> list[Obj]:
     """Object a in one half of the image and b in the other, so that `a <relation> b` holds."""
-    da, db = size * rng.uniform(0.26, 0.38), size * rng.uniform(0.26, 0.38)
+    da, db = size * rng.uniform(0.3, 0.42), size * rng.uniform(0.3, 0.42)
     half = size / 2
 
     def place(d: float, first_half: bool) -> tuple[float, float]:

@@ -1,0 +1,134 @@
+"""Synthetic dataset: layout, determinism, held-out exclusion, image-caption consistency, tokenizer."""
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.data import load_tokenizer, train_tokenizer
+from pipeline.data.synth import COLOURS, EVAL_SETS, HELD_OUT, SHAPES, synthesize, train_sample
+
+PAIR = re.compile(r"\b(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b")
+
+
+def tar_members(path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    assert main(["-q", "data", "synth", "--out", str(out), "--samples", "300", "--eval-samples", "64",
+                 "--shard-size", "100", "--image-size", "48"]) == 0
+    return out
+
+
+def test_layout(synth_dir):
+    train = synth_dir / "train"
+    manifest = json.loads((train / "manifest.json").read_text())
+    assert [s["samples"] for s in manifest["shards"]] == [100, 100, 100]
+    for s in manifest["shards"]:
+        assert (train / s["name"]).stat().st_size == s["bytes"]
+    assert (train / "tokenizer.json").exists()
+    for name in EVAL_SETS:
+        assert json.loads((synth_dir / "eval" / name / "manifest.json").read_text())["samples"] == 64
+    for name in ("zeroshot_seen", "zeroshot_heldout"):
+        d = synth_dir / "eval" / name
+        classes = (d / "classnames.txt").read_text().splitlines()
+        templates = (d / "zeroshot_classification_templates.txt").read_text().splitlines()
+        assert all("{c}" in t for t in templates)
+        labels = [json.loads(v)["label"] for k, v in tar_members(d / "00000.tar").items() if k.endswith(".json")]
+        assert set(labels) <= set(range(len(classes)))
+    held = (synth_dir / "eval" / "zeroshot_heldout" / "classnames.txt").read_text().splitlines()
+    seen = (synth_dir / "eval" / "zeroshot_seen" / "classnames.txt").read_text().splitlines()
+    assert len(held) == 16 and len(seen) == 64 and not set(held) & set(seen)
+    assert {tuple(c.split()) for c in held} == set(HELD_OUT)
+    members = tar_members(synth_dir / "eval" / "relation" / "00000.tar")
+    for name, data in members.items():
+        if name.endswith(".json"):
+            true = members[name[:-5] + ".txt"].decode()
+            swapped = json.loads(data)["swapped"]
+            a, b = PAIR.findall(true), PAIR.findall(swapped)
+            assert len(a) == 2 and a == b[::-1] and true != swapped
+    retrieval = tar_members(synth_dir / "eval" / "retrieval" / "00000.tar")
+    assert all(len(v.decode().splitlines()) == 3 for k, v in retrieval.items() if k.endswith(".txt"))
+
+
+def test_held_out_combinations_never_in_training(synth_dir):
+    captions = [v.decode() for s in sorted((synth_dir / "train").glob("*.tar"))
+                for k, v in tar_members(s).items() if k.endswith(".txt")]
+    assert len(captions) == 300
+    mentioned = {pair for c in captions for pair in PAIR.findall(c)}
+    assert mentioned and not mentioned & HELD_OUT
+    assert len(mentioned) > 40                         # most seen combinations do appear
+    assert {c for c, _ in mentioned} == set(COLOURS) and {s for _, s in mentioned} == set(SHAPES)
+
+
+def test_deterministic_by_seed(tmp_path):
+    for seed, name in ((0, "a"), (0, "b"), (1, "c")):
+        synthesize(str(tmp_path / name), 50, eval_samples=10, image_size=32, shard_size=25, seed=seed, progress=False)
+    a, b, c = (tar_members(tmp_path / n / "train" / "00001.tar") for n in "abc")
+    assert a == b
+    assert a.keys() == c.keys() and a != c
+    assert (tmp_path / "a/train/tokenizer.json").read_bytes() == (tmp_path / "b/train/tokenizer.json").read_bytes()
+
+
+def test_parallel_rendering_gives_the_same_shards(tmp_path):
+    synthesize(str(tmp_path / "one"), 60, eval_samples=8, image_size=32, shard_size=20, workers=1, progress=False)
+    synthesize(str(tmp_path / "two"), 60, eval_samples=8, image_size=32, shard_size=20, workers=2, progress=False)
+    for i in range(3):
+        assert (tmp_path / f"one/train/{i:05d}.tar").read_bytes() == (tmp_path / f"two/train/{i:05d}.tar").read_bytes()
+
+
+def test_single_object_images_show_the_named_colour():
+    """The caption's colour is the image's dominant non-grey colour (images and captions agree)."""
+    checked = 0
+    for index in range(200):
+        jpeg, caption, meta = train_sample(3, index, 64)
+        pairs = PAIR.findall(caption)
+        if len(pairs) != 1:
+            continue
+        colour = pairs[0][0]
+        rgb = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")).reshape(-1, 3).astype(float)
+        target = np.array(COLOURS[colour], dtype=float)
+        near = np.linalg.norm(rgb - target, axis=1) < 60
+        assert near.mean() > 0.03, (index, caption, near.mean())   # the object covers a good part of the image
+        others = [np.array(v, float) for k, v in COLOURS.items() if k != colour]
+        for other in others:
+            assert (np.linalg.norm(rgb - other, axis=1) < 40).mean() < near.mean(), (index, caption)
+        checked += 1
+    assert checked > 80
+
+
+def test_tokenizer_contract(synth_dir):
+    tok = load_tokenizer(str(synth_dir / "train"), context_length=8)
+    ids = tok(["a photo of a red circle.", "a small blue star left of a green square on a striped background.", ""])
+    assert ids.shape == (3, 8) and ids.dtype == torch.long
+    assert tok.pad_id == 0 and tok.eot_id == tok.vocab_size - 1 == int(ids.max())
+    assert ids[1, -1] == tok.eot_id                      # truncated, end token kept
+    assert ids[2, 0] == tok.eot_id and (ids[2, 1:] == 0).all()
+    n = int((ids[0] != 0).sum())
+    assert ids[0, n - 1] == tok.eot_id and (ids[0, n:] == 0).all()
+    assert tok.decode(ids[0][: n - 1]).strip() == "a photo of a red circle."
+    # the file beside the manifest and the copies in the eval sets are one tokenizer
+    copy = load_tokenizer(str(synth_dir / "eval" / "retrieval" / "tokenizer.json"), context_length=8)
+    assert copy.to_json() == tok.to_json()
+
+
+def test_tokenizer_round_trip_and_errors(tmp_path):
+    tok = train_tokenizer(["un deux trois", "quatre cinq"], vocab_size=300, context_length=5)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    again = load_tokenizer(str(tmp_path), context_length=5)
+    assert again(["un deux"]).tolist() == tok(["un deux"]).tolist()
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+        load_tokenizer(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="context_length"):
+        load_tokenizer(str(tmp_path), context_length=1)

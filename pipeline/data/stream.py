@@ -6,7 +6,8 @@ Design — S virtual streams:
   shards perm_e[s], perm_e[s+S], … of a permutation seeded by (seed, e) — or, in resampled mode, a
   shard drawn by (seed, s, k) for its k-th shard. Streams keep their own epoch count.
 * Each stream shuffles in *windows*: it reads the next `shuffle_buffer` raw samples (crossing shard
-  boundaries), permutes the usable ones by (seed, s, window), and emits them in that order.
+  boundaries, not epoch boundaries), permutes the usable ones by (seed, s, window), and emits them
+  in that order. Within a stream, every sample of an epoch comes out once before the next epoch.
 * Global batch t is the concatenation, in stream order, of the next G/S samples of every stream.
   Rank r of W owns the contiguous block of streams [r·S/W, (r+1)·S/W): the rank-major
   concatenation of all ranks' rows is exactly that batch, whatever W (W must divide S). Loader
@@ -74,6 +75,13 @@ class StreamSpec:
             return self.shards[random.Random(f"{self.seed}/resampled/{sid}/{k}").randrange(n)]
         epoch, i = divmod(k, self.shards_per_epoch(sid))
         return self.shards[_permutation(self.seed, n, epoch)[sid + i * self.num_streams]]
+
+    def epoch_end(self, sid: int, k: int) -> Optional[int]:
+        """The index of the first shard of the next epoch after stream `sid`'s k-th shard (None: no epochs)."""
+        if self.resampled:
+            return None
+        n = self.shards_per_epoch(sid)
+        return (k // n + 1) * n
 
     def dry_limit(self, sid: int) -> int:
         """Shards read in a row with no usable sample before the stream gives up (a whole epoch)."""
@@ -189,8 +197,11 @@ class RawReader:
         self._empty_in_a_row = 0
         self._last_error = ""
 
-    def next(self) -> Union[RawSample, Lost]:
+    def next(self, stop: Optional[int] = None) -> Union[RawSample, Lost, None]:
+        """The next item, or None at shard index `stop` (the end of an epoch)."""
         while True:
+            if stop is not None and self.k >= stop:
+                return None
             if self._it is None:
                 self._it = iter_raw(self.spec.shard_of(self.sid, self.k), self.offset)
             item = next(self._it, None)
@@ -276,10 +287,13 @@ class VirtualStream:
         self._window = self._read_window(count=True)
 
     def _read_window(self, count: bool) -> list[Entry]:
-        """Read `buffer` raw positions from `start` and permute the usable ones (seeded)."""
+        """Read `buffer` raw positions from `start` (not past the epoch's end), permute the usable ones."""
         entries: list[Entry] = []
+        stop = self.spec.epoch_end(self.sid, self.start[0])
         for _ in range(self.spec.buffer):
-            item = self._reader.next()
+            item = self._reader.next(stop)
+            if item is None:
+                break
             if isinstance(item, Lost):
                 if count:
                     self._count_bad(item.reason, item.shard, item.count)

@@ -1,0 +1,95 @@
+"""`contrast run CONFIG`: the whole pipeline on one config — data if missing, train, eval, report.
+
+1. Synthesise the data when ``data.train_urls`` names a synthetic dataset that is not there yet
+   (``data.synth.samples`` > 0): ``D/train`` is written with the eval sets beside it in ``D/eval``.
+2. Train with `pipeline.orchestrate.train`, which runs the scheduled evaluation as a Ray actor
+   beside the workers (``eval.schedule``) and drains it at the end.
+3. Evaluate anything the policy still wants (e.g. when the actor ran out of time); claims make this
+   a no-op for checkpoints already done.
+4. Write the report and print its path and a table of the final metrics.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import time
+from typing import Any
+
+from pipeline import storage
+from pipeline.config import Config, ConfigError
+from pipeline.log import get_logger
+
+log = get_logger(__name__)
+
+
+def synth_root(cfg: Config) -> str:
+    """The folder `contrast data synth` writes for this config: the parent of ``data.train_urls[0]``."""
+    urls = cfg.data.train_urls
+    if len(urls) != 1 or posixpath.basename(urls[0].rstrip("/")) != "train":
+        raise ConfigError(f"data.train_urls = {urls} (from {cfg.origin('data.train_urls')}) has no shards and "
+                          "cannot be synthesised: expected one folder named 'train' (e.g. data/synth/train)")
+    return posixpath.dirname(urls[0].rstrip("/")) or "."
+
+
+def _missing_data(cfg: Config) -> list[str]:
+    """Dataset folders the run needs that have no manifest yet (a manifest is written last)."""
+    from pipeline.data.shards import MANIFEST
+    from pipeline.eval.fashion_mnist import SET_NAME as FASHION_MNIST
+
+    needed = list(cfg.data.train_urls)
+    if cfg.eval.schedule != "off" and cfg.data.eval_dir:
+        needed += [storage.join(cfg.data.eval_dir, s) for s in cfg.eval.sets if s != FASHION_MNIST]
+    return [u for u in needed if "{" not in u and not u.endswith(".tar") and not u.endswith(MANIFEST)
+            and not storage.exists(storage.join(u, MANIFEST))]
+
+
+def ensure_data(cfg: Config) -> None:
+    """Synthesise the dataset when it is missing and the config says how (``data.synth.samples``)."""
+    from pipeline.data import synthesize
+
+    missing = _missing_data(cfg)
+    if not missing:
+        return
+    synth = cfg.data.synth
+    if synth.samples <= 0:
+        raise ConfigError(f"no dataset at {', '.join(missing)}: write it with `contrast data synth` / `contrast data "
+                          "pack`, or set data.synth.samples to have `contrast run` synthesise one")
+    root = synth_root(cfg)
+    if cfg.data.eval_dir is None:
+        cfg.data.eval_dir = storage.join(root, "eval")
+    elif storage.join(root, "eval") != cfg.data.eval_dir.rstrip("/"):
+        raise ConfigError(f"data.eval_dir = {cfg.data.eval_dir}: synthesised eval sets go to {storage.join(root, 'eval')}; "
+                          "point data.eval_dir there")
+    log.info("synthesising %d training samples (+%d per eval set) into %s", synth.samples, synth.eval_samples, root)
+    started = time.perf_counter()
+    synthesize(root, synth.samples, eval_samples=synth.eval_samples, image_size=synth.image_size,
+               shard_size=synth.shard_size, seed=synth.seed, workers=os.cpu_count() or 1,
+               progress=cfg.logging.progress)
+    log.info("data ready in %.0f s", time.perf_counter() - started)
+
+
+def run_pipeline(cfg: Config) -> dict[str, Any]:
+    """Data → train (with scheduled eval) → catch-up eval → report. Returns the report URL and final metrics."""
+    from pipeline.eval.report import final_metrics, read_results, write_report
+    from pipeline.eval.scheduler import Watcher
+    from pipeline.orchestrate import train
+
+    started = time.perf_counter()
+    ensure_data(cfg)
+    train(cfg)
+    if cfg.eval.schedule != "off":
+        outcome = Watcher(cfg.run_dir, cfg).drain()
+        if outcome.evaluated:
+            log.info("evaluated after training: steps %s", outcome.evaluated)
+    report = write_report(cfg.run_dir)
+    results = read_results(cfg.run_dir)
+    return {"report": report, "step": results[-1]["step"] if results else None, "metrics": final_metrics(results),
+            "seconds": time.perf_counter() - started}
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """A two-column table: set/metric, value."""
+    if not metrics:
+        return "(no evaluation results)"
+    width = max(len(k) for k in metrics)
+    return "\n".join(f"{k:<{width}}  {v:8.4f}" for k, v in metrics.items())

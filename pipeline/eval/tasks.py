@@ -1,0 +1,115 @@
+"""The evaluation tasks: embed a set with a frozen dual encoder, then score it with `metrics`.
+
+A set's kind (see `sets`) picks its task; every task returns a flat dict of floats. Zero-shot sets
+also get a linear probe on the same frozen image features (their labels are all it needs).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from pipeline.data.transforms import decode_image, to_tensor
+from pipeline.eval import metrics
+from pipeline.eval.sets import EvalSet, EvalSetError, Sample
+from pipeline.log import get_logger
+
+log = get_logger(__name__)
+
+class Encoder:
+    """A frozen published dual encoder (with its tokenizer), encoding in batches.
+
+    Images get the training pipeline's eval transform: resize the short side, centre-crop to the
+    model's input size, CLIP normalisation.
+    """
+
+    def __init__(self, model: Any, batch_size: int) -> None:
+        self.model, self.batch_size = model, batch_size
+
+    @torch.no_grad()
+    def images(self, images: Iterable[bytes]) -> torch.Tensor:
+        size = self.model.image_size
+        out = [self.model.encode_image(to_tensor([decode_image(data, size) for data in batch]))
+               for batch in _batches(images, self.batch_size)]
+        return torch.cat(out).float()
+
+    @torch.no_grad()
+    def texts(self, texts: list[str]) -> torch.Tensor:
+        out = [self.model.encode_text(self.model.tokenizer(batch)) for batch in _batches(texts, self.batch_size)]
+        return torch.cat(out).float()
+
+
+def run_task(encoder: Encoder, eval_set: EvalSet, probe_train_fraction: float, seed: int = 0) -> dict[str, float]:
+    """Evaluate one set with the task its kind names."""
+    samples = list(eval_set.samples())
+    if not samples:
+        raise EvalSetError(f"eval set {eval_set.name!r} at {eval_set.url} holds no samples")
+    if eval_set.kind == "zeroshot":
+        return zeroshot(encoder, eval_set, samples, probe_train_fraction, seed)
+    if eval_set.kind == "retrieval":
+        return retrieval(encoder, eval_set, samples)
+    return relation(encoder, eval_set, samples)
+
+
+def zeroshot(encoder: Encoder, eval_set: EvalSet, samples: list[Sample], probe_train_fraction: float,
+             seed: int) -> dict[str, float]:
+    """Class names × templates → averaged class embeddings; argmax of image · class; plus a linear probe."""
+    classnames, templates = eval_set.classnames, eval_set.templates
+    labels = torch.tensor([_field(eval_set, s, "label") for s in samples])
+    if labels.min() < 0 or labels.max() >= len(classnames):
+        raise EvalSetError(f"eval set {eval_set.name!r}: labels span [{labels.min()}, {labels.max()}] but "
+                           f"{len(classnames)} class names are listed")
+    image_emb = encoder.images(s.image for s in samples)
+    prompts = [t.replace("{c}", c) for c in classnames for t in templates]
+    class_emb = metrics.class_embeddings(encoder.texts(prompts), len(classnames))
+    out = metrics.zeroshot_metrics(image_emb, class_emb, labels)
+    try:
+        out["linear_probe_acc1"] = metrics.linear_probe_accuracy(image_emb.numpy(), labels.numpy(),
+                                                                 probe_train_fraction, seed)
+    except ValueError as e:
+        log.warning("eval set %s: linear probe skipped: %s", eval_set.name, e)
+    return out
+
+
+def captions_of(eval_set: EvalSet, samples: list[Sample]) -> tuple[list[str], list[int]]:
+    """Every caption line of every sample, and the index of the sample each belongs to."""
+    texts, owner = [], []
+    for i, s in enumerate(samples):
+        captions = [line.strip() for line in (s.text or "").splitlines() if line.strip()]
+        if not captions:
+            raise EvalSetError(f"eval set {eval_set.name!r}: sample {s.key!r} has no caption (.txt)")
+        texts.extend(captions)
+        owner.extend([i] * len(captions))
+    return texts, owner
+
+
+def retrieval(encoder: Encoder, eval_set: EvalSet, samples: list[Sample]) -> dict[str, float]:
+    """Every caption line of every image is a candidate text; recall@1/5/10 both ways."""
+    texts, owner = captions_of(eval_set, samples)
+    image_emb = encoder.images(s.image for s in samples)
+    return metrics.retrieval_metrics(image_emb, encoder.texts(texts), torch.tensor(owner))
+
+
+def relation(encoder: Encoder, eval_set: EvalSet, samples: list[Sample]) -> dict[str, float]:
+    """Does the image prefer its true caption over the one with the two objects swapped?"""
+    true = [(s.text or "").strip() for s in samples]
+    swapped = [_field(eval_set, s, "swapped") for s in samples]
+    image_emb = encoder.images(s.image for s in samples)
+    return {"accuracy": metrics.relation_accuracy(image_emb, encoder.texts(true), encoder.texts(swapped))}
+
+
+def _field(eval_set: EvalSet, sample: Sample, name: str) -> Any:
+    if not sample.meta or name not in sample.meta:
+        raise EvalSetError(f"eval set {eval_set.name!r}: sample {sample.key!r} has no {name!r} in its .json")
+    return sample.meta[name]
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

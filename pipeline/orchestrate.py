@@ -1,0 +1,110 @@
+"""The Ray driver: training as a Ray Train `TorchTrainer` of `train_worker`s, the eval actor beside it.
+
+One code path for every scale: a local Ray on a laptop (dashboard off, bound to 127.0.0.1) or a
+cluster at `cluster.address`; the tests, the demo and a multi-node run all come through `train`.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Optional
+
+from pipeline import storage
+from pipeline.config import Config
+from pipeline.log import get_logger
+
+log = get_logger(__name__)
+
+LOCAL_OBJECT_STORE_BYTES = 256 * 2**20     # the data never goes through Ray's object store
+
+
+class TrainingError(RuntimeError):
+    """Training failed on the workers; the message carries each failing worker's error."""
+
+
+def train(cfg: Config) -> Any:
+    """Train `cfg` on `cluster.num_workers` Ray workers and return Ray Train's result.
+
+    Refusals that need no worker (a run_dir of another model, `train.resume=never` over existing
+    checkpoints, an impossible world-size change) are raised here, before anything starts.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from pipeline.train.checkpoint import find_resume, refuse_existing
+    from pipeline.train.loop import train_worker
+
+    if cfg.train.resume == "never":
+        refuse_existing(cfg)
+    find_resume(cfg, cfg.cluster.num_workers)
+    connect(cfg)
+    c = cfg.cluster
+    resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_worker, train_loop_config=cfg.to_dict(),
+        scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=c.placement_strategy),
+        torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
+        run_config=RunConfig(name=time.strftime("train-%Y%m%d-%H%M%S"), **ray_storage(cfg.run_dir),
+                             failure_config=FailureConfig(max_failures=c.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)))
+    evaluator = start_evaluator(cfg)
+    try:
+        return trainer.fit()
+    except Exception as e:
+        raise TrainingError(failure_summary(e)) from e
+    finally:
+        if evaluator is not None:
+            evaluator.finish(timeout_s=cfg.eval.claim_ttl_s)
+
+
+def connect(cfg: Config) -> None:
+    """Join the Ray cluster at `cluster.address`, or start a new local one (never another session's).
+
+    A Ray already initialised in this process (a test module's, a notebook's) is used as it is.
+    """
+    import ray
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if cfg.cluster.address:
+        ray.init(address=cfg.cluster.address, log_to_driver=True)
+        return
+    needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + (cfg.eval.cpus if cfg.eval.schedule != "off" else 0)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=False,
+             object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1")
+
+
+def ray_storage(run_dir: str) -> dict[str, Any]:
+    """Where Ray Train keeps its own records (`run_dir/ray`), through fsspec when run_dir is remote."""
+    if storage.is_local(run_dir):
+        return {"storage_path": os.path.abspath(storage.join(storage.local_path(run_dir), "ray"))}
+    import pyarrow.fs
+    fs, path = storage.filesystem(run_dir)
+    return {"storage_path": f"{path.rstrip('/')}/ray",
+            "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
+
+
+def start_evaluator(cfg: Config) -> Optional[Any]:
+    """The scheduled evaluation beside training (`eval.schedule` not off); None when the eval stage is absent."""
+    if cfg.eval.schedule == "off":
+        return None
+    try:
+        from pipeline.eval.scheduler import start_eval_actor
+    except ImportError as e:
+        log.warning("eval.schedule = %s but the eval stage is not available (%s): training without it; "
+                    "evaluate later with `contrast watch %s`", cfg.eval.schedule, e, cfg.run_dir)
+        return None
+    return start_eval_actor(cfg)
+
+
+def failure_summary(error: BaseException) -> str:
+    """One line per failing worker with its own error, not Ray's wrapping of it."""
+    failures = getattr(error, "worker_failures", None)
+    if not failures:
+        return f"training failed: {type(error).__name__}: {error}"
+    lines = []
+    for rank, exc in sorted(failures.items()):
+        cause = getattr(exc, "cause", None) or exc
+        lines.append(f"worker {rank}: {type(cause).__name__}: {cause}")
+    return "training failed:\n  " + "\n  ".join(lines)

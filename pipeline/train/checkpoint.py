@@ -1,0 +1,294 @@
+"""Checkpoints of a run: for exact resume (`checkpoints/`), for evaluation (`published/`), for Ray.
+
+    run_dir/checkpoints/step_{N:08d}/
+        deepspeed/             DeepSpeed's files: module, optimizer, scheduler (each rank uploads its own)
+        data_state.json        the data stream's position, all ranks merged (any world size resumes from it)
+        rng/rank_{r:05d}.json  each rank's generator states (dropout draws)
+        meta.json              step, samples seen, world size, ZeRO stage, parameter shapes, the run config
+        COMPLETE               written last: a folder without it does not exist for `latest_checkpoint`
+
+Each rank saves locally, uploads through fsspec (any `run_dir` URL), then rank 0 writes the marker
+and keeps the newest `checkpoint.keep`. Resume takes the newest complete folder, refuses one from a
+different model, and restores every piece, so a resumed run continues bit for bit (same world size).
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+from pipeline import storage
+from pipeline.config import Config, ConfigError
+from pipeline.distributed import get_rank, get_world_size, is_initialized
+from pipeline.log import get_logger
+from pipeline.train.engine import DEEPSPEED_TAG, Engine
+
+log = get_logger(__name__)
+
+CHECKPOINTS = "checkpoints"
+PUBLISHED = "published"
+META = "meta.json"
+DATA_STATE = "data_state.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """The loop's counters: optimizer steps taken and samples consumed."""
+    step: int = 0
+    samples_seen: int = 0
+
+    def advance(self, global_batch: int) -> None:
+        self.step += 1
+        self.samples_seen += global_batch
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoint_url(run_dir: str, step: int) -> str:
+    return storage.join(run_dir, CHECKPOINTS, step_name(step))
+
+
+def published_url(run_dir: str, step: int) -> str:
+    return storage.join(run_dir, PUBLISHED, step_name(step))
+
+
+def complete_steps(run_dir: str) -> list[int]:
+    """Steps of the complete resume checkpoints in `run_dir`, ascending."""
+    names = storage.complete_subdirs(storage.join(run_dir, CHECKPOINTS))
+    return sorted(int(m.group(1)) for n in names if (m := _STEP_DIR.match(n)))
+
+
+def latest_checkpoint(run_dir: str) -> Optional[str]:
+    """URL of the newest complete resume checkpoint, or None."""
+    steps = complete_steps(run_dir)
+    return checkpoint_url(run_dir, steps[-1]) if steps else None
+
+
+# ------------------------------------------------------------------------------------ saving
+def save_checkpoint(engine: Engine, cfg: Config, state: TrainState, data_state: dict[str, Any]) -> str:
+    """Write the resume checkpoint of `state.step` (a collective: every rank calls it). Returns its URL."""
+    rank, url = get_rank(), checkpoint_url(cfg.run_dir, state.step)
+    if rank == 0:
+        storage.remove(url)                  # the leftovers of an interrupted attempt at this step
+    _barrier()
+    with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+        engine.save(tmp)
+        storage.write_json(str(Path(tmp, "rng", f"rank_{rank:05d}.json")), rng_state())
+        storage.upload_dir(tmp, url)
+    _barrier()
+    if rank == 0:
+        storage.write_json(storage.join(url, DATA_STATE), data_state)
+        storage.write_json(storage.join(url, META), {
+            "step": state.step, "samples_seen": state.samples_seen, "world_size": get_world_size(),
+            "zero_stage": engine.zero_stage, "params": param_shapes(engine), "config": cfg.to_dict()})
+        storage.write_json(storage.join(url, storage.COMPLETE), {"step": state.step})
+        prune(cfg.run_dir, cfg.checkpoint.keep)
+    _barrier()
+    return url
+
+
+def prune(run_dir: str, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; drop older ones and unfinished ones below them."""
+    complete = complete_steps(run_dir)
+    if not complete:
+        return
+    kept = set(complete[-keep:])
+    root = storage.join(run_dir, CHECKPOINTS)
+    for name in storage.listdir(root):
+        m = _STEP_DIR.match(name)
+        if m and int(m.group(1)) not in kept and int(m.group(1)) < complete[-1]:
+            storage.remove(storage.join(root, name))
+
+
+def publish(engine: Engine, tokenizer: Any, cfg: Config, state: TrainState) -> None:
+    """Publish consolidated weights for evaluation (collective under ZeRO-3; rank 0 writes).
+
+    A step already published (a resumed run replaying it) is left alone: its readers may be at
+    work, and an exact resume reproduces the same weights anyway.
+    """
+    from pipeline.models import save_published
+    url = published_url(cfg.run_dir, state.step)
+    if _from_rank0(storage.is_complete(url)) or (get_rank() != 0 and engine.zero_stage != 3):
+        return
+    weights = engine.consolidated_state()
+    if get_rank() == 0:
+        save_published(engine.module, tokenizer, url, state.step, samples_seen=state.samples_seen,
+                       run_config=cfg, state_dict=weights)
+        log.info("published %s", url)
+
+
+def report_to_ray(url: str, state: TrainState, metrics: dict[str, float]) -> None:
+    """Tell Ray Train about the checkpoint (every rank calls; rank 0 attaches a pointer to `url`)."""
+    import ray.train
+    metrics = {**metrics, "step": state.step, "samples_seen": state.samples_seen}
+    with tempfile.TemporaryDirectory(prefix="ray-ckpt-") as tmp:
+        checkpoint = None
+        if get_rank() == 0:
+            storage.write_json(str(Path(tmp, "checkpoint.json")), {"url": url, "step": state.step})
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=step_name(state.step))
+
+
+# ----------------------------------------------------------------------------------- resuming
+@dataclass
+class Resume:
+    """A checkpoint chosen for resuming, its JSON parts read (the DeepSpeed part loads in `restore`)."""
+    url: str
+    meta: dict[str, Any]
+    data_state: dict[str, Any]
+
+    def restore(self, engine: Engine) -> TrainState:
+        """Load model, optimizer, scheduler and this rank's RNG; returns the counters to continue from."""
+        check_same_model(self.meta, engine, self.url)
+        same_world = self.meta["world_size"] == get_world_size()
+        with _local_copy(self.url, get_rank() if same_world else None) as local:
+            engine.load(local)
+        if same_world:
+            set_rng_state(storage.read_json(storage.join(self.url, "rng", f"rank_{get_rank():05d}.json")))
+        log.info("resumed from %s (step %d)", self.url, self.meta["step"])
+        return TrainState(self.meta["step"], self.meta["samples_seen"])
+
+
+def find_resume(cfg: Config, world_size: int) -> Optional[Resume]:
+    """The checkpoint to continue from (the newest complete one) or None; refuses what cannot continue.
+
+    Workers always continue what is there: `train.resume=never` is enforced by the driver before the
+    run starts (`refuse_existing`), so a worker restarted after a failure resumes its own run.
+    """
+    url = latest_checkpoint(cfg.run_dir)
+    if url is None:
+        return None
+    meta = storage.read_json(storage.join(url, META))
+    check_same_config(meta, cfg, url)
+    check_same_layout(meta, cfg, world_size, url)
+    return Resume(url, meta, storage.read_json(storage.join(url, DATA_STATE)))
+
+
+def refuse_existing(cfg: Config) -> None:
+    """For `train.resume=never`: a run_dir that already holds checkpoints is refused, not mixed into."""
+    url = latest_checkpoint(cfg.run_dir)
+    if url is not None:
+        raise ConfigError(
+            f"train.resume = 'never' but run_dir {cfg.run_dir} already holds checkpoints (newest: {url}): a fresh "
+            "run there would mix two runs' checkpoints, published weights and TensorBoard curves. Choose a new "
+            "run_dir, delete the old one, or use train.resume=auto")
+
+
+def model_identity(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What fixes the model's parameters: the model section and the input sizes."""
+    return {"model": cfg["model"], "data.image_size": cfg["data"]["image_size"],
+            "data.context_length": cfg["data"]["context_length"]}
+
+
+def check_same_config(meta: dict[str, Any], cfg: Config, url: str) -> None:
+    saved, now = _flat(model_identity(meta["config"])), _flat(model_identity(cfg.to_dict()))
+    diff = [f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diff:
+        raise ConfigError(f"run_dir {cfg.run_dir} holds checkpoints of a different model ({url}):\n  - "
+                          + "\n  - ".join(diff) + "\nuse a new run_dir, or the model settings of that run")
+
+
+def check_same_model(meta: dict[str, Any], engine: Engine, url: str) -> None:
+    saved, now = meta["params"], param_shapes(engine)
+    diff = [f"{k}: {saved.get(k)} in the checkpoint, {now.get(k)} now" for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)]
+    if diff:
+        raise ConfigError(f"checkpoint {url} does not fit this model (parameter shapes differ: "
+                          + "; ".join(diff[:5]) + (f"; and {len(diff) - 5} more" if len(diff) > 5 else "")
+                          + "). Was the tokenizer (vocabulary) or the loss (logit bias) changed?")
+
+
+def check_same_layout(meta: dict[str, Any], cfg: Config, world_size: int, url: str) -> None:
+    """Same ZeRO stage; a new world size only at stage 0. (The data stream continues the same batches
+    on any world size dividing its virtual streams; ZeRO 1–3 partition the optimizer state by rank
+    and DeepSpeed cannot re-partition it.)"""
+    stage = int((cfg.deepspeed.get("zero_optimization") or {}).get("stage", 0))
+    if meta["zero_stage"] != stage:
+        raise ConfigError(f"checkpoint {url} was written under ZeRO stage {meta['zero_stage']}, this run uses "
+                          f"stage {stage}: DeepSpeed cannot load one into the other. Resume with "
+                          f"deepspeed.zero_optimization.stage={meta['zero_stage']}")
+    saved = meta["world_size"]
+    if saved != world_size and stage != 0:
+        raise ConfigError(
+            f"checkpoint {url} was written by {saved} workers under ZeRO stage {stage}, whose optimizer state is "
+            f"partitioned by rank; DeepSpeed cannot load it into {world_size} workers. Resume with "
+            f"cluster.num_workers={saved} (stage-0 checkpoints resume on any number of workers)")
+
+
+def param_shapes(engine: Engine) -> dict[str, list[int]]:
+    """Name → shape of every parameter, as the model defines it (ZeRO-3's partitioning undone)."""
+    return {n: list(getattr(p, "ds_shape", p.shape)) for n, p in engine.module.named_parameters()}
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@contextlib.contextmanager
+def _local_copy(url: str, rank: Optional[int]) -> Iterator[str]:
+    """The checkpoint as a local folder: itself when local, else a download of the DeepSpeed files this
+    rank needs (`rank` None: every rank's ZeRO files, for a world-size change)."""
+    if storage.is_local(url):
+        yield storage.local_path(url)
+        return
+    src = storage.join(url, DEEPSPEED_TAG)
+    with tempfile.TemporaryDirectory(prefix="resume-") as tmp:
+        Path(tmp, DEEPSPEED_TAG).mkdir()
+        for name in storage.listdir(src):
+            owner = re.search(r"zero_pp_rank_(\d+)_", name)
+            if rank is None or owner is None or int(owner.group(1)) == rank:
+                Path(tmp, DEEPSPEED_TAG, name).write_bytes(storage.read_bytes(storage.join(src, name)))
+        yield tmp
+
+
+# ---------------------------------------------------------------------------------------- RNG
+def rng_state() -> dict[str, Any]:
+    """This process's generator states as JSON (no pickle): torch CPU/CUDA, numpy, random."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_initialized() else None,
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "random": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = state["random"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's `value` on every rank (one answer where ranks could see storage differently)."""
+    if not is_initialized():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier() -> None:
+    if is_initialized():
+        torch.distributed.barrier()

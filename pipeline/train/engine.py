@@ -1,0 +1,225 @@
+"""The DeepSpeed engine of a run: its config, the AdamW parameter groups, the learning-rate schedule.
+
+Everything DeepSpeed-specific that the train loop needs sits behind `Engine`: `step()` (optimizer
+step, schedule, logit-scale clamp, gradient norm), `consolidated_state()` (full weights, gathered
+under ZeRO-3) and `save`/`load` of DeepSpeed's native checkpoint.
+
+Three traps of DeepSpeed 0.19 are handled here, once:
+* 0-dim parameters (the logit scale and bias) break it in three places (the byte-view broadcast at
+  start-up, ZeRO-3's partitioning broadcast, stage-0 clipping): they are given shape (1,) inside the
+  engine and reported 0-dim again in `consolidated_state()`.
+* It keeps an fp32 master copy of every parameter under ZeRO 1–3 and bf16: clamping only the
+  module's copy of θ would be undone by the next step, so the clamp is written to the master too.
+* It loads its checkpoints with `torch.load(weights_only=False)`; `load` forces weights-only
+  unpickling, allowing only the few DeepSpeed value classes its checkpoints hold.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from pipeline.config import Config, ConfigError
+from pipeline.log import get_logger
+
+log = get_logger(__name__)
+
+DEEPSPEED_TAG = "deepspeed"          # the sub-folder of a checkpoint holding DeepSpeed's files
+
+
+# ------------------------------------------------------------------------------------ config
+def resolve_precision(cfg: Config) -> str:
+    """"bf16" or "fp32": `train.precision`, where auto means bf16 on a GPU that has it."""
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    explicit = (cfg.deepspeed.get("bf16") or {}).get("enabled")
+    if explicit is not None:
+        return "bf16" if explicit else "fp32"
+    gpu_bf16 = cfg.cluster.use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return "bf16" if gpu_bf16 else "fp32"
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """DeepSpeed's config: ours from the run config, then the `deepspeed.*` keys passed through.
+
+    One optimizer step per global batch: the gradient cache accumulates its chunks inside a step,
+    so DeepSpeed's own accumulation stays at 1 and the micro batch is the local batch.
+    """
+    t = cfg.train
+    precision = resolve_precision(cfg)
+    ours = {
+        "train_batch_size": t.global_batch,
+        "train_micro_batch_size_per_gpu": t.global_batch // world_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": t.grad_clip,           # DeepSpeed 0.19 would clip at 1.0 if unset
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay,
+            "torch_adam": True}},                   # not FusedAdam: no C++ build, runs on CPU too
+        "bf16": {"enabled": precision == "bf16"},
+        "zero_optimization": {"stage": 0},
+        "steps_per_print": 2**31 - 1,               # our logger reports; DeepSpeed stays quiet
+    }
+    merged = _merge(ours, cfg.deepspeed)
+    fixed = {"train_batch_size": t.global_batch, "gradient_accumulation_steps": 1,
+             "train_micro_batch_size_per_gpu": t.global_batch // world_size}
+    wrong = [f"deepspeed.{k} = {merged[k]!r} (expected {v}: set by train.global_batch and the gradient cache)"
+             for k, v in fixed.items() if merged[k] != v]
+    if cfg.train.precision != "auto" and merged["bf16"].get("enabled") != (precision == "bf16"):
+        wrong.append(f"deepspeed.bf16.enabled = {merged['bf16'].get('enabled')!r} contradicts "
+                     f"train.precision = {cfg.train.precision!r}; set only train.precision")
+    if wrong:
+        raise ConfigError("deepspeed settings that conflict with the run config:\n  - " + "\n  - ".join(wrong))
+    return merged
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+# --------------------------------------------------------------------------------- optimizer
+def no_weight_decay(module: nn.Module, name: str, p: nn.Parameter) -> bool:
+    """Norm gains, biases, embeddings (token tables, positions, class tokens), scalars (logit scale/bias)."""
+    return (p.ndim < 2 or name == "bias" or isinstance(module, nn.Embedding)
+            or "norm" in type(module).__name__.lower() or "embed" in name or "token" in name)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups over the trainable parameters: decayed matrices, then everything else undecayed."""
+    decay, plain = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                (plain if no_weight_decay(module, name, p) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr for optimizer step `step` (0-based): linear warm-up, then cosine."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(cfg: Config) -> Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LambdaLR]:
+    """The schedule as DeepSpeed wants it: a function of the optimizer it builds.
+
+    The lambda is not saved with the scheduler's state, so a resumed run follows its own
+    `train.steps` (extending a run stretches the cosine) while the step count is restored.
+    """
+    t = cfg.train
+    return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(
+        step, warmup=t.warmup_steps, total=t.steps, min_ratio=t.min_lr / t.lr))
+
+
+# ------------------------------------------------------------------------------------ engine
+class Engine:
+    """The dual encoder inside a DeepSpeed engine (`.ds`, what the gradient cache calls)."""
+
+    def __init__(self, cfg: Config, model: nn.Module, world_size: int):
+        import deepspeed
+        self.scalars = _as_vectors(model)
+        self.ds, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
+            config=deepspeed_config(cfg, world_size), lr_scheduler=warmup_cosine(cfg))
+        self.zero_stage = self.ds.zero_optimization_stage()
+        # DeepSpeed leaves the global gradient norm unset at stage 0 in fp32: measured here then.
+        self._measure_grad_norm = self.zero_stage == 0 and not self.ds.bfloat16_enabled()
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ds.module
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def step(self) -> float:
+        """Optimizer step (clipping, schedule), then the logit-scale clamp; returns the pre-clip grad norm."""
+        norm = _grad_norm(self.module) if self._measure_grad_norm else None
+        self.ds.step()
+        self._clamp_logit_scale()
+        return float(norm if norm is not None else self.ds.get_global_grad_norm())
+
+    def _clamp_logit_scale(self) -> None:
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+        from deepspeed.utils import safe_set_full_fp32_param
+        p = self.module.logit_scale
+        with self._gathered([p], modifier_rank=0):
+            self.module.clamp_logit_scale()
+            value = p.detach().float()
+            safe_set_full_fp32_param(p, value)              # ZeRO 1–3, bf16 optimizer; else a no-op
+            if isinstance(self.ds.optimizer, FP16_UnfusedOptimizer):   # stage 0 in bf16
+                for lp_group, hp_group in zip(self.ds.optimizer.fp16_groups, self.ds.optimizer.fp32_groups):
+                    for lp, hp in zip(lp_group, hp_group):
+                        if lp is p:
+                            hp.data.copy_(value)
+
+    def consolidated_state(self) -> dict[str, torch.Tensor]:
+        """Full fp32 weights on CPU (gathered from every rank under ZeRO-3), in the model's own shapes.
+
+        A collective under ZeRO-3: call it on every rank.
+        """
+        with self._gathered(list(self.module.parameters())):
+            state = {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+        for name in self.scalars:
+            state[name] = state[name].reshape(())
+        return state
+
+    def save(self, local_dir: str) -> None:
+        """DeepSpeed's checkpoint (module, optimizer, scheduler) of this rank into `local_dir/deepspeed/`."""
+        self.ds.save_checkpoint(local_dir, tag=DEEPSPEED_TAG, save_latest=False)
+
+    def load(self, local_dir: str) -> None:
+        """Load what `save` wrote (every rank's files under `local_dir/deepspeed/`), weights-only."""
+        with _weights_only_loading():
+            path, _ = self.ds.load_checkpoint(local_dir, tag=DEEPSPEED_TAG, load_module_strict=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {local_dir}/{DEEPSPEED_TAG}")
+
+    def _gathered(self, params: list[nn.Parameter], modifier_rank: Optional[int] = None):
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def _as_vectors(model: nn.Module) -> list[str]:
+    """Give 0-dim parameters shape (1,) (see the module docstring); returns their names."""
+    names = []
+    for name, p in model.named_parameters():
+        if p.dim() == 0:
+            p.data = p.data.reshape(1)
+            names.append(name)
+    return names
+
+
+def _grad_norm(model: nn.Module) -> torch.Tensor:
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+@contextlib.contextmanager
+def _weights_only_loading() -> Iterator[None]:
+    """Force `torch.load(weights_only=True)` inside DeepSpeed, with its checkpoints' value classes allowed."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old

@@ -1,0 +1,96 @@
+"""The training loop of one Ray Train worker: stream → gradient-cache step → engine step → log → checkpoint."""
+from __future__ import annotations
+
+import random
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from pipeline.config import Config, ConfigError, config_from_dict
+from pipeline.data import gather_state, open_train_stream
+from pipeline.distributed import get_rank, get_world_size
+from pipeline.gradcache import forward_backward
+from pipeline.log import get_logger, setup_logging
+from pipeline.train.checkpoint import TrainState, find_resume, publish, report_to_ray, save_checkpoint
+from pipeline.train.engine import Engine
+from pipeline.train.metrics import Meter, TrainLogger, step_scalars
+
+log = get_logger(__name__)
+
+
+def train_worker(config: Config | dict[str, Any]) -> None:
+    """Train `config` from its newest checkpoint (or from scratch) up to `train.steps`, on this rank."""
+    cfg = config if isinstance(config, Config) else config_from_dict(config, origin="train_worker")
+    rank, world = setup_worker(cfg)
+    resume = find_resume(cfg, world)
+    stream = open_train_stream(cfg, rank=rank, world_size=world, state=resume.data_state if resume else None)
+    engine = Engine(cfg, new_model(cfg, stream.tokenizer), world)
+    state = resume.restore(engine) if resume else TrainState()
+    loss_fn, weights_from = make_loss(cfg)
+    logger, meter = TrainLogger(cfg, rank), Meter(cfg.train.global_batch)
+    batches = meter.timed(stream)
+    while state.step < cfg.train.steps:
+        batch = to_device(next(batches), engine.ds.device)
+        out = forward_backward(engine.ds, batch["image"], batch["text"], loss_fn, labels=batch.get("label"),
+                               chunk_size=cfg.gradcache.chunk_size, text_chunk_size=cfg.gradcache.text_chunk_size,
+                               weights_from=weights_from)
+        grad_norm = engine.step()                  # AdamW, lr schedule, clipping, logit-scale clamp
+        state.advance(cfg.train.global_batch)
+        if logger.due(state.step):
+            logger.log(state.step, step_scalars(out, batch.get("label"), lr=engine.lr, grad_norm=grad_norm,
+                                                bad=stream.stats()["bad"], meter=meter))
+        if state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.steps:
+            checkpoint(engine, stream, cfg, state, loss=float(out.loss))
+    logger.close()
+
+
+def checkpoint(engine: Engine, stream: Any, cfg: Config, state: TrainState, loss: float) -> None:
+    """Resume checkpoint, published weights, and the report to Ray Train (every rank calls it)."""
+    url = save_checkpoint(engine, cfg, state, gather_state(stream))
+    publish(engine, stream.tokenizer, cfg, state)
+    report_to_ray(url, state, {"loss": loss})
+
+
+# ------------------------------------------------------------------------------------ pieces
+def setup_worker(cfg: Config) -> tuple[int, int]:
+    """Logging with the rank, DeepSpeed quiet, generators seeded alike for the model's initialisation."""
+    rank, world = get_rank(), get_world_size()
+    setup_logging(cfg.logging.level, rank)
+    from deepspeed.utils import logger as ds_logger
+    ds_logger.setLevel("DEBUG" if cfg.logging.level == "debug" else "WARNING")
+    seed_everything(cfg.seed)
+    return rank, world
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def new_model(cfg: Config, tokenizer: Any) -> torch.nn.Module:
+    """The dual encoder (same initial weights on every rank), then per-rank generators for dropout."""
+    from pipeline.models import build_model
+    model = build_model(cfg.model, image_size=cfg.data.image_size, context_length=cfg.data.context_length,
+                        vocab_size=tokenizer.vocab_size, loss_name=cfg.loss.name,
+                        init_temperature=cfg.loss.init_temperature, learn_temperature=cfg.loss.learn_temperature)
+    seed_everything(cfg.seed * 65536 + get_rank() + 1)
+    return model.train()
+
+
+def make_loss(cfg: Config) -> tuple[torch.nn.Module, Optional[str]]:
+    """The loss module and, for cwcl, the tower whose embeddings weight it (the locked one)."""
+    from pipeline.losses import get_loss
+    fn = get_loss(cfg.loss.name, tiled=cfg.loss.tiled, tile_size=cfg.loss.tile_size, **cfg.loss.hyper())
+    if not getattr(fn, "uses_weights", False):
+        return fn, None
+    locked = [t for t in ("image", "text") if getattr(cfg.model, t).lock and not getattr(cfg.model, t).unlock_last]
+    if len(locked) != 1:
+        raise ConfigError(f"loss.name = {cfg.loss.name!r} weights pairs by a frozen reference tower: lock exactly one "
+                          f"(model.image.lock or model.text.lock), got {locked or 'none'} locked")
+    return fn, locked[0]
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

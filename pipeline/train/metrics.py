@@ -1,0 +1,174 @@
+"""What a run reports while it trains: TensorBoard scalars and a console line, from rank 0.
+
+Scalars (global over ranks, at every `train.log_every`-th step and the last):
+    train/  loss, lr, logit_scale, temperature, logit_bias, grad_norm,
+            alignment, uniformity_image, uniformity_text, tolerance (with labels)
+    perf/   samples_per_s, step_time_s, data_wait_fraction, peak_memory_gb
+    data/   bad_samples, bad/<reason>
+Event files go to `run_dir/tensorboard/`, directly when it is local, else written locally and
+uploaded (at most every `SYNC_EVERY_S` and at the end). A resumed run first reads the steps already
+logged there and logs none of them again: replayed steps never appear twice on a curve.
+"""
+from __future__ import annotations
+
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+
+from pipeline import storage
+from pipeline.config import Config
+from pipeline.distributed import all_reduce_max, all_reduce_sum, get_world_size, is_distributed
+from pipeline.log import get_logger
+
+log = get_logger(__name__)
+
+TENSORBOARD = "tensorboard"
+OWN_PREFIXES = ("train/", "perf/", "data/")     # the eval stage may log eval/* into the same folder
+SYNC_EVERY_S = 60.0
+
+
+# ------------------------------------------------------------------------------------- timing
+class Meter:
+    """Wall time and data-wait time of the steps since the last `window()`."""
+
+    def __init__(self, global_batch: int):
+        self.global_batch = global_batch
+        self._start, self._wait, self._steps = time.perf_counter(), 0.0, 0
+
+    def timed(self, batches: Iterable[Any]) -> Iterator[Any]:
+        """The batches of `batches`, the time spent waiting for each counted as data wait."""
+        it = iter(batches)
+        while True:
+            t = time.perf_counter()
+            batch = next(it)
+            self._wait += time.perf_counter() - t
+            self._steps += 1
+            yield batch
+
+    def window(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self._start
+        steps = max(self._steps, 1)
+        out = {"perf/samples_per_s": steps * self.global_batch / elapsed, "perf/step_time_s": elapsed / steps,
+               "perf/data_wait_fraction": self._wait / elapsed}
+        self._start, self._wait, self._steps = time.perf_counter(), 0.0, 0
+        return out
+
+
+def peak_memory_gb() -> float:
+    """Peak GPU memory allocated by torch, or on CPU the process's peak resident set."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # Linux reports KiB
+
+
+# ------------------------------------------------------------------------------------ scalars
+def step_scalars(out: Any, labels: Optional[torch.Tensor], *, lr: float, grad_norm: float,
+                 bad: dict[str, int], meter: Meter) -> dict[str, float]:
+    """The scalars of one logged step, reduced over ranks (a collective: every rank calls it).
+
+    `out` is the gradient cache's step output; `bad` this rank's bad-sample counts by reason.
+    """
+    from pipeline.losses import embedding_metrics
+    scale = float(out.logit_scale)
+    scalars = {"train/loss": float(all_reduce_sum(out.loss.detach().float())) / get_world_size(),
+               "train/lr": lr, "train/grad_norm": grad_norm,
+               "train/logit_scale": scale, "train/temperature": 1.0 / scale}
+    if out.logit_bias is not None:
+        scalars["train/logit_bias"] = float(out.logit_bias)
+    scalars.update({f"train/{k}": float(v) for k, v in embedding_metrics(out.image, out.text, labels).items()})
+    scalars.update(meter.window())
+    scalars["perf/peak_memory_gb"] = float(all_reduce_max(torch.tensor(peak_memory_gb())))
+    counts = _sum_over_ranks(bad)
+    scalars["data/bad_samples"] = float(sum(counts.values()))
+    scalars.update({f"data/bad/{reason}": float(n) for reason, n in sorted(counts.items())})
+    return scalars
+
+
+def _sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
+    if not is_distributed():
+        return dict(counts)
+    everyone: list[Any] = [None] * get_world_size()
+    torch.distributed.all_gather_object(everyone, counts)
+    total: dict[str, int] = {}
+    for c in everyone:
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+def console_line(step: int, total: int, s: dict[str, float]) -> str:
+    line = (f"step {step}/{total}  loss {s['train/loss']:.4f}  lr {s['train/lr']:.2e}  "
+            f"temp {s['train/temperature']:.4f}  grad {s['train/grad_norm']:.3f}  "
+            f"{s['perf/samples_per_s']:,.0f} samples/s  data {s['perf/data_wait_fraction']:.0%}  "
+            f"mem {s['perf/peak_memory_gb']:.2f} GB")
+    return line + (f"  bad samples {s['data/bad_samples']:.0f}" if s["data/bad_samples"] else "")
+
+
+# ------------------------------------------------------------------------------------- writer
+class TrainLogger:
+    """Rank 0's console line and TensorBoard writer; on other ranks every call does nothing."""
+
+    def __init__(self, cfg: Config, rank: int):
+        self.every, self.total = cfg.train.log_every, cfg.train.steps
+        self.enabled = rank == 0
+        self.url = storage.join(cfg.run_dir, TENSORBOARD)
+        self.remote = not storage.is_local(self.url)
+        self.writer = None
+        self.logged_through = 0
+        if self.enabled and cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.logged_through = last_logged_step(self.url)
+            self._dir = tempfile.mkdtemp(prefix="tensorboard-") if self.remote else storage.local_path(self.url)
+            self.writer = SummaryWriter(self._dir)
+            self._synced = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        """Whether `step` is logged (the same answer on every rank: the scalars are collectives)."""
+        return step % self.every == 0 or step == self.total
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        log.info(console_line(step, self.total, scalars))
+        if self.writer is None or step <= self.logged_through:
+            return                                        # a replayed step, already on the curves
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+        if self.remote and time.monotonic() - self._synced > SYNC_EVERY_S:
+            self.sync()
+
+    def sync(self) -> None:
+        """Flush, and upload the event files when `run_dir` is remote."""
+        if self.writer is None:
+            return
+        self.writer.flush()
+        if self.remote:
+            storage.upload_dir(self._dir, self.url)
+            self._synced = time.monotonic()
+
+    def close(self) -> None:
+        self.sync()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def last_logged_step(url: str) -> int:
+    """The highest step of this stage's scalars in the event files directly inside `url` (0: none)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    last = 0
+    with tempfile.TemporaryDirectory(prefix="tensorboard-read-") as tmp:
+        for i, file_url in enumerate(storage.iter_files(url)):
+            if "tfevents" not in file_url.rsplit("/", 1)[-1]:
+                continue
+            path = storage.local_path(file_url)
+            if not storage.is_local(file_url):
+                path = str(Path(tmp, f"{i}.tfevents"))
+                Path(path).write_bytes(storage.read_bytes(file_url))
+            for event in EventFileLoader(path).Load():
+                if any(v.tag.startswith(OWN_PREFIXES) for v in event.summary.value):
+                    last = max(last, event.step)
+    return last

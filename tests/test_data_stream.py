@@ -215,13 +215,32 @@ def test_pipe_urls_need_opting_in(data):
     assert_same(piped, reference)                        # the same shards in the same order
 
 
-def test_memory_filesystem(data):
+def test_memory_filesystem_write_and_read(data):
+    """Synthesis writes through fsspec (memory://) the same bytes it writes locally; the reader reads them."""
     import fsspec
+    synthesize("memory://stream-test", 200, eval_samples=20, image_size=32, shard_size=25, seed=5, progress=False)
     fs = fsspec.filesystem("memory")
-    for name in ["manifest.json", "tokenizer.json"] + [f"{i:05d}.tar" for i in range(8)]:
-        with open(f"{data}/{name}", "rb") as f:
-            fs.pipe_file(f"/stream-test/{name}", f.read())
-    assert_same(take(open_("memory://stream-test"), 3), take(open_(data), 3))
+    with open(f"{data}/00003.tar", "rb") as f:
+        assert fs.cat_file("/stream-test/train/00003.tar") == f.read()
+    assert_same(take(open_("memory://stream-test/train"), 3), take(open_(data), 3))
+
+
+def test_http(data):
+    """Brace patterns over http:// (a local server on 127.0.0.1), read through the fsspec opener."""
+    import functools
+    import http.server
+    import threading
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=data)
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        got = take(open_(url + "/{00000..00007}.tar", tokenizer=url + "/tokenizer.json"), 2)
+        assert_same(got, take(open_(f"{data}/{{00000..00007}}.tar"), 2))
+        assert_same(take(open_(url + "/manifest.json"), 2), take(open_(data), 2))
+    finally:
+        server.shutdown()
 
 
 def test_s3(data, s3_server):

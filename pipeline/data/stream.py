@@ -516,6 +516,8 @@ def open_stream(urls: str | Sequence[str], *, global_batch: int, rank: int = 0, 
         return EvalStream(shards[rank::world_size], max(global_batch // world_size, 1), image_size, tok)
     if isinstance(state, (list, tuple)):
         state = merge_states(state)
+    if streams < 0:
+        raise DataError(f"data.streams = {streams}: expected 0 (chosen from the global batch) or a positive count")
     num_streams = streams or (state["num_streams"] if state else choose_num_streams(global_batch, world_size))
     if num_streams % world_size or global_batch % num_streams:
         raise DataError(f"{num_streams} virtual streams (data.streams), global_batch {global_batch}, world_size "

@@ -111,6 +111,12 @@ def test_epochs_cover_every_sample_once_and_reshuffle(data):
     assert first != second
 
 
+def test_a_list_of_urls_is_one_shard_list(data):
+    listed = [f"{data}/{{00000..00003}}.tar", f"file://{data}/{{00004..00007}}.tar"]
+    assert_same(take(open_(listed, tokenizer=f"{data}/tokenizer.json"), 2),
+                take(open_(f"{data}/{{00000..00007}}.tar"), 2))
+
+
 def test_seed_changes_the_order(data):
     a = [k for b in take(open_(data, seed=1), 3) for k in b["key"]]
     b = [k for b in take(open_(data, seed=2), 3) for k in b["key"]]

@@ -31,7 +31,7 @@ IMAGES_DIR = "report"
 # Training panels: the title, then the patterns a scalar tag may match (first match wins per tag).
 TRAINING_PANELS = [
     ("loss", re.compile(r"loss", re.I)),
-    ("temperature", re.compile(r"temperature|logit_scale|(^|/)tau$", re.I)),
+    ("temperature", re.compile(r"temperature", re.I)),
     ("uniformity", re.compile(r"uniformity", re.I)),
     ("tolerance", re.compile(r"tolerance", re.I)),
 ]

@@ -1,0 +1,71 @@
+"""The report renders from a small run: training scalars (the trainer's own logger), eval results, a checkpoint."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from eval_helpers import eval_config, make_dataset, publish
+from pipeline.eval.report import read_results, read_scalars
+from pipeline.eval.runner import evaluate_checkpoint, write_result
+from pipeline.train.metrics import TrainLogger
+
+
+def log_training(cfg, steps: list[int]) -> None:
+    """Scalars as the training loop logs them, through its TensorBoard logger."""
+    logger = TrainLogger(cfg, rank=0)
+    for step in steps:
+        logger.log(step, {"train/loss": 5.0 / step, "train/lr": 1e-3, "train/temperature": 0.07 - step * 1e-4,
+                          "train/logit_scale": 1 / (0.07 - step * 1e-4), "train/grad_norm": 1.0,
+                          "train/uniformity_image": -1.0 - step / 100, "train/uniformity_text": -0.5 - step / 100,
+                          "train/alignment": 1.0, "train/tolerance": 0.3 + step / 1000,
+                          "perf/samples_per_s": 100.0, "perf/step_time_s": 1.0, "perf/data_wait_fraction": 0.1,
+                          "perf/peak_memory_gb": 1.0, "data/bad_samples": 0.0})
+    logger.close()
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    data = make_dataset(tmp_path_factory.mktemp("synth"))
+    cfg = eval_config(data, tmp_path_factory.mktemp("run"))
+    log_training(cfg, [10, 20, 30])
+    for step in (15, 30):
+        write_result(cfg.run_dir, evaluate_checkpoint(publish(cfg, step), cfg))
+    return Path(cfg.run_dir)
+
+
+def test_scalars_and_results_are_read_back(small_run):
+    series = read_scalars(str(small_run))
+    assert series["train/loss"] == [(10, pytest.approx(0.5)), (20, pytest.approx(0.25)), (30, pytest.approx(5 / 30))]
+    assert not any(tag.startswith("eval/") for tag in series)          # eval curves come from the results
+    assert [r["step"] for r in read_results(str(small_run))] == [15, 30]
+
+
+def test_report_renders_every_section_with_readable_pngs(small_run):
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "report", str(small_run)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    page = (small_run / "report.html").read_text()
+    assert out.stdout.strip() == str(small_run / "report.html")
+    images = re.findall(r"<img src='([^']+)'", page)
+    assert sorted(images) == sorted(f"report/{n}.png" for n in ("training", "eval", "similarity",
+                                                                  "retrieval_examples"))
+    for rel in images:
+        with Image.open(small_run / rel) as im:
+            assert im.format == "PNG" and im.width >= 400 and im.height >= 300
+    assert "<em>" not in page                     # no section fell back to a note
+    last = read_results(str(small_run))[-1]
+    assert "Final metrics (step 30)" in page
+    assert f"{last['metrics']['relation/accuracy']:.4f}" in page
+
+
+def test_report_of_an_empty_run_says_what_is_missing(tmp_path):
+    from pipeline.eval.report import write_report
+    url = write_report(str(tmp_path))
+    page = Path(url).read_text()
+    assert "No evaluation results" in page and "No published checkpoint" in page
+    assert "No training scalars" in page

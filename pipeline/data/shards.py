@@ -174,7 +174,9 @@ def _from_folder(url: str) -> list[Shard]:
         return _from_manifest(storage.join(url, MANIFEST))
     tars = list(storage.iter_files(url, ".tar"))
     if not tars:
-        raise DataError(f"{url}: no manifest.json and no .tar files; expected a dataset folder written by "
+        where = f" (a relative path, read from {os.getcwd()})" if storage.is_local(url) and not os.path.isabs(
+            storage.local_path(url)) else ""
+        raise DataError(f"{url}{where}: no manifest.json and no .tar files; expected a dataset folder written by "
                         "`contrast data synth` or `contrast data pack`, tar URLs, or a brace pattern")
     return [Shard(t) for t in tars]
 

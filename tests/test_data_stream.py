@@ -148,6 +148,7 @@ def test_incompatible_settings_fail_clearly(data):
     with pytest.raises(DataError, match="no position for virtual streams \\[4, 5, 6, 7\\]"):
         open_(data, world_size=2, rank=1, state=states[0])
     assert state["step"] == 0
+    assert open_(data, world_size=4, num_workers=5).num_workers == 2       # capped at the rank's 2 streams
 
 
 def make_shard(path, samples):

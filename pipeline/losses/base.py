@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from pipeline.distributed import all_gather, all_gather_with_grad, all_reduce_sum, get_world_size, local_rows
+from pipeline.distributed import all_gather, all_gather_with_grad, all_reduce_sum, get_world_size, is_distributed, \
+    local_rows
 from pipeline.losses.tiled import Term, pairwise_reduce
 
 
@@ -54,6 +55,13 @@ class Views:
     def partner_z(self) -> Tensor:
         n = self.z.shape[0] // 2
         return torch.cat([self.z[n:], self.z[:n]])
+
+
+def gather_rows(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """All ranks' rows of u and v (rank-major), with gradient, in one collective."""
+    if not is_distributed():
+        return u, v
+    return all_gather_with_grad(torch.cat([u, v], 1)).split(u.shape[1], 1)
 
 
 def leave_out(t: Tensor, cols: slice, *index: Tensor) -> Tensor:
@@ -135,19 +143,20 @@ class ContrastiveLoss(nn.Module):
         if weights_from is not None and (weights_from.ndim != 2 or weights_from.shape[0] != n):
             raise ValueError(f"{name}: weights_from must be ({n}, D'), got {tuple(weights_from.shape)}")
 
-        uv = all_gather_with_grad(torch.cat([image, text], 1).to(dtype))
-        if uv.shape[0] < 2:
-            raise ValueError(f"{name}: needs at least 2 pairs in the global batch, got {uv.shape[0]}")
+        u, v = image.to(dtype), text.to(dtype)
+        U, V = gather_rows(u, v)
+        if U.shape[0] < 2:
+            raise ValueError(f"{name}: needs at least 2 pairs in the global batch, got {U.shape[0]}")
         mine = local_rows(n)
         rows = torch.arange(mine.start, mine.stop, device=image.device)
         if labels is None:
-            labels, all_labels = rows, torch.arange(uv.shape[0], device=image.device)
+            labels, all_labels = rows, torch.arange(U.shape[0], device=image.device)
         else:
             all_labels = all_gather(labels)
         weights = all_weights = None
         if weights_from is not None:
             weights = weights_from.detach().to(dtype)
             all_weights = all_gather(weights)
-        return Pairs(u=image.to(dtype), v=text.to(dtype), U=uv[:, :d], V=uv[:, d:], rows=rows,
+        return Pairs(u=u, v=v, U=U, V=V, rows=rows,
                      scale=scale.reshape(()), bias=None if bias is None else bias.reshape(()),
                      labels=labels, all_labels=all_labels, weights=weights, all_weights=all_weights)

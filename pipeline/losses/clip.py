@@ -4,7 +4,7 @@ Natural Language Supervision").
     ℓ^{I→T}_i = LSE_j(s·u_i·v_j) − s·u_i·v_i,   ℓ^{T→I}_i = LSE_j(s·v_i·u_j) − s·u_i·v_i,
     L = ½ (mean_i ℓ^{I→T}_i + mean_i ℓ^{T→I}_i).
 
-Both directions come from ONE block s·u_local·V_allᵀ: its rows give I→T for this rank's images;
+Both directions come from ONE block (s·u_local)·V_allᵀ: its rows give I→T for this rank's images;
 its columns give, for every text, the LSE over this rank's images, which combined across ranks
 (an all-reduced log-sum-exp) is T→I for the texts this rank owns. No second matmul.
 """
@@ -16,14 +16,14 @@ from pipeline.distributed import all_reduce_logsumexp
 from pipeline.losses.base import ContrastiveLoss, Pairs
 
 
-def scaled(dots: Tensor, cols: slice, scale: Tensor) -> Tensor:
-    """The logits s·a_i·b_j."""
-    return scale * dots
+def logits(x: Tensor, cols: slice) -> Tensor:
+    """Every pair's logit (s·u_i)·v_j, as it is."""
+    return x
 
 
 def infonce_lse(loss: ContrastiveLoss, p: Pairs) -> tuple[Tensor, Tensor]:
     """(LSE_j s·u_i·v_j for this rank's images, LSE_j s·v_i·u_j for this rank's texts), over the global batch."""
-    image_to_text, text_partial = loss.pairwise(p.u, p.V, scaled, p.scale, row="lse", col="lse")
+    image_to_text, text_partial = loss.pairwise(p.scale * p.u, p.V, logits, row="lse", col="lse")
     text_to_image = all_reduce_logsumexp(text_partial)[p.rows]
     return image_to_text, text_to_image
 

@@ -26,9 +26,9 @@ class DclLoss(ContrastiveLoss):
     def compute(self, p: Pairs) -> Tensor:
         views = Views.of(p)
 
-        def negatives(dots: Tensor, cols: slice, s: Tensor) -> Tensor:
-            return leave_out(s * dots, cols, views.me, views.partner)
-        log_negatives, _ = self.pairwise(views.z, views.Z, negatives, p.scale)
+        def negatives(x: Tensor, cols: slice) -> Tensor:
+            return leave_out(x, cols, views.me, views.partner)
+        log_negatives, _ = self.pairwise(p.scale * views.z, views.Z, negatives)
         weights = self.positive_weights(p)
         if isinstance(weights, Tensor):
             weights = torch.cat([weights, weights])

@@ -35,10 +35,11 @@ class HclLoss(ContrastiveLoss):
     def compute(self, p: Pairs) -> Tensor:
         views = Views.of(p)
 
-        def negatives_lse(factor: float) -> Tensor:
-            def term(dots: Tensor, cols: slice, s: Tensor) -> Tensor:
-                return leave_out(factor * s * dots, cols, views.me, views.partner)
-            return self.pairwise(views.z, views.Z, term, p.scale)[0]
+        def negatives(x: Tensor, cols: slice) -> Tensor:
+            return leave_out(x, cols, views.me, views.partner)
+
+        def negatives_lse(factor: float) -> Tensor:                 # LSE_j factor·x_ij over the negatives
+            return self.pairwise(factor * p.scale * views.z, views.Z, negatives)[0]
 
         m = views.Z.shape[0] - 2
         positive = p.scale * (views.z * views.partner_z).sum(1)

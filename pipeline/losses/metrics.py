@@ -36,9 +36,9 @@ def log_mean_gaussian(x: Tensor, Y: Tensor, leave: Tensor, tile_size: Optional[i
     With `leave` = the rows' own indices and Y = all x, this is unif(x); with Y = the other modality,
     xunif. The same value is returned on every rank.
     """
-    def term(dots: Tensor, cols: slice) -> Tensor:
-        return leave_out(4 * dots, cols, leave)
-    rows_lse, _ = pairwise_reduce(x, Y, term, tile_size=tile_size)
+    def pairs(x4: Tensor, cols: slice) -> Tensor:
+        return leave_out(x4, cols, leave)
+    rows_lse, _ = pairwise_reduce(4 * x, Y, pairs, tile_size=tile_size)
     n = Y.shape[0]
     return all_reduce_logsumexp(torch.logsumexp(rows_lse, 0)) - 4 - math.log(n * (n - 1))
 

@@ -13,8 +13,9 @@ from torch import Tensor
 from pipeline.losses.base import ContrastiveLoss, Pairs
 
 
-def softplus_logits(dots: Tensor, cols: slice, scale: Tensor, bias: Tensor) -> Tensor:
-    return F.softplus(scale * dots + bias)
+def softplus_logits(x: Tensor, cols: slice, bias: Tensor) -> Tensor:
+    """softplus(t·u_i·v_j + b), with x = (t·u_i)·v_j."""
+    return F.softplus(x + bias)
 
 
 class SiglipLoss(ContrastiveLoss):
@@ -22,6 +23,6 @@ class SiglipLoss(ContrastiveLoss):
     uses_bias = True
 
     def compute(self, p: Pairs) -> Tensor:
-        negatives_and_positive, _ = self.pairwise(p.u, p.V, softplus_logits, p.scale, p.bias, row="sum")
+        negatives_and_positive, _ = self.pairwise(p.scale * p.u, p.V, softplus_logits, p.bias, row="sum")
         positive = p.scale * (p.u * p.v).sum(1) + p.bias
         return (negatives_and_positive - positive).mean()

@@ -37,9 +37,9 @@ class SupConLoss(ContrastiveLoss):
 
     def log_denominator(self, views: Views, scale: Tensor) -> Tensor:
         """LSE_{a≠i} s·z_i·z_a over all ranks' anchors."""
-        def term(dots: Tensor, cols: slice, s: Tensor) -> Tensor:
-            return leave_out(s * dots, cols, views.me)
-        return self.pairwise(views.z, views.Z, term, scale)[0]
+        def others(x: Tensor, cols: slice) -> Tensor:
+            return leave_out(x, cols, views.me)
+        return self.pairwise(scale * views.z, views.Z, others)[0]
 
     def compute(self, p: Pairs) -> Tensor:
         views = Views.of(p)

@@ -4,6 +4,8 @@ Every loss in this package is built from reductions of a matrix of per-pair term
 
     t_ij = term(a_i · b_j, j, *params)       (−inf marks a pair that is left out)
 
+(the losses fold the logit scale into the rows a, so a_i·b_j is already the logit and most terms
+only leave pairs out)
 over the columns j (a log-sum-exp or a sum per row) and, for the symmetric InfoNCE losses, over
 the rows i as well (one column reduction per column; b's rows are all ranks' rows, a's are
 this rank's, so the column reductions are partial and the caller combines them across ranks).
@@ -45,13 +47,21 @@ def _reduce(t: Tensor, op: str, dim: int) -> Tensor:
     return torch.logsumexp(t, dim) if op == "lse" else t.sum(dim)
 
 
+def _reductions_grad(t: Tensor, row: str, col: Optional[str], row_out: Tensor, col_out: Tensor,
+                     grad_row: Tensor, grad_col: Tensor) -> Tensor:
+    """dL/dt for one tile from the gradients of its row and column reductions, written over t."""
+    col_part = None if col is None else _reduce_grad(t.clone(), col, 0, col_out, grad_col)
+    grad = _reduce_grad(t, row, 1, row_out, grad_row)
+    return grad if col_part is None else grad.add_(col_part)
+
+
 def _reduce_grad(t: Tensor, op: str, dim: int, out: Tensor, grad: Tensor) -> Tensor:
-    """d(reduction)/dt times the incoming gradient, for one tile (`out`, `grad` are this tile's slices)."""
+    """d(reduction)/dt times the incoming gradient, computed in place over t."""
     if op == "sum":
-        return grad.unsqueeze(dim).expand_as(t)
+        return t.copy_(grad.unsqueeze(dim).expand_as(t))
     # softmax weights exp(t − lse); an all-left-out line has lse = −inf, clamp it so 0 (not NaN) results
     out = out.clamp_min(torch.finfo(out.dtype).min).unsqueeze(dim)
-    return grad.unsqueeze(dim) * torch.exp(t - out)
+    return t.sub_(out).exp_().mul_(grad.unsqueeze(dim))
 
 
 class _TiledPairwise(torch.autograd.Function):
@@ -71,28 +81,26 @@ class _TiledPairwise(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_row: Optional[Tensor], grad_col: Optional[Tensor]):
+    def backward(ctx, grad_row: Tensor, grad_col: Tensor):
         a, b, row_out, col_out, *params = ctx.saved_tensors
         term, row, col, tile_size = ctx.setup
-        a_leaf = a.detach().requires_grad_()
         p_leaf = [p.detach().requires_grad_() for p in params]
-        grad_a, grad_b = torch.zeros_like(a), torch.zeros_like(b)
+        grad_a, grad_b = torch.zeros_like(a), torch.empty_like(b)
         grad_p = [torch.zeros_like(p) for p in params]
         for cols in _tiles(b.shape[0], tile_size):
-            b_leaf = b[cols].detach().requires_grad_()
+            dots = (a @ b[cols].T).requires_grad_()           # the tile, recomputed
             with torch.enable_grad():
-                t = term(a_leaf @ b_leaf.T, cols, *p_leaf)
-            grad_t = torch.zeros_like(t)
-            if grad_row is not None:
-                grad_t += _reduce_grad(t.detach(), row, 1, row_out, grad_row)
-            if col and grad_col is not None:
-                grad_t += _reduce_grad(t.detach(), col, 0, col_out[cols], grad_col[cols])
-            grads = torch.autograd.grad(t, (a_leaf, b_leaf, *p_leaf), grad_t, allow_unused=True)
-            grad_a += grads[0]
-            grad_b[cols] = grads[1]
-            for acc, g in zip(grad_p, grads[2:]):
+                t = term(dots, cols, *p_leaf)
+            # dL/dt overwrites t's values (autograd needs only t's graph), so a tile costs two buffers
+            grad_t = _reductions_grad(t.detach(), row, col, row_out, col_out[cols], grad_row, grad_col[cols])
+            grad_dots, *grads = torch.autograd.grad(t, (dots, *p_leaf), grad_t, allow_unused=True)
+            del t, grad_t, dots                                # (grad_dots may share their storage)
+            grad_a.addmm_(grad_dots, b[cols])                  # d(a·bᵀ)/da = G·b
+            torch.mm(grad_dots.T, a, out=grad_b[cols])         # d(a·bᵀ)/db = Gᵀ·a
+            for acc, g in zip(grad_p, grads):
                 if g is not None:
                     acc += g
+            del grad_dots
         return (None, None, None, None, grad_a, grad_b, *grad_p)
 
 

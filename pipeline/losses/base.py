@@ -85,6 +85,7 @@ class ContrastiveLoss(nn.Module):
     `labels` are used by the losses that define positives by class (supcon, tcl) and ignored by
     the others, so a training loop may always pass them. Negatives are every rank's rows.
     """
+    name = ""                   # the registry name
     default_temperature = 0.1   # τ = 1/s the model starts from for this loss
     uses_bias = False           # siglip: the model learns a logit bias and must pass it
     uses_weights = False        # cwcl: `weights_from` is required
@@ -108,18 +109,18 @@ class ContrastiveLoss(nn.Module):
     def forward(self, image: Tensor, text: Tensor, *, logit_scale: Tensor | float,
                 logit_bias: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 weights_from: Optional[Tensor] = None) -> Tensor:
-        pairs = self._gather(image, text, logit_scale, logit_bias, labels, weights_from)
-        return self.compute(pairs)
+        return self.compute(self._pairs(image, text, logit_scale, logit_bias, labels, weights_from))
 
     def compute(self, p: Pairs) -> Tensor:
         raise NotImplementedError
 
-    def _gather(self, image, text, logit_scale, logit_bias, labels, weights_from) -> Pairs:
-        name = type(self).__name__
+    def _pairs(self, image, text, logit_scale, logit_bias, labels, weights_from) -> Pairs:
+        """Check the call, cast to the compute dtype and gather all ranks' rows."""
+        name = f"loss {self.name!r}"
         if image.ndim != 2 or image.shape != text.shape:
             raise ValueError(f"{name}: image and text must both be (N, D) with the same shape, "
                              f"got {tuple(image.shape)} and {tuple(text.shape)}")
-        n, d = image.shape
+        n = image.shape[0]
         if n == 0:
             raise ValueError(f"{name}: empty local batch")
         # logits in fp32 (fp64 kept for exact tests) whatever the towers' dtype

@@ -29,6 +29,7 @@ def infonce_lse(loss: ContrastiveLoss, p: Pairs) -> tuple[Tensor, Tensor]:
 
 
 class ClipLoss(ContrastiveLoss):
+    name = "clip"
     default_temperature = 0.07
 
     def compute(self, p: Pairs) -> Tensor:

@@ -1,4 +1,5 @@
-"""clip_gap — CLIP plus uniformity and alignment (Yaras et al. / "It's Not a Modality Gap", 2024).
+"""clip_gap — CLIP plus uniformity and alignment (Fahim, Murphy & Fyshe 2024, "It's Not a Modality
+Gap: Characterizing and Addressing the Contrastive Gap").
 
     L = clip + ½ (unif(u) + unif(v)) + align(u, v)  [+ xunif(u, v) when cross_uniformity=True]
 
@@ -15,6 +16,8 @@ from pipeline.losses.metrics import alignment, log_mean_gaussian
 
 
 class ClipGapLoss(ClipLoss):
+    name = "clip_gap"
+
     def __init__(self, cross_uniformity: bool = False, tiled: bool = False, tile_size: int = 1024) -> None:
         super().__init__(tiled=tiled, tile_size=tile_size)
         if not isinstance(cross_uniformity, bool):

@@ -25,6 +25,7 @@ def weight_factors(a: Tensor) -> Tensor:
 
 
 class CwclLoss(ContrastiveLoss):
+    name = "cwcl"
     default_temperature = 0.07
     uses_weights = True
     factors = staticmethod(weight_factors)

@@ -18,10 +18,12 @@ from pipeline.losses.base import ContrastiveLoss, Pairs, Views, leave_out
 
 
 class DclLoss(ContrastiveLoss):
+    name = "dcl"
     default_temperature = 0.1
 
-    def positive_weights(self, p: Pairs) -> Tensor | float:
-        return 1.0
+    def positive_weights(self, p: Pairs) -> Tensor:
+        """w_i per local pair (shared by its two anchors)."""
+        return torch.ones_like(p.u[:, 0])
 
     def compute(self, p: Pairs) -> Tensor:
         views = Views.of(p)
@@ -29,14 +31,14 @@ class DclLoss(ContrastiveLoss):
         def negatives(x: Tensor, cols: slice) -> Tensor:
             return leave_out(x, cols, views.me, views.partner)
         log_negatives, _ = self.pairwise(p.scale * views.z, views.Z, negatives)
-        weights = self.positive_weights(p)
-        if isinstance(weights, Tensor):
-            weights = torch.cat([weights, weights])
+        weights = self.positive_weights(p).repeat(2)
         positive = p.scale * (views.z * views.partner_z).sum(1)
         return (log_negatives - weights * positive).mean()
 
 
 class DclwLoss(DclLoss):
+    name = "dclw"
+
     def __init__(self, sigma: float = 0.5, tiled: bool = False, tile_size: int = 1024) -> None:
         super().__init__(tiled=tiled, tile_size=tile_size)
         if not (sigma > 0 and math.isfinite(sigma)):

@@ -19,6 +19,7 @@ from pipeline.losses.base import ContrastiveLoss, Pairs, Views, leave_out
 
 
 class HclLoss(ContrastiveLoss):
+    name = "hcl"
     default_temperature = 0.5
 
     def __init__(self, beta: float = 1.0, tau_plus: float = 0.1, tiled: bool = False, tile_size: int = 1024) -> None:

@@ -13,15 +13,8 @@ from pipeline.losses.siglip import SiglipLoss
 from pipeline.losses.supcon import SupConLoss, TclLoss
 
 _LOSSES: dict[str, type[ContrastiveLoss]] = {
-    "clip": ClipLoss,
-    "siglip": SiglipLoss,
-    "supcon": SupConLoss,
-    "tcl": TclLoss,
-    "dcl": DclLoss,
-    "dclw": DclwLoss,
-    "hcl": HclLoss,
-    "cwcl": CwclLoss,
-    "clip_gap": ClipGapLoss,
+    cls.name: cls for cls in (ClipLoss, SiglipLoss, SupConLoss, TclLoss, DclLoss, DclwLoss, HclLoss, CwclLoss,
+                              ClipGapLoss)
 }
 LOSS_NAMES: tuple[str, ...] = tuple(_LOSSES)
 

@@ -19,6 +19,7 @@ def softplus_logits(x: Tensor, cols: slice, bias: Tensor) -> Tensor:
 
 
 class SiglipLoss(ContrastiveLoss):
+    name = "siglip"
     default_temperature = 0.1    # t = 10, with b = −10
     uses_bias = True
 

@@ -23,9 +23,8 @@ from pipeline.losses.base import ContrastiveLoss, Pairs, Views, global_mean, lea
 
 def positive_sums(views: Views) -> tuple[Tensor, Tensor]:
     """(Σ_{p∈P(i)} z_i·z_p, |P(i)|) for each local anchor, P over all ranks' anchors."""
-    classes, class_of = torch.unique(torch.cat([views.all_labels, views.labels]), return_inverse=True)
-    n_all = views.Z.shape[0]
-    all_class, my_class = class_of[:n_all], class_of[n_all:]
+    classes, all_class = torch.unique(views.all_labels, return_inverse=True)
+    my_class = all_class[views.me]
     class_sums = views.Z.new_zeros(len(classes), views.Z.shape[1]).index_add(0, all_class, views.Z)
     class_sizes = torch.bincount(all_class, minlength=len(classes))
     dots = (views.z * (class_sums[my_class] - views.z)).sum(1)
@@ -33,6 +32,7 @@ def positive_sums(views: Views) -> tuple[Tensor, Tensor]:
 
 
 class SupConLoss(ContrastiveLoss):
+    name = "supcon"
     default_temperature = 0.1
 
     def log_denominator(self, views: Views, scale: Tensor) -> Tensor:
@@ -49,7 +49,7 @@ class SupConLoss(ContrastiveLoss):
 
 
 class TclLoss(SupConLoss):
-    default_temperature = 0.1
+    name = "tcl"
 
     def __init__(self, k1: float = 5000.0, k2: float = 1.0, tiled: bool = False, tile_size: int = 1024) -> None:
         super().__init__(tiled=tiled, tile_size=tile_size)

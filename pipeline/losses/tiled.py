@@ -2,18 +2,18 @@
 
 Every loss in this package is built from reductions of a matrix of per-pair terms
 
-    t_ij = term(a_i · b_j, j, *params)       (−inf marks a pair that is left out)
+    t_ij = term(a_i·b_j, j, *params)        (−inf marks a pair that is left out)
 
-(the losses fold the logit scale into the rows a, so a_i·b_j is already the logit and most terms
-only leave pairs out)
 over the columns j (a log-sum-exp or a sum per row) and, for the symmetric InfoNCE losses, over
-the rows i as well (one column reduction per column; b's rows are all ranks' rows, a's are
-this rank's, so the column reductions are partial and the caller combines them across ranks).
+the rows i as well. The rows a are this rank's, the columns b all ranks', so column reductions
+are partial and the caller combines them across ranks. The losses fold the logit scale into a,
+so a_i·b_j is already the logit and most terms only leave pairs out.
 
-`pairwise_reduce` computes them either densely (plain autograd; memory O(rows × cols)) or in
-column tiles with a custom autograd function: the forward keeps a running log-sum-exp (or sum)
-per row and never stores a tile; the backward recomputes each tile and differentiates the term
-on it. Both forms give the same values and gradients; the dense one is the reference in tests.
+`pairwise_reduce` computes them densely (plain autograd; memory O(rows × cols)) or in column
+tiles with one custom autograd function: the forward keeps a running log-sum-exp (or sum) per
+row and drops each tile; the backward recomputes each tile, turns it into dL/dt in place and
+differentiates the term on it (at most two tiles live: memory O(rows × tile)). Both forms give
+the same values and gradients; the dense one is the reference in tests.
 """
 from __future__ import annotations
 

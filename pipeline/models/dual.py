@@ -43,12 +43,13 @@ class DualEncoder(nn.Module):
                      embed_dim=spec.embed_dim, dropout=dropout)
         self.image_tower = build_tower(spec.image, "image", **sizes)
         self.text_tower = build_tower(spec.text, "text", **sizes)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)),
+        # shape (1,), not (): DeepSpeed cannot broadcast 0-dim parameters (forward returns scalars)
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)),
                                         requires_grad=learn_temperature)
         if init_bias is None:
             self.register_parameter("logit_bias", None)
         else:
-            self.logit_bias = nn.Parameter(torch.tensor(float(init_bias)))
+            self.logit_bias = nn.Parameter(torch.full((1,), float(init_bias)))
         self.locked_towers: set[str] = set()
         self.tokenizer: Any = None         # set by `load_published`
 
@@ -88,22 +89,31 @@ class DualEncoder(nn.Module):
         return {
             "image": self.encode_image(image) if image is not None else None,
             "text": self.encode_text(text) if text is not None else None,
-            "logit_scale": self.logit_scale.float().exp(),
-            "logit_bias": self.logit_bias.float() if self.logit_bias is not None else None,
+            "logit_scale": self.logit_scale.float().exp().squeeze(0),
+            "logit_bias": self.logit_bias.float().squeeze(0) if self.logit_bias is not None else None,
         }
 
     # ------------------------------------------------------------------------------ training
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
-        """θ ← clamp(θ, 0, ln 100); call after every optimizer step.
+        """θ ← clamp(θ, 0, ln 100); call after every optimizer step, on every rank.
 
-        Under DeepSpeed ZeRO-3 the parameter's data lives in this rank's partition (`ds_tensor`);
-        the clamp is elementwise, so clamping the partition is exact.
+        Under DeepSpeed ZeRO the optimizer keeps an fp32 master copy of θ that the next step copies
+        back into the model, so that copy is clamped too (under ZeRO-1/2 a collective, hence every
+        rank); under ZeRO-3 the model's value and the master are partitioned, and the clamp, being
+        elementwise, is exact on each rank's partition.
         """
+        lo, hi = 0.0, math.log(MAX_LOGIT_SCALE)
         p = self.logit_scale
+        if p.requires_grad and hasattr(p, "ds_id"):            # ZeRO-3: this rank's fp32 partition
+            from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+            safe_set_local_fp32_param(p, safe_get_local_fp32_param(p).clamp(lo, hi))
+        elif p.requires_grad and hasattr(p, "_hp_mapping"):    # ZeRO-1/2, bf16: the fp32 master (collective)
+            from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+            safe_set_full_fp32_param(p, safe_get_full_fp32_param(p).clamp(lo, hi))
         for t in (p.data, getattr(p, "ds_tensor", None)):
             if t is not None and t.numel():
-                t.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
+                t.clamp_(lo, hi)
 
     def lock(self, name: str, unlock_last: int = 0) -> None:
         """Freeze a tower (LiT); with `unlock_last = n` its last n blocks and what follows them train.

@@ -86,7 +86,7 @@ def hf_state_dict(model: DualEncoder) -> dict[str, torch.Tensor]:
     """Our weights under `transformers.CLIPModel`'s names."""
     sd = model.state_dict()
     out = {
-        "logit_scale": sd["logit_scale"],
+        "logit_scale": sd["logit_scale"].reshape(()),
         "vision_model.embeddings.patch_embedding.weight": sd["image_tower.patch_embed.weight"],
         "vision_model.embeddings.class_embedding": sd["image_tower.cls_token"],
         "vision_model.embeddings.position_embedding.weight": sd["image_tower.pos_embed"],
@@ -153,7 +153,7 @@ def open_clip_state_dict(model: DualEncoder) -> dict[str, torch.Tensor]:
     """Our weights under open_clip's `CLIP` names (visual.*, token_embedding, transformer.*, ...)."""
     sd = model.state_dict()
     out = {
-        "logit_scale": sd["logit_scale"],
+        "logit_scale": sd["logit_scale"].reshape(()),
         "visual.conv1.weight": sd["image_tower.patch_embed.weight"],
         "visual.class_embedding": sd["image_tower.cls_token"],
         "visual.positional_embedding": sd["image_tower.pos_embed"],
@@ -163,7 +163,7 @@ def open_clip_state_dict(model: DualEncoder) -> dict[str, torch.Tensor]:
         "text_projection": sd["text_tower.proj"],
     }
     if "logit_bias" in sd:
-        out["logit_bias"] = sd["logit_bias"]
+        out["logit_bias"] = sd["logit_bias"].reshape(())
     for ours, theirs in (("image_tower.norm_pre", "visual.ln_pre"), ("image_tower.norm_post", "visual.ln_post"),
                          ("text_tower.norm_final", "ln_final")):
         for p in ("weight", "bias"):

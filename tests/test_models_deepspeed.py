@@ -36,11 +36,12 @@ def clamp_once(stage: int, bf16: bool) -> list[float]:
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                                       config=config)
     tokens = torch.tensor([[1, 2, 19, 0, 0, 0, 0, 0]] * 2)
+    images = torch.randn(2, 3, 16, 16)
     seen = []
     for push in (1000.0, 0.0, 0.0):
-        out = engine(text=tokens)
+        out = engine(image=images, text=tokens)        # the whole forward contract, both towers
         seen.append(float(out["logit_scale"]))
-        engine.backward(-push * out["logit_scale"].log() + 0.0 * out["text"].sum())
+        engine.backward(-push * out["logit_scale"].log() + 0.0 * (out["image"] * out["text"]).sum())
         engine.step()
         engine.module.clamp_logit_scale()
     return seen + [float(safe_get_full_fp32_param(engine.module.logit_scale))]

@@ -48,11 +48,11 @@ def test_exactly_one_of_racing_processes_wins(tmp_path, where, request):
 
 
 def test_live_claim_blocks_until_it_expires(tmp_path):
-    first = ClaimBook(str(tmp_path), ttl_s=0.5, retry_s=0, max_attempts=3)
-    second = ClaimBook(str(tmp_path), ttl_s=0.5, retry_s=0, max_attempts=3)
+    first = ClaimBook(str(tmp_path), ttl_s=1.0, retry_s=0, max_attempts=3)
+    second = ClaimBook(str(tmp_path), ttl_s=1.0, retry_s=0, max_attempts=3)
     assert first.try_claim("job").attempt == 1
     assert second.try_claim("job") is None           # first's process is alive and the claim is fresh
-    time.sleep(0.6)
+    time.sleep(1.05)
     taken = second.try_claim("job")
     assert taken is not None and taken.attempt == 2
     assert not first.is_latest(first.attempts("job")[0])    # the slow owner learns it lost the job
@@ -72,15 +72,15 @@ def test_claim_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
 
 
 def test_failed_attempt_is_retried_after_delay_then_given_up(tmp_path):
-    book = ClaimBook(str(tmp_path), ttl_s=3600, retry_s=0.3, max_attempts=2)
+    book = ClaimBook(str(tmp_path), ttl_s=3600, retry_s=1.0, max_attempts=2)
     c1 = book.try_claim("job")
     book.fail(c1, "CheckpointError: corrupt")
     assert book.try_claim("job") is None                   # waiting out the retry delay
-    time.sleep(0.35)
+    time.sleep(1.05)
     c2 = book.try_claim("job")
     assert c2.attempt == 2
     book.fail(c2, "CheckpointError: still corrupt")
-    time.sleep(0.35)
+    time.sleep(1.05)
     assert book.try_claim("job") is None                   # max_attempts reached
     last = book.gave_up("job")
     assert last.status == FAILED and last.error == "CheckpointError: still corrupt"

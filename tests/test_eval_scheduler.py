@@ -55,7 +55,7 @@ def test_only_complete_checkpoints_are_seen_or_read(data, tmp_path):
 
 
 def test_corrupt_weights_fail_clearly_and_are_retried_later(data, tmp_path):
-    cfg = eval_config(data, tmp_path, max_attempts=3)
+    cfg = eval_config(data, tmp_path, max_attempts=3, retry_s=3.0)
     ckpt = Path(publish(cfg, 30))
     good = (ckpt / "model.safetensors").read_bytes()
     (ckpt / "model.safetensors").write_bytes(good[: len(good) // 2])       # truncated after publication

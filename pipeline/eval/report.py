@@ -198,6 +198,7 @@ def _shorten(text: str, n: int) -> str:
 def checkpoint_figures(run_dir: str, out_dir: Path, n: int = 8, queries: int = 4) -> list[Figure]:
     """Heat map and retrieval examples: the newest published checkpoint on the first retrieval set."""
     from pipeline.data.transforms import decode_image
+    from pipeline.eval.fashion_mnist import SET_NAME as FASHION_MNIST
     from pipeline.eval.runner import eval_sets
     from pipeline.eval.scheduler import published_checkpoints
     from pipeline.eval.sets import open_eval_set
@@ -210,21 +211,22 @@ def checkpoint_figures(run_dir: str, out_dir: Path, n: int = 8, queries: int = 4
         return [Figure(title, None, "No published checkpoint yet.")]
     model = load_published(checkpoints[-1].url)
     cfg = config_from_dict(model.manifest["config"], origin="checkpoint manifest")
-    sets = [open_eval_set(cfg.data.eval_dir, name) for name in eval_sets(cfg) if name.startswith("retrieval")]
-    if not sets:
+    captioned = next((s for s in (open_eval_set(cfg.data.eval_dir, name) for name in eval_sets(cfg)
+                                  if name != FASHION_MNIST) if s.kind == "retrieval"), None)
+    if captioned is None:
         return [Figure(title, None, "No retrieval set among eval.sets.")]
-    samples = list(sets[0].samples())
-    captions, owner = captions_of(sets[0], samples)
+    samples = list(captioned.samples())
+    captions, owner = captions_of(captioned, samples)
     encoder = Encoder(model, cfg.eval.batch_size)
     sim = (encoder.images(s.image for s in samples) @ encoder.texts(captions).T).numpy()
     images = [decode_image(s.image, 96) for s in samples[: max(n, queries)]]
     first = [owner.index(i) for i in range(min(n, len(samples)))]        # each image's first caption
-    step = checkpoints[-1].step
+    where = f"step {checkpoints[-1].step}, set {captioned.name}"
     return [
         plot_similarity(images[: len(first)], [captions[t] for t in first], sim[: len(first)][:, first],
-                        out_dir / "similarity.png", f"step {step}, set {sets[0].name}"),
+                        out_dir / "similarity.png", where),
         plot_retrieval_examples(images, captions, np.array(owner), sim, list(range(min(queries, len(samples)))),
-                                out_dir / "retrieval_examples.png", f"step {step}, set {sets[0].name}"),
+                                out_dir / "retrieval_examples.png", where),
     ]
 
 

@@ -33,6 +33,10 @@ def run_dir_of(checkpoint_url: str) -> str:
     return parent[0] or "/"
 
 
+def result_url(run_dir: str, step: int) -> str:
+    return storage.join(run_dir, "eval", f"step_{step:08d}.json")
+
+
 def eval_sets(cfg: Config) -> list[str]:
     """The configured set names, or every set found under `data.eval_dir` when none are listed."""
     if cfg.eval.sets:
@@ -81,7 +85,6 @@ def evaluate_checkpoint(checkpoint_url: str, cfg: Optional[Config] = None) -> di
 
 def write_result(run_dir: str, result: dict[str, Any]) -> str:
     """Write the result JSON (atomically) and its TensorBoard scalars; returns the JSON's URL."""
-    from pipeline.eval.scheduler import result_url
     write_scalars(run_dir, result["step"], result["metrics"])
     url = result_url(run_dir, result["step"])
     storage.write_json(url, result)

@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from pipeline import storage
 from pipeline.config import Config, config_from_dict
 from pipeline.eval.claims import ClaimBook
+from pipeline.eval.runner import evaluate_checkpoint, result_url, write_result
 from pipeline.log import get_logger
 
 log = get_logger(__name__)
 
-STEP_PREFIX = "step_"
 
 
 @dataclass(frozen=True)
@@ -36,22 +36,18 @@ class Checkpoint:
 
     @property
     def name(self) -> str:
-        return f"{STEP_PREFIX}{self.step:08d}"
+        return f"step_{self.step:08d}"
 
 
 def published_checkpoints(run_dir: str) -> list[Checkpoint]:
     """The complete published checkpoints of a run, oldest first."""
     root = storage.join(run_dir, "published")
     found = []
-    for name in storage.complete_subdirs(root, prefix=STEP_PREFIX):
-        suffix = name[len(STEP_PREFIX):]
+    for name in storage.complete_subdirs(root, prefix="step_"):
+        suffix = name[len("step_"):]
         if suffix.isdigit():
             found.append(Checkpoint(int(suffix), storage.join(root, name)))
     return sorted(found, key=lambda c: c.step)
-
-
-def result_url(run_dir: str, step: int) -> str:
-    return storage.join(run_dir, "eval", f"{STEP_PREFIX}{step:08d}.json")
 
 
 def select(checkpoints: list[Checkpoint], schedule: str, every_k: int, final: bool) -> list[Checkpoint]:
@@ -79,14 +75,9 @@ class Outcome:
 class Watcher:
     """Evaluates a run's published checkpoints following `cfg.eval`; safe to run several at once."""
 
-    def __init__(self, run_dir: str, cfg: Config,
-                 evaluate: Optional[Callable[[str, Config], dict[str, Any]]] = None,
-                 write: Optional[Callable[[str, dict[str, Any]], None]] = None) -> None:
-        from pipeline.eval import runner
+    def __init__(self, run_dir: str, cfg: Config) -> None:
         self.run_dir = run_dir
         self.cfg = cfg
-        self.evaluate = evaluate or runner.evaluate_checkpoint
-        self.write = write or runner.write_result
         e = cfg.eval
         self.claims = ClaimBook(storage.join(run_dir, "eval", "claims"), e.claim_ttl_s, e.retry_s, e.max_attempts)
         self.outcome = Outcome()
@@ -134,11 +125,13 @@ class Watcher:
             return False
         log.info("evaluating %s (attempt %d)", ckpt.url, claim.attempt)
         try:
-            result = self.evaluate(ckpt.url, self.cfg)
+            result = evaluate_checkpoint(ckpt.url, self.cfg)
         except Exception as e:
             message = f"{type(e).__name__}: {e}"
-            log.error("evaluation of %s failed (attempt %d of %d, retry in %.0f s): %s", ckpt.url, claim.attempt,
-                      self.cfg.eval.max_attempts, self.cfg.eval.retry_s, message)
+            then = (f"retried in {self.cfg.eval.retry_s:.0f} s" if claim.attempt < self.cfg.eval.max_attempts
+                    else "no attempts left")
+            log.error("evaluation of %s failed (attempt %d of %d, %s): %s", ckpt.url, claim.attempt,
+                      self.cfg.eval.max_attempts, then, message)
             self.claims.fail(claim, message)
             self.outcome.failed[ckpt.step] = message
             return False
@@ -147,7 +140,7 @@ class Watcher:
                         "dropping this result", ckpt.name, self.cfg.eval.claim_ttl_s)
             return False
         result.update(attempt=claim.attempt, evaluated_by=claim.owner)
-        self.write(self.run_dir, result)
+        write_result(self.run_dir, result)
         self.outcome.evaluated.append(ckpt.step)
         self.outcome.failed.pop(ckpt.step, None)
         return True

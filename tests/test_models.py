@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ModelConfig, TowerConfig
-from pipeline.models import (MODEL_NAMES, DualEncoder, ModelSpec, TextSpec, ViTSpec, build_model, count_parameters,
-                             optimizer_groups)
+from pipeline.models import MODEL_NAMES, DualEncoder, ModelSpec, TextSpec, ViTSpec, build_model, count_parameters
 
 SMALL_SPEC = ModelSpec(32, ViTSpec(width=48, layers=2, heads=3, patch_size=8), TextSpec(width=32, layers=2, heads=2))
 VOCAB, CONTEXT, SIZE = 100, 12, 32
@@ -196,7 +195,8 @@ def test_locked_tower_is_out_of_the_optimizer_and_the_graph():
     model.lock("text")
     assert model.locked_towers == {"text"}
     assert not any(p.requires_grad for p in model.text_tower.parameters())
-    groups = optimizer_groups(model, weight_decay=0.1)
+    from pipeline.train.engine import param_groups          # what the trainer gives the optimizer
+    groups = param_groups(model, weight_decay=0.1)
     in_optimizer = {id(p) for g in groups for p in g["params"]}
     assert in_optimizer.isdisjoint(id(p) for p in model.text_tower.parameters())
     assert in_optimizer == {id(p) for n, p in model.named_parameters() if not n.startswith("text_tower.")}

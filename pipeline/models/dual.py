@@ -221,10 +221,3 @@ def count_parameters(cfg_model: ModelConfig, *, image_size: int, context_length:
     return {"image": image, "text": text, "logit": total - image - text, "total": total,
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
-
-def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups over the trainable parameters only: weight decay on matrices, none on
-    gains, biases, the class token and the logit scale/bias (everything with fewer than 2 dims)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]

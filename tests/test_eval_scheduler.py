@@ -164,3 +164,21 @@ def test_eval_actor_runs_beside_work_and_drains_the_last_checkpoint(data, tmp_pa
         ray.shutdown()
     assert sorted(outcome["evaluated"]) == [2, 3] and outcome["failed"] == {}
     assert sorted(results(tmp_path)) == [2, 3]    # the final checkpoint is drained whatever the policy
+
+
+def test_watcher_and_report_on_an_s3_run_dir(data, tmp_path, s3_server):
+    from pipeline import storage
+    from pipeline.eval.report import read_results, write_report
+
+    run_dir = f"s3://test-bucket/run-{time.time_ns()}"
+    cfg = eval_config(data, tmp_path)
+    storage.publish_dir(publish(cfg, 8), f"{run_dir}/published/step_00000008")     # COMPLETE written last
+    cfg.run_dir = run_dir
+    watcher = Watcher(run_dir, cfg)
+    assert watcher.poll() == [8] and watcher.poll() == []
+    assert [r["step"] for r in read_results(run_dir)] == [8]
+    assert len([n for n in storage.listdir(f"{run_dir}/tensorboard/eval") if "tfevents" in n]) == 1
+    report = write_report(run_dir)
+    assert report == f"{run_dir}/report.html"
+    assert "Final metrics (step 8)" in storage.read_bytes(report).decode()
+    assert "eval.png" in storage.listdir(f"{run_dir}/report")

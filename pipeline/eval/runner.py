@@ -19,17 +19,19 @@ from pipeline.eval.fashion_mnist import SET_NAME as FASHION_MNIST, ensure_fashio
 from pipeline.eval.sets import EvalSetError, list_eval_sets, open_eval_set
 from pipeline.eval.tasks import Encoder, run_task
 from pipeline.log import get_logger
+from pipeline.models import CheckpointError, load_published
 
 log = get_logger(__name__)
 
 TENSORBOARD_DIR = ("tensorboard", "eval")
+HEADLINE = ("/acc1", "_R@1", "/accuracy")             # the metrics worth a console line
 
 
 def run_dir_of(checkpoint_url: str) -> str:
     """``run_dir/published/step_N`` → ``run_dir``."""
     parent = checkpoint_url.rstrip("/").rsplit("/", 2)
     if len(parent) < 3 or parent[1] != "published":
-        raise ValueError(f"{checkpoint_url}: expected a published checkpoint folder RUN_DIR/published/step_N")
+        raise CheckpointError(f"{checkpoint_url}: expected a published checkpoint folder RUN_DIR/published/step_N")
     return parent[0] or "/"
 
 
@@ -53,8 +55,6 @@ def evaluate_checkpoint(checkpoint_url: str, cfg: Optional[Config] = None) -> di
     checkpoint's manifest. Raises CheckpointError for an unfinished or corrupt checkpoint and
     EvalSetError for a missing or malformed set.
     """
-    from pipeline.models import load_published
-
     started = time.perf_counter()
     model = load_published(checkpoint_url)
     manifest = model.manifest
@@ -88,8 +88,9 @@ def write_result(run_dir: str, result: dict[str, Any]) -> str:
     write_scalars(run_dir, result["step"], result["metrics"])
     url = result_url(run_dir, result["step"])
     storage.write_json(url, result)
-    log.info("eval of step %d done in %.1f s: %d metrics in %s", result["step"], result["timings"]["total_s"],
-             len(result["metrics"]), url)
+    headline = ", ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items() if k.endswith(HEADLINE))
+    log.info("eval step %d (%.1f s): %s; all %d metrics in %s", result["step"], result["timings"]["total_s"],
+             headline, len(result["metrics"]), url)
     return url
 
 

@@ -4,12 +4,10 @@ Everything DeepSpeed-specific that the train loop needs sits behind `Engine`: `s
 step, schedule, logit-scale clamp, gradient norm), `consolidated_state()` (full weights, gathered
 under ZeRO-3) and `save`/`load` of DeepSpeed's native checkpoint.
 
-Three traps of DeepSpeed 0.19 are handled here, once:
-* 0-dim parameters (the logit scale and bias) break it in three places (the byte-view broadcast at
-  start-up, ZeRO-3's partitioning broadcast, stage-0 clipping): they are given shape (1,) inside the
-  engine and reported 0-dim again in `consolidated_state()`.
-* It keeps an fp32 master copy of every parameter under ZeRO 1–3 and bf16: clamping only the
-  module's copy of θ would be undone by the next step, so the clamp is written to the master too.
+Two traps of DeepSpeed 0.19 are handled here, once:
+* It keeps an fp32 master copy of the parameters under bf16 and ZeRO: a clamp of the module's θ
+  alone would be undone by the next step. The model's `clamp_logit_scale()` writes the ZeRO and
+  bf16-optimizer masters; the one it cannot see (stage 0 in bf16) is written here.
 * It loads its checkpoints with `torch.load(weights_only=False)`; `load` forces weights-only
   unpickling, allowing only the few DeepSpeed value classes its checkpoints hold.
 """
@@ -18,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -126,11 +124,11 @@ class Engine:
 
     def __init__(self, cfg: Config, model: nn.Module, world_size: int):
         import deepspeed
-        self.scalars = _as_vectors(model)
         self.ds, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
             config=deepspeed_config(cfg, world_size), lr_scheduler=warmup_cosine(cfg))
         self.zero_stage = self.ds.zero_optimization_stage()
+        self.lr = self.scheduler.get_last_lr()[0]        # the learning rate of the last step taken
         # DeepSpeed leaves the global gradient norm unset at stage 0 in fp32: measured here then.
         self._measure_grad_norm = self.zero_stage == 0 and not self.ds.bfloat16_enabled()
 
@@ -138,41 +136,32 @@ class Engine:
     def module(self) -> nn.Module:
         return self.ds.module
 
-    @property
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
-
     def step(self) -> float:
         """Optimizer step (clipping, schedule), then the logit-scale clamp; returns the pre-clip grad norm."""
         norm = _grad_norm(self.module) if self._measure_grad_norm else None
+        self.lr = self.scheduler.get_last_lr()[0]
         self.ds.step()
-        self._clamp_logit_scale()
+        self.module.clamp_logit_scale()
+        self._clamp_unfused_master()
         return float(norm if norm is not None else self.ds.get_global_grad_norm())
 
-    def _clamp_logit_scale(self) -> None:
+    def _clamp_unfused_master(self) -> None:
+        """Stage 0 in bf16 steps an fp32 copy of each parameter that no DeepSpeed accessor exposes:
+        clamp θ's copy to the model's range too."""
         from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-        from deepspeed.utils import safe_set_full_fp32_param
-        p = self.module.logit_scale
-        with self._gathered([p], modifier_rank=0):
-            self.module.clamp_logit_scale()
-            value = p.detach().float()
-            safe_set_full_fp32_param(p, value)              # ZeRO 1–3, bf16 optimizer; else a no-op
-            if isinstance(self.ds.optimizer, FP16_UnfusedOptimizer):   # stage 0 in bf16
-                for lp_group, hp_group in zip(self.ds.optimizer.fp16_groups, self.ds.optimizer.fp32_groups):
-                    for lp, hp in zip(lp_group, hp_group):
-                        if lp is p:
-                            hp.data.copy_(value)
+        from pipeline.models.dual import MAX_LOGIT_SCALE
+        opt, p = self.ds.optimizer, self.module.logit_scale
+        if isinstance(opt, FP16_UnfusedOptimizer):
+            for lp_group, hp_group in zip(opt.fp16_groups, opt.fp32_groups):
+                for lp, hp in zip(lp_group, hp_group):
+                    if lp is p:
+                        hp.data.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
 
     def consolidated_state(self) -> dict[str, torch.Tensor]:
-        """Full fp32 weights on CPU (gathered from every rank under ZeRO-3), in the model's own shapes.
-
-        A collective under ZeRO-3: call it on every rank.
-        """
-        with self._gathered(list(self.module.parameters())):
-            state = {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
-        for name in self.scalars:
-            state[name] = state[name].reshape(())
-        return state
+        """Full fp32 weights on CPU (gathered from every rank under ZeRO-3). A collective under ZeRO-3."""
+        params = list(self.module.parameters())
+        with _gathered(params) if self.zero_stage == 3 else contextlib.nullcontext():
+            return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
 
     def save(self, local_dir: str) -> None:
         """DeepSpeed's checkpoint (module, optimizer, scheduler) of this rank into `local_dir/deepspeed/`."""
@@ -185,21 +174,11 @@ class Engine:
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {local_dir}/{DEEPSPEED_TAG}")
 
-    def _gathered(self, params: list[nn.Parameter], modifier_rank: Optional[int] = None):
-        if self.zero_stage != 3:
-            return contextlib.nullcontext()
-        import deepspeed
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
-
-def _as_vectors(model: nn.Module) -> list[str]:
-    """Give 0-dim parameters shape (1,) (see the module docstring); returns their names."""
-    names = []
-    for name, p in model.named_parameters():
-        if p.dim() == 0:
-            p.data = p.data.reshape(1)
-            names.append(name)
-    return names
+def _gathered(params: list[nn.Parameter]) -> Any:
+    """ZeRO-3: every rank holds the full `params` inside the context."""
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(params)
 
 
 def _grad_norm(model: nn.Module) -> torch.Tensor:

@@ -1,0 +1,158 @@
+"""The training stage end to end: real Ray Train workers, real DeepSpeed, gloo on CPU.
+
+One local Ray serves the module; each run is a fixture, run once and shared by the tests that read it.
+"""
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import storage
+from pipeline.config import load_config
+from pipeline.train.checkpoint import checkpoint_url, latest_checkpoint, published_url
+
+pytestmark = pytest.mark.slow
+
+GLOBAL_BATCH = 32                      # 16 rows per worker with 2 workers
+REQUIRED_TAGS = {
+    "train/loss", "train/lr", "train/logit_scale", "train/temperature", "train/grad_norm", "train/alignment",
+    "train/uniformity_image", "train/uniformity_text", "train/tolerance", "perf/samples_per_s",
+    "perf/step_time_s", "perf/data_wait_fraction", "perf/peak_memory_gb", "data/bad_samples",
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    from pipeline.data import synthesize
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(str(out), 512, eval_samples=8, image_size=32, shard_size=64, progress=False)   # 8 shards
+    return str(out / "train")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server):
+    """One local Ray for the module, started after the S3 server so its workers see the endpoint."""
+    import ray
+    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=256 * 2**20,
+             _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()
+
+
+def train(run_dir: str, dataset: str, *overrides: str):
+    from pipeline.orchestrate import train as run
+    cfg = load_config(None, [
+        f"run_dir={run_dir}", f"data.train_urls=[{dataset}]", "data.image_size=32", "data.context_length=32",
+        "data.shuffle_buffer=64", "model.name=tiny", "model.dropout=0.0", "loss.name=clip",
+        f"train.global_batch={GLOBAL_BATCH}", "train.steps=8", "train.lr=2e-3", "train.warmup_steps=2",
+        "train.log_every=1", "gradcache.chunk_size=4", "deepspeed.zero_optimization.stage=2",
+        "cluster.num_workers=2", "checkpoint.every_steps=4", "checkpoint.keep=2", "eval.schedule='off'", *overrides])
+    run(cfg)
+    return cfg
+
+
+def published(run_dir: str, step: int) -> dict[str, torch.Tensor]:
+    from pipeline.models import load_published
+    return load_published(published_url(run_dir, step)).state_dict()
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def scalars(tensorboard_url: str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the event files of a folder (any URL), read with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+    series: dict[str, list[tuple[int, float]]] = {}
+    for i, url in enumerate(storage.iter_files(tensorboard_url)):
+        local = Path(f"/tmp/tb-read-{i}")
+        local.write_bytes(storage.read_bytes(url))
+        for event in EventFileLoader(str(local)).Load():
+            for v in event.summary.value:
+                series.setdefault(v.tag, []).append((event.step, float(tensor_util.make_ndarray(v.tensor))))
+        local.unlink()
+    return series
+
+
+# ------------------------------------------------------------------------------------- the runs
+@pytest.fixture(scope="module")
+def s3_two_workers(ray_cluster, dataset):
+    """2 workers, ZeRO 2, gradient cache of 4 chunks per worker, run_dir on S3."""
+    return train("s3://test-bucket/runs/two", dataset, "train.steps=10", "checkpoint.every_steps=5")
+
+
+@pytest.fixture(scope="module")
+def one_worker(ray_cluster, dataset, tmp_path_factory):
+    return train(str(tmp_path_factory.mktemp("one")), dataset, "train.steps=10", "checkpoint.every_steps=5",
+                 "cluster.num_workers=1")
+
+
+@pytest.fixture(scope="module")
+def two_workers_whole(ray_cluster, dataset, tmp_path_factory):
+    """As `s3_two_workers` but the gradient cache's chunk is the whole local batch (one plain backward)."""
+    return train(str(tmp_path_factory.mktemp("whole")), dataset, "train.steps=10", "checkpoint.every_steps=5",
+                 f"gradcache.chunk_size={GLOBAL_BATCH // 2}")
+
+
+@pytest.fixture(scope="module")
+def dropout_run(ray_cluster, dataset, tmp_path_factory):
+    """Dropout on, 4 chunks per worker, 8 steps: the uninterrupted run of the resume test."""
+    return train(str(tmp_path_factory.mktemp("dropout")), dataset, "model.dropout=0.1")
+
+
+# ------------------------------------------------------------------------------------- the tests
+def test_two_workers_learn_and_log_every_scalar(s3_two_workers):
+    run = s3_two_workers.run_dir
+    series = scalars(storage.join(run, "tensorboard"))
+    assert REQUIRED_TAGS <= set(series), f"missing: {REQUIRED_TAGS - set(series)}"
+    loss = [v for _, v in sorted(series["train/loss"])]
+    assert [s for s, _ in sorted(series["train/loss"])] == list(range(1, 11))
+    assert sum(loss[-3:]) / 3 < sum(loss[:3]) / 3 - 0.05, loss
+    lr = dict(series["train/lr"])
+    assert lr[1] == pytest.approx(1e-3) and lr[2] == pytest.approx(2e-3) and lr[10] < lr[5]
+    assert all(v == 0 for _, v in series["data/bad_samples"])
+    assert all(0 <= v <= 1 for _, v in series["perf/data_wait_fraction"])
+    temperature, scale = dict(series["train/temperature"]), dict(series["train/logit_scale"])
+    assert all(temperature[s] == pytest.approx(1 / scale[s]) for s in scale)
+    assert latest_checkpoint(run) == checkpoint_url(run, 10)
+    assert storage.is_complete(published_url(run, 5)) and storage.is_complete(published_url(run, 10))
+
+
+def test_one_worker_ends_where_two_do(s3_two_workers, one_worker):
+    two = published(s3_two_workers.run_dir, 10)
+    one = published(one_worker.run_dir, 10)
+    assert max_abs_diff(one, two) < 1e-5
+
+
+def test_gradient_cache_chunks_do_not_change_the_weights(s3_two_workers, two_workers_whole):
+    """chunk = local batch / 4 vs the whole local batch. (Dropout stays off: a dropout mask is drawn
+    per model call, so different chunkings draw different masks; the cache replays each call's own.)"""
+    for step in (5, 10):
+        chunked, whole = published(s3_two_workers.run_dir, step), published(two_workers_whole.run_dir, step)
+        assert max_abs_diff(chunked, whole) < 1e-5, step
+
+
+def test_resume_continues_exactly_and_ignores_unfinished_checkpoints(dropout_run, dataset, tmp_path):
+    """Copy the 8-step run (dropout on), make its step-8 checkpoint unfinished (no COMPLETE), resume:
+    it must continue from step 4 and end on the same weights; replayed steps are not logged again."""
+    reference = published(dropout_run.run_dir, 8)
+    run = str(tmp_path / "resumed")
+    shutil.copytree(dropout_run.run_dir, run)
+    for unfinished in (checkpoint_url(run, 8), published_url(run, 8)):
+        storage.remove(storage.join(unfinished, storage.COMPLETE))
+    assert latest_checkpoint(run) == checkpoint_url(run, 4)
+    from pipeline.models import CheckpointError, load_published
+    with pytest.raises(CheckpointError, match="COMPLETE"):
+        load_published(published_url(run, 8))
+
+    train(run, dataset, "model.dropout=0.1")
+    assert max_abs_diff(published(run, 8), reference) <= 1e-6
+    assert latest_checkpoint(run) == checkpoint_url(run, 8)
+    logged = Counter(step for step, _ in scalars(storage.join(run, "tensorboard"))["train/loss"])
+    assert logged == Counter(range(1, 9)), "every step exactly once across both runs' event files"

@@ -89,6 +89,76 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Unreadable checkpoints and eval sets end the command with their message, not a traceback."""
+    def handler(args: argparse.Namespace) -> int:
+        from pipeline.eval.sets import EvalSetError
+        from pipeline.models import CheckpointError
+        try:
+            return fn(args)
+        except (CheckpointError, EvalSetError, FileNotFoundError) as e:
+            print(f"contrast {args.command}: {e}", file=sys.stderr)
+            return 1
+    return handler
+
+
+@_eval_command
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.eval.run import format_metrics
+    from pipeline.eval.runner import evaluate_checkpoint, run_dir_of, write_result
+    cfg = load_config(args.config) if args.config else None
+    result = evaluate_checkpoint(args.checkpoint, cfg)
+    url = write_result(run_dir_of(args.checkpoint), result)
+    print(format_metrics(result["metrics"]))
+    print(f"result: {url}")
+    return 0
+
+
+@_eval_command
+def cmd_watch(args: argparse.Namespace) -> int:
+    from pipeline.eval.scheduler import watch
+    cfg = load_config(args.config) if args.config else None
+    outcome = watch(args.run_dir, cfg, once=args.once)
+    print(f"evaluated steps: {', '.join(map(str, outcome.evaluated)) or 'none'}")
+    for step, error in sorted(outcome.failed.items()):
+        print(f"step {step} failed (retried later): {error}", file=sys.stderr)
+    return 1 if outcome.failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.eval.report import write_report
+    print(write_report(args.run_dir))
+    return 0
+
+
+@_eval_command
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.eval.run import format_metrics, run_pipeline
+    from pipeline.orchestrate import TrainingError
+    try:
+        out = run_pipeline(load_config(args.config, args.overrides))
+    except TrainingError as e:
+        print(f"contrast run: {e}", file=sys.stderr)
+        return 1
+    print(f"report: {out['report']}")
+    print(f"final metrics (step {out['step']}; {out['seconds']:.0f} s in all):")
+    print(format_metrics(out["metrics"]))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.orchestrate import TrainingError, train
+    from pipeline.train.checkpoint import latest_checkpoint
+    cfg = load_config(args.config, args.overrides)
+    try:
+        train(cfg)
+    except TrainingError as e:
+        print(f"contrast train: {e}", file=sys.stderr)
+        return 1
+    print(f"trained to step {cfg.train.steps}; resume checkpoint: {latest_checkpoint(cfg.run_dir)}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -147,14 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train with Ray Train + DeepSpeed. Resumes from the latest checkpoint in "
                                        "run_dir unless train.resume=never.")
     config_args(train)
-    train.set_defaults(func=_not_landed("train"))
+    train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate one published checkpoint",
                         description="Zero-shot, retrieval and linear probe on a published checkpoint; writes "
                                     "run_dir/eval/step_N.json and TensorBoard scalars.")
     ev.add_argument("checkpoint", metavar="CHECKPOINT", help="published checkpoint folder (run_dir/published/step_N)")
     ev.add_argument("--config", help="run config for the eval sets (default: the one in the checkpoint)")
-    ev.set_defaults(func=_not_landed("eval"))
+    ev.set_defaults(func=cmd_eval)
 
     watch = sub.add_parser("watch", help="evaluate new published checkpoints as they appear",
                            description="Scheduled evaluation: each complete published checkpoint is evaluated "
@@ -162,12 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("run_dir", metavar="RUN_DIR")
     watch.add_argument("--config", help="run config (default: the one in the newest checkpoint)")
     watch.add_argument("--once", action="store_true", help="evaluate what is pending, then exit")
-    watch.set_defaults(func=_not_landed("watch"))
+    watch.set_defaults(func=cmd_watch)
 
     run = sub.add_parser("run", help="the whole pipeline: data if missing, train, eval, report",
                          description="Synthesise data when missing, train, evaluate on schedule, write the report.")
     config_args(run)
-    run.set_defaults(func=_not_landed("run"))
+    run.set_defaults(func=cmd_run)
 
     export = sub.add_parser("export", help="export a published checkpoint to open_clip, Hugging Face or safetensors",
                             description="Export a published checkpoint with its tokenizer.")
@@ -179,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write run_dir/report.html with training and eval plots",
                             description="Plots of training curves and eval metrics vs step, into report.html.")
     report.add_argument("run_dir", metavar="RUN_DIR")
-    report.set_defaults(func=_not_landed("report"))
+    report.set_defaults(func=cmd_report)
 
     cfg = sub.add_parser("config", help="print the fully resolved, validated config",
                          description="Load CONFIG, apply overrides, validate, print the result as YAML.")

@@ -192,8 +192,10 @@ def open_clip_reference(sd, cfg, images, tokens):
             p = lambda n: sd[f"{prefix}.{i}.{n}"]  # noqa: E731
             width = x.shape[-1]
             attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
-            attn.load_state_dict({"in_proj_weight": p("attn.in_proj_weight"), "in_proj_bias": p("attn.in_proj_bias"),
-                                  "out_proj.weight": p("attn.out_proj.weight"), "out_proj.bias": p("attn.out_proj.bias")})
+            attn.load_state_dict({"in_proj_weight": p("attn.in_proj_weight"),
+                                  "in_proj_bias": p("attn.in_proj_bias"),
+                                  "out_proj.weight": p("attn.out_proj.weight"),
+                                  "out_proj.bias": p("attn.out_proj.bias")})
             h = F.layer_norm(x, (width,), p("ln_1.weight"), p("ln_1.bias"))
             x = x + attn(h, h, h, need_weights=False, attn_mask=mask)[0]
             h = F.layer_norm(x, (width,), p("ln_2.weight"), p("ln_2.bias"))

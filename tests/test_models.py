@@ -87,7 +87,8 @@ def test_forward_contract_and_normalisation():
     assert set(out) == {"image", "text", "logit_scale", "logit_bias"}
     assert torch.allclose(out["image"].norm(dim=-1), torch.ones(6), atol=1e-6)
     assert torch.allclose(out["text"].norm(dim=-1), torch.ones(6), atol=1e-6)
-    assert torch.allclose(out["image"], model.encode_image(images)) and torch.allclose(out["text"], model.encode_text(tokens))
+    assert torch.allclose(out["image"], model.encode_image(images))
+    assert torch.allclose(out["text"], model.encode_text(tokens))
     only_text = model(text=tokens)
     assert only_text["image"] is None and only_text["text"].shape == (6, 32)
     assert model(image=images)["text"] is None
@@ -178,7 +179,8 @@ def test_clamp_logit_scale_keeps_theta_in_0_ln100():
     with torch.no_grad():
         model.logit_scale.fill_(7.0)
     model.clamp_logit_scale()
-    assert model.logit_scale.item() == pytest.approx(math.log(100)) and model()["logit_scale"].item() == pytest.approx(100, rel=1e-5)
+    assert model.logit_scale.item() == pytest.approx(math.log(100))
+    assert model()["logit_scale"].item() == pytest.approx(100, rel=1e-5)
     with torch.no_grad():
         model.logit_scale.fill_(-2.0)
     model.clamp_logit_scale()

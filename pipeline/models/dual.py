@@ -173,7 +173,8 @@ def _hf_spec(path: str, name: str) -> HFSpec:
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ValueError(f"model.{name}.hf_path = {path!r}: not a readable Hugging Face model directory ({e})") from None
+        raise ValueError(f"model.{name}.hf_path = {path!r}: not a readable Hugging Face model directory "
+                         f"({e})") from None
     return HFSpec(config=config.to_dict(), pool="mean" if name == "text" else "cls", source=str(path))
 
 

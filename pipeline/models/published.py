@@ -84,7 +84,8 @@ def load_published(url: str, device: str | torch.device = "cpu") -> DualEncoder:
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{storage.join(url, WEIGHTS)}: weights do not fit the model in the manifest: {e}") from None
+        raise CheckpointError(f"{storage.join(url, WEIGHTS)}: weights do not fit the model in the manifest: "
+                              f"{e}") from None
     model.tokenizer = load_tokenizer(storage.join(url, TOKENIZER), manifest["context_length"])
     model.manifest = manifest
     return model.to(device).eval()

@@ -57,7 +57,6 @@ class TextTower(nn.Module):
 
     def __init__(self, spec: TextSpec, context_length: int, vocab_size: int, embed_dim: int, dropout: float = 0.0):
         super().__init__()
-        self.vocab_size = vocab_size
         self.token_embed = nn.Embedding(vocab_size, spec.width)
         self.pos_embed = nn.Parameter(0.01 * torch.randn(context_length, spec.width))
         self.transformer = Transformer(spec.width, spec.layers, spec.heads, spec.mlp_ratio, dropout, causal=True)

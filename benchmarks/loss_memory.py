@@ -87,9 +87,12 @@ def main() -> None:
     print(f"CLIP loss + backward, global batch {n}, D = {d}, fp32, one process, "
           f"{os.cpu_count()} CPU threads, tile {args.tile}; {args.repeats} interleaved repeats, medians")
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):
         for variant in VARIANTS:
-            runs[variant].append(measure(variant, n, d, args.tile))
+            r = measure(variant, n, d, args.tile)
+            runs[variant].append(r)
+            print(f"  repeat {repeat + 1} {variant:<10} peak extra {gib(r['peak_extra'])}, wall {r['seconds']:.2f}s, "
+                  f"CPU {r['cpu_seconds']:.2f}s", flush=True)
     peak = {v: statistics.median(r["peak_extra"] for r in runs[v]) for v in VARIANTS}
     secs = {v: statistics.median(r["seconds"] for r in runs[v]) for v in VARIANTS}
     cpu = {v: statistics.median(r["cpu_seconds"] for r in runs[v]) for v in VARIANTS}

@@ -14,6 +14,7 @@ from pipeline.losses import LOSS_NAMES, default_temperature, embedding_metrics, 
 from pipeline.losses.cwcl import CwclLoss
 from pipeline.losses.dcl import DclwLoss
 from pipeline.losses.metrics import alignment, log_mean_gaussian
+from pipeline.losses.tiled import pairwise_reduce
 
 F64 = torch.float64
 
@@ -242,6 +243,44 @@ def test_no_nan_at_extremes(name, tiled):
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all()
     assert torch.isfinite(kwargs["logit_scale"].grad)
+
+
+# ---- the kernel on its own --------------------------------------------------------------------------
+
+def shifted_softplus(x, cols, shift):
+    """A term with a parameter and a column-dependent part, as the losses' terms have."""
+    return F.softplus(x + shift) - 0.1 * torch.arange(cols.start, cols.stop, dtype=x.dtype)
+
+
+@pytest.mark.parametrize("row, col", [("lse", None), ("lse", "lse"), ("sum", None), ("sum", "sum"), ("lse", "sum"),
+                                      ("sum", "lse")])
+def test_kernel_reductions_gradcheck(row, col):
+    """Every row/column reduction pair: tiled (uneven tiles) passes gradcheck and equals dense."""
+    a = torch.randn(4, 3, dtype=F64, requires_grad=True)
+    b = torch.randn(7, 3, dtype=F64, requires_grad=True)
+    shift = torch.tensor(0.3, dtype=F64, requires_grad=True)
+
+    def reduced(tile_size):
+        def f(a, b, shift):
+            rows, cols = pairwise_reduce(a, b, shifted_softplus, shift, row=row, col=col, tile_size=tile_size)
+            return rows if cols is None else (rows, cols)
+        return f
+    assert torch.autograd.gradcheck(reduced(3), (a, b, shift))
+    tiled, dense = reduced(3)(a, b, shift), reduced(None)(a, b, shift)
+    for t, d in zip(torch.utils._pytree.tree_leaves(tiled), torch.utils._pytree.tree_leaves(dense)):
+        torch.testing.assert_close(t, d, rtol=1e-12, atol=1e-12)
+
+
+def test_kernel_fully_left_out_row_has_zero_gradient():
+    """A row whose every pair is left out reduces to −inf and passes back 0, not NaN."""
+    a, b = torch.randn(3, 2, requires_grad=True), torch.randn(5, 2, requires_grad=True)
+
+    def drop_row_0(x, cols):
+        return x.masked_fill(torch.tensor([True, False, False]).unsqueeze(1), -math.inf)
+    rows, _ = pairwise_reduce(a, b, drop_row_0, tile_size=2)
+    assert rows[0] == -math.inf and torch.isfinite(rows[1:]).all()
+    rows[1:].sum().backward()
+    assert torch.isfinite(a.grad).all() and (a.grad[0] == 0).all() and torch.isfinite(b.grad).all()
 
 
 # ---- registry and argument errors --------------------------------------------------------------------

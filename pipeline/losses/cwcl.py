@@ -1,7 +1,8 @@
 """cwcl — continuously weighted contrastive loss (Srinivasa et al. 2023, "CWCL: Cross-Modal Transfer
 with Continuously Weighted Contrastive Loss").
 
-With a = `weights_from` (the frozen / reference modality) and w_ij = (a_i·a_j + 1)/2 (no gradient):
+With a = `weights_from` (the frozen / reference modality, rows L2-normalised) and w_ij = (a_i·a_j + 1)/2
+(no gradient):
     L^{U→V} = (1/N) Σ_i [ LSE_j(s·u_i·v_j) − Σ_j w_ij·s·u_i·v_j / Σ_j w_ij ],
 L^{V→U} the same with u and v swapped (same w), L = ½ (L^{U→V} + L^{V→U}); w = I gives clip.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.losses.base import ContrastiveLoss, Pairs
@@ -20,7 +22,8 @@ from pipeline.losses.clip import infonce_lse
 
 
 def weight_factors(a: Tensor) -> Tensor:
-    """f with f_i·f_j = (a_i·a_j + 1)/2."""
+    """f with f_i·f_j = (cos(a_i, a_j) + 1)/2 ∈ [0, 1] (a is normalised here, so w_ii = 1 and Σ_j w_ij ≥ 1)."""
+    a = F.normalize(a, dim=1)
     return torch.cat([a, torch.ones_like(a[:, :1])], 1) / math.sqrt(2)
 
 

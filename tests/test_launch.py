@@ -12,6 +12,7 @@ import fnmatch
 import re
 import shlex
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,10 @@ def test_dockerfile_cuda_base_pinned_torch_then_the_package():
     package_step = next(n for n, a in runs if re.search(r"pip install .*\"\.\[", a))
     assert "-c constraints.txt" in dict(runs)[package_step]
     assert torch_step < package_step, "torch must be installed, pinned, before anything that depends on it"
+    extras = re.search(r'"\.\[([\w,]+)\]"', dict(runs)[package_step]).group(1).split(",")
+    assert "cluster" in extras, "cluster nodes need the job server and dashboard of ray[default]"
+    cluster_extra = _setup_cfg()["options.extras_require"]["cluster"]
+    assert re.search(r"^ray\[default\]", cluster_extra.strip(), re.M), cluster_extra
 
     copied = {}
     for n, (i, a) in enumerate(steps):
@@ -277,3 +282,107 @@ def test_slurm_dashboard_stays_on_localhost_and_the_cluster_needs_a_token():
     text = (LAUNCH / "slurm.sbatch").read_text()
     assert "--dashboard-host=127.0.0.1" in text
     assert "RAY_AUTH_MODE=token" in text
+
+
+# --------------------------------------------- the scripts, run: a fake two-node Slurm allocation
+FAKE_SLURM = {
+    # `scontrol show hostnames LIST`: one name per line
+    "scontrol": '[[ "$1 $2" == "show hostnames" ]] || exit 1\ntr "," "\\n" <<< "$3"\n',
+    # srun: drop its options (and -w's value), run the step's command on this machine
+    "srun": 'while [[ $1 == -* ]]; do [[ $1 == -w ]] && shift; shift; done\nexec "$@"\n',
+}
+# `ray job submit` needs the job server of ray[default] (the image has it; the test venv has only
+# ray[train]). Stand-in: do what the job server does with a submission, i.e. run the entrypoint in
+# the uploaded working dir with RAY_ADDRESS naming the cluster; everything else goes to the real `ray`.
+FAKE_JOB_SERVER = """
+if [[ "$1 $2" == "job submit" ]]; then
+    shift 2; dir=.
+    while [[ $1 != -- ]]; do
+        case $1 in --working-dir) dir=$2; shift 2;; --address) [[ $2 == http* ]] || exit 3; shift 2;; *) exit 4;; esac
+    done
+    shift; cd "$dir" && RAY_ADDRESS=$CLUSTER_GCS exec "$@"
+fi
+exec "$REAL_RAY" "$@"
+"""
+
+
+def _tiny_config(path: Path, data: Path, run_dir: Path) -> Path:
+    path.write_text(yaml.safe_dump({
+        "run_dir": str(run_dir),
+        "data": {"train_urls": [str(data / "train")], "image_size": 32, "context_length": 16},
+        "model": {"name": "tiny"},
+        "train": {"steps": 2, "global_batch": 8, "warmup_steps": 1, "log_every": 1, "precision": "fp32"},
+        "cluster": {"cpus_per_worker": 1},
+        "checkpoint": {"every_steps": 2},
+        "eval": {"schedule": "off"},
+        "logging": {"progress": False},
+    }))
+    return path
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_slurm_script_then_submit_on_a_fake_two_node_allocation(tmp_path):
+    """slurm.sbatch on two fake nodes (srun runs steps here): a token-protected two-node Ray cluster,
+    `contrast train` with one worker per node; then submit.sh sends a second run to the same cluster
+    through its job server. Both runs publish."""
+    import os
+    import signal
+    import sys
+    import tempfile
+    from pipeline.data import synthesize
+    from pipeline import storage
+
+    synthesize(str(tmp_path / "data"), 64, eval_samples=4, image_size=32, shard_size=8, progress=False)
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    for name, body in FAKE_SLURM.items():
+        (shims / name).write_text("#!/usr/bin/env bash\n" + body)
+        (shims / name).chmod(0o755)
+    token = "t" * 32
+    ray_tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")            # short: Ray's socket paths are limited
+    env = {**os.environ, "PATH": f"{shims}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "SLURM_JOB_NODELIST": "node-a,node-b", "SLURM_CPUS_PER_TASK": "1", "WORKERS_PER_NODE": "1",
+           "RAY_PORT": str(_free_port()), "RAY_TMPDIR": ray_tmp, "RAY_AUTH_TOKEN": token}
+    log = tmp_path / "slurm.out"         # a file: the Ray nodes left running would hold a pipe open
+    with open(log, "w") as out_file:
+        job = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"),
+                                str(_tiny_config(tmp_path / "a.yaml", tmp_path / "data", tmp_path / "run-a"))],
+                               env=env, stdout=out_file, stderr=subprocess.STDOUT,
+                               start_new_session=True)      # the Ray nodes it leaves running share its group
+    try:
+        job.wait(timeout=400)
+        out = log.read_text()
+        assert job.returncode == 0, out[-4000:]
+        assert "slurm.sbatch: 2 Ray nodes up" in out
+        assert storage.complete_subdirs(str(tmp_path / "run-a" / "published")) == ["step_00000002"]
+        address = re.search(r"2 Ray nodes up at (\S+)", out).group(1)
+
+        job_server = tmp_path / "job-server"
+        job_server.mkdir()
+        (job_server / "ray").write_text("#!/usr/bin/env bash\n" + FAKE_JOB_SERVER)
+        (job_server / "ray").chmod(0o755)
+        config_b = _tiny_config(tmp_path / "b.yaml", tmp_path / "data", tmp_path / "run-b")
+        submit = subprocess.run([str(LAUNCH / "submit.sh"), str(config_b), "cluster.num_workers=2"],
+                                env={**env, "PATH": f"{job_server}:{env['PATH']}", "RAY_AUTH_MODE": "token",
+                                     "REAL_RAY": str(Path(sys.executable).with_name("ray")),
+                                     "CLUSTER_GCS": address},
+                                cwd=tmp_path / "job-server", capture_output=True, text=True, timeout=400)
+        assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
+        assert storage.complete_subdirs(str(tmp_path / "run-b" / "published")) == ["step_00000002"]
+        assert token not in out + submit.stdout + submit.stderr
+    finally:
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 0)):   # this test's own process group
+            try:
+                os.killpg(job.pid, sig)
+            except ProcessLookupError:
+                break
+            time.sleep(wait)
+        import shutil
+        shutil.rmtree(ray_tmp, ignore_errors=True)

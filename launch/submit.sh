@@ -2,7 +2,7 @@
 # Submit `contrast train` to a running Ray cluster through its job server, and follow its logs.
 #   launch/submit.sh CONFIG [KEY=VALUE ...]
 # CONFIG: a local file (uploaded with the job, so local edits apply without rebuilding the image),
-#   or a path inside the image (/app/configs/cluster.yaml) or a URL every node can read (s3://…).
+#   or a path inside the image (/app/configs/vitb32_laion.yaml) or a URL every node can read (s3://…).
 # RAY_ADDRESS: the job server, default http://127.0.0.1:8265. Reach a remote head on that port with
 #   `ray dashboard launch/ray-cluster.yaml`, `kubectl port-forward svc/HEAD-svc 8265:8265` or
 #   `ssh -L 8265:127.0.0.1:8265 HEAD`; with token authentication export RAY_AUTH_MODE and RAY_AUTH_TOKEN.

@@ -24,7 +24,7 @@ from pipeline.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH, DOCKER = ROOT / "launch", ROOT / "docker"
 IMAGE_WORKDIR = "/app"                    # WORKDIR of docker/Dockerfile: repo files are copied under it
-CLUSTER_CONFIG = "configs/cluster.yaml"
+CLUSTER_CONFIG = "configs/vitb32_laion.yaml"   # the GPU-cluster config the launchers run
 
 
 def _yaml(path: Path) -> dict:

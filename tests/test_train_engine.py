@@ -18,7 +18,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.train.checkpoint import (checkpoint_url, complete_steps, find_resume, latest_checkpoint, prune,
                                        refuse_existing, rng_state, set_rng_state)
 from pipeline.train.engine import deepspeed_config, lr_factor, param_groups, warmup_cosine
-from pipeline.train.metrics import last_logged_step
+from pipeline.train.metrics import logged_steps
 
 LN100 = math.log(100.0)
 
@@ -192,20 +192,21 @@ def _events(folder: Path, tags_steps: list[tuple[str, int]]) -> None:
             w.add_scalar(tag, 1.0, step)
 
 
-def test_last_logged_step_reads_only_this_stages_scalars(tmp_path):
-    assert last_logged_step(str(tmp_path / "none")) == 0
-    _events(tmp_path, [("eval/zeroshot/acc1", 40)] + [("train/loss", s) for s in range(1, 8)])
-    assert last_logged_step(str(tmp_path)) == 7
+def test_logged_steps_reads_only_this_stages_scalars_each_on_its_own(tmp_path):
+    assert logged_steps(str(tmp_path / "none")) == {}
+    steps = [(tag, s) for s in range(1, 8) for tag in ("train/loss", "perf/x")]
+    _events(tmp_path, [("eval/zeroshot/acc1", 40)] + steps + [("train/loss", 8)])   # step 8 cut between its scalars
+    assert logged_steps(str(tmp_path)) == {"train/loss": 8, "perf/x": 7}
     event_file = next(tmp_path.iterdir())
     data = event_file.read_bytes()
     event_file.write_bytes(data[:-5])                   # a writer killed mid-record
-    assert last_logged_step(str(tmp_path)) == 6
+    assert logged_steps(str(tmp_path)) == {"train/loss": 7, "perf/x": 7}
 
 
-def test_last_logged_step_on_s3(s3_server, tmp_path):
+def test_logged_steps_on_s3(s3_server, tmp_path):
     _events(tmp_path, [("perf/samples_per_s", s) for s in (2, 4, 9)])
     storage.upload_dir(tmp_path, "s3://test-bucket/lls/tensorboard")
-    assert last_logged_step("s3://test-bucket/lls/tensorboard") == 9
+    assert logged_steps("s3://test-bucket/lls/tensorboard") == {"perf/samples_per_s": 9}
 
 
 def test_rng_state_round_trips_through_json():

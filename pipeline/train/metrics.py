@@ -6,8 +6,9 @@ Scalars (global over ranks, at every `train.log_every`-th step and the last):
     perf/   samples_per_s, step_time_s, data_wait_fraction, peak_memory_gb
     data/   bad_samples, bad/<reason>
 Event files go to `run_dir/tensorboard/`, directly when it is local, else written locally and
-uploaded (at most every `SYNC_EVERY_S` and at the end). A resumed run first reads the steps already
-logged there and logs none of them again: replayed steps never appear twice on a curve.
+uploaded (at most every `SYNC_EVERY_S`, before each checkpoint and at the end). A resumed run first
+reads the last step of each scalar already logged there and logs none of them again: replayed steps
+never appear twice on a curve, and none goes missing.
 """
 from __future__ import annotations
 
@@ -118,10 +119,10 @@ class TrainLogger:
         self.url = storage.join(cfg.run_dir, TENSORBOARD)
         self.remote = not storage.is_local(self.url)
         self.writer = None
-        self.logged_through = 0
+        self.logged: dict[str, int] = {}                  # tag → last step already in the event files
         if self.enabled and cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.logged_through = last_logged_step(self.url)
+            self.logged = logged_steps(self.url)
             self._dir = tempfile.mkdtemp(prefix="tensorboard-") if self.remote else storage.local_path(self.url)
             self.writer = SummaryWriter(self._dir)
             self._synced = time.monotonic()
@@ -134,10 +135,11 @@ class TrainLogger:
         if not self.enabled:
             return
         log.info(console_line(step, self.total, scalars))
-        if self.writer is None or step <= self.logged_through:
-            return                                        # a replayed step, already on the curves
+        if self.writer is None:
+            return
         for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, step)
+            if step > self.logged.get(tag, 0):            # else a replayed step, already on the curve
+                self.writer.add_scalar(tag, value, step)
         if self.remote and time.monotonic() - self._synced > SYNC_EVERY_S:
             self.sync()
 
@@ -156,10 +158,14 @@ class TrainLogger:
             self.writer.close()
 
 
-def last_logged_step(url: str) -> int:
-    """The highest step of this stage's scalars in the event files directly inside `url` (0: none)."""
+def logged_steps(url: str) -> dict[str, int]:
+    """The last step of each of this stage's scalars in the event files directly inside `url`.
+
+    Per scalar, not per run: a worker killed while its writer was emptying its buffer leaves a step
+    with only some of its scalars on disk, and the resumed run must write the others.
+    """
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    last = 0
+    last: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="tensorboard-read-") as tmp:
         for i, file_url in enumerate(storage.iter_files(url)):
             if "tfevents" not in file_url.rsplit("/", 1)[-1]:
@@ -169,6 +175,7 @@ def last_logged_step(url: str) -> int:
                 path = str(Path(tmp, f"{i}.tfevents"))
                 Path(path).write_bytes(storage.read_bytes(file_url))
             for event in EventFileLoader(path).Load():
-                if any(v.tag.startswith(OWN_PREFIXES) for v in event.summary.value):
-                    last = max(last, event.step)
+                for v in event.summary.value:
+                    if v.tag.startswith(OWN_PREFIXES):
+                        last[v.tag] = max(last.get(v.tag, 0), event.step)
     return last

@@ -136,8 +136,8 @@ def forward_backward(model: nn.Module, images: Tensor, texts: Tensor, loss_fn: C
     loss = _Loss(loss_fn, labels, weights_from)
     if image_chunk >= n and text_chunk >= n:
         return _plain_step(model, images, texts, loss, backward)
-    calls = plan_calls(n, image_chunk, text_chunk, locked_towers(model))
-    return _cached_step(model, images, texts, loss, backward, calls)
+    locked = locked_towers(model)
+    return _cached_step(model, images, texts, loss, backward, plan_calls(n, image_chunk, text_chunk, locked), locked)
 
 
 def _plain_step(model: nn.Module, images: Tensor, texts: Tensor, loss: "_Loss", backward: Backward) -> StepOutput:
@@ -150,7 +150,7 @@ def _plain_step(model: nn.Module, images: Tensor, texts: Tensor, loss: "_Loss", 
 
 
 def _cached_step(model: nn.Module, images: Tensor, texts: Tensor, loss: "_Loss", backward: Backward,
-                 calls: list["Call"]) -> StepOutput:
+                 calls: list["Call"], locked: frozenset[str]) -> StepOutput:
     inputs = {"image": images, "text": texts}
 
     # Pass 1: embeddings without a graph, the RNG state before each call saved for the replay.
@@ -159,19 +159,17 @@ def _cached_step(model: nn.Module, images: Tensor, texts: Tensor, loss: "_Loss",
         for call in calls:
             rng.append(RngState.capture())
             outs.append(model(**call.inputs(inputs)))
-    emb = {t: torch.cat([out[t] for call, out in zip(calls, outs) if call.rows(t) is not None]).float() for t in TOWERS}
+    emb = {t: torch.cat([out[t] for call, out in zip(calls, outs) if call.rows(t) is not None]).float()
+           for t in TOWERS}
     scale, bias = outs[-1]["logit_scale"], outs[-1]["logit_bias"]
 
     # The loss once, on fp32 leaves: d loss / d (every embedding row, scale, bias).
-    leaves = {name: x.detach().float().requires_grad_()
-              for name, x in (("image", emb["image"]), ("text", emb["text"]), ("logit_scale", scale),
-                              ("logit_bias", bias)) if x is not None}
-    with torch.enable_grad():
-        value = loss(leaves["image"], leaves["text"], leaves["logit_scale"], leaves.get("logit_bias"))
-        grads = dict(zip(leaves, torch.autograd.grad(value, list(leaves.values()), allow_unused=True)))
+    leaves = {"image": emb["image"], "text": emb["text"], "logit_scale": scale, "logit_bias": bias}
+    leaves = {k: x.detach().float().requires_grad_() for k, x in leaves.items() if x is not None}
+    value = loss(leaves["image"], leaves["text"], leaves["logit_scale"], leaves.get("logit_bias"))
+    grads = dict(zip(leaves, torch.autograd.grad(value, list(leaves.values()), allow_unused=True)))
 
     # Pass 2: replay every call that has something to train; the last one is the boundary.
-    locked = locked_towers(model)
     for call, state in zip(calls, rng):
         is_last = call is calls[-1]
         towers = [t for t in TOWERS if call.rows(t) is not None and t not in locked]

@@ -87,7 +87,8 @@ Rows = tuple[Optional[slice], Optional[slice]]
 
 def reference_step(model: nn.Module, images: Tensor, texts: Tensor, loss_fn: Callable, *,
                    calls: Optional[list[Rows]] = None, world: int = 1, seed: int = 0,
-                   labels: Optional[Tensor] = None, weights_from: Optional[str] = None) -> tuple[Tensor, dict[str, Tensor]]:
+                   labels: Optional[Tensor] = None,
+                   weights_from: Optional[str] = None) -> tuple[Tensor, dict[str, Tensor]]:
     """One plain step: each rank's rows (`len / world` of them, drawn with seed + rank) encoded with a
     graph by `calls` (default: one call), one loss over the whole batch, one backward, SGD.
     `weights_from` names the tower whose detached embeddings weight the loss (cwcl).

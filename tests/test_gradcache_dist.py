@@ -7,11 +7,9 @@ parameters after the first step with one plain single-process step over the whol
 """
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from dist_helpers import run_world
 from pipeline.gradcache import forward_backward

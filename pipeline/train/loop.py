@@ -41,6 +41,7 @@ def train_worker(config: Config | dict[str, Any]) -> None:
             logger.log(state.step, step_scalars(out, batch.get("label"), lr=engine.lr, grad_norm=grad_norm,
                                                 bad=stream.stats()["bad"], meter=meter))
         if state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.steps:
+            logger.sync()                          # the curves reach the checkpoint before a resume can start there
             checkpoint(engine, stream, cfg, state, loss=float(out.loss))
     logger.close()
 

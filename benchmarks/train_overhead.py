@@ -1,15 +1,19 @@
 """What the training framework costs on top of the work: full loop step vs a bare PyTorch step, on CPU.
 
-  full loop  `contrast train` itself (Ray Train, 1 worker with 1 CPU, DeepSpeed ZeRO 0, the data
-             stream with one loader process, the gradient-cache step with chunk 0 = one plain
-             backward, AdamW through DeepSpeed, clamp, metrics every 10 steps), timed by the loop's own
-             meter: `perf/step_time_s` from TensorBoard, one value per 10-step window, the first
-             window (start-up) dropped; median.
-  bare       the same model (same seed), the same batch shape, the same loss, in a plain loop in this
-             process: forward, loss, backward, torch AdamW step, zero_grad, on one tensor batch held
-             in memory (no data loading); each step timed, the first 3 dropped; median.
+Both sides run in the same Ray Train worker process (1 worker, 1 CPU, one torch thread), one after
+the other, so they see the same process, threads and scheduling:
 
-Both run on one torch thread. Target: full / bare ≤ 1.15.
+  bare       the same model (same seed), the same batch, the same loss, in a plain loop: forward,
+             loss, backward, torch AdamW step, zero_grad, on one batch held in memory (no data
+             loading); each step timed, the first 3 dropped. Run before and after the full loop
+             (a shared machine's load drifts); the median of both.
+  full loop  `pipeline.train.loop.train_worker` itself: the data stream with one loader process, the
+             DeepSpeed engine (ZeRO 0), the gradient-cache step with chunk 0 (= one plain backward),
+             AdamW through DeepSpeed, the clamp, metrics every 10 steps, one checkpoint at the end;
+             timed by the loop's own meter: `perf/step_time_s` from TensorBoard, one value per 10-step
+             window, the first window (start-up) dropped; median.
+
+Target: full / bare ≤ 1.15.
 
     python benchmarks/train_overhead.py [--model tiny] [--batch 128] [--image-size 64] [--steps 60]
 """
@@ -27,6 +31,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 CONTEXT = 32
 LOG_EVERY = 10
+BARE_TIMES = "bare_step_times.json"
 
 
 def config(data: str, run_dir: str, args: argparse.Namespace):
@@ -39,15 +44,22 @@ def config(data: str, run_dir: str, args: argparse.Namespace):
         "gradcache.chunk_size=0", "cluster.num_workers=1", "cluster.cpus_per_worker=1", "eval.schedule='off'"])
 
 
-def full_loop(cfg) -> tuple[float, float]:
-    """Median step time of `contrast train` and its median data-wait fraction."""
-    import ray
+def worker(config: dict) -> None:
+    """The Ray Train worker: bare steps, the real training loop, bare steps again."""
+    from pipeline import storage
+    from pipeline.train.loop import train_worker
+    steps = config.pop("bare_steps")
+    before = bare_loop(config, steps)
+    train_worker(config)
+    after = bare_loop(config, steps)
+    storage.write_json(storage.join(config["run_dir"], BARE_TIMES), {"before": before, "after": after})
+
+
+def full_step_times(cfg) -> tuple[float, float]:
+    """Median step time and data-wait fraction of the training loop, from its TensorBoard scalars."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     from tensorboard.util import tensor_util
     from pipeline import storage
-    from pipeline.orchestrate import train
-    train(cfg)
-    ray.shutdown()
     series: dict[str, dict[int, float]] = {}
     for url in storage.iter_files(storage.join(cfg.run_dir, "tensorboard")):
         for event in EventFileLoader(url).Load():
@@ -58,12 +70,14 @@ def full_loop(cfg) -> tuple[float, float]:
             statistics.median(series["perf/data_wait_fraction"][s] for s in steps))
 
 
-def bare_loop(cfg, steps: int) -> float:
-    """Median step time of forward + loss + backward + AdamW step on one in-memory batch."""
+def bare_loop(cfg_dict: dict, steps: int) -> list[float]:
+    """Step times of forward + loss + backward + AdamW step on one in-memory batch (first 3 dropped)."""
     import torch
+    from pipeline.config import config_from_dict
     from pipeline.data import open_train_stream
     from pipeline.losses import get_loss
     from pipeline.models import build_model
+    cfg = config_from_dict(cfg_dict)
     torch.set_num_threads(1)
     batch = next(iter(open_train_stream(cfg)))
     torch.manual_seed(cfg.seed)
@@ -80,7 +94,7 @@ def bare_loop(cfg, steps: int) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    return statistics.median(times[3:])
+    return times[3:]
 
 
 def _vocab(cfg) -> int:
@@ -96,6 +110,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--data", help="a synthetic dataset's train folder (default: synthesise 4096 samples)")
     args = p.parse_args()
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from pipeline import storage
+    from pipeline.orchestrate import connect
     with tempfile.TemporaryDirectory(prefix="train-overhead-") as tmp:
         data = args.data
         if data is None:
@@ -104,12 +122,20 @@ def main() -> None:
                        progress=False)
             data = tmp + "/synth/train"
         cfg = config(data, tmp + "/run", args)
-        full, wait = full_loop(cfg)
-        bare = bare_loop(cfg, max(args.steps // 2, 20))
+        connect(cfg)
+        trainer = TorchTrainer(worker, train_loop_config={**cfg.to_dict(), "bare_steps": max(args.steps // 3, 10)},
+                               scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                               run_config=RunConfig(storage_path=tmp + "/ray"))
+        trainer.fit()
+        times = storage.read_json(storage.join(cfg.run_dir, BARE_TIMES))
+        full, wait = full_step_times(cfg)
+    before, after = times["before"], times["after"]
+    bare = statistics.median(before + after)
     print(f"model {args.model}, batch {args.batch}, {args.image_size}x{args.image_size} images, 1 thread, CPU")
     print(f"full loop (Ray + DeepSpeed + stream + gradcache step + metrics): {full * 1e3:8.1f} ms/step "
           f"(median; data wait {wait:.1%})")
-    print(f"bare forward + backward + AdamW on an in-memory batch:          {bare * 1e3:8.1f} ms/step (median)")
+    print(f"bare forward + backward + AdamW on an in-memory batch:          {bare * 1e3:8.1f} ms/step (median; "
+          f"{statistics.median(before) * 1e3:.1f} before, {statistics.median(after) * 1e3:.1f} after the full loop)")
     print(f"ratio full / bare: {full / bare:.3f}  (target <= 1.15)")
 
 

@@ -61,6 +61,8 @@ def setup_worker(cfg: Config) -> tuple[int, int]:
     from deepspeed.utils import logger as ds_logger
     ds_logger.setLevel("DEBUG" if cfg.logging.level == "debug" else "WARNING")
     seed_everything(cfg.seed)
+    log.info("worker %d of %d: %d torch threads, device %s", rank, world, torch.get_num_threads(),
+             "cuda" if torch.cuda.is_available() else "cpu")
     return rank, world
 
 

@@ -10,18 +10,6 @@ from pipeline.log import get_logger, setup_logging
 
 log = get_logger("cli")
 
-EXIT_NOT_LANDED = 2
-
-
-class NotLanded(RuntimeError):
-    """A subcommand whose stage is not built yet: exit 2 and say so, never invent results."""
-
-
-def _not_landed(what: str) -> Callable[[argparse.Namespace], int]:
-    def handler(args: argparse.Namespace) -> int:
-        raise NotLanded(f"`contrast {what}` is not available yet: its stage has not landed in this version.")
-    return handler
-
 
 # ------------------------------------------------------------------------------------- handlers
 def _data_command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -86,7 +74,27 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     print(cfg.to_yaml(), end="")
+    print(_parameter_line(cfg))
     return 0
+
+
+def _parameter_line(cfg) -> str:
+    """Parameter counts of the configured model, built on the meta device (no memory, no weights)."""
+    from pipeline.data import load_tokenizer
+    from pipeline.data.shards import dataset_dir
+    from pipeline.models import count_parameters
+
+    where = cfg.data.tokenizer or dataset_dir(cfg.data.train_urls)
+    vocab, source = 49408, "vocabulary 49408 assumed: no tokenizer.json yet"
+    if where is not None:
+        try:
+            vocab, source = load_tokenizer(where, cfg.data.context_length).vocab_size, f"tokenizer {where}"
+        except FileNotFoundError:
+            pass
+    n = count_parameters(cfg.model, image_size=cfg.data.image_size, context_length=cfg.data.context_length,
+                         vocab_size=vocab, loss_name=cfg.loss.name)
+    return (f"# parameters ({source}): image {n['image']:,}, text {n['text']:,}, logit {n['logit']:,}, "
+            f"total {n['total']:,}, trainable {n['trainable']:,}")
 
 
 def _eval_command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -263,9 +271,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging("debug" if args.verbose else "warning" if args.quiet else "info")
     try:
         return int(args.func(args) or 0)
-    except NotLanded as e:
-        print(f"contrast: {e}", file=sys.stderr)
-        return EXIT_NOT_LANDED
     except ConfigError as e:
         print(f"contrast: {e}", file=sys.stderr)
         return 1

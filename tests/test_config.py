@@ -196,3 +196,11 @@ def test_unknown_model_name_lists_the_valid_ones():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["model.name=ViT-Z-99"])
     assert "model.name = 'ViT-Z-99'" in str(e.value) and "ViT-B-32" in str(e.value)
+
+
+def test_cli_config_prints_public_parameter_count_of_vit_b_32():
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "config", str(DEMO), "model.name=ViT-B-32",
+                          "data.image_size=224", "data.context_length=77", "data.train_urls=[]"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "total 151,277,313" in out.stdout          # OpenAI CLIP ViT-B/32, vocabulary 49408

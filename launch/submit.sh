@@ -26,5 +26,6 @@ if [[ -f $config ]]; then
 fi
 read -r -a extra <<< "${RAY_JOB_FLAGS:-}"
 
-ray job submit --address "${RAY_ADDRESS:-http://127.0.0.1:8265}" "${flags[@]}" "${extra[@]}" \
+# ${a[@]+"${a[@]}"}: an empty array under `set -u` in the bash 3.2 of macOS laptops
+ray job submit --address "${RAY_ADDRESS:-http://127.0.0.1:8265}" ${flags[@]+"${flags[@]}"} ${extra[@]+"${extra[@]}"} \
     -- contrast train "$config" cluster.address=auto "$@"

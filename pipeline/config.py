@@ -331,6 +331,8 @@ def _coerce(key: str, value: Any, hint: Any, origin: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(key, value, inner[0], origin)
     if origin_t is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in args:
+            value = "on" if value else "off"          # YAML 1.1 reads a bare off/on as a boolean
         if value not in args:
             raise fail("one of " + ", ".join(repr(a) for a in args))
         return value

@@ -40,6 +40,13 @@ def test_policies_select_by_publication_order():
     assert select([], "every", 1, final=True) == []
 
 
+def test_schedule_off_survives_yaml_booleans(tmp_path):
+    from pipeline.config import load_config
+    (tmp_path / "c.yaml").write_text("eval:\n  schedule: off\n")          # YAML 1.1 reads `off` as false
+    assert load_config(tmp_path / "c.yaml").eval.schedule == "off"
+    assert load_config(None, ["eval.schedule=off"]).eval.schedule == "off"
+
+
 def test_only_complete_checkpoints_are_seen_or_read(data, tmp_path):
     cfg = eval_config(data, tmp_path)
     publish(cfg, 10)

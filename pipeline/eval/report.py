@@ -133,7 +133,7 @@ def plot_eval(results: list[dict[str, Any]], out: Path) -> Figure:
         ax.set_xlabel("step")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, framealpha=0.6, ncol=2)
     for ax in list(axes.flat)[len(by_set):]:
         ax.axis("off")
     fig.tight_layout()

@@ -16,6 +16,7 @@ from pipeline.log import get_logger
 
 log = get_logger(__name__)
 
+
 class Encoder:
     """A frozen published dual encoder (with its tokenizer), encoding in batches.
 

@@ -89,8 +89,9 @@ def s3_two_workers(ray_cluster, dataset):
 
 @pytest.fixture(scope="module")
 def one_worker(ray_cluster, dataset, tmp_path_factory):
+    """1 worker, ZeRO 0 (no per-rank optimizer state, so its checkpoints resume on any world size)."""
     return train(str(tmp_path_factory.mktemp("one")), dataset, "train.steps=10", "checkpoint.every_steps=5",
-                 "cluster.num_workers=1")
+                 "cluster.num_workers=1", "deepspeed.zero_optimization.stage=0")
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +129,17 @@ def test_one_worker_ends_where_two_do(s3_two_workers, one_worker):
     two = published(s3_two_workers.run_dir, 10)
     one = published(one_worker.run_dir, 10)
     assert max_abs_diff(one, two) < 1e-5
+
+
+def test_resume_on_another_world_size_continues_the_same_batches(one_worker, dataset, tmp_path):
+    """The 1-worker run, stopped after step 5, resumed on 2 workers: same batches, same end weights."""
+    reference = published(one_worker.run_dir, 10)
+    run = str(tmp_path / "regrown")
+    shutil.copytree(one_worker.run_dir, run)
+    for unfinished in (checkpoint_url(run, 10), published_url(run, 10)):
+        storage.remove(storage.join(unfinished, storage.COMPLETE))
+    train(run, dataset, "train.steps=10", "checkpoint.every_steps=5", "deepspeed.zero_optimization.stage=0")
+    assert max_abs_diff(published(run, 10), reference) < 1e-5
 
 
 def test_gradient_cache_chunks_do_not_change_the_weights(s3_two_workers, two_workers_whole):

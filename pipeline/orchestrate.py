@@ -5,6 +5,7 @@ cluster at `cluster.address`; the tests, the demo and a multi-node run all come 
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
 from typing import Any, Optional
@@ -25,17 +26,14 @@ class TrainingError(RuntimeError):
 def train(cfg: Config) -> Any:
     """Train `cfg` on `cluster.num_workers` Ray workers and return Ray Train's result.
 
-    Refusals that need no worker (a run_dir of another model, `train.resume=never` over existing
-    checkpoints, an impossible world-size change) are raised here, before anything starts.
+    Refusals that need no worker are raised here, before anything starts (`preflight`).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    from pipeline.train.checkpoint import find_resume, refuse_existing
     from pipeline.train.loop import train_worker
 
-    if cfg.train.resume == "never":
-        refuse_existing(cfg)
-    find_resume(cfg, cfg.cluster.num_workers)
+    cfg = absolute_paths(cfg)
+    preflight(cfg)
     connect(cfg)
     c = cfg.cluster
     resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.use_gpu else {})}
@@ -55,6 +53,32 @@ def train(cfg: Config) -> Any:
     finally:
         if evaluator is not None:
             evaluator.finish(timeout_s=cfg.eval.claim_ttl_s)
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """A copy of `cfg` with its local relative paths made absolute: Ray workers run in other folders."""
+    def fix(url: str) -> str:
+        return url if "://" in url else os.path.abspath(url)
+
+    cfg = copy.deepcopy(cfg)
+    cfg.run_dir = fix(cfg.run_dir)
+    cfg.data.train_urls = [fix(u) for u in cfg.data.train_urls]
+    cfg.data.eval_dir = cfg.data.eval_dir and fix(cfg.data.eval_dir)
+    cfg.data.tokenizer = cfg.data.tokenizer and fix(cfg.data.tokenizer)
+    return cfg
+
+
+def preflight(cfg: Config) -> None:
+    """What the workers would refuse, refused once in the driver: a run_dir of another model,
+    `train.resume=never` over existing checkpoints, an impossible world-size change, missing shards or
+    tokenizer, shards too few for the data stream. (A worker error would cost a Ray start, and
+    `cluster.max_failures` restarts of something that cannot succeed.)"""
+    from pipeline.data import open_train_stream
+    from pipeline.train.checkpoint import find_resume, refuse_existing
+    if cfg.train.resume == "never":
+        refuse_existing(cfg)
+    resume = find_resume(cfg, cfg.cluster.num_workers)
+    open_train_stream(cfg, rank=0, world_size=cfg.cluster.num_workers, state=resume.data_state if resume else None)
 
 
 def connect(cfg: Config) -> None:

@@ -295,3 +295,14 @@ def test_zero3_consolidates_across_two_ranks(tmp_path):
     for r in results:
         assert r["3-fp32"]["master"] == pytest.approx(LN100, abs=1e-6)
         assert r["3-fp32"]["weights_kept"] and r["3-fp32"]["shapes_kept"]
+
+
+def test_workers_get_absolute_local_paths(tmp_path, monkeypatch):
+    from pipeline.orchestrate import absolute_paths
+    monkeypatch.chdir(tmp_path)
+    cfg = cfg_of("run_dir=runs/a", "data.train_urls=[data/train, 's3://b/shards/{0..9}.tar']", "data.eval_dir=data/eval")
+    fixed = absolute_paths(cfg)
+    assert fixed.run_dir == str(tmp_path / "runs/a")
+    assert fixed.data.train_urls == [str(tmp_path / "data/train"), "s3://b/shards/{0..9}.tar"]
+    assert fixed.data.eval_dir == str(tmp_path / "data/eval") and fixed.data.tokenizer is None
+    assert cfg.run_dir == "runs/a"                      # the caller's config is left as it was

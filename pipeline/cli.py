@@ -155,12 +155,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.data import DataError
     from pipeline.orchestrate import TrainingError, train
     from pipeline.train.checkpoint import latest_checkpoint
     cfg = load_config(args.config, args.overrides)
     try:
         train(cfg)
-    except TrainingError as e:
+    except (TrainingError, DataError) as e:
         print(f"contrast train: {e}", file=sys.stderr)
         return 1
     print(f"trained to step {cfg.train.steps}; resume checkpoint: {latest_checkpoint(cfg.run_dir)}")

@@ -306,3 +306,34 @@ def test_workers_get_absolute_local_paths(tmp_path, monkeypatch):
     assert fixed.data.train_urls == [str(tmp_path / "data/train"), "s3://b/shards/{0..9}.tar"]
     assert fixed.data.eval_dir == str(tmp_path / "data/eval") and fixed.data.tokenizer is None
     assert cfg.run_dir == "runs/a"                      # the caller's config is left as it was
+
+
+def _chunked_grad_norms(rank: int, world_size: int) -> dict[int, list[float]]:
+    """Gradient norm of 3 gradient-cache steps (4 chunks) on one fixed batch at a negligible lr, per ZeRO stage."""
+    from pipeline.gradcache import forward_backward
+    from pipeline.losses import get_loss
+    from pipeline.train.engine import Engine
+    g = torch.Generator().manual_seed(0)
+    images, texts = torch.randn(8, 3, 32, 32, generator=g), torch.randint(1, 100, (8, 16), generator=g)
+    norms = {}
+    for stage in (0, 3):
+        cfg = cfg_of("train.global_batch=8", "cluster.num_workers=1", f"deepspeed.zero_optimization.stage={stage}",
+                     "train.lr=1e-9", "train.warmup_steps=0")
+        torch.manual_seed(0)
+        engine = Engine(cfg, _tiny(loss="clip"), world_size)
+        norms[stage] = []
+        for _ in range(3):
+            forward_backward(engine.ds, images, texts, get_loss("clip"), chunk_size=2)
+            norms[stage].append(engine.step())
+    return norms
+
+
+@pytest.mark.slow
+def test_every_step_starts_from_zero_gradients_under_zero3():
+    """ZeRO-3 adds a later backward's gradient onto its partition; the text tower's first gradient of a
+    step comes in a later backward of the gradient cache, so without clearing, steps would pile up."""
+    from dist_helpers import run_world
+    (norms,) = run_world(_chunked_grad_norms, 1)
+    reference = norms[0][0]
+    for stage, values in norms.items():
+        assert values == pytest.approx([reference] * 3, rel=1e-4), (stage, values)

@@ -4,10 +4,12 @@ Everything DeepSpeed-specific that the train loop needs sits behind `Engine`: `s
 step, schedule, logit-scale clamp, gradient norm), `consolidated_state()` (full weights, gathered
 under ZeRO-3) and `save`/`load` of DeepSpeed's native checkpoint.
 
-Two traps of DeepSpeed 0.19 are handled here, once:
+Three traps of DeepSpeed 0.19 are handled here, once:
 * It keeps an fp32 master copy of the parameters under bf16 and ZeRO: a clamp of the module's θ
   alone would be undone by the next step. The model's `clamp_logit_scale()` writes the ZeRO and
   bf16-optimizer masters; the one it cannot see (stage 0 in bf16) is written here.
+* ZeRO-3 keeps stale gradient partitions for parameters whose first gradient of a step comes in a
+  later backward (the gradient cache's text tower): they are cleared after each step.
 * It loads its checkpoints with `torch.load(weights_only=False)`; `load` forces weights-only
   unpickling, allowing only the few DeepSpeed value classes its checkpoints hold.
 """
@@ -141,9 +143,18 @@ class Engine:
         norm = _grad_norm(self.module) if self._measure_grad_norm else None
         self.lr = self.scheduler.get_last_lr()[0]
         self.ds.step()
+        self._clear_zero3_gradients()
         self.module.clamp_logit_scale()
         self._clamp_unfused_master()
         return float(norm if norm is not None else self.ds.get_global_grad_norm())
+
+    def _clear_zero3_gradients(self) -> None:
+        """ZeRO-3 overwrites a parameter's gradient partition only in the first backward of a step and
+        adds to it in later ones; the gradient cache's first backward covers the image tower alone, so
+        the text tower, scale and bias would add onto the previous step's gradients. Start from zero."""
+        flat = getattr(self.ds.optimizer, "grad_partitions_flat_buffer", None)
+        if self.zero_stage == 3 and flat is not None:
+            flat.zero_()
 
     def _clamp_unfused_master(self) -> None:
         """Stage 0 in bf16 steps an fp32 copy of each parameter that no DeepSpeed accessor exposes:

@@ -152,16 +152,7 @@ def _plain_step(model: nn.Module, images: Tensor, texts: Tensor, loss: "_Loss", 
 def _cached_step(model: nn.Module, images: Tensor, texts: Tensor, loss: "_Loss", backward: Backward,
                  calls: list["Call"], locked: frozenset[str]) -> StepOutput:
     inputs = {"image": images, "text": texts}
-
-    # Pass 1: embeddings without a graph, the RNG state before each call saved for the replay.
-    rng, outs = [], []
-    with torch.no_grad():
-        for call in calls:
-            rng.append(RngState.capture())
-            outs.append(model(**call.inputs(inputs)))
-    emb = {t: torch.cat([out[t] for call, out in zip(calls, outs) if call.rows(t) is not None]).float()
-           for t in TOWERS}
-    scale, bias = outs[-1]["logit_scale"], outs[-1]["logit_bias"]
+    rng, emb, scale, bias = _first_pass(model, inputs, calls)
 
     # The loss once, on fp32 leaves: d loss / d (every embedding row, scale, bias).
     leaves = {"image": emb["image"], "text": emb["text"], "logit_scale": scale, "logit_bias": bias}
@@ -184,6 +175,23 @@ def _cached_step(model: nn.Module, images: Tensor, texts: Tensor, loss: "_Loss",
                           if out[k] is not None and out[k].requires_grad and grads.get(k) is not None]
             backward.backward(_surrogate(parts, call), is_last)
     return StepOutput(value.detach(), emb["image"], emb["text"], scale.detach(), _detach(bias))
+
+
+def _first_pass(model: nn.Module, inputs: dict[str, Tensor], calls: list["Call"]
+                ) -> tuple[list["RngState"], dict[str, Tensor], Tensor, Optional[Tensor]]:
+    """Pass 1: every call without a graph, the RNG state before each saved for the replay.
+
+    Returns the states, each tower's embeddings (fp32, concatenated in row order), the scale and
+    the bias. The calls' own outputs are dropped here, not held through pass 2 beside their copy.
+    """
+    rng, outs = [], []
+    with torch.no_grad():
+        for call in calls:
+            rng.append(RngState.capture())
+            outs.append(model(**call.inputs(inputs)))
+    emb = {t: torch.cat([out[t] for call, out in zip(calls, outs) if call.rows(t) is not None]).float()
+           for t in TOWERS}
+    return rng, emb, outs[-1]["logit_scale"], outs[-1]["logit_bias"]
 
 
 def _surrogate(parts: list[tuple[Tensor, Tensor]], call: "Call") -> Tensor:

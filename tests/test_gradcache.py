@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from typing import Callable, Optional
 
 import pytest
@@ -238,6 +239,34 @@ def test_one_boundary_backward_per_step():
     recorder = Recorder()
     forward_backward(ToyDual(), images, texts, clip_loss, chunk_size=4, text_chunk_size=3, backward=recorder)
     assert recorder.marks == [False] * 5 + [True]
+
+
+class PassOneWatcher(ToyDual):
+    """ToyDual that keeps weak references to the embeddings pass 1 returns and, at each pass-2 call,
+    counts how many are still alive."""
+
+    def __init__(self):
+        super().__init__()
+        self.pass_one: list[weakref.ref] = []
+        self.alive_in_pass_two: list[int] = []
+
+    def forward(self, image: Optional[Tensor] = None, text: Optional[Tensor] = None) -> dict:
+        if torch.is_grad_enabled():
+            self.alive_in_pass_two.append(sum(ref() is not None for ref in self.pass_one))
+        out = super().forward(image, text)
+        if not torch.is_grad_enabled():
+            self.pass_one += [weakref.ref(out[t]) for t in ("image", "text") if out[t] is not None]
+        return out
+
+
+def test_pass_one_outputs_are_freed_before_pass_two():
+    """Pass 2 needs only the concatenated embeddings: holding every call's own output as well would
+    keep a second (N, D) copy per tower alive while the chunks' activations are built."""
+    model = PassOneWatcher()
+    images, texts, _ = batch(12)
+    forward_backward(model, images, texts, clip_loss, chunk_size=4)
+    assert len(model.pass_one) == 6                       # 3 image + 3 text chunks in 5 calls
+    assert model.alive_in_pass_two == [0] * 5
 
 
 def test_real_dual_encoder_with_dropout_and_checkpointing():

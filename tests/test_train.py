@@ -103,8 +103,9 @@ def two_workers_whole(ray_cluster, dataset, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dropout_run(ray_cluster, dataset, tmp_path_factory):
-    """Dropout on, 4 chunks per worker, 8 steps: the uninterrupted run of the resume test."""
-    return train(str(tmp_path_factory.mktemp("dropout")), dataset, "model.dropout=0.1")
+    """Dropout on, 4 chunks per worker, ZeRO 3, 8 steps: the uninterrupted run of the resume test."""
+    return train(str(tmp_path_factory.mktemp("dropout")), dataset, "model.dropout=0.1",
+                 "deepspeed.zero_optimization.stage=3")
 
 
 # ------------------------------------------------------------------------------------- the tests
@@ -151,7 +152,7 @@ def test_gradient_cache_chunks_do_not_change_the_weights(s3_two_workers, two_wor
 
 
 def test_resume_continues_exactly_and_ignores_unfinished_checkpoints(dropout_run, dataset, tmp_path):
-    """Copy the 8-step run (dropout on), make its step-8 checkpoint unfinished (no COMPLETE), resume:
+    """Copy the 8-step ZeRO-3 run (dropout on), make its step-8 checkpoint unfinished (no COMPLETE), resume:
     it must continue from step 4 and end on the same weights; replayed steps are not logged again."""
     reference = published(dropout_run.run_dir, 8)
     run = str(tmp_path / "resumed")
@@ -163,7 +164,7 @@ def test_resume_continues_exactly_and_ignores_unfinished_checkpoints(dropout_run
     with pytest.raises(CheckpointError, match="COMPLETE"):
         load_published(published_url(run, 8))
 
-    train(run, dataset, "model.dropout=0.1")
+    train(run, dataset, "model.dropout=0.1", "deepspeed.zero_optimization.stage=3")
     assert max_abs_diff(published(run, 8), reference) <= 1e-6
     assert latest_checkpoint(run) == checkpoint_url(run, 8)
     logged = Counter(step for step, _ in scalars(storage.join(run, "tensorboard"))["train/loss"])

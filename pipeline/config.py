@@ -231,9 +231,22 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. train.global_batch=4096")
     try:
         value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text            # not YAML (e.g. a brace pattern with a colon): keep the string
+    except yaml.YAMLError:      # not YAML, e.g. brace patterns: `[a.tar, s3://b/{0..9}.tar]`
+        value = _plain_list(text) if text.strip().startswith("[") and text.strip().endswith("]") else text
     return key, value
+
+
+def _plain_list(text: str) -> list[str]:
+    """`[a, b/{0..9}.tar, c/{x,y}.tar]` → its items, split on the commas outside braces."""
+    items, depth, current = [], 0, ""
+    for ch in text.strip()[1:-1]:
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            items.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    return [i for i in items + [current.strip()] if i]
 
 
 def _read_text(path: str | Path) -> str:

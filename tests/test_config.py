@@ -204,3 +204,8 @@ def test_cli_config_prints_public_parameter_count_of_vit_b_32():
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert "total 151,277,313" in out.stdout          # OpenAI CLIP ViT-B/32, vocabulary 49408
+
+
+def test_list_override_with_brace_patterns_keeps_each_url():
+    cfg = load_config(None, ["data.train_urls=[a.tar, s3://x/{0..9}.tar, b/{c,d}.tar]"])
+    assert cfg.data.train_urls == ["a.tar", "s3://x/{0..9}.tar", "b/{c,d}.tar"]

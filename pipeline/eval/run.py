@@ -68,27 +68,14 @@ def ensure_data(cfg: Config) -> None:
     log.info("data ready in %.0f s", time.perf_counter() - started)
 
 
-def absolute_paths(cfg: Config) -> None:
-    """Make local relative paths absolute: Ray workers and the eval actor run in other folders."""
-    def fix(url: str) -> str:
-        return os.path.abspath(url) if "://" not in url else url
-
-    cfg.run_dir = fix(cfg.run_dir)
-    cfg.data.train_urls = [fix(u) for u in cfg.data.train_urls]
-    if cfg.data.eval_dir:
-        cfg.data.eval_dir = fix(cfg.data.eval_dir)
-    if cfg.data.tokenizer:
-        cfg.data.tokenizer = fix(cfg.data.tokenizer)
-
-
 def run_pipeline(cfg: Config) -> dict[str, Any]:
     """Data → train (with scheduled eval) → catch-up eval → report. Returns the report URL and final metrics."""
     from pipeline.eval.report import final_metrics, read_results, write_report
     from pipeline.eval.scheduler import Watcher
-    from pipeline.orchestrate import train
+    from pipeline.orchestrate import absolute_paths, train
 
     started = time.perf_counter()
-    absolute_paths(cfg)
+    cfg = absolute_paths(cfg)
     ensure_data(cfg)
     train(cfg)
     if cfg.eval.schedule != "off":

@@ -96,7 +96,15 @@ def connect(cfg: Config) -> None:
         return
     needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + (cfg.eval.cpus if cfg.eval.schedule != "off" else 0)
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=False,
-             object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1")
+             object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1",
+             runtime_env={"worker_process_setup_hook": "pipeline.orchestrate.quiet_local_ray"})
+
+
+def quiet_local_ray() -> None:
+    """Without a dashboard Ray Train's placement-group cleaner cannot query actor state and warns about
+    it every few seconds; that says nothing about the run, so a local Ray keeps it to errors."""
+    import logging
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def ray_storage(run_dir: str) -> dict[str, Any]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
 from pipeline.config import ConfigError, load_config
 from pipeline.log import get_logger, setup_logging
@@ -12,19 +12,6 @@ log = get_logger("cli")
 
 
 # ------------------------------------------------------------------------------------- handlers
-def _data_command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Data problems (missing files, bad shards) end the command with their message, not a traceback."""
-    def handler(args: argparse.Namespace) -> int:
-        from pipeline.data import DataError
-        try:
-            return fn(args)
-        except (DataError, FileNotFoundError) as e:
-            print(f"contrast data: {e}", file=sys.stderr)
-            return 1
-    return handler
-
-
-@_data_command
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from pipeline.data import synthesize
     summary = synthesize(args.out, args.samples, eval_samples=args.eval_samples, image_size=args.image_size,
@@ -36,7 +23,6 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-@_data_command
 def cmd_data_pack(args: argparse.Namespace) -> int:
     from pipeline.data.pack import folder_items, img2dataset_items, pack, table_items
     if args.folder:
@@ -51,7 +37,6 @@ def cmd_data_pack(args: argparse.Namespace) -> int:
     return 0
 
 
-@_data_command
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     from pipeline.data.inspection import format_reports, inspect_shards
     reports = inspect_shards(args.urls, allow_pipe=args.allow_pipe)
@@ -61,10 +46,9 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.models.export import export
-    from pipeline.models.published import CheckpointError
     try:
         out = export(args.checkpoint, args.format, args.out)
-    except (CheckpointError, ValueError) as e:
+    except ValueError as e:                   # a checkpoint this format cannot hold
         print(f"contrast export: {e}", file=sys.stderr)
         return 1
     print(out)
@@ -97,20 +81,6 @@ def _parameter_line(cfg) -> str:
             f"total {n['total']:,}, trainable {n['trainable']:,}")
 
 
-def _eval_command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Unreadable checkpoints and eval sets end the command with their message, not a traceback."""
-    def handler(args: argparse.Namespace) -> int:
-        from pipeline.eval.sets import EvalSetError
-        from pipeline.models import CheckpointError
-        try:
-            return fn(args)
-        except (CheckpointError, EvalSetError, FileNotFoundError) as e:
-            print(f"contrast {args.command}: {e}", file=sys.stderr)
-            return 1
-    return handler
-
-
-@_eval_command
 def cmd_eval(args: argparse.Namespace) -> int:
     from pipeline.eval.run import format_metrics
     from pipeline.eval.runner import evaluate_checkpoint, run_dir_of, write_result
@@ -122,7 +92,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-@_eval_command
 def cmd_watch(args: argparse.Namespace) -> int:
     from pipeline.eval.scheduler import watch
     cfg = load_config(args.config) if args.config else None
@@ -139,15 +108,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-@_eval_command
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.eval.run import format_metrics, run_pipeline
-    from pipeline.orchestrate import TrainingError
-    try:
-        out = run_pipeline(load_config(args.config, args.overrides))
-    except TrainingError as e:
-        print(f"contrast run: {e}", file=sys.stderr)
-        return 1
+    out = run_pipeline(load_config(args.config, args.overrides))
     print(f"report: {out['report']}")
     print(f"final metrics (step {out['step']}; {out['seconds']:.0f} s in all):")
     print(format_metrics(out["metrics"]))
@@ -155,17 +118,29 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.data import DataError
-    from pipeline.orchestrate import TrainingError, train
+    from pipeline.orchestrate import train
     from pipeline.train.checkpoint import latest_checkpoint
     cfg = load_config(args.config, args.overrides)
-    try:
-        train(cfg)
-    except (TrainingError, DataError) as e:
-        print(f"contrast train: {e}", file=sys.stderr)
-        return 1
+    train(cfg)
     print(f"trained to step {cfg.train.steps}; resume checkpoint: {latest_checkpoint(cfg.run_dir)}")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix (config, data, checkpoints, eval sets, training refusals):
+    printed as one message, never a traceback. Imported only when an error happens."""
+    from pipeline.data import DataError
+    from pipeline.eval.sets import EvalSetError
+    from pipeline.models import CheckpointError
+    from pipeline.orchestrate import TrainingError
+    return ConfigError, DataError, CheckpointError, EvalSetError, TrainingError, FileNotFoundError
 
 
 # ------------------------------------------------------------------------------------- parser
@@ -192,10 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Render coloured shapes with captions into shards, plus evaluation sets "
                                         "(zero-shot on seen and held-out combinations, retrieval, relations).")
     synth.add_argument("--out", required=True, help="output URL (folder); train/ and eval/ are written inside")
-    synth.add_argument("--samples", type=int, required=True, help="number of training samples")
-    synth.add_argument("--eval-samples", type=int, default=1000, help="samples per evaluation set (default 1000)")
-    synth.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
-    synth.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    synth.add_argument("--samples", type=_positive_int, required=True, help="number of training samples")
+    synth.add_argument("--eval-samples", type=_positive_int, default=1000, help="samples per evaluation set (default 1000)")
+    synth.add_argument("--image-size", type=_positive_int, default=64, help="image side in pixels (default 64)")
+    synth.add_argument("--shard-size", type=_positive_int, default=1000, help="samples per shard (default 1000)")
     synth.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     synth.add_argument("--workers", type=int, default=1, help="rendering processes (default 1)")
     synth.set_defaults(func=cmd_data_synth)
@@ -209,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--parquet", help="table with image path and caption columns")
     src.add_argument("--img2dataset", help="img2dataset output folder (re-shard)")
     pack.add_argument("--out", required=True, help="output URL (folder)")
-    pack.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    pack.add_argument("--shard-size", type=_positive_int, default=1000, help="samples per shard (default 1000)")
     pack.add_argument("--image-column", default="image", help="table column with image paths (default image)")
     pack.add_argument("--caption-column", default="caption", help="table column with captions (default caption)")
     pack.set_defaults(func=cmd_data_pack)
@@ -272,8 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging("debug" if args.verbose else "warning" if args.quiet else "info")
     try:
         return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"contrast: {e}", file=sys.stderr)
+    except _user_errors() as e:
+        print(f"contrast {args.command}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("contrast: interrupted", file=sys.stderr)

@@ -209,3 +209,13 @@ def test_cli_config_prints_public_parameter_count_of_vit_b_32():
 def test_list_override_with_brace_patterns_keeps_each_url():
     cfg = load_config(None, ["data.train_urls=[a.tar, s3://x/{0..9}.tar, b/{c,d}.tar]"])
     assert cfg.data.train_urls == ["a.tar", "s3://x/{0..9}.tar", "b/{c,d}.tar"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["data", "synth", "--out", "x", "--samples", "-3"], "--samples: expected a positive integer"),
+    (["eval", "/nonexistent/step_00000001"], "COMPLETE"),
+])
+def test_cli_user_errors_are_one_message_not_a_traceback(args, expected):
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode != 0
+    assert expected in out.stderr and "Traceback" not in out.stderr

@@ -114,7 +114,7 @@ def main() -> None:
     intercept = peak["tiled"] - slope * n
     largest_tiled = int((BUDGET - intercept) / per_row)
     largest_dense = int(n * (BUDGET / (peak["dense"] + 2 * n * d * 4)) ** 0.5)
-    print(f"\nlargest global batch in 16 GiB (one process, embeddings + loss + backward), EXTRAPOLATED:")
+    print("\nlargest global batch in 16 GiB (one process, embeddings + loss + backward), EXTRAPOLATED:")
     print(f"  tiled: peak extra {gib(half)} at N={n // 2}, {gib(peak['tiled'])} at N={n}: "
           f"{slope / 1024:.1f} KiB per row + {d * 8} B of embeddings per row -> N ~ {largest_tiled:,}")
     print(f"  dense (grows as N^2): N ~ {largest_dense:,}   ratio {largest_tiled / largest_dense:.1f}x")

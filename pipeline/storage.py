@@ -6,9 +6,11 @@ directory without the marker does not exist for any reader (``is_complete``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -181,6 +183,33 @@ def download_dir(url: str, local_dir: str | Path) -> None:
         dest = local_dir / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         fs.get_file(path, str(dest))
+
+
+@contextlib.contextmanager
+def staged_dir(url: str) -> Iterator[Path]:
+    """A local folder to write `url`'s files into: the folder itself when local, else a temporary
+    one uploaded to `url` on a clean exit (for writers that only know local paths)."""
+    if is_local(url):
+        path = Path(local_path(url))
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="staged-") as tmp:
+        yield Path(tmp)
+        upload_dir(tmp, url)
+
+
+@contextlib.contextmanager
+def local_copy(url: str) -> Iterator[Path]:
+    """A local folder holding `url`'s files: the folder itself when local, else a temporary download
+    (empty when `url` does not exist)."""
+    if is_local(url):
+        yield Path(local_path(url))
+        return
+    with tempfile.TemporaryDirectory(prefix="copy-") as tmp:
+        if exists(url):
+            download_dir(url, tmp)
+        yield Path(tmp)
 
 
 def publish_dir(local_dir: str | Path, url: str, marker: dict[str, Any] | None = None) -> None:

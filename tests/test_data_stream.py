@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import DataError, ShardWriter, merge_states, open_stream, synthesize, train_tokenizer
+from pipeline.data import DataError, merge_states, open_stream, synthesize, train_tokenizer
 from pipeline.data.transforms import decode_image
 
 G = 16
@@ -172,7 +172,6 @@ def broken(tmp_path):
     """Four shards of 40 samples with one corrupt JPEG, one missing and one non-UTF-8 caption, one
     missing image, and a truncated tar; a tokenizer beside them."""
     good = lambda i: (f"s{i:04d}", {"jpg": jpeg(), "txt": f"a red square {i}".encode()})  # noqa: E731
-    shards = []
     for s in range(4):
         samples = [good(s * 100 + i) for i in range(40)]
         if s == 0:

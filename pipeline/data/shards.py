@@ -13,7 +13,6 @@ import posixpath
 import tarfile
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import braceexpand

@@ -54,11 +54,7 @@ def read_scalars(run_dir: str, exclude: tuple[str, ...] = ("eval",)) -> Series:
     """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    root_url = storage.join(run_dir, "tensorboard")
-    with tempfile.TemporaryDirectory(prefix="report-tb-") as tmp:
-        root = Path(storage.local_path(root_url)) if storage.is_local(root_url) else Path(tmp)
-        if not storage.is_local(root_url) and storage.exists(root_url):
-            storage.download_dir(root_url, tmp)
+    with storage.local_copy(storage.join(run_dir, "tensorboard")) as root:
         folders = sorted({p.parent for p in root.rglob("*tfevents*")
                           if not set(p.relative_to(root).parts[:-1]) & set(exclude)})
         values: dict[str, dict[int, float]] = defaultdict(dict)

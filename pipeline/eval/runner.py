@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import tempfile
 import time
 from typing import Any, Optional
 
@@ -102,13 +101,9 @@ def write_scalars(run_dir: str, step: int, metrics: dict[str, float]) -> None:
     """
     from torch.utils.tensorboard import SummaryWriter
 
-    dest = storage.join(run_dir, *TENSORBOARD_DIR)
     suffix = f".step_{step:08d}.{os.getpid()}"
-    with tempfile.TemporaryDirectory(prefix="eval-tb-") as tmp:
-        log_dir = storage.local_path(dest) if storage.is_local(dest) else tmp
-        writer = SummaryWriter(log_dir=log_dir, filename_suffix=suffix)
+    with storage.staged_dir(storage.join(run_dir, *TENSORBOARD_DIR)) as log_dir:
+        writer = SummaryWriter(log_dir=str(log_dir), filename_suffix=suffix)
         for name, value in sorted(metrics.items()):
             writer.add_scalar(f"eval/{name}", value, global_step=step)
         writer.close()
-        if not storage.is_local(dest):
-            storage.upload_dir(tmp, dest)

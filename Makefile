@@ -11,17 +11,22 @@ export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: demo test test-fast setup system-deps clean
+.PHONY: demo test test-fast lint setup system-deps clean
 
 demo: setup
 	$(VENV)/bin/contrast run configs/demo.yaml
 
-test: setup
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Developer loop: skip the multi-process and multi-minute tests.
-test-fast: setup
+test-fast: lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# ruff (pyproject.toml) and the import layers and cycles (setup.cfg [importlinter]).
+lint: setup
+	$(VENV)/bin/ruff check pipeline tests benchmarks
+	$(VENV)/bin/lint-imports --no-cache
 
 setup: system-deps $(STAMP)
 

@@ -19,19 +19,25 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-import webdataset as wds  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import webdataset as wds
+from PIL import Image
 
-from pipeline.data import load_tokenizer, open_stream, synthesize  # noqa: E402
-from pipeline.data import transforms  # noqa: E402
-from pipeline.data.synth import train_sample  # noqa: E402
+from pipeline.data import (
+    StreamOptions,
+    load_tokenizer,
+    open_stream,
+    synthesize,
+    transforms,
+)
+from pipeline.data.synth import train_sample
 
 OUT, BATCH = 224, 32
 
 
 def ours(train_dir: str, samples: int) -> float:
-    stream = open_stream(train_dir, global_batch=BATCH, image_size=OUT, streams=1, shuffle_buffer=64, seed=0)
+    stream = open_stream(train_dir, global_batch=BATCH, seed=0,
+                         options=StreamOptions(image_size=OUT, streams=1, shuffle_buffer=64))
     it = iter(stream)
     start = time.perf_counter()
     for _ in range(samples // BATCH):

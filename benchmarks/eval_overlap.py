@@ -23,15 +23,16 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.eval.run import absolute_paths, ensure_data  # noqa: E402
+from pipeline.config import load_config
+from pipeline.eval.run import absolute_paths, ensure_data
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def config(tmp: Path, run: str, schedule: str, steps: int, every: int):
     cfg = load_config(REPO / "configs" / "demo.yaml", [
-        f"run_dir={tmp / run}", f"data.train_urls=[{tmp / 'synth' / 'train'}]", f"data.eval_dir={tmp / 'synth' / 'eval'}",
+        f"run_dir={tmp / run}", f"data.train_urls=[{tmp / 'synth' / 'train'}]",
+        f"data.eval_dir={tmp / 'synth' / 'eval'}",
         "data.synth.samples=4000", "data.synth.eval_samples=500", "data.synth.shard_size=250",
         f"train.steps={steps}", "train.global_batch=128", "train.warmup_steps=5", f"checkpoint.every_steps={every}",
         f"eval.schedule={schedule}", "eval.poll_s=1", "logging.progress=false"])
@@ -41,6 +42,7 @@ def config(tmp: Path, run: str, schedule: str, steps: int, every: int):
 
 def timed_train(cfg) -> float:
     import ray
+
     from pipeline.orchestrate import train
     start = time.perf_counter()
     train(cfg)

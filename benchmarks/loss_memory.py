@@ -31,6 +31,7 @@ def child(variant: str, batch: int, dim: int, tile: int) -> dict:
     """One loss + backward; returns peak extra bytes, wall and CPU seconds, and the loss value."""
     import torch
     import torch.nn.functional as F
+
     from pipeline.losses import get_loss
 
     def dense(u, v, logit_scale):

@@ -59,6 +59,7 @@ def full_step_times(cfg) -> tuple[float, float]:
     """Median step time and data-wait fraction of the training loop, from its TensorBoard scalars."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     from tensorboard.util import tensor_util
+
     from pipeline import storage
     series: dict[str, dict[int, float]] = {}
     for url in storage.iter_files(storage.join(cfg.run_dir, "tensorboard")):
@@ -73,6 +74,7 @@ def full_step_times(cfg) -> tuple[float, float]:
 def bare_loop(cfg_dict: dict, steps: int) -> list[float]:
     """Step times of forward + loss + backward + AdamW step on one in-memory batch (first 3 dropped)."""
     import torch
+
     from pipeline.config import config_from_dict
     from pipeline.data import open_train_stream
     from pipeline.losses import get_loss
@@ -112,6 +114,7 @@ def main() -> None:
     args = p.parse_args()
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
     from pipeline import storage
     from pipeline.orchestrate import connect
     with tempfile.TemporaryDirectory(prefix="train-overhead-") as tmp:

@@ -5,15 +5,27 @@ import argparse
 import sys
 from typing import Sequence
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import Config, ConfigError, load_config
+from pipeline.data import DataError, load_tokenizer, synthesize
+from pipeline.data.inspection import format_reports, inspect_shards
+from pipeline.data.pack import folder_items, img2dataset_items, pack, table_items
+from pipeline.data.shards import dataset_dir
+from pipeline.eval.evaluate import evaluate_checkpoint, format_metrics, run_dir_of, write_result
+from pipeline.eval.report import write_report
+from pipeline.eval.scheduler import watch
+from pipeline.eval.sets import EvalSetError
 from pipeline.log import get_logger, setup_logging
+from pipeline.models import CheckpointError, count_parameters
+from pipeline.models.export import export
+from pipeline.orchestrate import TrainingError, train
+from pipeline.run import run_pipeline
+from pipeline.train.checkpoint import latest_checkpoint
 
 log = get_logger("cli")
 
 
 # ------------------------------------------------------------------------------------- handlers
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from pipeline.data import synthesize
     summary = synthesize(args.out, args.samples, eval_samples=args.eval_samples, image_size=args.image_size,
                          shard_size=args.shard_size, seed=args.seed, workers=args.workers, progress=not args.quiet)
     print(f"train: {summary['train']} ({summary['samples']} samples, tokenizer.json beside the manifest)")
@@ -24,7 +36,6 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_data_pack(args: argparse.Namespace) -> int:
-    from pipeline.data.pack import folder_items, img2dataset_items, pack, table_items
     if args.folder:
         source, items = args.folder, folder_items(args.folder)
     elif args.img2dataset:
@@ -38,14 +49,12 @@ def cmd_data_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
-    from pipeline.data.inspection import format_reports, inspect_shards
     reports = inspect_shards(args.urls, allow_pipe=args.allow_pipe)
     print(format_reports(reports))
     return 1 if any(r.problems for r in reports) else 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pipeline.models.export import export
     try:
         out = export(args.checkpoint, args.format, args.out)
     except ValueError as e:                   # a checkpoint this format cannot hold
@@ -62,12 +71,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parameter_line(cfg) -> str:
+def _parameter_line(cfg: Config) -> str:
     """Parameter counts of the configured model, built on the meta device (no memory, no weights)."""
-    from pipeline.data import load_tokenizer
-    from pipeline.data.shards import dataset_dir
-    from pipeline.models import count_parameters
-
     where = cfg.data.tokenizer or dataset_dir(cfg.data.train_urls)
     vocab, source = 49408, "vocabulary 49408 assumed: no tokenizer.json yet"
     if where is not None:
@@ -82,8 +87,6 @@ def _parameter_line(cfg) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pipeline.eval.run import format_metrics
-    from pipeline.eval.runner import evaluate_checkpoint, run_dir_of, write_result
     cfg = load_config(args.config) if args.config else None
     result = evaluate_checkpoint(args.checkpoint, cfg)
     url = write_result(run_dir_of(args.checkpoint), result)
@@ -93,7 +96,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from pipeline.eval.scheduler import watch
     cfg = load_config(args.config) if args.config else None
     outcome = watch(args.run_dir, cfg, once=args.once)
     print(f"evaluated steps: {', '.join(map(str, outcome.evaluated)) or 'none'}")
@@ -103,13 +105,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipeline.eval.report import write_report
     print(write_report(args.run_dir))
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.eval.run import format_metrics, run_pipeline
     out = run_pipeline(load_config(args.config, args.overrides))
     print(f"report: {out['report']}")
     print(f"final metrics (step {out['step']}; {out['seconds']:.0f} s in all):")
@@ -118,8 +118,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.orchestrate import train
-    from pipeline.train.checkpoint import latest_checkpoint
     cfg = load_config(args.config, args.overrides)
     train(cfg)
     print(f"trained to step {cfg.train.steps}; resume checkpoint: {latest_checkpoint(cfg.run_dir)}")
@@ -133,14 +131,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's to fix (config, data, checkpoints, eval sets, training refusals):
-    printed as one message, never a traceback. Imported only when an error happens."""
-    from pipeline.data import DataError
-    from pipeline.eval.sets import EvalSetError
-    from pipeline.models import CheckpointError
-    from pipeline.orchestrate import TrainingError
-    return ConfigError, DataError, CheckpointError, EvalSetError, TrainingError, FileNotFoundError
+# Errors that are the user's to fix (config, data, checkpoints, eval sets, training refusals):
+# printed as one message, never a traceback.
+USER_ERRORS = (ConfigError, DataError, CheckpointError, EvalSetError, TrainingError, FileNotFoundError)
 
 
 # ------------------------------------------------------------------------------------- parser
@@ -168,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(zero-shot on seen and held-out combinations, retrieval, relations).")
     synth.add_argument("--out", required=True, help="output URL (folder); train/ and eval/ are written inside")
     synth.add_argument("--samples", type=_positive_int, required=True, help="number of training samples")
-    synth.add_argument("--eval-samples", type=_positive_int, default=1000, help="samples per evaluation set (default 1000)")
+    synth.add_argument("--eval-samples", type=_positive_int, default=1000,
+                       help="samples per evaluation set (default 1000)")
     synth.add_argument("--image-size", type=_positive_int, default=64, help="image side in pixels (default 64)")
     synth.add_argument("--shard-size", type=_positive_int, default=1000, help="samples per shard (default 1000)")
     synth.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
@@ -247,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging("debug" if args.verbose else "warning" if args.quiet else "info")
     try:
         return int(args.func(args) or 0)
-    except _user_errors() as e:
+    except USER_ERRORS as e:
         print(f"contrast {args.command}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

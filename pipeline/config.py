@@ -5,6 +5,10 @@ read as YAML (``train.global_batch=4096``, ``data.train_urls=[a.tar,b.tar]``). E
 checked against the dataclasses; every value is coerced to the field's type or rejected. Errors
 name the key, the value, what was expected and where the value came from, and they happen before
 any worker starts. ``deepspeed`` is the one free-form section: its keys pass through to DeepSpeed.
+
+This module imports no stage: the names a stage resolves (losses, models) are checked by that stage,
+which registers its check (`register_check`) when imported. The CLI and every worker import the
+stages, so their checks always run there; a script that imports only this module checks the schema.
 """
 from __future__ import annotations
 
@@ -13,9 +17,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
+import fsspec
 import yaml
+
+from pipeline.layout import TOWERS
 
 DEFAULTS = "defaults"
 COMMAND_LINE = "command line"
@@ -67,6 +74,20 @@ class ModelConfig:
     image: TowerConfig = field(default_factory=TowerConfig)
     text: TowerConfig = field(default_factory=TowerConfig)
 
+    def tower(self, name: str) -> TowerConfig:
+        if name not in TOWERS:
+            raise ValueError(f"unknown tower {name!r}; expected one of {TOWERS}")
+        return getattr(self, name)
+
+    def frozen_towers(self) -> list[str]:
+        """The towers locked whole (``lock`` with no ``unlock_last``): they run without a graph."""
+        return [t for t in TOWERS if self.tower(t).lock and not self.tower(t).unlock_last]
+
+
+def _hyper(default: Any = None) -> Any:
+    """A loss hyper-parameter field: passed to `get_loss` when set (None: the loss's own default)."""
+    return field(default=default, metadata={"hyper": True})
+
 
 @dataclass
 class LossConfig:
@@ -76,17 +97,17 @@ class LossConfig:
     tile_size: int = 1024
     init_temperature: Optional[float] = None   # None: the loss family's default
     learn_temperature: bool = True
-    k1: Optional[float] = None             # tcl
-    k2: Optional[float] = None             # tcl
-    sigma: Optional[float] = None          # dclw
-    beta: Optional[float] = None           # hcl
-    tau_plus: Optional[float] = None       # hcl
-    cross_uniformity: Optional[bool] = None  # clip_gap
+    k1: Optional[float] = _hyper()             # tcl
+    k2: Optional[float] = _hyper()             # tcl
+    sigma: Optional[float] = _hyper()          # dclw
+    beta: Optional[float] = _hyper()           # hcl
+    tau_plus: Optional[float] = _hyper()       # hcl
+    cross_uniformity: Optional[bool] = _hyper()  # clip_gap
 
     def hyper(self) -> dict[str, Any]:
         """The hyper-parameters explicitly set, as keyword arguments for `get_loss`."""
-        names = ("k1", "k2", "sigma", "beta", "tau_plus", "cross_uniformity")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata.get("hyper") and getattr(self, f.name) is not None}
 
 
 @dataclass
@@ -174,6 +195,10 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def problem(self, key: str, expected: str) -> str:
+        """One validation message: the key, its value, where it came from, what was expected."""
+        return f"{key} = {_get(self, key)!r} (from {self.origin(key)}): expected {expected}"
+
     def origin(self, key: str) -> str:
         """Where the value of a dotted key came from: a file, the command line, or the defaults."""
         sources: dict[str, str] = getattr(self, "_sources", {})
@@ -250,7 +275,6 @@ def _plain_list(text: str) -> list[str]:
 
 
 def _read_text(path: str | Path) -> str:
-    import fsspec
     try:
         with fsspec.open(str(path), "r", encoding="utf-8") as f:
             return f.read()
@@ -385,14 +409,25 @@ def _coerce(key: str, value: Any, hint: Any, origin: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------ validation
+StageCheck = Callable[[Config], list[str]]
+_STAGE_CHECKS: list[StageCheck] = []
+
+
+def register_check(check: StageCheck) -> StageCheck:
+    """Add a stage's own check of its section (the names it resolves, the rules it owns) to
+    `validate_config`. Stages register when imported, so this module needs none of them."""
+    if check not in _STAGE_CHECKS:
+        _STAGE_CHECKS.append(check)
+    return check
+
+
 def validate_config(cfg: Config) -> None:
     """Check ranges and combinations; raise one ConfigError listing every problem found."""
     problems: list[str] = []
 
     def need(ok: bool, key: str, expected: str) -> None:
         if not ok:
-            value = _get(cfg, key)
-            problems.append(f"{key} = {value!r} (from {cfg.origin(key)}): expected {expected}")
+            problems.append(cfg.problem(key, expected))
 
     t, c, g = cfg.train, cfg.cluster, cfg.gradcache
     need(t.steps >= 1, "train.steps", "at least 1")
@@ -433,29 +468,10 @@ def validate_config(cfg: Config) -> None:
     if not c.use_gpu and _get_dict(cfg.deepspeed, "fp16.enabled"):
         problems.append(f"deepspeed.fp16.enabled = true (from {cfg.origin('deepspeed.fp16')}): DeepSpeed refuses fp16 "
                         "on CPU; use train.precision=bf16 or fp32, or cluster.use_gpu=true")
-    problems.extend(_check_stage_names(cfg))
+    for check in _STAGE_CHECKS:
+        problems.extend(check(cfg))
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
-
-
-def _check_stage_names(cfg: Config) -> list[str]:
-    """Names resolved by the stage registries: the loss (with its hyper-parameters) and the model."""
-    from pipeline.losses import LOSS_NAMES, get_loss
-    from pipeline.models import MODEL_NAMES
-
-    problems = []
-    if cfg.loss.name not in LOSS_NAMES:
-        problems.append(f"loss.name = {cfg.loss.name!r} (from {cfg.origin('loss.name')}): expected one of "
-                        + ", ".join(LOSS_NAMES))
-    else:
-        try:
-            get_loss(cfg.loss.name, **cfg.loss.hyper())
-        except (TypeError, ValueError) as e:
-            problems.append(f"loss (from {cfg.origin('loss')}): {e}")
-    if cfg.model.name not in MODEL_NAMES:
-        problems.append(f"model.name = {cfg.model.name!r} (from {cfg.origin('model.name')}): expected one of "
-                        + ", ".join(MODEL_NAMES))
-    return problems
 
 
 def _get(cfg: Config, key: str) -> Any:

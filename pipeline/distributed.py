@@ -8,6 +8,8 @@ all-reduce is an all-reduce.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -115,3 +117,28 @@ def all_reduce_logsumexp(x: Tensor) -> Tensor:
     m = all_reduce_max(x)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     return m + all_reduce_sum(torch.exp(x - m)).log()
+
+
+# ------------------------------------------------------------------------------ Python objects
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for without a process group)."""
+    if is_initialized():
+        dist.barrier()
+
+
+def broadcast_from_rank0(value: Any) -> Any:
+    """Rank 0's `value` on every rank: one answer where ranks could see storage differently."""
+    if not is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    """Every rank's picklable `value`, by rank (a list of one without a process group)."""
+    if not is_distributed():
+        return [value]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, value)
+    return out

@@ -20,22 +20,23 @@ calls, identical in the two passes:
     chunk and the last text chunk, whose surrogate Σ e·g + s·ds + b·db is the step's only
     "boundary" backward.
 
-Earlier calls only accumulate gradients locally (DDP `no_sync`, DeepSpeed with the accumulation
-boundary off); in the boundary backward every trainable parameter, the scale and bias included,
+Earlier calls only accumulate gradients locally (DDP `no_sync`; a DeepSpeed engine brings its own
+`Backward` that turns the accumulation boundary off); in the boundary backward every trainable
+parameter, the scale and bias included,
 receives gradient, so DDP (without `find_unused_parameters`) and ZeRO 1/2 reduce one complete set.
 Towers listed in `model.locked_towers` are encoded in pass 1 only: their embeddings are final.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
-from typing import Any, Callable, ContextManager, Iterator, Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-TOWERS = ("image", "text")
+from pipeline.layout import TOWERS
 
 
 @dataclass
@@ -74,42 +75,18 @@ class DDPBackward(Backward):
         return nullcontext() if is_last else self.ddp.no_sync()
 
 
-class DeepSpeedBackward(Backward):
-    """A DeepSpeed engine built with `gradient_accumulation_steps=1`.
-
-    The accumulation boundary is set explicitly before each micro-step (what DeepSpeed documents for
-    caller-driven accumulation; `no_sync` is refused under ZeRO 2/3), so ZeRO 1/2 reduce and
-    partition the accumulated gradients once, at the last micro-step, and nothing is divided by K.
-    """
-
-    def __init__(self, engine: Any):
-        self.engine = engine
-
-    @contextmanager
-    def micro_step(self, is_last: bool) -> Iterator[None]:
-        self.engine.set_gradient_accumulation_boundary(is_last)
-        yield
-
-    def backward(self, loss: Tensor, is_last: bool) -> None:
-        self.engine.backward(loss)
-
-
-def _is_deepspeed(model: nn.Module) -> bool:
-    return hasattr(model, "set_gradient_accumulation_boundary")
-
-
 def backward_strategy(model: nn.Module) -> Backward:
-    """The strategy matching how `model` is wrapped: a DeepSpeed engine, DDP, or a plain module."""
-    if _is_deepspeed(model):
-        return DeepSpeedBackward(model)
-    if isinstance(model, DistributedDataParallel):
-        return DDPBackward(model)
-    return Backward()
+    """The strategy matching how `model` is wrapped: DDP, or a plain module. (A DeepSpeed engine's
+    strategy comes with it: `pipeline.train.engine.DeepSpeedBackward`.)"""
+    if hasattr(model, "set_gradient_accumulation_boundary"):      # plain autograd would bypass its reduction
+        raise ValueError("forward_backward: this model manages its own gradients (a DeepSpeed engine?); pass "
+                         "its Backward strategy, e.g. backward=pipeline.train.engine.DeepSpeedBackward(engine)")
+    return DDPBackward(model) if isinstance(model, DistributedDataParallel) else Backward()
 
 
 def locked_towers(model: nn.Module) -> frozenset[str]:
-    """The towers the (possibly wrapped) dual encoder declares frozen."""
-    inner = model.module if isinstance(model, DistributedDataParallel) or _is_deepspeed(model) else model
+    """The towers the (possibly wrapped: DDP, DeepSpeed) dual encoder declares frozen."""
+    inner = getattr(model, "module", model)
     locked = frozenset(getattr(inner, "locked_towers", ()))
     if not locked <= set(TOWERS):
         raise ValueError(f"model.locked_towers = {sorted(locked)}: expected a subset of {list(TOWERS)}")
@@ -122,7 +99,7 @@ def forward_backward(model: nn.Module, images: Tensor, texts: Tensor, loss_fn: C
                      weights_from: Optional[str] = None, backward: Optional[Backward] = None) -> StepOutput:
     """Forward and backward of one step over this rank's batch; the caller then steps the optimizer.
 
-    `model` is a dual encoder (plain, DDP or a DeepSpeed engine) called as
+    `model` is a dual encoder (plain, DDP, or a DeepSpeed engine with its `backward`) called as
     `model(image=..., text=...) -> {"image", "text", "logit_scale", "logit_bias"}`. `chunk_size` is
     the image chunk of the gradient cache, `text_chunk_size` the text one (0: the same); 0, or chunks
     covering the whole batch, is one plain forward and backward. `weights_from` ("image" or "text")
@@ -140,7 +117,7 @@ def forward_backward(model: nn.Module, images: Tensor, texts: Tensor, loss_fn: C
     return _cached_step(model, images, texts, loss, backward, plan_calls(n, image_chunk, text_chunk, locked), locked)
 
 
-def _plain_step(model: nn.Module, images: Tensor, texts: Tensor, loss: "_Loss", backward: Backward) -> StepOutput:
+def _plain_step(model: nn.Module, images: Tensor, texts: Tensor, loss: _Loss, backward: Backward) -> StepOutput:
     with backward.micro_step(is_last=True):
         out = model(image=images, text=texts)
         value = loss(out["image"], out["text"], out["logit_scale"], out["logit_bias"])
@@ -149,8 +126,8 @@ def _plain_step(model: nn.Module, images: Tensor, texts: Tensor, loss: "_Loss", 
                       out["logit_scale"].detach(), _detach(out["logit_bias"]))
 
 
-def _cached_step(model: nn.Module, images: Tensor, texts: Tensor, loss: "_Loss", backward: Backward,
-                 calls: list["Call"], locked: frozenset[str]) -> StepOutput:
+def _cached_step(model: nn.Module, images: Tensor, texts: Tensor, loss: _Loss, backward: Backward,
+                 calls: list[Call], locked: frozenset[str]) -> StepOutput:
     inputs = {"image": images, "text": texts}
     rng, emb, scale, bias = _first_pass(model, inputs, calls)
 
@@ -177,8 +154,8 @@ def _cached_step(model: nn.Module, images: Tensor, texts: Tensor, loss: "_Loss",
     return StepOutput(value.detach(), emb["image"], emb["text"], scale.detach(), _detach(bias))
 
 
-def _first_pass(model: nn.Module, inputs: dict[str, Tensor], calls: list["Call"]
-                ) -> tuple[list["RngState"], dict[str, Tensor], Tensor, Optional[Tensor]]:
+def _first_pass(model: nn.Module, inputs: dict[str, Tensor], calls: list[Call]
+                ) -> tuple[list[RngState], dict[str, Tensor], Tensor, Optional[Tensor]]:
     """Pass 1: every call without a graph, the RNG state before each saved for the replay.
 
     Returns the states, each tower's embeddings (fp32, concatenated in row order), the scale and
@@ -194,7 +171,7 @@ def _first_pass(model: nn.Module, inputs: dict[str, Tensor], calls: list["Call"]
     return rng, emb, outs[-1]["logit_scale"], outs[-1]["logit_bias"]
 
 
-def _surrogate(parts: list[tuple[Tensor, Tensor]], call: "Call") -> Tensor:
+def _surrogate(parts: list[tuple[Tensor, Tensor]], call: Call) -> Tensor:
     """Σ x·g over (output, cached gradient) pairs: its gradient w.r.t. the parameters is Σ g·dx/dθ."""
     total = sum((x.float() * g).sum() for x, g in parts)
     if not isinstance(total, Tensor) or not total.requires_grad:
@@ -244,7 +221,7 @@ class RngState:
     cuda: Optional[Tensor]
 
     @classmethod
-    def capture(cls) -> "RngState":
+    def capture(cls) -> RngState:
         cuda = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
         return cls(torch.get_rng_state(), cuda)
 

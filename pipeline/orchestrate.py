@@ -8,11 +8,16 @@ from __future__ import annotations
 import copy
 import os
 import time
-from typing import Any, Optional
+from typing import Any
 
 from pipeline import storage
 from pipeline.config import Config
+from pipeline.data import open_train_stream
+from pipeline.eval.scheduler import start_eval_actor
+from pipeline.layout import RAY
 from pipeline.log import get_logger
+from pipeline.train.checkpoint import find_resume, refuse_existing
+from pipeline.train.loop import train_worker
 
 log = get_logger(__name__)
 
@@ -30,7 +35,6 @@ def train(cfg: Config) -> Any:
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    from pipeline.train.loop import train_worker
 
     cfg = absolute_paths(cfg)
     preflight(cfg)
@@ -45,7 +49,7 @@ def train(cfg: Config) -> Any:
         run_config=RunConfig(name=time.strftime("train-%Y%m%d-%H%M%S"), **ray_storage(cfg.run_dir),
                              failure_config=FailureConfig(max_failures=c.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)))
-    evaluator = start_evaluator(cfg)
+    evaluator = start_eval_actor(cfg) if cfg.eval.schedule != "off" else None
     try:
         return trainer.fit()
     except Exception as e:
@@ -73,8 +77,6 @@ def preflight(cfg: Config) -> None:
     `train.resume=never` over existing checkpoints, an impossible world-size change, missing shards or
     tokenizer, shards too few for the data stream. (A worker error would cost a Ray start, and
     `cluster.max_failures` restarts of something that cannot succeed.)"""
-    from pipeline.data import open_train_stream
-    from pipeline.train.checkpoint import find_resume, refuse_existing
     if cfg.train.resume == "never":
         refuse_existing(cfg)
     resume = find_resume(cfg, cfg.cluster.num_workers)
@@ -94,7 +96,8 @@ def connect(cfg: Config) -> None:
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address, log_to_driver=True)
         return
-    needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + (cfg.eval.cpus if cfg.eval.schedule != "off" else 0)
+    eval_cpus = cfg.eval.cpus if cfg.eval.schedule != "off" else 0
+    needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + eval_cpus
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=False,
              object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1",
              runtime_env={"worker_process_setup_hook": "pipeline.orchestrate.quiet_local_ray"})
@@ -110,24 +113,11 @@ def quiet_local_ray() -> None:
 def ray_storage(run_dir: str) -> dict[str, Any]:
     """Where Ray Train keeps its own records (`run_dir/ray`), through fsspec when run_dir is remote."""
     if storage.is_local(run_dir):
-        return {"storage_path": os.path.abspath(storage.join(storage.local_path(run_dir), "ray"))}
+        return {"storage_path": os.path.abspath(storage.join(storage.local_path(run_dir), RAY))}
     import pyarrow.fs
     fs, path = storage.filesystem(run_dir)
-    return {"storage_path": f"{path.rstrip('/')}/ray",
+    return {"storage_path": f"{path.rstrip('/')}/{RAY}",
             "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
-
-
-def start_evaluator(cfg: Config) -> Optional[Any]:
-    """The scheduled evaluation beside training (`eval.schedule` not off); None when the eval stage is absent."""
-    if cfg.eval.schedule == "off":
-        return None
-    try:
-        from pipeline.eval.scheduler import start_eval_actor
-    except ImportError as e:
-        log.warning("eval.schedule = %s but the eval stage is not available (%s): training without it; "
-                    "evaluate later with `contrast watch %s`", cfg.eval.schedule, e, cfg.run_dir)
-        return None
-    return start_eval_actor(cfg)
 
 
 def failure_summary(error: BaseException) -> str:

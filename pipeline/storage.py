@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import fsspec
 from fsspec.core import url_to_fs
 
-COMPLETE = "COMPLETE"
+from pipeline.layout import COMPLETE
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -246,6 +246,7 @@ def register_webdataset_opener() -> None:
     paths and ``pipe:`` keep webdataset's handlers (the data stage refuses ``pipe:`` unless allowed).
     """
     import sys
+
     import webdataset  # noqa: F401  (imports webdataset.gopen)
     schemes = sys.modules["webdataset.gopen"].gopen_schemes
     if schemes.get("s3") is _gopen_fsspec:

@@ -1,4 +1,4 @@
-"""Shared fixtures: quiet single-threaded torch, and a real S3-compatible server on 127.0.0.1."""
+"""Shared fixtures: quiet single-threaded torch, synthetic datasets, a real S3-compatible server on 127.0.0.1."""
 from __future__ import annotations
 
 import os
@@ -7,20 +7,36 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Callable
 
 import pytest
+
+from pipeline.data import synthesize
+from tests.helpers.net import free_port
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-sys.path.insert(0, os.path.dirname(__file__))        # tests/dist_helpers.py
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory) -> Callable[..., Path]:
+    """`synth(samples, **settings)`: the root of a synthetic dataset (``train/``, ``eval/<set>/``) made by
+    `contrast data synth` with these settings; made once per session for each distinct set of settings."""
+    made: dict[tuple, Path] = {}
+
+    def make(samples: int, *, eval_samples: int = 8, image_size: int = 32, shard_size: int = 32,
+             seed: int = 0) -> Path:
+        key = (samples, eval_samples, image_size, shard_size, seed)
+        if key not in made:
+            out = tmp_path_factory.mktemp("synth")
+            synthesize(str(out), samples, eval_samples=eval_samples, image_size=image_size, shard_size=shard_size,
+                       seed=seed, progress=False)
+            made[key] = out
+        return made[key]
+    return make
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +47,7 @@ def s3_server():
     which boto3, s3fs and every subprocess (Ray workers included) pick up.
     """
     exe = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable), "moto_server")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"

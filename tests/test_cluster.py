@@ -74,11 +74,8 @@ def cluster(credentials):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    from pipeline.data import synthesize
-    out = tmp_path_factory.mktemp("data")
-    synthesize(str(out), 256, eval_samples=8, image_size=32, shard_size=32, seed=3, progress=False)
-    return out
+def data_dir(synth) -> Path:
+    return synth(256, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +121,7 @@ class Watcher(threading.Thread):
     """Polls while a run trains: the Ray Train worker processes under each node's raylet, and the
     published checkpoints, each loaded (hash checked) as soon as it is complete; `on_poll` may act."""
 
-    def __init__(self, cluster, run_dir: str, on_poll: Optional[Callable[["Watcher"], None]] = None):
+    def __init__(self, cluster, run_dir: str, on_poll: Optional[Callable[[Watcher], None]] = None):
         super().__init__(daemon=True)
         self.raylets = {n.node_id: n.all_processes["raylet"][0].process.pid for n in cluster.list_all_nodes()}
         self.published_url = storage.join(run_dir, "published")
@@ -157,7 +154,7 @@ class Watcher(threading.Thread):
                     try:
                         load_published(storage.join(self.published_url, f"step_{step:08d}"))
                         self.published[step] = None
-                    except Exception as e:                       # noqa: BLE001 - recorded, asserted on
+                    except Exception as e:
                         self.published[step] = f"{type(e).__name__}: {e}"
             if self.on_poll:
                 self.on_poll(self)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import pipeline.losses
+import pipeline.models  # noqa: F401
 from pipeline.config import Config, ConfigError, config_from_dict, load_config, parse_override
 
 REPO = Path(__file__).resolve().parents[1]

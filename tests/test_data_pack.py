@@ -8,18 +8,12 @@ import tarfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from pipeline.cli import main
-from pipeline.data import DataError, load_tokenizer, open_stream
+from pipeline.data import DataError, StreamOptions, load_tokenizer, open_stream
 from pipeline.data.inspection import inspect_shards
 from pipeline.data.pack import Item, folder_items, img2dataset_items, pack, table_items
-
-
-def image_bytes(colour, size=(24, 24), fmt="JPEG") -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", size, colour).save(out, format=fmt)
-    return out.getvalue()
+from tests.helpers.data import image_bytes, make_shard
 
 
 def shard_members(out) -> dict[str, bytes]:
@@ -68,7 +62,8 @@ def test_folder_with_captions_beside_images(tmp_path):
     summary = pack(folder_items(str(src)), str(tmp_path / "out"), progress=False)
     assert summary.written == 3
     assert dict(summary.skipped) == {"missing_caption": 2, "bad_caption_encoding": 1}
-    batch = next(iter(open_stream(str(tmp_path / "out"), global_batch=3, image_size=16, streams=1)))
+    stream = open_stream(str(tmp_path / "out"), global_batch=3, options=StreamOptions(image_size=16, streams=1))
+    batch = next(iter(stream))
     assert sorted(batch["caption"]) == [f"a blue square number {i}" for i in range(3)]
 
 
@@ -109,15 +104,11 @@ def test_img2dataset_reshard_and_pixel_limit(tmp_path):
     src = tmp_path / "i2d"
     src.mkdir()
     for s in range(2):
-        with tarfile.open(src / f"{s:05d}.tar", "w") as tar:
-            for i in range(3):
-                key = f"{s:05d}{i:04d}"
-                size = (120, 120) if (s, i) == (1, 2) else (24, 24)
-                for ext, data in (("jpg", image_bytes((0, 90, 0), size)), ("txt", f"photo {key}".encode()),
-                                  ("json", json.dumps({"url": f"http://x/{key}", "key": key}).encode())):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+        keys = [f"{s:05d}{i:04d}" for i in range(3)]
+        make_shard(src / f"{s:05d}.tar", [
+            (key, {"jpg": image_bytes((0, 90, 0), (120, 120) if (s, i) == (1, 2) else (24, 24)),
+                   "txt": f"photo {key}".encode(), "json": json.dumps({"url": f"http://x/{key}", "key": key}).encode()})
+            for i, key in enumerate(keys)])
         pq.write_table(pa.table({"key": [f"{s:05d}{i:04d}" for i in range(3)], "status": ["success"] * 3}),
                        src / f"{s:05d}.parquet")
     summary = pack(img2dataset_items(str(src)), str(tmp_path / "out"), shard_size=10, max_pixels=5000,

@@ -1,35 +1,37 @@
 """The streaming reader: world-size and worker independence, exact resume, epochs, bad data, URLs."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
-import tarfile
 
 import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import DataError, merge_states, open_stream, synthesize, train_tokenizer
-from pipeline.data.transforms import decode_image
+from pipeline.data import DataError, StreamOptions, merge_states, open_stream, synthesize, train_tokenizer
+from pipeline.data.transforms import centre_box, decode_image, draft_box
+from tests.helpers.data import image_bytes, make_shard
 
 G = 16
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
+def data(synth) -> str:
     """8 shards of 25 samples (200 samples), 32x32 images."""
-    out = tmp_path_factory.mktemp("stream")
-    synthesize(str(out), 200, eval_samples=20, image_size=32, shard_size=25, seed=5, progress=False)
-    return str(out / "train")
+    return str(synth(200, eval_samples=20, shard_size=25, seed=5) / "train")
+
+
+OPTIONS = {f.name for f in dataclasses.fields(StreamOptions)}
 
 
 def open_(url, **kw):
+    """`open_stream` with this module's defaults; StreamOptions fields may be given as keywords."""
+    options = dict(image_size=32, context_length=16, shuffle_buffer=20)
+    options.update({k: kw.pop(k) for k in list(kw) if k in OPTIONS})
     kw.setdefault("global_batch", G)
-    kw.setdefault("image_size", 32)
-    kw.setdefault("context_length", 16)
-    kw.setdefault("shuffle_buffer", 20)
     kw.setdefault("seed", 3)
-    return open_stream(url, **kw)
+    return open_stream(url, options=StreamOptions(**options), **kw)
 
 
 def take(stream, n):
@@ -151,33 +153,17 @@ def test_incompatible_settings_fail_clearly(data):
     assert open_(data, world_size=4, num_workers=5).num_workers == 2       # capped at the rank's 2 streams
 
 
-def make_shard(path, samples):
-    """Write a tar of (key, {ext: bytes}) samples by hand, broken ones included."""
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-
-def jpeg(colour=(200, 30, 30), size=32) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (size, size), colour).save(out, format="JPEG")
-    return out.getvalue()
-
-
 @pytest.fixture
 def broken(tmp_path):
     """Four shards of 40 samples with one corrupt JPEG, one missing and one non-UTF-8 caption, one
     missing image, and a truncated tar; a tokenizer beside them."""
-    good = lambda i: (f"s{i:04d}", {"jpg": jpeg(), "txt": f"a red square {i}".encode()})  # noqa: E731
+    good = lambda i: (f"s{i:04d}", {"jpg": image_bytes(), "txt": f"a red square {i}".encode()})  # noqa: E731
     for s in range(4):
         samples = [good(s * 100 + i) for i in range(40)]
         if s == 0:
-            samples[3] = ("bad_jpeg", {"jpg": jpeg()[:40] + b"\x00" * 50, "txt": b"broken"})
-            samples[5] = ("no_caption", {"jpg": jpeg()})
-            samples[7] = ("latin1", {"jpg": jpeg(), "txt": "caf\xe9".encode("latin-1")})
+            samples[3] = ("bad_jpeg", {"jpg": image_bytes()[:40] + b"\x00" * 50, "txt": b"broken"})
+            samples[5] = ("no_caption", {"jpg": image_bytes()})
+            samples[7] = ("latin1", {"jpg": image_bytes(), "txt": "caf\xe9".encode("latin-1")})
             samples[9] = ("no_image", {"txt": b"only words"})
         make_shard(tmp_path / f"{s:05d}.tar", samples)
     data = (tmp_path / "00003.tar").read_bytes()
@@ -204,7 +190,7 @@ def test_too_many_bad_samples_stop_the_run_naming_the_shards(broken):
 
 
 def test_unusable_data_raises_instead_of_hanging(tmp_path):
-    make_shard(tmp_path / "a.tar", [(f"k{i}", {"jpg": jpeg()}) for i in range(5)])       # no captions
+    make_shard(tmp_path / "a.tar", [(f"k{i}", {"jpg": image_bytes()}) for i in range(5)])       # no captions
     (tmp_path / "b.tar").write_bytes(b"not a tar at all" * 10)
     train_tokenizer(["x"], vocab_size=260).save(str(tmp_path / "tokenizer.json"))
     stream = open_(str(tmp_path / "{a,b}.tar"), global_batch=4, streams=2, max_bad_fraction=1.0)
@@ -259,16 +245,6 @@ def test_s3(data, s3_server):
                 take(open_(f"{data}/{{00000..00007}}.tar"), 2))
 
 
-def test_eval_pass_is_ordered_and_complete(data, tmp_path):
-    stream = open_(data, train=False, global_batch=64)
-    batches = list(stream)
-    keys = [k for b in batches for k in b["key"]]
-    assert keys == sorted(keys) and len(keys) == 200 and [len(b["key"]) for b in batches] == [64, 64, 64, 8]
-    halves = [[k for b in open_(data, train=False, global_batch=64, rank=r, world_size=2) for k in b["key"]]
-              for r in range(2)]
-    assert sorted(halves[0] + halves[1]) == keys and not set(halves[0]) & set(halves[1])
-
-
 def test_draft_decoding_matches_full_decoding():
     """Reduced-size JPEG decoding gives nearly the image of a full decode, crop and resize."""
     rng_img = torch.Generator().manual_seed(0)
@@ -281,6 +257,5 @@ def test_draft_decoding_matches_full_decoding():
     assert fast.shape == slow.shape == (64, 64, 3)
     assert abs(fast.astype(float) - slow.astype(float)).mean() < 6
     img = Image.open(io.BytesIO(out.getvalue()))
-    from pipeline.data.transforms import _draft, centre_box
-    box = _draft(img, centre_box(512, 512), 64)
+    box = draft_box(img, centre_box(512, 512), 64)
     assert img.size == (64, 64) and box == (0, 0, 64, 64)           # decoded at 1/8 scale

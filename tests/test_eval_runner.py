@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval_helpers import eval_config, make_dataset, publish
-from pipeline.eval.runner import evaluate_checkpoint, run_dir_of, write_result
+from pipeline.eval.evaluate import evaluate_checkpoint, run_dir_of, write_result
 from pipeline.models import CheckpointError
+from tests.helpers.eval import EVAL_DATA, eval_config, publish
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("synth"))
+def data(synth):
+    return synth(**EVAL_DATA)
 
 
 def contrast(*args: str) -> subprocess.CompletedProcess:

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from eval_helpers import eval_config, make_dataset, publish
 from pipeline.eval.claims import FAILED, RUNNING, ClaimBook
 from pipeline.eval.scheduler import Checkpoint, Watcher, published_checkpoints, select
+from tests.helpers.eval import EVAL_DATA, eval_config, publish
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("synth"))
+def data(synth):
+    return synth(**EVAL_DATA)
 
 
 def steps(checkpoints) -> list[int]:
@@ -99,7 +99,7 @@ def _watch(run_dir: Path, *extra: str) -> subprocess.Popen:
 
 
 def _evaluated(stdout: str) -> list[int]:
-    line = next(l for l in stdout.splitlines() if l.startswith("evaluated steps:"))
+    line = next(s for s in stdout.splitlines() if s.startswith("evaluated steps:"))
     tail = line.split(":", 1)[1].strip()
     return [] if tail == "none" else [int(s) for s in tail.split(",")]
 
@@ -153,6 +153,7 @@ def test_exactly_once_with_two_watchers_and_a_restart(data, tmp_path):
 @pytest.mark.slow
 def test_eval_actor_runs_beside_work_and_drains_the_last_checkpoint(data, tmp_path):
     import ray
+
     from pipeline.eval.scheduler import start_eval_actor
 
     cfg = eval_config(data, tmp_path, schedule="every", every_k=2)

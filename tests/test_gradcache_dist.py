@@ -7,14 +7,14 @@ parameters after the first step with one plain single-process step over the whol
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from dist_helpers import run_world
 from pipeline.gradcache import forward_backward
-from test_gradcache import (LR, TOL, ToyDual, batch, clip_loss, max_diff, params, reference_step,
-                            siglip_loss)
+from pipeline.train.engine import DeepSpeedBackward
+from tests.helpers.compare import max_abs_diff
+from tests.helpers.dist import run_world
+from tests.test_gradcache import LR, TOL, ToyDual, batch, clip_loss, params, reference_step, siglip_loss
 
 pytestmark = pytest.mark.slow
 
@@ -72,13 +72,13 @@ def _worker(rank: int, world: int, configs: dict) -> dict:
 def _run(rank: int, cfg: dict) -> dict:
     model = make_model(cfg)
     images, texts = (x[rank * LOCAL:(rank + 1) * LOCAL] for x in global_batch(cfg))
-    wrapped, step, read_params = _wrap(model, cfg)
+    wrapped, step, read_params, backward = _wrap(model, cfg)
     first, losses, comms = None, [], []
     if cfg["wrap"] == "ddp":
         wrapped.register_comm_hook(comms, _counting_allreduce)
     for i in range(cfg.get("steps", 1)):
         torch.manual_seed(SEED + rank)
-        out = forward_backward(wrapped, images, texts, loss_of(cfg), **cfg.get("chunks", CHUNKS))
+        out = forward_backward(wrapped, images, texts, loss_of(cfg), backward=backward, **cfg.get("chunks", CHUNKS))
         step()
         losses.append(out.loss.item())
         if i == 0:
@@ -87,13 +87,13 @@ def _run(rank: int, cfg: dict) -> dict:
 
 
 def _wrap(model, cfg):
-    """(model to call, optimizer step, full fp32 parameters) for DDP or a DeepSpeed engine."""
+    """(model to call, optimizer step, full fp32 parameters, Backward strategy) for DDP or a DeepSpeed engine."""
     sgd = torch.optim.SGD(model.parameters(), lr=LR)
     if cfg["wrap"] == "ddp":
         def ddp_step():
             sgd.step()
             sgd.zero_grad()
-        return torch.nn.parallel.DistributedDataParallel(model), ddp_step, lambda: params(model)
+        return torch.nn.parallel.DistributedDataParallel(model), ddp_step, lambda: params(model), None
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
     engine, *_ = deepspeed.initialize(model=model, optimizer=sgd, config={
@@ -107,7 +107,7 @@ def _wrap(model, cfg):
             full = safe_get_full_fp32_param(p)
             out[name] = (p if full is None else full).detach().float().clone()
         return out
-    return engine, engine.step, full_params
+    return engine, engine.step, full_params, DeepSpeedBackward(engine)
 
 
 def _counting_allreduce(calls: list, bucket):
@@ -147,8 +147,8 @@ BF16 = [name for name, cfg in CONFIGS.items() if cfg.get("bf16")]
 def test_one_step_matches_plain_backward(world_results, name):
     ranks = ran(world_results, name)
     _, want = reference(CONFIGS[name])
-    assert max_diff(ranks[0]["params"], want) <= TOL
-    assert max_diff(ranks[1]["params"], ranks[0]["params"]) <= TOL
+    assert max_abs_diff(ranks[0]["params"], want) <= TOL
+    assert max_abs_diff(ranks[1]["params"], ranks[0]["params"]) <= TOL
 
 
 @pytest.mark.parametrize("name", BF16)

@@ -336,8 +336,9 @@ def test_slurm_script_then_submit_on_a_fake_two_node_allocation(tmp_path):
     import signal
     import sys
     import tempfile
-    from pipeline.data import synthesize
+
     from pipeline import storage
+    from pipeline.data import synthesize
 
     synthesize(str(tmp_path / "data"), 64, eval_samples=4, image_size=32, shard_size=8, progress=False)
     shims = tmp_path / "bin"

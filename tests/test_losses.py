@@ -75,7 +75,8 @@ def test_clip_gap_is_clip_plus_geometry():
         return math.log(sum(vals) / len(vals))
 
     def xunif(a, b):
-        vals = [math.exp(-2 * float((a[i] - b[j]).pow(2).sum())) for i in range(len(a)) for j in range(len(b)) if i != j]
+        vals = [math.exp(-2 * float((a[i] - b[j]).pow(2).sum()))
+                for i in range(len(a)) for j in range(len(b)) if i != j]
         return math.log(sum(vals) / len(vals))
 
     scale = s(1 / 0.07)

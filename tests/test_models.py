@@ -56,6 +56,7 @@ def test_parameter_counts_match_public_clip(name):
 def test_every_named_config_has_the_shape_of_a_transformers_clip(name):
     """The same architecture built by transformers (on meta) has exactly our parameter count."""
     from transformers import CLIPConfig, CLIPModel
+
     from pipeline.models.export import hf_config
     with torch.device("meta"):
         ours = build_model(ModelConfig(name=name), image_size=224, context_length=77, vocab_size=49408)
@@ -122,7 +123,7 @@ def test_same_seed_same_model_other_seed_other_model():
         torch.manual_seed(seed)
         return build_model(ModelConfig(name="tiny"), image_size=64, context_length=16, vocab_size=50)
     a, b, c = make(3), make(3), make(4)
-    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+    for (name, pa), pb, _pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.image_tower.patch_embed.weight, c.image_tower.patch_embed.weight)
 
@@ -197,7 +198,7 @@ def test_locked_tower_is_out_of_the_optimizer_and_the_graph():
     model.lock("text")
     assert model.locked_towers == {"text"}
     assert not any(p.requires_grad for p in model.text_tower.parameters())
-    from pipeline.train.engine import param_groups          # what the trainer gives the optimizer
+    from pipeline.train.engine import param_groups  # what the trainer gives the optimizer
     groups = param_groups(model, weight_decay=0.1)
     in_optimizer = {id(p) for g in groups for p in g["params"]}
     assert in_optimizer.isdisjoint(id(p) for p in model.text_tower.parameters())
@@ -245,6 +246,7 @@ def minilm_path() -> str:
 
 def test_pretrained_text_tower_is_minilm_mean_pooled_and_projected():
     from transformers import AutoModel
+
     from pipeline.data import load_tokenizer
     path = minilm_path()
     tokenizer = load_tokenizer(f"{path}/tokenizer.json", context_length=16)   # its own WordPiece ids

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from eval_helpers import eval_config, make_dataset, publish
+from pipeline.eval.evaluate import evaluate_checkpoint, write_result
 from pipeline.eval.report import read_results, read_scalars
-from pipeline.eval.runner import evaluate_checkpoint, write_result
 from pipeline.train.metrics import TrainLogger
+from tests.helpers.eval import EVAL_DATA, eval_config, publish
 
 
 def log_training(cfg, steps: list[int]) -> None:
@@ -29,8 +29,8 @@ def log_training(cfg, steps: list[int]) -> None:
 
 
 @pytest.fixture(scope="module")
-def small_run(tmp_path_factory):
-    data = make_dataset(tmp_path_factory.mktemp("synth"))
+def small_run(tmp_path_factory, synth):
+    data = synth(**EVAL_DATA)
     cfg = eval_config(data, tmp_path_factory.mktemp("run"))
     log_training(cfg, [10, 20, 30])
     for step in (15, 30):

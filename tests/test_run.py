@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pipeline.eval.claims import ClaimBook
-from pipeline.eval.run import format_metrics
+from pipeline.eval.evaluate import format_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 

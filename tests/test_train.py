@@ -13,7 +13,9 @@ import torch
 
 from pipeline import storage
 from pipeline.config import load_config
-from pipeline.train.checkpoint import checkpoint_url, latest_checkpoint, published_url
+from pipeline.layout import checkpoint_url, published_url
+from pipeline.train.checkpoint import latest_checkpoint
+from tests.helpers.compare import max_abs_diff
 
 pytestmark = pytest.mark.slow
 
@@ -26,11 +28,8 @@ REQUIRED_TAGS = {
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> str:
-    from pipeline.data import synthesize
-    out = tmp_path_factory.mktemp("synth")
-    synthesize(str(out), 512, eval_samples=8, image_size=32, shard_size=64, progress=False)   # 8 shards
-    return str(out / "train")
+def dataset(synth) -> str:
+    return str(synth(512, shard_size=64) / "train")                # 8 shards
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +56,7 @@ def train(run_dir: str, dataset: str, *overrides: str):
 
 def published(run_dir: str, step: int) -> dict[str, torch.Tensor]:
     from pipeline.models import load_published
-    return load_published(published_url(run_dir, step)).state_dict()
-
-
-def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
+    return load_published(published_url(run_dir, step)).model.state_dict()
 
 
 def scalars(tensorboard_url: str) -> dict[str, list[tuple[int, float]]]:

@@ -15,8 +15,16 @@ import torch
 
 from pipeline import storage
 from pipeline.config import ConfigError, load_config
-from pipeline.train.checkpoint import (checkpoint_url, complete_steps, find_resume, latest_checkpoint, prune,
-                                       refuse_existing, rng_state, set_rng_state)
+from pipeline.train.checkpoint import (
+    checkpoint_url,
+    complete_steps,
+    find_resume,
+    latest_checkpoint,
+    prune,
+    refuse_existing,
+    rng_state,
+    set_rng_state,
+)
 from pipeline.train.engine import deepspeed_config, lr_factor, param_groups, warmup_cosine
 from pipeline.train.metrics import logged_steps
 
@@ -224,6 +232,7 @@ def _engine_checks(rank: int, world_size: int, tmp: str) -> dict:
     fp32 master must be clamped too, and the consolidated weights must be the model's."""
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.utils import safe_get_full_fp32_param
+
     from pipeline.train.engine import Engine
     results = {}
     for stage, precision in ((0, "fp32"), (0, "bf16"), (2, "fp32"), (3, "fp32")):
@@ -277,7 +286,7 @@ class _Exploit:
 
 @pytest.mark.slow
 def test_engine_clamps_the_fp32_master_and_consolidates_the_weights(tmp_path):
-    from dist_helpers import run_world
+    from tests.helpers.dist import run_world
     (res,) = run_world(_engine_checks, 1, str(tmp_path))
     for key in ("0-fp32", "0-bf16", "2-fp32", "3-fp32"):
         r = res[key]
@@ -290,7 +299,7 @@ def test_engine_clamps_the_fp32_master_and_consolidates_the_weights(tmp_path):
 
 @pytest.mark.slow
 def test_zero3_consolidates_across_two_ranks(tmp_path):
-    from dist_helpers import run_world
+    from tests.helpers.dist import run_world
     results = run_world(_engine_checks, 2, str(tmp_path))
     for r in results:
         assert r["3-fp32"]["master"] == pytest.approx(LN100, abs=1e-6)
@@ -300,7 +309,8 @@ def test_zero3_consolidates_across_two_ranks(tmp_path):
 def test_workers_get_absolute_local_paths(tmp_path, monkeypatch):
     from pipeline.orchestrate import absolute_paths
     monkeypatch.chdir(tmp_path)
-    cfg = cfg_of("run_dir=runs/a", "data.train_urls=[data/train, 's3://b/shards/{0..9}.tar']", "data.eval_dir=data/eval")
+    cfg = cfg_of("run_dir=runs/a", "data.train_urls=[data/train, 's3://b/shards/{0..9}.tar']",
+                 "data.eval_dir=data/eval")
     fixed = absolute_paths(cfg)
     assert fixed.run_dir == str(tmp_path / "runs/a")
     assert fixed.data.train_urls == [str(tmp_path / "data/train"), "s3://b/shards/{0..9}.tar"]
@@ -310,7 +320,6 @@ def test_workers_get_absolute_local_paths(tmp_path, monkeypatch):
 
 def _chunked_grad_norms(rank: int, world_size: int) -> dict[int, list[float]]:
     """Gradient norm of 3 gradient-cache steps (4 chunks) on one fixed batch at a negligible lr, per ZeRO stage."""
-    from pipeline.gradcache import forward_backward
     from pipeline.losses import get_loss
     from pipeline.train.engine import Engine
     g = torch.Generator().manual_seed(0)
@@ -318,12 +327,12 @@ def _chunked_grad_norms(rank: int, world_size: int) -> dict[int, list[float]]:
     norms = {}
     for stage in (0, 3):
         cfg = cfg_of("train.global_batch=8", "cluster.num_workers=1", f"deepspeed.zero_optimization.stage={stage}",
-                     "train.lr=1e-9", "train.warmup_steps=0")
+                     "train.lr=1e-9", "train.warmup_steps=0", "gradcache.chunk_size=2")
         torch.manual_seed(0)
         engine = Engine(cfg, _tiny(loss="clip"), world_size)
         norms[stage] = []
         for _ in range(3):
-            forward_backward(engine.ds, images, texts, get_loss("clip"), chunk_size=2)
+            engine.forward_backward({"image": images, "text": texts}, get_loss("clip"))
             norms[stage].append(engine.step())
     return norms
 
@@ -332,7 +341,7 @@ def _chunked_grad_norms(rank: int, world_size: int) -> dict[int, list[float]]:
 def test_every_step_starts_from_zero_gradients_under_zero3():
     """ZeRO-3 adds a later backward's gradient onto its partition; the text tower's first gradient of a
     step comes in a later backward of the gradient cache, so without clearing, steps would pile up."""
-    from dist_helpers import run_world
+    from tests.helpers.dist import run_world
     (norms,) = run_world(_chunked_grad_norms, 1)
     reference = norms[0][0]
     for stage, values in norms.items():

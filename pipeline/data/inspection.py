@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from pipeline import storage
-from pipeline.data.shards import resolve_shards
-from pipeline.data.stream import Lost, check_raw, iter_raw
-from pipeline.data.transforms import BadSample, decode_image
+from pipeline.data.samples import BadSample, validate_sample
+from pipeline.data.shards import Lost, iter_raw, resolve_shards
+from pipeline.data.transforms import decode_image
 
 
 @dataclass
@@ -37,14 +37,12 @@ def inspect_shards(urls: str | Sequence[str], decode: bool = True, allow_pipe: b
                 continue
             report.samples += 1
             report.layouts["+".join(sorted(item.members))] += 1
-            checked = check_raw(item)
-            if isinstance(checked, str):
-                report.problems.append(f"{item.key}: {checked}")
-            elif decode:
-                try:
-                    decode_image(checked.image, 16)
-                except BadSample as e:
-                    report.problems.append(f"{item.key}: {e}")
+            try:
+                sample = validate_sample(item.key, item.members, item.shard)
+                if decode:
+                    decode_image(sample.image, 16)
+            except BadSample as e:
+                report.problems.append(f"{item.key}: {e}")
         if report.expected is not None and report.expected != report.samples:
             report.problems.append(f"manifest says {report.expected} samples, read {report.samples}")
         reports.append(report)

@@ -21,9 +21,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline import storage
-from pipeline.data.shards import IMAGE_EXTS, DataError, ShardWriter, read_shard
-from pipeline.data.tokenizer import TOKENIZER_FILE, train_tokenizer
-from pipeline.data.transforms import MAX_PIXELS
+from pipeline.data.samples import IMAGE_EXTS, MAX_PIXELS, BadSample, check_pixels, decode_caption, image_member
+from pipeline.data.shards import DataError, ShardWriter, read_shard
+from pipeline.data.tokenizer import train_tokenizer
+from pipeline.layout import TOKENIZER
 from pipeline.log import get_logger
 
 log = get_logger(__name__)
@@ -78,11 +79,11 @@ def check_image(data: Optional[bytes], max_pixels: int = MAX_PIXELS) -> tuple[Op
         return None, "empty_image"
     try:
         img = Image.open(io.BytesIO(data))
-        w, h = img.size
-        if w * h > max_pixels:
-            return None, "too_many_pixels"
+        check_pixels(*img.size, max_pixels)
         img.draft("RGB", (64, 64))                 # a full pass over the data at reduced size: finds truncation
         img.load()
+    except BadSample as e:
+        return None, e.reason
     except Image.DecompressionBombError:
         return None, "too_many_pixels"
     except Exception:
@@ -96,15 +97,11 @@ def check_image(data: Optional[bytes], max_pixels: int = MAX_PIXELS) -> tuple[Op
 
 
 def check_caption(data: Optional[bytes]) -> tuple[Optional[str], str]:
-    if data is None:
-        return None, "missing_caption"
+    """(caption, "") or (None, reason), by the same rules as the stream's."""
     try:
-        text = data.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return None, "bad_caption_encoding"
-    if not text:
-        return None, "missing_caption"
-    return text, ""
+        return decode_caption(data).strip(), ""
+    except BadSample as e:
+        return None, e.reason
 
 
 def safe_key(name: str) -> str:
@@ -177,7 +174,7 @@ def img2dataset_items(root: str) -> Iterator[Item]:
     for url in tars:
         try:
             for raw in read_shard(url):
-                image = next((raw.members[e] for e in IMAGE_EXTS if e in raw.members), None)
+                image = image_member(raw.members)
                 meta = None
                 if "json" in raw.members:
                     try:
@@ -220,7 +217,7 @@ def pack(items: Iterator[Item], out: str, *, shard_size: int = 1000, vocab_size:
             raise DataError(f"nothing to pack from {source or 'the input'}: every input was skipped "
                             f"({dict(summary.skipped)})")
         writer.flush()
-        train_tokenizer(captions, vocab_size=vocab_size).save(storage.join(out, TOKENIZER_FILE))
+        train_tokenizer(captions, vocab_size=vocab_size).save(storage.join(out, TOKENIZER))
         manifest = writer.close(created_by="contrast data pack", source=source, skipped=dict(summary.skipped))
     summary.written = manifest["samples"]
     summary.shards = len(manifest["shards"])

@@ -13,17 +13,15 @@ import posixpath
 import tarfile
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import braceexpand
 
 from pipeline import storage
+from pipeline.layout import MANIFEST
 from pipeline.log import get_logger
 
 log = get_logger(__name__)
-
-MANIFEST = "manifest.json"
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 class DataError(RuntimeError):
@@ -118,7 +116,7 @@ class ShardWriter:
         self._tar = self._tmp = None
         self._count = 0
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, etype, value, tb) -> None:
@@ -165,7 +163,8 @@ def _from_manifest(url: str) -> list[Shard]:
     try:
         return [Shard(storage.join(base, s["name"]), int(s["samples"])) for s in manifest["shards"]]
     except (KeyError, TypeError) as e:
-        raise DataError(f"{url}: expected a manifest with 'shards': [{{'name', 'samples', 'bytes'}}, ...] ({e})") from None
+        raise DataError(f"{url}: expected a manifest with 'shards': [{{'name', 'samples', 'bytes'}}, ...] "
+                        f"({e})") from None
 
 
 def _from_folder(url: str) -> list[Shard]:
@@ -224,6 +223,31 @@ def read_shard(url: str) -> Iterator[RawSample]:
         stream.close()
 
 
+@dataclass
+class Lost:
+    """Samples lost to an unreadable or truncated shard."""
+    reason: str
+    count: int
+    shard: str
+    error: str                             # what the reader raised
+
+
+def iter_raw(shard: Shard, skip: int = 0) -> Iterator[Union[RawSample, Lost]]:
+    """Raw samples of one shard after the first `skip`; a `Lost` item last when the tar is broken."""
+    n = 0
+    try:
+        for raw in read_shard(shard.url):
+            n += 1
+            if n > skip:
+                yield raw
+    except Exception as e:                             # unreadable or truncated tar
+        reason = "truncated_shard" if n else "unreadable_shard"
+        missing = max(1, shard.samples - n) if shard.samples is not None else 1
+        error = f"{type(e).__name__}: {str(e)[:300]}"
+        log.warning("%s: %s after %d samples (%s); skipping the rest of it", shard.url, reason, n, error)
+        yield Lost(reason, missing, shard.name, error)
+
+
 class _TailReader:
     """A file wrapper that remembers the last bytes read, to tell a whole tar from a truncated one.
 
@@ -250,10 +274,3 @@ class _TailReader:
 
     def close(self) -> None:
         self._f.close()
-
-
-def image_member(sample: RawSample) -> Optional[bytes]:
-    for ext in IMAGE_EXTS:
-        if ext in sample.members:
-            return sample.members[ext]
-    return None

@@ -26,7 +26,6 @@ epoch raises too, so bad data never turns into a hang.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -37,9 +36,12 @@ import numpy as np
 import torch
 
 from pipeline import storage
-from pipeline.data.shards import DataError, RawSample, Shard, dataset_dir, image_member, read_shard, resolve_shards
+from pipeline.config import Config, DataConfig
+from pipeline.data.samples import BadSample, Sample, shard_name, validate_sample
+from pipeline.data.shards import DataError, Lost, RawSample, Shard, dataset_dir, iter_raw, resolve_shards
 from pipeline.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_url
-from pipeline.data.transforms import BadSample, decode_image, to_tensor
+from pipeline.data.transforms import decode_image, to_tensor
+from pipeline.distributed import all_gather_objects
 from pipeline.log import get_logger
 
 log = get_logger(__name__)
@@ -108,86 +110,22 @@ def choose_num_streams(global_batch: int, world_size: int) -> int:
 
 # --------------------------------------------------------------------------------- one sample
 @dataclass
-class Entry:
-    """A raw sample that passed the checks that need no decoding."""
-    key: str
-    image: bytes
-    caption: str
-    meta: Optional[dict]
-    shard: str                             # its shard's name, for the bad-sample report
-
-
-@dataclass
-class Lost:
-    """Samples lost to an unreadable or truncated shard."""
-    reason: str
-    count: int
-    shard: str
-    error: str                             # what the reader raised
-
-
-def check_raw(raw: RawSample) -> Union[Entry, str]:
-    """An Entry, or the reason the sample is unusable."""
-    image = image_member(raw)
-    if image is None:
-        return "missing_image"
-    if not image:
-        return "corrupt_image"
-    text = raw.members.get("txt")
-    if text is None:
-        return "missing_caption"
-    try:
-        caption = text.decode("utf-8")
-    except UnicodeDecodeError:
-        return "bad_caption_encoding"
-    if not caption.strip():
-        return "missing_caption"
-    meta = None
-    if "json" in raw.members:
-        try:
-            meta = json.loads(raw.members["json"])
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return "bad_json"
-    return Entry(raw.key, image, caption, meta, _name(raw.shard))
-
-
-def _name(url: str) -> str:
-    return url.rstrip("/").rsplit("/", 1)[-1]
-
-
-@dataclass
-class Sample:
+class Row:
+    """A decoded sample, one row of a batch."""
     key: str
     image: np.ndarray                      # (H, W, 3) uint8
-    caption: str                           # as stored (retrieval sets keep several lines)
+    caption: str                           # as stored (several lines where a sample has several captions)
     text: str                              # the line that is tokenised
     meta: Optional[dict]
 
 
-def make_sample(entry: Entry, size: int, rng: Optional[random.Random]) -> Sample:
-    """Decode and transform; `rng` given: train transform and a random caption line, else eval."""
-    lines = [line for line in entry.caption.splitlines() if line.strip()]
-    text = rng.choice(lines) if rng is not None else lines[0]
-    return Sample(entry.key, decode_image(entry.image, size, rng), entry.caption, text.strip(), entry.meta)
+def decode_row(sample: Sample, size: int, rng: random.Random) -> Row:
+    """Decode with the train transform and pick one caption line at random."""
+    return Row(sample.key, decode_image(sample.image, size, rng), sample.caption,
+               rng.choice(sample.caption_lines()), sample.meta)
 
 
 # -------------------------------------------------------------------------------------- reading
-def iter_raw(shard: Shard, skip: int = 0) -> Iterator[Union[RawSample, Lost]]:
-    """Raw samples of one shard after the first `skip`; a `Lost` item last when the tar is broken."""
-    n = 0
-    try:
-        for raw in read_shard(shard.url):
-            n += 1
-            if n > skip:
-                yield raw
-    except Exception as e:                             # unreadable or truncated tar
-        reason = "truncated_shard" if n else "unreadable_shard"
-        missing = max(1, shard.samples - n) if shard.samples is not None else 1
-        error = f"{type(e).__name__}: {str(e)[:300]}"
-        log.warning("%s: %s after %d samples (%s); skipping the rest of it", shard.url, reason, n, error)
-        yield Lost(reason, missing, shard.name, error)
-
-
 class RawReader:
     """Raw samples of a stream from a position (its k-th shard, offset), losses as `Lost` items."""
 
@@ -244,7 +182,7 @@ class VirtualStream:
         self.ok = int(state["ok"])
         self.bad = Counter(state["bad"])
         self.bad_shards = Counter(state["bad_shards"])
-        self._window: list[Entry] = []
+        self._window: list[Sample] = []
         self._reader: Optional[RawReader] = None
         self._shard_of_last_good = self.start[0]
         if self.window_index >= 0:                     # resume: rebuild the current window, counted before
@@ -255,20 +193,20 @@ class VirtualStream:
         return {"window": self.window_index, "start": list(self.start), "taken": self.taken, "ok": self.ok,
                 "bad": dict(self.bad), "bad_shards": dict(self.bad_shards.most_common(MAX_BAD_SHARDS_KEPT))}
 
-    def take(self, n: int) -> list[Sample]:
-        """The next n usable samples of this stream."""
-        out: list[Sample] = []
+    def take(self, n: int) -> list[Row]:
+        """The next n usable samples of this stream, decoded."""
+        out: list[Row] = []
         while len(out) < n:
             if self.taken >= len(self._window):
                 self._next_window()
                 continue
-            entry = self._window[self.taken]
+            sample = self._window[self.taken]
             rng = random.Random(f"{self.spec.seed}/aug/{self.sid}/{self.window_index}/{self.taken}")
             self.taken += 1
             try:
-                out.append(make_sample(entry, self.image_size, rng))
+                out.append(decode_row(sample, self.image_size, rng))
             except BadSample as e:
-                self._count_bad(e.reason, entry.shard)
+                self._count_bad(e.reason, sample.shard)
                 continue
             self.ok += 1
             self._shard_of_last_good = self._reader.k
@@ -278,7 +216,8 @@ class VirtualStream:
         if self._reader is None:
             self._reader = RawReader(self.spec, self.sid, *self.start)
         elif self._reader.k - self._shard_of_last_good > self.spec.dry_limit(self.sid):
-            raise DataError(f"virtual stream {self.sid}: no usable sample in {self._reader.k - self._shard_of_last_good} "
+            dry = self._reader.k - self._shard_of_last_good
+            raise DataError(f"virtual stream {self.sid}: no usable sample in {dry} "
                             f"shards in a row (a whole epoch); bad samples so far: {dict(self.bad)}; "
                             f"shards: {', '.join(self.bad_shards)}")
         self.window_index += 1
@@ -286,9 +225,9 @@ class VirtualStream:
         self.taken = 0
         self._window = self._read_window(count=True)
 
-    def _read_window(self, count: bool) -> list[Entry]:
+    def _read_window(self, count: bool) -> list[Sample]:
         """Read `buffer` raw positions from `start` (not past the epoch's end), permute the usable ones."""
-        entries: list[Entry] = []
+        entries: list[Sample] = []
         stop = self.spec.epoch_end(self.sid, self.start[0])
         for _ in range(self.spec.buffer):
             item = self._reader.next(stop)
@@ -298,12 +237,11 @@ class VirtualStream:
                 if count:
                     self._count_bad(item.reason, item.shard, item.count)
                 continue
-            checked = check_raw(item)
-            if isinstance(checked, str):
+            try:
+                entries.append(validate_sample(item.key, item.members, item.shard))
+            except BadSample as e:
                 if count:
-                    self._count_bad(checked, _name(item.shard))
-                continue
-            entries.append(checked)
+                    self._count_bad(e.reason, shard_name(item.shard))
         random.Random(f"{self.spec.seed}/window/{self.sid}/{self.window_index}").shuffle(entries)
         return entries
 
@@ -316,10 +254,9 @@ class VirtualStream:
             self._reader.close()
 
 
-
 # -------------------------------------------------------------------------------------- batches
-def collate(samples: Sequence[Sample], tokenizer: Tokenizer) -> dict[str, Any]:
-    """Samples → the batch dict: key, image, text, caption, and label / meta when the shards carry them."""
+def collate(samples: Sequence[Row], tokenizer: Tokenizer) -> dict[str, Any]:
+    """Rows → the batch dict: key, image, text, caption, and label / meta when the shards carry them."""
     batch: dict[str, Any] = {
         "key": [s.key for s in samples],
         "image": to_tensor([s.image for s in samples]),
@@ -393,10 +330,6 @@ class Stream:
         self._states: dict[int, Optional[dict]] = {
             sid: (state["streams"][str(sid)] if state else None) for sid in self.stream_ids}
 
-    @property
-    def local_batch(self) -> int:
-        return self.global_batch // self.world_size
-
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Batches from the current position on (a new iterator continues after the last batch taken)."""
         loaders = max(self.num_workers, 1)
@@ -466,13 +399,8 @@ def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def gather_state(stream: Stream) -> dict[str, Any]:
     """All ranks' states merged; a collective under torch.distributed: call it on every rank."""
-    import torch.distributed as dist
-    local = stream.state_dict()
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return local
-    states: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(states, local)
-    return merge_states(states)
+    states = all_gather_objects(stream.state_dict())
+    return states[0] if len(states) == 1 else merge_states(states)
 
 
 def _check_state(state: dict[str, Any], spec: StreamSpec, global_batch: int, needed: Sequence[int]) -> None:
@@ -493,60 +421,65 @@ def _check_state(state: dict[str, Any], spec: StreamSpec, global_batch: int, nee
 
 
 # ------------------------------------------------------------------------------------- opening
-def open_stream(urls: str | Sequence[str], *, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                num_workers: int = 0, state: Optional[dict | Sequence[dict]] = None, train: bool = True,
-                image_size: int = 64, context_length: int = 77, tokenizer: Tokenizer | str | None = None,
-                shuffle_buffer: int = 1000, resampled: bool = False, max_bad_fraction: float = 0.01,
-                allow_pipe: bool = False, streams: int = 0) -> Union["Stream", "EvalStream"]:
-    """Open the batches of rank `rank` of `world_size` over shards at `urls` (see the module docstring).
+@dataclass(frozen=True)
+class StreamOptions:
+    """How samples are read and decoded; `data.*` of a run config (`from_config`)."""
+    image_size: int = 64
+    context_length: int = 77
+    tokenizer: Tokenizer | str | None = None   # a Tokenizer, a tokenizer.json URL, or None: beside the data
+    shuffle_buffer: int = 1000
+    resampled: bool = False
+    max_bad_fraction: float = 0.01
+    allow_pipe: bool = False
+    streams: int = 0                           # virtual streams S; 0: chosen from the global batch
 
-    train=True: an endless, shuffled, augmented, resumable stream of local batches of
-    global_batch / world_size rows. train=False: one ordered pass over this rank's shards
-    (rank r reads shards r, r+W, …) with eval transforms; the last batch may be smaller.
-    `tokenizer`: a Tokenizer, a tokenizer.json URL, or None for the one beside the dataset.
-    """
+    @classmethod
+    def from_config(cls, d: DataConfig) -> StreamOptions:
+        return cls(image_size=d.image_size, context_length=d.context_length, tokenizer=d.tokenizer,
+                   shuffle_buffer=d.shuffle_buffer, resampled=d.resampled, max_bad_fraction=d.max_bad_fraction,
+                   allow_pipe=d.allow_pipe, streams=d.streams)
+
+
+def open_stream(urls: str | Sequence[str], *, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                num_workers: int = 0, state: Optional[dict | Sequence[dict]] = None,
+                options: StreamOptions = StreamOptions()) -> Stream:
+    """The endless, shuffled, augmented, resumable batches of rank `rank` of `world_size` over the shards
+    at `urls`: local batches of global_batch / world_size rows (see the module docstring)."""
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is not in [0, world_size = {world_size})")
-    shards = tuple(resolve_shards(urls, allow_pipe=allow_pipe))
-    tok = _tokenizer(tokenizer, urls, context_length)
-    if not train:
-        if len(shards) < world_size:
-            raise DataError(f"{len(shards)} shards for {world_size} ranks: every rank needs at least one shard to "
-                            "read in an evaluation pass; repack with smaller shards or use fewer ranks")
-        return EvalStream(shards[rank::world_size], max(global_batch // world_size, 1), image_size, tok)
+    o = options
+    shards = tuple(resolve_shards(urls, allow_pipe=o.allow_pipe))
+    tok = _tokenizer(o.tokenizer, urls, o.context_length)
     if isinstance(state, (list, tuple)):
         state = merge_states(state)
-    if streams < 0:
-        raise DataError(f"data.streams = {streams}: expected 0 (chosen from the global batch) or a positive count")
-    num_streams = streams or (state["num_streams"] if state else choose_num_streams(global_batch, world_size))
+    if o.streams < 0:
+        raise DataError(f"data.streams = {o.streams}: expected 0 (chosen from the global batch) or a positive count")
+    num_streams = o.streams or (state["num_streams"] if state else choose_num_streams(global_batch, world_size))
     if num_streams % world_size or global_batch % num_streams:
         raise DataError(f"{num_streams} virtual streams (data.streams), global_batch {global_batch}, world_size "
                         f"{world_size}: the world size must divide the streams and the streams the global batch; "
                         f"compatible world sizes: {[w for w in range(1, num_streams + 1) if num_streams % w == 0]}")
-    if not resampled and len(shards) < num_streams:
+    if not o.resampled and len(shards) < num_streams:
         raise DataError(f"{len(shards)} shards for {num_streams} virtual streams: each stream reads whole shards, so "
                         f"some would get none. Use data.resampled=true, fewer streams (data.streams), or more shards "
                         f"(contrast data pack --shard-size smaller)")
-    if shuffle_buffer < 1:
-        raise DataError(f"shuffle_buffer = {shuffle_buffer}: expected at least 1 (1 means no shuffling)")
-    spec = StreamSpec(shards, seed, num_streams, shuffle_buffer, resampled)
+    if o.shuffle_buffer < 1:
+        raise DataError(f"shuffle_buffer = {o.shuffle_buffer}: expected at least 1 (1 means no shuffling)")
+    spec = StreamSpec(shards, seed, num_streams, o.shuffle_buffer, o.resampled)
     per_rank = num_streams // world_size
     if state is not None:
         _check_state(state, spec, global_batch, range(rank * per_rank, (rank + 1) * per_rank))
         if state["step"] == 0:
             state = None
     return Stream(spec, global_batch=global_batch, rank=rank, world_size=world_size, num_workers=num_workers,
-                  image_size=image_size, tokenizer=tok, max_bad_fraction=max_bad_fraction, state=state)
+                  image_size=o.image_size, tokenizer=tok, max_bad_fraction=o.max_bad_fraction, state=state)
 
 
-def open_train_stream(cfg: Any, *, rank: int = 0, world_size: int = 1, state: Optional[dict] = None) -> Stream:
-    """`open_stream` with every setting from a run config (`pipeline.config.Config`)."""
-    d = cfg.data
-    return open_stream(d.train_urls, global_batch=cfg.train.global_batch, rank=rank, world_size=world_size,
-                       seed=cfg.seed, num_workers=d.num_workers, state=state, train=True, image_size=d.image_size,
-                       context_length=d.context_length, tokenizer=d.tokenizer, shuffle_buffer=d.shuffle_buffer,
-                       resampled=d.resampled, max_bad_fraction=d.max_bad_fraction, allow_pipe=d.allow_pipe,
-                       streams=d.streams)
+def open_train_stream(cfg: Config, *, rank: int = 0, world_size: int = 1, state: Optional[dict] = None) -> Stream:
+    """`open_stream` with every setting from a run config."""
+    return open_stream(cfg.data.train_urls, global_batch=cfg.train.global_batch, rank=rank, world_size=world_size,
+                       seed=cfg.seed, num_workers=cfg.data.num_workers, state=state,
+                       options=StreamOptions.from_config(cfg.data))
 
 
 def _tokenizer(tokenizer: Tokenizer | str | None, urls: str | Sequence[str], context_length: int) -> Tokenizer:
@@ -559,40 +492,3 @@ def _tokenizer(tokenizer: Tokenizer | str | None, urls: str | Sequence[str], con
                             "(the one `contrast data synth/pack` wrote beside the training manifest)")
         tokenizer = where
     return load_tokenizer(tokenizer, context_length)
-
-
-class EvalStream:
-    """One ordered pass over shards with eval transforms; bad samples are skipped and counted."""
-
-    def __init__(self, shards: Sequence[Shard], batch_size: int, image_size: int, tokenizer: Tokenizer):
-        self.shards, self.batch_size, self.image_size, self.tokenizer = shards, batch_size, image_size, tokenizer
-        self.ok, self.bad = 0, Counter()
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        samples: list[Sample] = []
-        for sample in self._samples():
-            samples.append(sample)
-            if len(samples) == self.batch_size:
-                yield collate(samples, self.tokenizer)
-                samples = []
-        if samples:
-            yield collate(samples, self.tokenizer)
-
-    def _samples(self) -> Iterator[Sample]:
-        for shard in self.shards:
-            for item in iter_raw(shard):
-                try:
-                    if isinstance(item, Lost):
-                        raise BadSample(item.reason)
-                    checked = check_raw(item)
-                    if isinstance(checked, str):
-                        raise BadSample(checked)
-                    yield make_sample(checked, self.image_size, None)
-                    self.ok += 1
-                except BadSample as e:
-                    self.bad[e.reason] += item.count if isinstance(item, Lost) else 1
-
-    def stats(self) -> dict[str, Any]:
-        total_bad = sum(self.bad.values())
-        return {"ok": self.ok, "bad": dict(self.bad), "bad_total": total_bad,
-                "bad_fraction": total_bad / max(self.ok + total_bad, 1)}

@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from pipeline import storage
 from pipeline.data.shards import ShardWriter
-from pipeline.data.tokenizer import TOKENIZER_FILE, train_tokenizer
+from pipeline.data.tokenizer import train_tokenizer
+from pipeline.layout import CLASSNAMES, DATASET_EVAL, DATASET_TRAIN, TEMPLATES, TOKENIZER
 from pipeline.log import get_logger
 
 log = get_logger(__name__)
@@ -263,7 +264,7 @@ class _Inline:
     def map(self, fn, *iterables) -> Iterator:
         return map(fn, *iterables)
 
-    def __enter__(self) -> "_Inline":
+    def __enter__(self) -> _Inline:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -279,22 +280,23 @@ def synthesize(out: str, samples: int, *, eval_samples: int = 1000, image_size: 
     if image_size < 16:
         raise ValueError(f"image_size = {image_size}: expected at least 16 pixels for recognisable shapes")
     out = str(out).rstrip("/")
-    train_dir = storage.join(out, "train")
+    train_dir = storage.join(out, DATASET_TRAIN)
     captions = _write_split(train_dir, "train", samples, seed, image_size, shard_size, workers, progress)
     corpus = captions + [t.format(c=classname(c)) for t in ZEROSHOT_TEMPLATES for c in ALL_COMBOS]
     tokenizer = train_tokenizer(corpus, vocab_size=vocab_size)
-    tokenizer.save(storage.join(train_dir, TOKENIZER_FILE))
+    tokenizer.save(storage.join(train_dir, TOKENIZER))
     for name in EVAL_SETS:
-        set_dir = storage.join(out, "eval", name)
+        set_dir = storage.join(out, DATASET_EVAL, name)
         _write_split(set_dir, name, eval_samples, seed, image_size, shard_size, workers, progress)
-        tokenizer.save(storage.join(set_dir, TOKENIZER_FILE))       # the train one, so each set stands alone
+        tokenizer.save(storage.join(set_dir, TOKENIZER))       # the train one, so each set stands alone
         if name.startswith("zeroshot"):
             classes = SEEN if name == "zeroshot_seen" else HELD
-            storage.write_bytes(storage.join(set_dir, "classnames.txt"),
+            storage.write_bytes(storage.join(set_dir, CLASSNAMES),
                                 "".join(classname(c) + "\n" for c in classes).encode())
-            storage.write_bytes(storage.join(set_dir, "zeroshot_classification_templates.txt"),
+            storage.write_bytes(storage.join(set_dir, TEMPLATES),
                                 "".join(t + "\n" for t in ZEROSHOT_TEMPLATES).encode())
-    summary = {"train": train_dir, "samples": samples, "eval": {n: storage.join(out, "eval", n) for n in EVAL_SETS},
+    summary = {"train": train_dir, "samples": samples,
+               "eval": {n: storage.join(out, DATASET_EVAL, n) for n in EVAL_SETS},
                "held_out": sorted(classname(c) for c in HELD)}
     log.info("synthesised %d training samples at %s and %d samples per eval set", samples, train_dir, eval_samples)
     return summary

@@ -16,10 +16,10 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from pipeline import storage
+from pipeline.layout import MANIFEST, TOKENIZER
 
 PAD = "<pad>"
 END = "<end>"
-TOKENIZER_FILE = "tokenizer.json"
 _END_NAMES = (END, "<|endoftext|>", "</s>", "[SEP]")
 _PAD_NAMES = (PAD, "[PAD]", "<|pad|>")
 
@@ -48,6 +48,9 @@ class Tokenizer:
                 ids = ids[: self.context_length - 1] + [self.eot_id]
             rows.append(ids + [self.pad_id] * (self.context_length - len(ids)))
         return torch.tensor(rows, dtype=torch.long).view(len(rows), self.context_length)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids if int(i) != self.pad_id])
@@ -86,11 +89,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, context_length
 def tokenizer_url(url_or_dataset_dir: str) -> str:
     """`tokenizer.json` itself, or the one beside a dataset folder / its manifest.json."""
     url = str(url_or_dataset_dir).rstrip("/")
-    if url.endswith(".json") and not url.endswith("manifest.json"):
+    if url.endswith(".json") and not url.endswith(MANIFEST):
         return url
-    if url.endswith("manifest.json"):
-        url = url[: -len("manifest.json")].rstrip("/")
-    return storage.join(url, TOKENIZER_FILE)
+    if url.endswith(MANIFEST):
+        url = url[: -len(MANIFEST)].rstrip("/")
+    return storage.join(url, TOKENIZER)
 
 
 def load_tokenizer(url_or_dataset_dir: str, context_length: int = 77) -> Tokenizer:

@@ -17,22 +17,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.data.samples import MAX_PIXELS, BadSample, check_pixels
+
 # CLIP's normalisation constants (what open_clip and Hugging Face CLIP towers expect)
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
-MAX_PIXELS = 64_000_000                    # larger images are refused as decompression bombs
 TRAIN_SCALE = (0.9, 1.0)                   # area fraction of the random resized crop (open_clip's default)
 TRAIN_RATIO = (3 / 4, 4 / 3)
 
 Box = tuple[float, float, float, float]
-
-
-class BadSample(ValueError):
-    """A sample that cannot be used; `reason` is the name it is counted under."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 def random_resized_box(w: int, h: int, rng: random.Random, scale: Sequence[float] = TRAIN_SCALE,
@@ -64,11 +57,10 @@ def decode_image(data: bytes, size: int, rng: Optional[random.Random] = None, dr
     try:
         img = Image.open(io.BytesIO(data))
         w, h = img.size
-        if w * h > max_pixels:
-            raise BadSample("too_many_pixels", f"{w}x{h} is over the limit of {max_pixels} pixels")
+        check_pixels(w, h, max_pixels)
         box = random_resized_box(w, h, rng) if rng is not None else centre_box(w, h)
         if draft and img.format == "JPEG":
-            box = _draft(img, box, size)
+            box = draft_box(img, box, size)
         img = img.convert("RGB")
         return np.asarray(img.resize((size, size), Image.BICUBIC, box=box))
     except BadSample:
@@ -79,7 +71,7 @@ def decode_image(data: bytes, size: int, rng: Optional[random.Random] = None, dr
         raise BadSample("corrupt_image", f"{type(e).__name__}: {e}") from None
 
 
-def _draft(img: Image.Image, box: Box, size: int) -> Box:
+def draft_box(img: Image.Image, box: Box, size: int) -> Box:
     """Let the JPEG decoder shrink by up to 8x while the crop keeps at least `size` pixels per side."""
     shrink = min(box[2] - box[0], box[3] - box[1]) / size
     if shrink < 2:

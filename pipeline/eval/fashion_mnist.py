@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.data.shards import ShardWriter
-from pipeline.eval.sets import CLASSNAMES, TEMPLATES
+from pipeline.layout import CLASSNAMES, TEMPLATES
 
 SET_NAME = "fashion_mnist"
 SOURCE = "/usr/share/datasets/fashion-mnist"

@@ -21,12 +21,19 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.config import config_from_dict
+from pipeline.data.transforms import decode_image
+from pipeline.eval.evaluate import eval_sets
+from pipeline.eval.fashion_mnist import SET_NAME as FASHION_MNIST
+from pipeline.eval.scheduler import published_checkpoints
+from pipeline.eval.sets import open_eval_set
+from pipeline.eval.tasks import Encoder, captions_of
+from pipeline.layout import EVAL, REPORT, eval_results_dir, parse_step, tensorboard_dir
 from pipeline.log import get_logger
+from pipeline.models import load_published
 
 log = get_logger(__name__)
 
-REPORT_HTML = "report.html"
-IMAGES_DIR = "report"
+IMAGES_DIR = "report"                  # the PNGs beside report.html
 
 # Training panels: the title, then the patterns a scalar tag may match (first match wins per tag).
 TRAINING_PANELS = [
@@ -47,14 +54,14 @@ class Figure:
 
 
 # ------------------------------------------------------------------------------------ sources
-def read_scalars(run_dir: str, exclude: tuple[str, ...] = ("eval",)) -> Series:
+def read_scalars(run_dir: str, exclude: tuple[str, ...] = (EVAL,)) -> Series:
     """Every scalar in the run's TensorBoard folders (except `exclude`d sub-folders), by tag.
 
     A step logged twice (a resumed run) keeps its last value.
     """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    with storage.local_copy(storage.join(run_dir, "tensorboard")) as root:
+    with storage.local_copy(tensorboard_dir(run_dir)) as root:
         folders = sorted({p.parent for p in root.rglob("*tfevents*")
                           if not set(p.relative_to(root).parts[:-1]) & set(exclude)})
         values: dict[str, dict[int, float]] = defaultdict(dict)
@@ -69,9 +76,9 @@ def read_scalars(run_dir: str, exclude: tuple[str, ...] = ("eval",)) -> Series:
 
 def read_results(run_dir: str) -> list[dict[str, Any]]:
     """The eval results of a run, oldest step first."""
-    folder = storage.join(run_dir, "eval")
+    folder = eval_results_dir(run_dir)
     results = [storage.read_json(url) for url in storage.iter_files(folder, suffix=".json")
-               if url.rsplit("/", 1)[-1].startswith("step_")]
+               if parse_step(url.rsplit("/", 1)[-1][: -len(".json")]) is not None]
     return sorted(results, key=lambda r: r["step"])
 
 
@@ -193,27 +200,19 @@ def _shorten(text: str, n: int) -> str:
 # --------------------------------------------------------------------------- checkpoint views
 def checkpoint_figures(run_dir: str, out_dir: Path, n: int = 8, queries: int = 4) -> list[Figure]:
     """Heat map and retrieval examples: the newest published checkpoint on the first retrieval set."""
-    from pipeline.data.transforms import decode_image
-    from pipeline.eval.fashion_mnist import SET_NAME as FASHION_MNIST
-    from pipeline.eval.runner import eval_sets
-    from pipeline.eval.scheduler import published_checkpoints
-    from pipeline.eval.sets import open_eval_set
-    from pipeline.eval.tasks import Encoder, captions_of
-    from pipeline.models import load_published
-
     title = "Similarity and retrieval examples"
     checkpoints = published_checkpoints(run_dir)
     if not checkpoints:
         return [Figure(title, None, "No published checkpoint yet.")]
-    model = load_published(checkpoints[-1].url)
-    cfg = config_from_dict(model.manifest["config"], origin="checkpoint manifest")
+    published = load_published(checkpoints[-1].url)
+    cfg = config_from_dict(published.manifest["config"], origin="checkpoint manifest")
     captioned = next((s for s in (open_eval_set(cfg.data.eval_dir, name) for name in eval_sets(cfg)
                                   if name != FASHION_MNIST) if s.kind == "retrieval"), None)
     if captioned is None:
         return [Figure(title, None, "No retrieval set among eval.sets.")]
     samples = list(captioned.samples())
     captions, owner = captions_of(captioned, samples)
-    encoder = Encoder(model, cfg.eval.batch_size)
+    encoder = Encoder(published, cfg.eval.batch_size)
     sim = (encoder.images(s.image for s in samples) @ encoder.texts(captions).T).numpy()
     images = [decode_image(s.image, 96) for s in samples[: max(n, queries)]]
     first = [owner.index(i) for i in range(min(n, len(samples)))]        # each image's first caption
@@ -245,7 +244,7 @@ def write_report(run_dir: str) -> str:
             figures.append(Figure("Similarity and retrieval examples", None, f"Skipped: {type(e).__name__}: {e}"))
         page = _html(run_dir, figures, results)
         storage.upload_dir(out_dir, storage.join(run_dir, IMAGES_DIR))
-    url = storage.join(run_dir, REPORT_HTML)
+    url = storage.join(run_dir, REPORT)
     storage.write_bytes(url, page.encode("utf-8"))
     return url
 

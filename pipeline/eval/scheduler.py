@@ -22,11 +22,12 @@ from typing import Any, Optional
 from pipeline import storage
 from pipeline.config import Config, config_from_dict
 from pipeline.eval.claims import ClaimBook
-from pipeline.eval.runner import evaluate_checkpoint, result_url, write_result
-from pipeline.log import get_logger
+from pipeline.eval.evaluate import evaluate_checkpoint, write_result
+from pipeline.layout import claims_dir, eval_result_url, parse_step, published_root, published_url, step_name
+from pipeline.log import get_logger, setup_logging
+from pipeline.models.published import read_manifest
 
 log = get_logger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -36,18 +37,13 @@ class Checkpoint:
 
     @property
     def name(self) -> str:
-        return f"step_{self.step:08d}"
+        return step_name(self.step)
 
 
 def published_checkpoints(run_dir: str) -> list[Checkpoint]:
     """The complete published checkpoints of a run, oldest first."""
-    root = storage.join(run_dir, "published")
-    found = []
-    for name in storage.complete_subdirs(root, prefix="step_"):
-        suffix = name[len("step_"):]
-        if suffix.isdigit():
-            found.append(Checkpoint(int(suffix), storage.join(root, name)))
-    return sorted(found, key=lambda c: c.step)
+    steps = (parse_step(name) for name in storage.complete_subdirs(published_root(run_dir)))
+    return [Checkpoint(step, published_url(run_dir, step)) for step in sorted(s for s in steps if s is not None)]
 
 
 def select(checkpoints: list[Checkpoint], schedule: str, every_k: int, final: bool) -> list[Checkpoint]:
@@ -79,14 +75,14 @@ class Watcher:
         self.run_dir = run_dir
         self.cfg = cfg
         e = cfg.eval
-        self.claims = ClaimBook(storage.join(run_dir, "eval", "claims"), e.claim_ttl_s, e.retry_s, e.max_attempts)
+        self.claims = ClaimBook(claims_dir(run_dir), e.claim_ttl_s, e.retry_s, e.max_attempts)
         self.outcome = Outcome()
         self._reported_gave_up: set[int] = set()
 
     def pending(self, final: bool = False) -> list[Checkpoint]:
         """Checkpoints the policy wants that have no result yet."""
         chosen = select(published_checkpoints(self.run_dir), self.cfg.eval.schedule, self.cfg.eval.every_k, final)
-        return [c for c in chosen if not storage.exists(result_url(self.run_dir, c.step))]
+        return [c for c in chosen if not storage.exists(eval_result_url(self.run_dir, c.step))]
 
     def poll(self, final: bool = False) -> list[int]:
         """One pass: claim and evaluate what is pending (newest first under `latest`); the steps done."""
@@ -121,7 +117,7 @@ class Watcher:
         if claim is None:
             self._report_gave_up(ckpt)
             return False
-        if storage.exists(result_url(self.run_dir, ckpt.step)):   # finished by someone while we claimed
+        if storage.exists(eval_result_url(self.run_dir, ckpt.step)):   # finished by someone while we claimed
             return False
         log.info("evaluating %s (attempt %d)", ckpt.url, claim.attempt)
         try:
@@ -163,7 +159,6 @@ def watch(run_dir: str, cfg: Optional[Config] = None, once: bool = False,
     while cfg is None:
         checkpoints = published_checkpoints(run_dir)
         if checkpoints:
-            from pipeline.models.published import read_manifest
             cfg = config_from_dict(read_manifest(checkpoints[-1].url)["config"], origin=f"{checkpoints[-1].url}")
         elif once:
             log.info("no published checkpoint in %s yet: nothing to evaluate", run_dir)
@@ -185,7 +180,6 @@ class _EvalActor:
 
     def __init__(self, cfg_dict: dict[str, Any]) -> None:
         import torch
-        from pipeline.log import setup_logging
         self.cfg = config_from_dict(cfg_dict, origin="eval actor")
         setup_logging(self.cfg.logging.level)
         torch.set_num_threads(max(1, int(self.cfg.eval.cpus)))

@@ -11,29 +11,18 @@ standing for the class name). The kind of a set follows from what it holds:
 """
 from __future__ import annotations
 
-import json
 import posixpath
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from pipeline import storage
-from pipeline.data.shards import DataError, image_member, read_shard, resolve_shards
-
-CLASSNAMES = "classnames.txt"
-TEMPLATES = "zeroshot_classification_templates.txt"
-KINDS = ("zeroshot", "retrieval", "relation")
+from pipeline.data import BadSample, DataError, Sample, resolve_shards, validate_sample
+from pipeline.data.shards import read_shard
+from pipeline.layout import CLASSNAMES, TEMPLATES
 
 
 class EvalSetError(ValueError):
     """An evaluation set that is missing or malformed; the message names the set and the problem."""
-
-
-@dataclass
-class Sample:
-    key: str
-    image: bytes                  # encoded (JPEG/PNG/WebP); decoded by the model's eval transform
-    text: Optional[str] = None
-    meta: Optional[dict] = None
 
 
 @dataclass
@@ -86,10 +75,10 @@ def _read_lines(url: str) -> list[str]:
 
 
 def _read_shard(url: str) -> Iterator[Sample]:
+    """The samples of an eval shard, checked like training samples (captions optional); an eval set
+    must be whole, so a bad sample is an error naming it, not a skip that would change the metric."""
     for raw in read_shard(url):
-        image = image_member(raw)
-        if image is None:
-            raise EvalSetError(f"{url}: sample {raw.key!r} has no image (found {sorted(raw.members)})")
-        text = raw.members["txt"].decode("utf-8") if "txt" in raw.members else None
-        meta = json.loads(raw.members["json"]) if "json" in raw.members else None
-        yield Sample(raw.key, image, text, meta)
+        try:
+            yield validate_sample(raw.key, raw.members, url, caption_required=False)
+        except BadSample as e:
+            raise EvalSetError(f"{url}: sample {raw.key!r}: {e} (members: {sorted(raw.members)})") from None

@@ -9,10 +9,12 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from pipeline.data import Sample
 from pipeline.data.transforms import decode_image, to_tensor
 from pipeline.eval import metrics
-from pipeline.eval.sets import EvalSet, EvalSetError, Sample
+from pipeline.eval.sets import EvalSet, EvalSetError
 from pipeline.log import get_logger
+from pipeline.models import Published
 
 log = get_logger(__name__)
 
@@ -24,7 +26,7 @@ class Encoder:
     model's input size, CLIP normalisation.
     """
 
-    def __init__(self, model: Any, batch_size: int) -> None:
+    def __init__(self, model: Published, batch_size: int) -> None:
         self.model, self.batch_size = model, batch_size
 
     @torch.no_grad()
@@ -76,7 +78,7 @@ def captions_of(eval_set: EvalSet, samples: list[Sample]) -> tuple[list[str], li
     """Every caption line of every sample, and the index of the sample each belongs to."""
     texts, owner = [], []
     for i, s in enumerate(samples):
-        captions = [line.strip() for line in (s.text or "").splitlines() if line.strip()]
+        captions = s.caption_lines()
         if not captions:
             raise EvalSetError(f"eval set {eval_set.name!r}: sample {s.key!r} has no caption (.txt)")
         texts.extend(captions)
@@ -93,7 +95,7 @@ def retrieval(encoder: Encoder, eval_set: EvalSet, samples: list[Sample]) -> dic
 
 def relation(encoder: Encoder, eval_set: EvalSet, samples: list[Sample]) -> dict[str, float]:
     """Does the image prefer its true caption over the one with the two objects swapped?"""
-    true = [(s.text or "").strip() for s in samples]
+    true = [(s.caption or "").strip() for s in samples]
     swapped = [_field(eval_set, s, "swapped") for s in samples]
     image_emb = encoder.images(s.image for s in samples)
     return {"accuracy": metrics.relation_accuracy(image_emb, encoder.texts(true), encoder.texts(swapped))}

@@ -13,8 +13,14 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from pipeline.distributed import all_gather, all_gather_with_grad, all_reduce_sum, get_world_size, is_distributed, \
-    local_rows
+from pipeline.distributed import (
+    all_gather,
+    all_gather_with_grad,
+    all_reduce_sum,
+    get_world_size,
+    is_distributed,
+    local_rows,
+)
 from pipeline.losses.tiled import Term, pairwise_reduce
 
 
@@ -45,7 +51,7 @@ class Views:
     all_labels: Tensor          # (2N,)
 
     @staticmethod
-    def of(p: Pairs) -> "Views":
+    def of(p: Pairs) -> Views:
         n = p.U.shape[0]
         return Views(z=torch.cat([p.u, p.v]), Z=torch.cat([p.U, p.V]),
                      me=torch.cat([p.rows, p.rows + n]), partner=torch.cat([p.rows + n, p.rows]),

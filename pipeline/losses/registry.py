@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 
+from pipeline.config import Config, register_check
 from pipeline.losses.base import ContrastiveLoss
 from pipeline.losses.clip import ClipLoss
 from pipeline.losses.clip_gap import ClipGapLoss
@@ -53,3 +54,22 @@ def default_temperature(name: str) -> float:
 def uses_bias(name: str) -> bool:
     """Whether the model must learn a logit bias (and pass it as `logit_bias`) for this loss."""
     return _loss_class(name).uses_bias
+
+
+@register_check
+def check_loss_config(cfg: Config) -> list[str]:
+    """`loss.name` and its hyper-parameters resolve; a loss weighted by a frozen reference tower
+    (cwcl) has exactly one tower locked whole."""
+    loss = cfg.loss
+    if loss.name not in _LOSSES:
+        return [cfg.problem("loss.name", "one of " + ", ".join(LOSS_NAMES))]
+    try:
+        get_loss(loss.name, **loss.hyper())
+    except (TypeError, ValueError) as e:
+        return [f"loss (from {cfg.origin('loss')}): {e}"]
+    frozen = cfg.model.frozen_towers()
+    if _LOSSES[loss.name].uses_weights and len(frozen) != 1:
+        return [f"loss.name = {loss.name!r} (from {cfg.origin('loss.name')}) weights pairs by a frozen reference "
+                f"tower: lock exactly one whole tower (model.image.lock or model.text.lock, without unlock_last); "
+                f"locked now: {', '.join(frozen) or 'none'}"]
+    return []

@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from pipeline.config import Config, register_check
+
 
 @dataclass(frozen=True)
 class ViTSpec:
@@ -56,7 +58,7 @@ class ModelSpec:
         return dataclasses.asdict(self)
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "ModelSpec":
+    def from_dict(d: dict[str, Any]) -> ModelSpec:
         kinds = {"vit": ViTSpec, "text": TextSpec, "hf": HFSpec}
 
         def tower(t: dict[str, Any]) -> TowerSpec:
@@ -89,3 +91,17 @@ def named_spec(name: str) -> ModelSpec:
     if name not in NAMED_SPECS:
         raise ValueError(f"model.name = {name!r}: expected one of {', '.join(MODEL_NAMES)}")
     return NAMED_SPECS[name]
+
+
+@register_check
+def check_model_config(cfg: Config) -> list[str]:
+    """`model.name` exists, and the image fits the built-in ViT's patches."""
+    m = cfg.model
+    if m.name not in NAMED_SPECS:
+        return [cfg.problem("model.name", "one of " + ", ".join(MODEL_NAMES))]
+    problems = []
+    patch = NAMED_SPECS[m.name].image.patch_size
+    if not m.image.hf_path and cfg.data.image_size % patch:
+        problems.append(cfg.problem("data.image_size", f"a multiple of {m.name}'s patch size {patch} "
+                                    f"(e.g. {max(patch, cfg.data.image_size // patch * patch)})"))
+    return problems

@@ -14,21 +14,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import ModelConfig
+from pipeline.layout import TOWERS
 from pipeline.log import get_logger
+from pipeline.losses import default_temperature, uses_bias
 from pipeline.models.configs import HFSpec, ModelSpec, named_spec
 from pipeline.models.towers import block_prefix, build_tower
 
 log = get_logger(__name__)
 
-TOWERS = ("image", "text")
-MAX_LOGIT_SCALE = 100.0
+LOGIT_SCALE_BOUNDS = (0.0, math.log(100.0))   # θ = ln s: the scale s stays in [1, 100]
 
 
 class DualEncoder(nn.Module):
     """Image and text towers whose normalised embeddings meet in one `embed_dim` space.
 
-    The logit scale is a parameter θ with s = exp(θ); θ starts at ln(1/τ₀) and `clamp_logit_scale()`
-    keeps it in [0, ln 100]. `logit_bias` exists for losses that use one (SigLIP), else it is None.
+    The logit scale is a parameter θ with s = exp(θ); θ starts at ln(1/τ₀) and is kept in
+    `LOGIT_SCALE_BOUNDS` after each optimizer step (`clamp_logit_scale`; the training engine also
+    clamps its optimizer's master copy). `logit_bias` exists for losses that use one (SigLIP), else it is None.
     """
 
     def __init__(self, spec: ModelSpec, *, image_size: int, context_length: int, vocab_size: int,
@@ -51,7 +53,6 @@ class DualEncoder(nn.Module):
         else:
             self.logit_bias = nn.Parameter(torch.full((1,), float(init_bias)))
         self.locked_towers: set[str] = set()
-        self.tokenizer: Any = None         # set by `load_published`
 
     # ------------------------------------------------------------------------------ encoding
     def tower(self, name: str) -> nn.Module:
@@ -96,24 +97,8 @@ class DualEncoder(nn.Module):
     # ------------------------------------------------------------------------------ training
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
-        """θ ← clamp(θ, 0, ln 100); call after every optimizer step, on every rank.
-
-        Under DeepSpeed ZeRO the optimizer keeps an fp32 master copy of θ that the next step copies
-        back into the model, so that copy is clamped too (under ZeRO-1/2 a collective, hence every
-        rank); under ZeRO-3 the model's value and the master are partitioned, and the clamp, being
-        elementwise, is exact on each rank's partition.
-        """
-        lo, hi = 0.0, math.log(MAX_LOGIT_SCALE)
-        p = self.logit_scale
-        if p.requires_grad and hasattr(p, "ds_id"):            # ZeRO-3: this rank's fp32 partition
-            from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
-            safe_set_local_fp32_param(p, safe_get_local_fp32_param(p).clamp(lo, hi))
-        elif p.requires_grad and hasattr(p, "_hp_mapping"):    # ZeRO-1/2, bf16: the fp32 master (collective)
-            from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
-            safe_set_full_fp32_param(p, safe_get_full_fp32_param(p).clamp(lo, hi))
-        for t in (p.data, getattr(p, "ds_tensor", None)):
-            if t is not None and t.numel():
-                t.clamp_(lo, hi)
+        """θ ← clamp(θ, LOGIT_SCALE_BOUNDS), in place: call after every optimizer step."""
+        self.logit_scale.data.clamp_(*LOGIT_SCALE_BOUNDS)
 
     def lock(self, name: str, unlock_last: int = 0) -> None:
         """Freeze a tower (LiT); with `unlock_last = n` its last n blocks and what follows them train.
@@ -136,7 +121,7 @@ class DualEncoder(nn.Module):
             self.locked_towers.add(name)
             tower.eval()
 
-    def train(self, mode: bool = True) -> "DualEncoder":
+    def train(self, mode: bool = True) -> DualEncoder:
         super().train(mode)
         for name in self.locked_towers:
             self.tower(name).eval()                       # no dropout in a frozen tower
@@ -180,7 +165,6 @@ def _hf_spec(path: str, name: str) -> HFSpec:
 
 def logit_init(loss_name: str, init_temperature: Optional[float] = None) -> tuple[float, Optional[float]]:
     """(τ₀, bias₀) for a loss: its default temperature unless overridden; bias −10 if it uses one."""
-    from pipeline.losses import default_temperature, uses_bias
     tau = init_temperature if init_temperature is not None else default_temperature(loss_name)
     return tau, (-10.0 if uses_bias(loss_name) else None)
 

@@ -20,10 +20,11 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from pipeline import storage
 from pipeline.data.transforms import MEAN, STD
+from pipeline.layout import TOKENIZER
 from pipeline.log import get_logger
 from pipeline.models.configs import TextSpec, ViTSpec
 from pipeline.models.dual import DualEncoder
-from pipeline.models.published import TOKENIZER, load_published
+from pipeline.models.published import Published, load_published
 
 log = get_logger(__name__)
 
@@ -43,22 +44,22 @@ def export(checkpoint: str, fmt: str, out: str) -> str:
     """Write the published checkpoint `checkpoint` to the folder URL `out` in format `fmt`."""
     if fmt not in FORMATS:
         raise ValueError(f"export format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    model = load_published(checkpoint)
-    writer: Callable[[DualEncoder, Path], None] = {"safetensors": _write_safetensors, "hf": _write_hf,
-                                                   "open_clip": _write_open_clip}[fmt]
+    published = load_published(checkpoint)
+    writer: Callable[[Published, Path], None] = {"safetensors": _write_safetensors, "hf": _write_hf,
+                                                 "open_clip": _write_open_clip}[fmt]
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
-        writer(model, Path(tmp))
-        (Path(tmp) / TOKENIZER).write_text(model.tokenizer.to_json(), encoding="utf-8")
+        writer(published, Path(tmp))
+        (Path(tmp) / TOKENIZER).write_text(published.tokenizer.to_json(), encoding="utf-8")
         storage.upload_dir(tmp, out)
     log.info("exported %s as %s to %s", checkpoint, fmt, out)
     return out
 
 
 # ------------------------------------------------------------------------------------- safetensors
-def _write_safetensors(model: DualEncoder, out: Path) -> None:
+def _write_safetensors(published: Published, out: Path) -> None:
+    model, tok = published.model, published.tokenizer
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    config = {"model": model.describe(), "step": model.manifest["step"],
-              "eot_id": model.tokenizer.eot_id, "pad_id": model.tokenizer.pad_id}
+    config = {"model": model.describe(), "step": published.step, "eot_id": tok.eot_id, "pad_id": tok.pad_id}
     (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
@@ -105,10 +106,10 @@ def hf_state_dict(model: DualEncoder) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def _write_hf(model: DualEncoder, out: Path) -> None:
+def _write_hf(published: Published, out: Path) -> None:
     from transformers import CLIPConfig, CLIPModel
 
-    tok = model.tokenizer
+    model, tok = published.model, published.tokenizer
     if model.logit_bias is not None:
         log.warning("export --format hf: transformers.CLIPModel has no logit bias; the learned bias %.3f is "
                     "recorded in config.json as `logit_bias` but not applied by CLIPModel", float(model.logit_bias))
@@ -173,12 +174,13 @@ def open_clip_state_dict(model: DualEncoder) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def _write_open_clip(model: DualEncoder, out: Path) -> None:
+def _write_open_clip(published: Published, out: Path) -> None:
+    model, tok = published.model, published.tokenizer
     save_file(open_clip_state_dict(model), str(out / "open_clip_model.safetensors"))
     config = {"model_cfg": open_clip_config(model),
               "preprocess_cfg": {"size": model.image_size, "mean": list(MEAN), "std": list(STD),
                                  "interpolation": "bicubic", "resize_mode": "shortest"},
-              "tokenizer": {"file": TOKENIZER, "eot_id": model.tokenizer.eot_id, "pad_id": model.tokenizer.pad_id}}
+              "tokenizer": {"file": TOKENIZER, "eot_id": tok.eot_id, "pad_id": tok.pad_id}}
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 

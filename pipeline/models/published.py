@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,12 +19,11 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from pipeline import storage
+from pipeline.data import Tokenizer, load_tokenizer
+from pipeline.layout import COMPLETE, MANIFEST, TOKENIZER, WEIGHTS
 from pipeline.models.configs import ModelSpec
 from pipeline.models.dual import DualEncoder
 
-WEIGHTS = "model.safetensors"
-MANIFEST = "manifest.json"
-TOKENIZER = "tokenizer.json"
 FORMAT_VERSION = 1
 
 
@@ -31,8 +31,28 @@ class CheckpointError(ValueError):
     """A published checkpoint that cannot be read; the message names the file and the problem."""
 
 
-def published_name(step: int) -> str:
-    return f"step_{step:08d}"
+@dataclass
+class Published:
+    """A published checkpoint, loaded: the dual encoder (eval mode), its tokenizer and its manifest."""
+    model: DualEncoder
+    tokenizer: Tokenizer
+    manifest: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+    @property
+    def image_size(self) -> int:
+        return self.model.image_size
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) normalised pixels → (N, D) unit vectors."""
+        return self.model.encode_image(images)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, L) ids from `tokenizer` → (N, D) unit vectors."""
+        return self.model.encode_text(tokens)
 
 
 def save_published(model: DualEncoder, tokenizer: Any, url: str, step: int, *, samples_seen: int = 0,
@@ -64,11 +84,9 @@ def save_published(model: DualEncoder, tokenizer: Any, url: str, step: int, *, s
     return url
 
 
-def load_published(url: str, device: str | torch.device = "cpu") -> DualEncoder:
-    """The dual encoder of a published checkpoint, in eval mode, with `.tokenizer`, `.image_size`
-    and `.manifest`. Raises `CheckpointError` for an unfinished, corrupt or foreign folder."""
-    from pipeline.data import load_tokenizer
-
+def load_published(url: str, device: str | torch.device = "cpu") -> Published:
+    """The model, tokenizer and manifest of a published checkpoint (the model in eval mode).
+    Raises `CheckpointError` for an unfinished, corrupt or foreign folder."""
     manifest = read_manifest(url)
     data = _read(url, WEIGHTS)
     want = manifest.get("sha256", {}).get(WEIGHTS)
@@ -86,15 +104,14 @@ def load_published(url: str, device: str | torch.device = "cpu") -> DualEncoder:
     except RuntimeError as e:
         raise CheckpointError(f"{storage.join(url, WEIGHTS)}: weights do not fit the model in the manifest: "
                               f"{e}") from None
-    model.tokenizer = load_tokenizer(storage.join(url, TOKENIZER), manifest["context_length"])
-    model.manifest = manifest
-    return model.to(device).eval()
+    tokenizer = load_tokenizer(storage.join(url, TOKENIZER), manifest["context_length"])
+    return Published(model.to(device).eval(), tokenizer, manifest)
 
 
 def read_manifest(url: str) -> dict[str, Any]:
     """The manifest of a complete published checkpoint (refuses a folder without `COMPLETE`)."""
     if not storage.is_complete(url):
-        raise CheckpointError(f"{url}: no {storage.COMPLETE} marker: not a published checkpoint, "
+        raise CheckpointError(f"{url}: no {COMPLETE} marker: not a published checkpoint, "
                               "or one still being written")
     manifest = storage.read_json(storage.join(url, MANIFEST)) if storage.exists(storage.join(url, MANIFEST)) else None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:

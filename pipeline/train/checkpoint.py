@@ -1,11 +1,9 @@
 """Checkpoints of a run: for exact resume (`checkpoints/`), for evaluation (`published/`), for Ray.
 
-    run_dir/checkpoints/step_{N:08d}/
-        deepspeed/             DeepSpeed's files: module, optimizer, scheduler (each rank uploads its own)
-        data_state.json        the data stream's position, all ranks merged (any world size resumes from it)
-        rng/rank_{r:05d}.json  each rank's generator states (dropout draws)
-        meta.json              step, samples seen, world size, ZeRO stage, parameter shapes, the run config
-        COMPLETE               written last: a folder without it does not exist for `latest_checkpoint`
+A resume checkpoint (`pipeline.layout` names its files) holds DeepSpeed's files (each rank uploads
+its own), the data stream's position with all ranks merged (any world size resumes from it), each
+rank's generator states, and `meta.json` (step, samples seen, world size, ZeRO stage, parameter
+shapes, the run config); `COMPLETE` is written last.
 
 Each rank saves locally, uploads through fsspec (any `run_dir` URL), then rank 0 writes the marker
 and keeps the newest `checkpoint.keep`. Resume takes the newest complete folder, refuses one from a
@@ -26,17 +24,25 @@ import torch
 
 from pipeline import storage
 from pipeline.config import Config, ConfigError
-from pipeline.distributed import get_rank, get_world_size, is_initialized
+from pipeline.data import Tokenizer
+from pipeline.distributed import barrier, broadcast_from_rank0, get_rank, get_world_size
+from pipeline.layout import (
+    COMPLETE,
+    DATA_STATE,
+    DEEPSPEED,
+    META,
+    checkpoint_url,
+    checkpoints_dir,
+    parse_step,
+    published_url,
+    rng_file,
+    step_name,
+)
 from pipeline.log import get_logger
-from pipeline.train.engine import DEEPSPEED_TAG, Engine
+from pipeline.models import save_published
+from pipeline.train.engine import Engine
 
 log = get_logger(__name__)
-
-CHECKPOINTS = "checkpoints"
-PUBLISHED = "published"
-META = "meta.json"
-DATA_STATE = "data_state.json"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 @dataclass
@@ -50,22 +56,10 @@ class TrainState:
         self.samples_seen += global_batch
 
 
-def step_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def checkpoint_url(run_dir: str, step: int) -> str:
-    return storage.join(run_dir, CHECKPOINTS, step_name(step))
-
-
-def published_url(run_dir: str, step: int) -> str:
-    return storage.join(run_dir, PUBLISHED, step_name(step))
-
-
 def complete_steps(run_dir: str) -> list[int]:
     """Steps of the complete resume checkpoints in `run_dir`, ascending."""
-    names = storage.complete_subdirs(storage.join(run_dir, CHECKPOINTS))
-    return sorted(int(m.group(1)) for n in names if (m := _STEP_DIR.match(n)))
+    names = storage.complete_subdirs(checkpoints_dir(run_dir))
+    return sorted(step for n in names if (step := parse_step(n)) is not None)
 
 
 def latest_checkpoint(run_dir: str) -> Optional[str]:
@@ -80,20 +74,20 @@ def save_checkpoint(engine: Engine, cfg: Config, state: TrainState, data_state: 
     rank, url = get_rank(), checkpoint_url(cfg.run_dir, state.step)
     if rank == 0:
         storage.remove(url)                  # the leftovers of an interrupted attempt at this step
-    _barrier()
+    barrier()
     with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
         engine.save(tmp)
-        storage.write_json(str(Path(tmp, "rng", f"rank_{rank:05d}.json")), rng_state())
+        storage.write_json(str(Path(tmp, rng_file(rank))), rng_state())
         storage.upload_dir(tmp, url)
-    _barrier()
+    barrier()
     if rank == 0:
         storage.write_json(storage.join(url, DATA_STATE), data_state)
         storage.write_json(storage.join(url, META), {
             "step": state.step, "samples_seen": state.samples_seen, "world_size": get_world_size(),
-            "zero_stage": engine.zero_stage, "params": param_shapes(engine), "config": cfg.to_dict()})
-        storage.write_json(storage.join(url, storage.COMPLETE), {"step": state.step})
+            "zero_stage": engine.zero_stage, "params": engine.param_shapes(), "config": cfg.to_dict()})
+        storage.write_json(storage.join(url, COMPLETE), {"step": state.step})
         prune(cfg.run_dir, cfg.checkpoint.keep)
-    _barrier()
+    barrier()
     return url
 
 
@@ -103,22 +97,21 @@ def prune(run_dir: str, keep: int) -> None:
     if not complete:
         return
     kept = set(complete[-keep:])
-    root = storage.join(run_dir, CHECKPOINTS)
+    root = checkpoints_dir(run_dir)
     for name in storage.listdir(root):
-        m = _STEP_DIR.match(name)
-        if m and int(m.group(1)) not in kept and int(m.group(1)) < complete[-1]:
+        step = parse_step(name)
+        if step is not None and step not in kept and step < complete[-1]:
             storage.remove(storage.join(root, name))
 
 
-def publish(engine: Engine, tokenizer: Any, cfg: Config, state: TrainState) -> None:
+def publish(engine: Engine, tokenizer: Tokenizer, cfg: Config, state: TrainState) -> None:
     """Publish consolidated weights for evaluation (collective under ZeRO-3; rank 0 writes).
 
     A step already published (a resumed run replaying it) is left alone: its readers may be at
     work, and an exact resume reproduces the same weights anyway.
     """
-    from pipeline.models import save_published
     url = published_url(cfg.run_dir, state.step)
-    if _from_rank0(storage.is_complete(url)) or (get_rank() != 0 and engine.zero_stage != 3):
+    if broadcast_from_rank0(storage.is_complete(url)) or (get_rank() != 0 and engine.zero_stage != 3):
         return
     weights = engine.consolidated_state()
     if get_rank() == 0:
@@ -154,7 +147,7 @@ class Resume:
         with _local_copy(self.url, get_rank() if same_world else None) as local:
             engine.load(local)
         if same_world:
-            set_rng_state(storage.read_json(storage.join(self.url, "rng", f"rank_{get_rank():05d}.json")))
+            set_rng_state(storage.read_json(storage.join(self.url, rng_file(get_rank()))))
         log.info("resumed from %s (step %d)", self.url, self.meta["step"])
         return TrainState(self.meta["step"], self.meta["samples_seen"])
 
@@ -200,7 +193,7 @@ def check_same_config(meta: dict[str, Any], cfg: Config, url: str) -> None:
 
 
 def check_same_model(meta: dict[str, Any], engine: Engine, url: str) -> None:
-    saved, now = meta["params"], param_shapes(engine)
+    saved, now = meta["params"], engine.param_shapes()
     diff = [f"{k}: {saved.get(k)} in the checkpoint, {now.get(k)} now" for k in sorted(set(saved) | set(now))
             if saved.get(k) != now.get(k)]
     if diff:
@@ -226,11 +219,6 @@ def check_same_layout(meta: dict[str, Any], cfg: Config, world_size: int, url: s
             f"cluster.num_workers={saved} (stage-0 checkpoints resume on any number of workers)")
 
 
-def param_shapes(engine: Engine) -> dict[str, list[int]]:
-    """Name → shape of every parameter, as the model defines it (ZeRO-3's partitioning undone)."""
-    return {n: list(getattr(p, "ds_shape", p.shape)) for n, p in engine.module.named_parameters()}
-
-
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -248,13 +236,13 @@ def _local_copy(url: str, rank: Optional[int]) -> Iterator[str]:
     if storage.is_local(url):
         yield storage.local_path(url)
         return
-    src = storage.join(url, DEEPSPEED_TAG)
+    src = storage.join(url, DEEPSPEED)
     with tempfile.TemporaryDirectory(prefix="resume-") as tmp:
-        Path(tmp, DEEPSPEED_TAG).mkdir()
+        Path(tmp, DEEPSPEED).mkdir()
         for name in storage.listdir(src):
             owner = re.search(r"zero_pp_rank_(\d+)_", name)
             if rank is None or owner is None or int(owner.group(1)) == rank:
-                Path(tmp, DEEPSPEED_TAG, name).write_bytes(storage.read_bytes(storage.join(src, name)))
+                Path(tmp, DEEPSPEED, name).write_bytes(storage.read_bytes(storage.join(src, name)))
         yield tmp
 
 
@@ -278,17 +266,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
     version, internal, gauss = state["random"]
     random.setstate((version, tuple(internal), gauss))
-
-
-def _from_rank0(value: Any) -> Any:
-    """Rank 0's `value` on every rank (one answer where ranks could see storage differently)."""
-    if not is_initialized():
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier() -> None:
-    if is_initialized():
-        torch.distributed.barrier()

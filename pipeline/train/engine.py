@@ -1,13 +1,13 @@
 """The DeepSpeed engine of a run: its config, the AdamW parameter groups, the learning-rate schedule.
 
-Everything DeepSpeed-specific that the train loop needs sits behind `Engine`: `step()` (optimizer
-step, schedule, logit-scale clamp, gradient norm), `consolidated_state()` (full weights, gathered
-under ZeRO-3) and `save`/`load` of DeepSpeed's native checkpoint.
+This is the only module that knows DeepSpeed. The train loop sees `Engine`: `forward_backward(batch)`
+(the gradient-cache step), `step()` (optimizer step, schedule, logit-scale clamp, gradient norm),
+`device`, `consolidated_state()` (full weights, gathered under ZeRO-3), `param_shapes()` and
+`save`/`load` of DeepSpeed's native checkpoint.
 
 Three traps of DeepSpeed 0.19 are handled here, once:
 * It keeps an fp32 master copy of the parameters under bf16 and ZeRO: a clamp of the module's θ
-  alone would be undone by the next step. The model's `clamp_logit_scale()` writes the ZeRO and
-  bf16-optimizer masters; the one it cannot see (stage 0 in bf16) is written here.
+  alone would be undone by the next step. `clamp_logit_scale` clamps θ and every master copy.
 * ZeRO-3 keeps stale gradient partitions for parameters whose first gradient of a step comes in a
   later backward (the gradient cache's text tower): they are cleared after each step.
 * It loads its checkpoints with `torch.load(weights_only=False)`; `load` forces weights-only
@@ -18,17 +18,19 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from pipeline.config import Config, ConfigError
+from pipeline.gradcache import Backward, StepOutput, forward_backward
+from pipeline.layout import DEEPSPEED
 from pipeline.log import get_logger
+from pipeline.models import LOGIT_SCALE_BOUNDS, DualEncoder
 
 log = get_logger(__name__)
 
-DEEPSPEED_TAG = "deepspeed"          # the sub-folder of a checkpoint holding DeepSpeed's files
 
 
 # ------------------------------------------------------------------------------------ config
@@ -122,30 +124,46 @@ def warmup_cosine(cfg: Config) -> Callable[[torch.optim.Optimizer], torch.optim.
 
 # ------------------------------------------------------------------------------------ engine
 class Engine:
-    """The dual encoder inside a DeepSpeed engine (`.ds`, what the gradient cache calls)."""
+    """The dual encoder inside a DeepSpeed engine, with the run's optimizer, schedule and gradient cache.
 
-    def __init__(self, cfg: Config, model: nn.Module, world_size: int):
+    `ds` is DeepSpeed's engine itself, for checks of DeepSpeed's own state (tests); the train loop
+    uses only the methods below.
+    """
+
+    def __init__(self, cfg: Config, model: DualEncoder, world_size: int):
         import deepspeed
-        self.ds, _, _, self.scheduler = deepspeed.initialize(
+        self.ds, _, _, self._scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
             config=deepspeed_config(cfg, world_size), lr_scheduler=warmup_cosine(cfg))
         self.zero_stage = self.ds.zero_optimization_stage()
-        self.lr = self.scheduler.get_last_lr()[0]        # the learning rate of the last step taken
+        self.chunks = (cfg.gradcache.chunk_size, cfg.gradcache.text_chunk_size)
+        self.lr = self._scheduler.get_last_lr()[0]       # the learning rate of the last step taken
         # DeepSpeed leaves the global gradient norm unset at stage 0 in fp32: measured here then.
         self._measure_grad_norm = self.zero_stage == 0 and not self.ds.bfloat16_enabled()
 
     @property
-    def module(self) -> nn.Module:
+    def module(self) -> DualEncoder:
         return self.ds.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.ds.device
+
+    def forward_backward(self, batch: dict[str, Any], loss_fn: Callable[..., torch.Tensor],
+                         weights_from: Optional[str] = None) -> StepOutput:
+        """Forward and backward of this rank's batch through the gradient cache (`gradcache.chunk_size`)."""
+        chunk, text_chunk = self.chunks
+        return forward_backward(self.ds, batch["image"], batch["text"], loss_fn, labels=batch.get("label"),
+                                chunk_size=chunk, text_chunk_size=text_chunk, weights_from=weights_from,
+                                backward=DeepSpeedBackward(self.ds))
 
     def step(self) -> float:
         """Optimizer step (clipping, schedule), then the logit-scale clamp; returns the pre-clip grad norm."""
         norm = _grad_norm(self.module) if self._measure_grad_norm else None
-        self.lr = self.scheduler.get_last_lr()[0]
+        self.lr = self._scheduler.get_last_lr()[0]
         self.ds.step()
         self._clear_zero3_gradients()
-        self.module.clamp_logit_scale()
-        self._clamp_unfused_master()
+        clamp_logit_scale(self.ds)
         return float(norm if norm is not None else self.ds.get_global_grad_norm())
 
     def _clear_zero3_gradients(self) -> None:
@@ -156,34 +174,81 @@ class Engine:
         if self.zero_stage == 3 and flat is not None:
             flat.zero_()
 
-    def _clamp_unfused_master(self) -> None:
-        """Stage 0 in bf16 steps an fp32 copy of each parameter that no DeepSpeed accessor exposes:
-        clamp θ's copy to the model's range too."""
-        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-        from pipeline.models.dual import MAX_LOGIT_SCALE
-        opt, p = self.ds.optimizer, self.module.logit_scale
-        if isinstance(opt, FP16_UnfusedOptimizer):
-            for lp_group, hp_group in zip(opt.fp16_groups, opt.fp32_groups):
-                for lp, hp in zip(lp_group, hp_group):
-                    if lp is p:
-                        hp.data.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
-
     def consolidated_state(self) -> dict[str, torch.Tensor]:
         """Full fp32 weights on CPU (gathered from every rank under ZeRO-3). A collective under ZeRO-3."""
         params = list(self.module.parameters())
         with _gathered(params) if self.zero_stage == 3 else contextlib.nullcontext():
             return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
 
+    def param_shapes(self) -> dict[str, list[int]]:
+        """Name → shape of every parameter, as the model defines it (ZeRO-3's partitioning undone)."""
+        return {n: list(getattr(p, "ds_shape", p.shape)) for n, p in self.module.named_parameters()}
+
     def save(self, local_dir: str) -> None:
         """DeepSpeed's checkpoint (module, optimizer, scheduler) of this rank into `local_dir/deepspeed/`."""
-        self.ds.save_checkpoint(local_dir, tag=DEEPSPEED_TAG, save_latest=False)
+        self.ds.save_checkpoint(local_dir, tag=DEEPSPEED, save_latest=False)
 
     def load(self, local_dir: str) -> None:
         """Load what `save` wrote (every rank's files under `local_dir/deepspeed/`), weights-only."""
         with _weights_only_loading():
-            path, _ = self.ds.load_checkpoint(local_dir, tag=DEEPSPEED_TAG, load_module_strict=True)
+            path, _ = self.ds.load_checkpoint(local_dir, tag=DEEPSPEED, load_module_strict=True)
         if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {local_dir}/{DEEPSPEED_TAG}")
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {local_dir}/{DEEPSPEED}")
+
+
+class DeepSpeedBackward(Backward):
+    """The gradient cache's micro-steps on a DeepSpeed engine built with `gradient_accumulation_steps=1`.
+
+    The accumulation boundary is set explicitly before each micro-step (what DeepSpeed documents for
+    caller-driven accumulation; `no_sync` is refused under ZeRO 2/3), so ZeRO 1/2 reduce and
+    partition the accumulated gradients once, at the last micro-step, and nothing is divided by K.
+    """
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+
+    @contextlib.contextmanager
+    def micro_step(self, is_last: bool) -> Iterator[None]:
+        self.engine.set_gradient_accumulation_boundary(is_last)
+        yield
+
+    def backward(self, loss: torch.Tensor, is_last: bool) -> None:
+        self.engine.backward(loss)
+
+
+@torch.no_grad()
+def clamp_logit_scale(ds_engine: Any) -> None:
+    """θ ← clamp(θ, LOGIT_SCALE_BOUNDS) in the model and in every fp32 master copy DeepSpeed keeps of it
+    (else the next step copies the unclamped master back). Call on every rank after each step: under
+    ZeRO-1/2 it is a collective. Under ZeRO-3 θ and its master are partitioned; the clamp, being
+    elementwise, is exact on each rank's partition."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.utils import (
+        safe_get_full_fp32_param,
+        safe_get_local_fp32_param,
+        safe_set_full_fp32_param,
+        safe_set_local_fp32_param,
+    )
+    lo, hi = LOGIT_SCALE_BOUNDS
+    p, opt = ds_engine.module.logit_scale, ds_engine.optimizer
+    if p.requires_grad and hasattr(p, "ds_id"):              # ZeRO-3: this rank's fp32 partition
+        safe_set_local_fp32_param(p, safe_get_local_fp32_param(p).clamp(lo, hi))
+    elif p.requires_grad and hasattr(p, "_hp_mapping"):      # ZeRO-1/2, bf16: the fp32 master (collective)
+        safe_set_full_fp32_param(p, safe_get_full_fp32_param(p).clamp(lo, hi))
+    if isinstance(opt, FP16_UnfusedOptimizer):               # stage 0 in bf16: a copy no accessor exposes
+        for lp_group, hp_group in zip(opt.fp16_groups, opt.fp32_groups):
+            for lp, hp in zip(lp_group, hp_group):
+                if lp is p:
+                    hp.data.clamp_(lo, hi)
+    ds_engine.module.clamp_logit_scale()
+    if getattr(p, "ds_tensor", None) is not None and p.ds_tensor.numel():
+        p.ds_tensor.clamp_(lo, hi)
+
+
+def quiet_deepspeed(level: str) -> None:
+    """DeepSpeed's own logger at warnings (debug when the run logs debug): our logger reports."""
+    from deepspeed.utils import logger as ds_logger
+    ds_logger.setLevel("DEBUG" if level == "debug" else "WARNING")
 
 
 def _gathered(params: list[nn.Parameter]) -> Any:

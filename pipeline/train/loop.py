@@ -7,13 +7,14 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from pipeline.config import Config, ConfigError, config_from_dict
-from pipeline.data import gather_state, open_train_stream
+from pipeline.config import Config, config_from_dict
+from pipeline.data import Tokenizer, gather_state, open_train_stream
 from pipeline.distributed import get_rank, get_world_size
-from pipeline.gradcache import forward_backward
 from pipeline.log import get_logger, setup_logging
+from pipeline.losses import get_loss
+from pipeline.models import DualEncoder, build_model
 from pipeline.train.checkpoint import TrainState, find_resume, publish, report_to_ray, save_checkpoint
-from pipeline.train.engine import Engine
+from pipeline.train.engine import Engine, quiet_deepspeed
 from pipeline.train.metrics import Meter, TrainLogger, step_scalars
 
 log = get_logger(__name__)
@@ -31,10 +32,8 @@ def train_worker(config: Config | dict[str, Any]) -> None:
     logger, meter = TrainLogger(cfg, rank), Meter(cfg.train.global_batch)
     batches = meter.timed(stream)
     while state.step < cfg.train.steps:
-        batch = to_device(next(batches), engine.ds.device)
-        out = forward_backward(engine.ds, batch["image"], batch["text"], loss_fn, labels=batch.get("label"),
-                               chunk_size=cfg.gradcache.chunk_size, text_chunk_size=cfg.gradcache.text_chunk_size,
-                               weights_from=weights_from)
+        batch = to_device(next(batches), engine.device)
+        out = engine.forward_backward(batch, loss_fn, weights_from)    # the gradient cache's two passes
         grad_norm = engine.step()                  # AdamW, lr schedule, clipping, logit-scale clamp
         state.advance(cfg.train.global_batch)
         if logger.due(state.step):
@@ -58,8 +57,7 @@ def setup_worker(cfg: Config) -> tuple[int, int]:
     """Logging with the rank, DeepSpeed quiet, generators seeded alike for the model's initialisation."""
     rank, world = get_rank(), get_world_size()
     setup_logging(cfg.logging.level, rank)
-    from deepspeed.utils import logger as ds_logger
-    ds_logger.setLevel("DEBUG" if cfg.logging.level == "debug" else "WARNING")
+    quiet_deepspeed(cfg.logging.level)
     seed_everything(cfg.seed)
     log.info("worker %d of %d: %d torch threads, device %s", rank, world, torch.get_num_threads(),
              "cuda" if torch.cuda.is_available() else "cpu")
@@ -72,9 +70,8 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def new_model(cfg: Config, tokenizer: Any) -> torch.nn.Module:
+def new_model(cfg: Config, tokenizer: Tokenizer) -> DualEncoder:
     """The dual encoder (same initial weights on every rank), then per-rank generators for dropout."""
-    from pipeline.models import build_model
     model = build_model(cfg.model, image_size=cfg.data.image_size, context_length=cfg.data.context_length,
                         vocab_size=tokenizer.vocab_size, loss_name=cfg.loss.name,
                         init_temperature=cfg.loss.init_temperature, learn_temperature=cfg.loss.learn_temperature)
@@ -83,16 +80,9 @@ def new_model(cfg: Config, tokenizer: Any) -> torch.nn.Module:
 
 
 def make_loss(cfg: Config) -> tuple[torch.nn.Module, Optional[str]]:
-    """The loss module and, for cwcl, the tower whose embeddings weight it (the locked one)."""
-    from pipeline.losses import get_loss
+    """The loss module and, for cwcl, the tower whose embeddings weight it (the frozen one: validated)."""
     fn = get_loss(cfg.loss.name, tiled=cfg.loss.tiled, tile_size=cfg.loss.tile_size, **cfg.loss.hyper())
-    if not getattr(fn, "uses_weights", False):
-        return fn, None
-    locked = [t for t in ("image", "text") if getattr(cfg.model, t).lock and not getattr(cfg.model, t).unlock_last]
-    if len(locked) != 1:
-        raise ConfigError(f"loss.name = {cfg.loss.name!r} weights pairs by a frozen reference tower: lock exactly one "
-                          f"(model.image.lock or model.text.lock), got {locked or 'none'} locked")
-    return fn, locked[0]
+    return fn, (cfg.model.frozen_towers()[0] if fn.uses_weights else None)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

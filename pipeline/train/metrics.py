@@ -22,12 +22,14 @@ import torch
 
 from pipeline import storage
 from pipeline.config import Config
-from pipeline.distributed import all_reduce_max, all_reduce_sum, get_world_size, is_distributed
+from pipeline.distributed import all_gather_objects, all_reduce_max, all_reduce_sum, get_world_size
+from pipeline.gradcache import StepOutput
+from pipeline.layout import tensorboard_dir
 from pipeline.log import get_logger
+from pipeline.losses import embedding_metrics
 
 log = get_logger(__name__)
 
-TENSORBOARD = "tensorboard"
 OWN_PREFIXES = ("train/", "perf/", "data/")     # the eval stage may log eval/* into the same folder
 SYNC_EVERY_S = 60.0
 
@@ -67,13 +69,12 @@ def peak_memory_gb() -> float:
 
 
 # ------------------------------------------------------------------------------------ scalars
-def step_scalars(out: Any, labels: Optional[torch.Tensor], *, lr: float, grad_norm: float,
+def step_scalars(out: StepOutput, labels: Optional[torch.Tensor], *, lr: float, grad_norm: float,
                  bad: dict[str, int], meter: Meter) -> dict[str, float]:
     """The scalars of one logged step, reduced over ranks (a collective: every rank calls it).
 
     `out` is the gradient cache's step output; `bad` this rank's bad-sample counts by reason.
     """
-    from pipeline.losses import embedding_metrics
     scale = float(out.logit_scale)
     scalars = {"train/loss": float(all_reduce_sum(out.loss.detach().float())) / get_world_size(),
                "train/lr": lr, "train/grad_norm": grad_norm,
@@ -90,12 +91,8 @@ def step_scalars(out: Any, labels: Optional[torch.Tensor], *, lr: float, grad_no
 
 
 def _sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
-    if not is_distributed():
-        return dict(counts)
-    everyone: list[Any] = [None] * get_world_size()
-    torch.distributed.all_gather_object(everyone, counts)
     total: dict[str, int] = {}
-    for c in everyone:
+    for c in all_gather_objects(counts):
         for k, v in c.items():
             total[k] = total.get(k, 0) + v
     return total
@@ -116,7 +113,7 @@ class TrainLogger:
     def __init__(self, cfg: Config, rank: int):
         self.every, self.total = cfg.train.log_every, cfg.train.steps
         self.enabled = rank == 0
-        self.url = storage.join(cfg.run_dir, TENSORBOARD)
+        self.url = tensorboard_dir(cfg.run_dir)
         self.remote = not storage.is_local(self.url)
         self.writer = None
         self.logged: dict[str, int] = {}                  # tag → last step already in the event files

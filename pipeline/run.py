@@ -17,7 +17,13 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.config import Config, ConfigError
+from pipeline.data import synthesize
+from pipeline.eval.fashion_mnist import SET_NAME as FASHION_MNIST
+from pipeline.eval.report import final_metrics, read_results, write_report
+from pipeline.eval.scheduler import Watcher
+from pipeline.layout import DATASET_EVAL, DATASET_TRAIN, MANIFEST
 from pipeline.log import get_logger
+from pipeline.orchestrate import absolute_paths, train
 
 log = get_logger(__name__)
 
@@ -25,7 +31,7 @@ log = get_logger(__name__)
 def synth_root(cfg: Config) -> str:
     """The folder `contrast data synth` writes for this config: the parent of ``data.train_urls[0]``."""
     urls = cfg.data.train_urls
-    if len(urls) != 1 or posixpath.basename(urls[0].rstrip("/")) != "train":
+    if len(urls) != 1 or posixpath.basename(urls[0].rstrip("/")) != DATASET_TRAIN:
         raise ConfigError(f"data.train_urls = {urls} (from {cfg.origin('data.train_urls')}) has no shards and "
                           "cannot be synthesised: expected one folder named 'train' (e.g. data/synth/train)")
     return posixpath.dirname(urls[0].rstrip("/")) or "."
@@ -33,9 +39,6 @@ def synth_root(cfg: Config) -> str:
 
 def _missing_data(cfg: Config) -> list[str]:
     """Dataset folders the run needs that have no manifest yet (a manifest is written last)."""
-    from pipeline.data.shards import MANIFEST
-    from pipeline.eval.fashion_mnist import SET_NAME as FASHION_MNIST
-
     needed = list(cfg.data.train_urls)
     if cfg.eval.schedule != "off" and cfg.data.eval_dir:
         needed += [storage.join(cfg.data.eval_dir, s) for s in cfg.eval.sets if s != FASHION_MNIST]
@@ -45,8 +48,6 @@ def _missing_data(cfg: Config) -> list[str]:
 
 def ensure_data(cfg: Config) -> None:
     """Synthesise the dataset when it is missing and the config says how (``data.synth.samples``)."""
-    from pipeline.data import synthesize
-
     missing = _missing_data(cfg)
     if not missing:
         return
@@ -55,10 +56,11 @@ def ensure_data(cfg: Config) -> None:
         raise ConfigError(f"no dataset at {', '.join(missing)}: write it with `contrast data synth` / `contrast data "
                           "pack`, or set data.synth.samples to have `contrast run` synthesise one")
     root = synth_root(cfg)
+    eval_dir = storage.join(root, DATASET_EVAL)
     if cfg.data.eval_dir is None:
-        cfg.data.eval_dir = storage.join(root, "eval")
-    elif storage.join(root, "eval") != cfg.data.eval_dir.rstrip("/"):
-        raise ConfigError(f"data.eval_dir = {cfg.data.eval_dir}: synthesised eval sets go to {storage.join(root, 'eval')}; "
+        cfg.data.eval_dir = eval_dir
+    elif eval_dir != cfg.data.eval_dir.rstrip("/"):
+        raise ConfigError(f"data.eval_dir = {cfg.data.eval_dir}: synthesised eval sets go to {eval_dir}; "
                           "point data.eval_dir there")
     log.info("synthesising %d training samples (+%d per eval set) into %s", synth.samples, synth.eval_samples, root)
     started = time.perf_counter()
@@ -70,10 +72,6 @@ def ensure_data(cfg: Config) -> None:
 
 def run_pipeline(cfg: Config) -> dict[str, Any]:
     """Data → train (with scheduled eval) → catch-up eval → report. Returns the report URL and final metrics."""
-    from pipeline.eval.report import final_metrics, read_results, write_report
-    from pipeline.eval.scheduler import Watcher
-    from pipeline.orchestrate import absolute_paths, train
-
     started = time.perf_counter()
     cfg = absolute_paths(cfg)
     ensure_data(cfg)
@@ -86,11 +84,3 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     results = read_results(cfg.run_dir)
     return {"report": report, "step": results[-1]["step"] if results else None, "metrics": final_metrics(results),
             "seconds": time.perf_counter() - started}
-
-
-def format_metrics(metrics: dict[str, float]) -> str:
-    """A two-column table: set/metric, value."""
-    if not metrics:
-        return "(no evaluation results)"
-    width = max(len(k) for k in metrics)
-    return "\n".join(f"{k:<{width}}  {v:8.4f}" for k, v in metrics.items())

@@ -14,28 +14,25 @@ from typing import Any, Optional
 
 from pipeline import storage
 from pipeline.config import Config, config_from_dict
-from pipeline.eval.fashion_mnist import SET_NAME as FASHION_MNIST, ensure_fashion_mnist
+from pipeline.eval.fashion_mnist import SET_NAME as FASHION_MNIST
+from pipeline.eval.fashion_mnist import ensure_fashion_mnist
 from pipeline.eval.sets import EvalSetError, list_eval_sets, open_eval_set
 from pipeline.eval.tasks import Encoder, run_task
+from pipeline.layout import eval_result_url, eval_tensorboard_dir, run_dir_of_published, step_name
 from pipeline.log import get_logger
 from pipeline.models import CheckpointError, load_published
 
 log = get_logger(__name__)
 
-TENSORBOARD_DIR = ("tensorboard", "eval")
 HEADLINE = ("/acc1", "_R@1", "/accuracy")             # the metrics worth a console line
 
 
 def run_dir_of(checkpoint_url: str) -> str:
     """``run_dir/published/step_N`` → ``run_dir``."""
-    parent = checkpoint_url.rstrip("/").rsplit("/", 2)
-    if len(parent) < 3 or parent[1] != "published":
+    run_dir = run_dir_of_published(checkpoint_url)
+    if run_dir is None:
         raise CheckpointError(f"{checkpoint_url}: expected a published checkpoint folder RUN_DIR/published/step_N")
-    return parent[0] or "/"
-
-
-def result_url(run_dir: str, step: int) -> str:
-    return storage.join(run_dir, "eval", f"step_{step:08d}.json")
+    return run_dir
 
 
 def eval_sets(cfg: Config) -> list[str]:
@@ -55,11 +52,11 @@ def evaluate_checkpoint(checkpoint_url: str, cfg: Optional[Config] = None) -> di
     EvalSetError for a missing or malformed set.
     """
     started = time.perf_counter()
-    model = load_published(checkpoint_url)
-    manifest = model.manifest
+    published = load_published(checkpoint_url)
+    manifest = published.manifest
     cfg = cfg or config_from_dict(manifest["config"], origin=f"{checkpoint_url} manifest")
     timings = {"load_s": time.perf_counter() - started}
-    encoder = Encoder(model, cfg.eval.batch_size)
+    encoder = Encoder(published, cfg.eval.batch_size)
     metrics: dict[str, float] = {}
     for name in eval_sets(cfg):
         t0 = time.perf_counter()
@@ -85,7 +82,7 @@ def evaluate_checkpoint(checkpoint_url: str, cfg: Optional[Config] = None) -> di
 def write_result(run_dir: str, result: dict[str, Any]) -> str:
     """Write the result JSON (atomically) and its TensorBoard scalars; returns the JSON's URL."""
     write_scalars(run_dir, result["step"], result["metrics"])
-    url = result_url(run_dir, result["step"])
+    url = eval_result_url(run_dir, result["step"])
     storage.write_json(url, result)
     headline = ", ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items() if k.endswith(HEADLINE))
     log.info("eval step %d (%.1f s): %s; all %d metrics in %s", result["step"], result["timings"]["total_s"],
@@ -101,9 +98,17 @@ def write_scalars(run_dir: str, step: int, metrics: dict[str, float]) -> None:
     """
     from torch.utils.tensorboard import SummaryWriter
 
-    suffix = f".step_{step:08d}.{os.getpid()}"
-    with storage.staged_dir(storage.join(run_dir, *TENSORBOARD_DIR)) as log_dir:
+    suffix = f".{step_name(step)}.{os.getpid()}"
+    with storage.staged_dir(eval_tensorboard_dir(run_dir)) as log_dir:
         writer = SummaryWriter(log_dir=str(log_dir), filename_suffix=suffix)
         for name, value in sorted(metrics.items()):
             writer.add_scalar(f"eval/{name}", value, global_step=step)
         writer.close()
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """A two-column table: set/metric, value."""
+    if not metrics:
+        return "(no evaluation results)"
+    width = max(len(k) for k in metrics)
+    return "\n".join(f"{k:<{width}}  {v:8.4f}" for k, v in metrics.items())

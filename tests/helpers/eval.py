@@ -6,16 +6,14 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config
-from pipeline.data import load_tokenizer, synthesize
+from pipeline.data import load_tokenizer
+from pipeline.layout import published_url
 from pipeline.models import build_model, save_published
 
 EVAL_SETS = ["zeroshot_heldout", "retrieval", "relation"]
 
 
-def make_dataset(root: Path) -> Path:
-    """200 training samples (for the tokenizer) and 48 samples per eval set."""
-    synthesize(str(root), 200, eval_samples=48, shard_size=24, progress=False)
-    return root
+EVAL_DATA = dict(samples=200, eval_samples=48, shard_size=24, image_size=64)   # `synth` settings of the eval tests
 
 
 def eval_config(data: Path, run_dir: Path, **eval_overrides) -> Config:
@@ -35,9 +33,9 @@ def eval_config(data: Path, run_dir: Path, **eval_overrides) -> Config:
 
 def publish(cfg: Config, step: int) -> str:
     """A tiny untrained model (seeded by `step`) published at run_dir/published/step_N."""
-    tok = load_tokenizer(str(Path(cfg.data.train_urls[0]) / "tokenizer.json"), cfg.data.context_length)
+    tok = load_tokenizer(cfg.data.train_urls[0], cfg.data.context_length)
     torch.manual_seed(step)
     model = build_model(cfg.model, image_size=cfg.data.image_size, context_length=cfg.data.context_length,
                         vocab_size=tok.vocab_size, loss_name=cfg.loss.name)
-    url = str(Path(cfg.run_dir) / "published" / f"step_{step:08d}")
+    url = published_url(cfg.run_dir, step)
     return save_published(model, tok, url, step, samples_seen=step * 8, run_config=cfg)

@@ -1,4 +1,4 @@
-"""The logit-scale clamp under DeepSpeed ZeRO: the optimizer's fp32 master copy is clamped too.
+"""The logit-scale clamp under DeepSpeed ZeRO (`train.engine.clamp_logit_scale`): the fp32 master is clamped too.
 
 Without that, the next optimizer step copies the unclamped master back into the model and the
 scale escapes [1, 100]. Two gloo ranks, so θ (one element) is partitioned under ZeRO-3.
@@ -10,8 +10,9 @@ import math
 import pytest
 import torch
 
-from dist_helpers import run_world
 from pipeline.models import DualEncoder, ModelSpec, TextSpec, ViTSpec
+from pipeline.train.engine import clamp_logit_scale
+from tests.helpers.dist import run_world
 
 SPEC = ModelSpec(16, ViTSpec(width=16, layers=1, heads=2, patch_size=8), TextSpec(width=16, layers=1, heads=2))
 
@@ -43,7 +44,7 @@ def clamp_once(stage: int, bf16: bool) -> list[float]:
         seen.append(float(out["logit_scale"]))
         engine.backward(-push * out["logit_scale"].log() + 0.0 * (out["image"] * out["text"]).sum())
         engine.step()
-        engine.module.clamp_logit_scale()
+        clamp_logit_scale(engine)
     return seen + [float(safe_get_full_fp32_param(engine.module.logit_scale))]
 
 
@@ -51,7 +52,7 @@ def clamp_once(stage: int, bf16: bool) -> list[float]:
 def test_clamp_reaches_the_deepspeed_master_weights():
     results = [(case, values) for rank in run_world(clamp_under_zero, 2) for case, values in rank.items()]
     assert len(results) == 2 * len(CASES)
-    for case, (seen_start, seen_after_push, seen_later, master) in results:
+    for _case, (seen_start, seen_after_push, seen_later, master) in results:
         assert seen_start == pytest.approx(1 / 0.07, rel=0.01)
         assert seen_after_push == pytest.approx(100.0, rel=0.02) and seen_later == pytest.approx(100.0, rel=0.02)
         assert master == pytest.approx(math.log(100), rel=1e-6)

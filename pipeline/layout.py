@@ -1,0 +1,128 @@
+"""Where every artifact lives: the run-dir and dataset layouts, and the names the stages share.
+
+The stages talk only through these artifacts, so their names are defined once, here:
+
+    run_dir/
+        checkpoints/step_{N:08d}/      resume checkpoints (the training stage)
+            deepspeed/                 DeepSpeed's own files, one set per rank
+            data_state.json            the data stream's position, all ranks merged
+            rng/rank_{r:05d}.json      each rank's generator states
+            meta.json                  step, samples, world size, ZeRO stage, shapes, the run config
+            COMPLETE                   written last
+        published/step_{N:08d}/        what evaluation and export read
+            model.safetensors, tokenizer.json, manifest.json, then COMPLETE
+        eval/step_{N:08d}.json         one evaluation result
+        eval/claims/                   who evaluates what (exactly-once claims)
+        tensorboard/                   training scalars; tensorboard/eval/ the eval stage's own
+        ray/                           Ray Train's records
+        report.html
+
+    dataset/                           written by `contrast data pack` (or synth's train/)
+        NNNNN.tar ... manifest.json tokenizer.json
+    eval_dir/SET/                      an eval set: shards, classnames.txt, templates
+    synth/train/, synth/eval/SET/      what `contrast data synth` writes
+
+A folder holding `COMPLETE` is finished; without it, it does not exist for any reader.
+This module imports nothing from the package: every layer may use it.
+"""
+from __future__ import annotations
+
+import posixpath
+import re
+from typing import Optional
+
+TOWERS = ("image", "text")                 # the dual encoder's towers, in the order they are encoded
+
+# ---------------------------------------------------------------------------------- markers, files
+COMPLETE = "COMPLETE"
+MANIFEST = "manifest.json"                 # a dataset's shard list, or a published checkpoint's description
+TOKENIZER = "tokenizer.json"
+WEIGHTS = "model.safetensors"
+META = "meta.json"
+DATA_STATE = "data_state.json"
+DEEPSPEED = "deepspeed"
+RNG = "rng"
+CLASSNAMES = "classnames.txt"
+TEMPLATES = "zeroshot_classification_templates.txt"
+REPORT = "report.html"
+
+# ---------------------------------------------------------------------------------- run_dir folders
+CHECKPOINTS = "checkpoints"
+PUBLISHED = "published"
+EVAL = "eval"
+CLAIMS = "claims"
+TENSORBOARD = "tensorboard"
+RAY = "ray"
+
+# ------------------------------------------------- a synthesised dataset's folders (`contrast data synth`)
+DATASET_TRAIN = "train"
+DATASET_EVAL = "eval"
+
+_STEP = re.compile(r"^step_(\d+)$")
+
+
+def step_name(step: int) -> str:
+    """The folder (or file stem) of a step: ``step_00000300``."""
+    return f"step_{step:08d}"
+
+
+def parse_step(name: str) -> Optional[int]:
+    """The step of a `step_name`, or None for any other name."""
+    m = _STEP.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _join(base: str, *parts: str) -> str:
+    """URL join without the storage layer (a local path keeps its separators: they are '/' on POSIX)."""
+    return posixpath.join(str(base), *parts)
+
+
+def checkpoints_dir(run_dir: str) -> str:
+    return _join(run_dir, CHECKPOINTS)
+
+
+def checkpoint_url(run_dir: str, step: int) -> str:
+    return _join(run_dir, CHECKPOINTS, step_name(step))
+
+
+def published_root(run_dir: str) -> str:
+    return _join(run_dir, PUBLISHED)
+
+
+def published_url(run_dir: str, step: int) -> str:
+    return _join(run_dir, PUBLISHED, step_name(step))
+
+
+def eval_result_url(run_dir: str, step: int) -> str:
+    return _join(run_dir, EVAL, step_name(step) + ".json")
+
+
+def eval_results_dir(run_dir: str) -> str:
+    return _join(run_dir, EVAL)
+
+
+def claims_dir(run_dir: str) -> str:
+    return _join(run_dir, EVAL, CLAIMS)
+
+
+def tensorboard_dir(run_dir: str) -> str:
+    """Training's event files (rank 0 writes here)."""
+    return _join(run_dir, TENSORBOARD)
+
+
+def eval_tensorboard_dir(run_dir: str) -> str:
+    """The eval stage's event files, apart from training's (no training rank writes there)."""
+    return _join(run_dir, TENSORBOARD, EVAL)
+
+
+def rng_file(rank: int) -> str:
+    """A rank's generator states, relative to its checkpoint folder."""
+    return _join(RNG, f"rank_{rank:05d}.json")
+
+
+def run_dir_of_published(published: str) -> Optional[str]:
+    """``run_dir/published/step_N`` → ``run_dir``; None for a folder not laid out that way."""
+    parts = str(published).rstrip("/").rsplit("/", 2)
+    if len(parts) < 3 or parts[1] != PUBLISHED or parse_step(parts[2]) is None:
+        return None
+    return parts[0] or "/"

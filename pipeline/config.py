@@ -64,6 +64,7 @@ class TowerConfig:
     hf_path: Optional[str] = None          # local Hugging Face model directory for a pretrained tower
     lock: bool = False                     # freeze the tower (LiT)
     unlock_last: int = 0                   # with lock: train the last n blocks
+    patch_dropout: float = 0.0             # image only: training drops this fraction of the patches (FLIP)
 
 
 @dataclass

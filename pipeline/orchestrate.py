@@ -15,13 +15,22 @@ from pipeline.config import Config
 from pipeline.data import open_train_stream
 from pipeline.eval.scheduler import start_eval_actor
 from pipeline.layout import RAY
-from pipeline.log import get_logger
+from pipeline.log import Timeline, get_logger
 from pipeline.train.checkpoint import find_resume, refuse_existing
-from pipeline.train.loop import train_worker
+from pipeline.train.loop import launched_worker
 
 log = get_logger(__name__)
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20     # the data never goes through Ray's object store
+# A local Ray runs on one machine for one job: no node is ever drained (Ray Train's preemption watcher
+# is an actor polling for nothing), no dashboard reads Ray Train's metrics, and the workers Ray would
+# prestart for the driver's environment never serve Ray Train's actors (they get their own). Each is
+# a process or CPU seconds taken from start-up. Set any of these in the environment to override.
+LOCAL_RAY_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+    "RAY_enable_worker_prestart": "0",
+}
 
 
 class TrainingError(RuntimeError):
@@ -31,18 +40,23 @@ class TrainingError(RuntimeError):
 def train(cfg: Config) -> Any:
     """Train `cfg` on `cluster.num_workers` Ray workers and return Ray Train's result.
 
-    Refusals that need no worker are raised here, before anything starts (`preflight`).
+    Refusals that need no worker are raised here, before anything starts (`preflight`). The start-up
+    timeline begun here is continued by the workers; rank 0 logs it at its first step.
     """
+    startup = Timeline()
+    startup.mark("python, imports, config")
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = absolute_paths(cfg)
     preflight(cfg)
+    startup.mark("preflight")
     connect(cfg)
+    startup.mark("ray start")
     c = cfg.cluster
     resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.use_gpu else {})}
     trainer = TorchTrainer(
-        train_worker, train_loop_config=cfg.to_dict(),
+        launched_worker, train_loop_config={"config": cfg.to_dict(), "startup": startup.to_dict()},
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources,
                                      placement_strategy=c.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
@@ -96,18 +110,13 @@ def connect(cfg: Config) -> None:
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address, log_to_driver=True)
         return
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
     eval_cpus = cfg.eval.cpus if cfg.eval.schedule != "off" else 0
     needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + eval_cpus
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=False,
              object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1",
-             runtime_env={"worker_process_setup_hook": "pipeline.orchestrate.quiet_local_ray"})
-
-
-def quiet_local_ray() -> None:
-    """Without a dashboard Ray Train's placement-group cleaner cannot query actor state and warns about
-    it every few seconds; that says nothing about the run, so a local Ray keeps it to errors."""
-    import logging
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+             runtime_env={"worker_process_setup_hook": "pipeline.log.quiet_local_ray"})
 
 
 def ray_storage(run_dir: str) -> dict[str, Any]:

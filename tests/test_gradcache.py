@@ -277,6 +277,21 @@ def test_real_dual_encoder_with_dropout_and_checkpointing():
     assert max_abs_diff(got, ref) <= TOL
 
 
+def test_real_dual_encoder_with_patch_dropout():
+    """The cache's replay keeps the patches pass 1 kept: the cached step equals the plain one."""
+    from pipeline.config import ModelConfig, TowerConfig
+    from pipeline.models import build_model
+    model = build_model(ModelConfig(name="tiny", image=TowerConfig(patch_dropout=0.5)),
+                        image_size=16, context_length=8, vocab_size=64)
+    images = torch.randn(10, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    texts = torch.randint(1, 64, (10, 8), generator=torch.Generator().manual_seed(1))
+    _, ref = reference_step(copy.deepcopy(model), images, texts, clip_loss, calls=CALLS_10_4_3, seed=7)
+    _, other_patches = reference_step(copy.deepcopy(model), images, texts, clip_loss, calls=CALLS_10_4_3, seed=8)
+    assert max_abs_diff(other_patches, ref) > 100 * TOL                # the kept patches matter at this tolerance
+    _, got = cached_step(model, images, texts, clip_loss, seed=7, chunk_size=4, text_chunk_size=3)
+    assert max_abs_diff(got, ref) <= TOL
+
+
 def test_real_dual_encoder_with_locked_text_tower():
     from pipeline.config import ModelConfig, TowerConfig
     from pipeline.models import build_model

@@ -95,7 +95,7 @@ def named_spec(name: str) -> ModelSpec:
 
 @register_check
 def check_model_config(cfg: Config) -> list[str]:
-    """`model.name` exists, and the image fits the built-in ViT's patches."""
+    """`model.name` exists, the image fits the built-in ViT's patches, which alone can be dropped."""
     m = cfg.model
     if m.name not in NAMED_SPECS:
         return [cfg.problem("model.name", "one of " + ", ".join(MODEL_NAMES))]
@@ -104,4 +104,13 @@ def check_model_config(cfg: Config) -> list[str]:
     if not m.image.hf_path and cfg.data.image_size % patch:
         problems.append(cfg.problem("data.image_size", f"a multiple of {m.name}'s patch size {patch} "
                                     f"(e.g. {max(patch, cfg.data.image_size // patch * patch)})"))
+    drop = m.image.patch_dropout
+    if not 0.0 <= drop < 1.0:
+        problems.append(cfg.problem("model.image.patch_dropout", "a fraction of the patches in [0, 1), e.g. 0.5"))
+    elif drop and m.image.hf_path:
+        problems.append(cfg.problem("model.image.patch_dropout", "0 with model.image.hf_path: only the built-in "
+                                    "ViT drops patches"))
+    if m.text.patch_dropout:
+        problems.append(cfg.problem("model.text.patch_dropout", "0: patches are an image tower's (set "
+                                    "model.image.patch_dropout)"))
     return problems

@@ -13,12 +13,39 @@ from pipeline.models.configs import HFSpec, TextSpec, TowerSpec, ViTSpec
 from pipeline.models.transformer import LayerNorm, Transformer
 
 
+class PatchDropout(nn.Module):
+    """In training, keep a random (1 − p) of each image's patch tokens (FLIP: Li et al. 2023, "Scaling
+    Language-Image Pre-training via Masking"); the class token always stays.
+
+    The kept patches are drawn per image from the default generator of the tokens' device: the one
+    whose state the gradient cache saves before each call and restores for its replay, so the replay
+    keeps the same patches. The identity in eval mode and at p = 0.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"patch dropout p = {p}: expected a fraction in [0, 1)")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1 + L, D) class token and patches → (N, 1 + max(1, int(L (1 − p))), D)."""
+        if not self.training or self.p == 0.0:
+            return x
+        n, length, width = x.shape[0], x.shape[1] - 1, x.shape[2]
+        keep = max(1, int(length * (1.0 - self.p)))
+        kept = torch.rand(n, length, device=x.device).topk(keep, dim=1).indices + 1    # +1: past the class token
+        return torch.cat([x[:, :1], x.gather(1, kept.unsqueeze(-1).expand(-1, -1, width))], dim=1)
+
+
 class VisionTower(nn.Module):
-    """Patches → class token + positions → pre-norm → blocks → norm → pool → projection (CLIP's ViT)."""
+    """Patches → class token + positions → patch dropout (training) → pre-norm → blocks → norm → pool →
+    projection (CLIP's ViT)."""
 
     stem = ("patch_embed", "cls_token", "pos_embed", "norm_pre")
 
-    def __init__(self, spec: ViTSpec, image_size: int, embed_dim: int, dropout: float = 0.0):
+    def __init__(self, spec: ViTSpec, image_size: int, embed_dim: int, dropout: float = 0.0,
+                 patch_dropout: float = 0.0):
         super().__init__()
         if image_size % spec.patch_size:
             raise ValueError(f"image size {image_size} is not a multiple of the patch size {spec.patch_size}")
@@ -28,6 +55,7 @@ class VisionTower(nn.Module):
         self.patch_embed = nn.Conv2d(3, spec.width, spec.patch_size, spec.patch_size, bias=False)
         self.cls_token = nn.Parameter(scale * torch.randn(spec.width))
         self.pos_embed = nn.Parameter(scale * torch.randn(grid * grid + 1, spec.width))
+        self.patch_dropout = PatchDropout(patch_dropout)
         self.norm_pre = LayerNorm(spec.width)
         self.transformer = Transformer(spec.width, spec.layers, spec.heads, spec.mlp_ratio, dropout)
         self.norm_post = LayerNorm(spec.width)
@@ -40,7 +68,7 @@ class VisionTower(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(images.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
         cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = self.norm_pre(torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype))
+        x = self.norm_pre(self.patch_dropout(torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)))
         x = self.norm_post(self.transformer(x))
         pooled = x[:, 0] if self.pool == "cls" else x[:, 1:].mean(dim=1)
         return pooled @ self.proj
@@ -154,7 +182,11 @@ def block_prefix(tower: nn.Module) -> str:
 
 
 def build_tower(spec: TowerSpec, modality: str, *, image_size: int, context_length: int, vocab_size: int,
-                embed_dim: int, dropout: float) -> nn.Module:
+                embed_dim: int, dropout: float, patch_dropout: float = 0.0) -> nn.Module:
+    """The tower of `spec` for `modality`; `patch_dropout` applies to the built-in ViT only."""
+    if patch_dropout and not (modality == "image" and isinstance(spec, ViTSpec)):
+        raise ValueError(f"patch dropout {patch_dropout}: only the built-in ViT image tower drops patches, "
+                         f"not a {spec.kind!r} {modality} tower")
     if isinstance(spec, HFSpec):
         tower_vocab = spec.config.get("vocab_size")
         if modality == "text" and tower_vocab is not None and vocab_size > tower_vocab:
@@ -162,7 +194,7 @@ def build_tower(spec: TowerSpec, modality: str, *, image_size: int, context_leng
                              f"knows {tower_vocab}: set data.tokenizer to that model's tokenizer.json")
         return HFTower(spec, embed_dim, modality)
     if modality == "image" and isinstance(spec, ViTSpec):
-        return VisionTower(spec, image_size, embed_dim, dropout)
+        return VisionTower(spec, image_size, embed_dim, dropout, patch_dropout)
     if modality == "text" and isinstance(spec, TextSpec):
         return TextTower(spec, context_length, vocab_size, embed_dim, dropout)
     raise ValueError(f"a {spec.kind!r} tower cannot encode {modality}")

@@ -10,7 +10,7 @@ import torch
 from pipeline.config import Config, config_from_dict
 from pipeline.data import Tokenizer, gather_state, open_train_stream
 from pipeline.distributed import get_rank, get_world_size
-from pipeline.log import get_logger, setup_logging
+from pipeline.log import Timeline, get_logger, process_start_time, setup_logging
 from pipeline.losses import get_loss
 from pipeline.models import DualEncoder, build_model
 from pipeline.train.checkpoint import TrainState, find_resume, publish, report_to_ray, save_checkpoint
@@ -20,14 +20,31 @@ from pipeline.train.metrics import Meter, TrainLogger, step_scalars
 log = get_logger(__name__)
 
 
-def train_worker(config: Config | dict[str, Any]) -> None:
-    """Train `config` from its newest checkpoint (or from scratch) up to `train.steps`, on this rank."""
+def launched_worker(payload: dict[str, Any]) -> None:
+    """The Ray Train entry point of `pipeline.orchestrate.train`: `payload` holds the run config
+    (`config`) and the driver's start-up timeline (`startup`), which this worker continues."""
+    startup = Timeline.from_dict(payload["startup"])
+    startup.mark("ray train", at=process_start_time())        # controller, helper actors, this process
+    train_worker(payload["config"], startup)
+
+
+def train_worker(config: Config | dict[str, Any], startup: Optional[Timeline] = None) -> None:
+    """Train `config` from its newest checkpoint (or from scratch) up to `train.steps`, on this rank.
+
+    `startup` (default: one from this process's start) gets a mark per start-up phase; rank 0 logs
+    it once the first step is done.
+    """
+    startup = startup or Timeline()
+    startup.mark("worker start")                               # imports, the process group
     cfg = config if isinstance(config, Config) else config_from_dict(config, origin="train_worker")
     rank, world = setup_worker(cfg)
     resume = find_resume(cfg, world)
     stream = open_train_stream(cfg, rank=rank, world_size=world, state=resume.data_state if resume else None)
-    engine = Engine(cfg, new_model(cfg, stream.tokenizer), world)
+    model = new_model(cfg, stream.tokenizer)
+    startup.mark("data, model")
+    engine = Engine(cfg, model, world)
     state = resume.restore(engine) if resume else TrainState()
+    startup.mark("deepspeed")                                  # its engine, and the checkpoint when resuming
     loss_fn, weights_from = make_loss(cfg)
     logger, meter = TrainLogger(cfg, rank), Meter(cfg.train.global_batch)
     batches = meter.timed(stream)
@@ -36,6 +53,9 @@ def train_worker(config: Config | dict[str, Any]) -> None:
         out = engine.forward_backward(batch, loss_fn, weights_from)    # the gradient cache's two passes
         grad_norm = engine.step()                  # AdamW, lr schedule, clipping, logit-scale clamp
         state.advance(cfg.train.global_batch)
+        if startup is not None:                    # the first step of this attempt
+            first_step_done(startup)
+            startup = None
         if logger.due(state.step):
             logger.log(state.step, step_scalars(out, batch.get("label"), lr=engine.lr, grad_norm=grad_norm,
                                                 bad=stream.stats()["bad"], meter=meter))
@@ -53,6 +73,13 @@ def checkpoint(engine: Engine, stream: Any, cfg: Config, state: TrainState, loss
 
 
 # ------------------------------------------------------------------------------------ pieces
+def first_step_done(startup: Timeline) -> None:
+    """Close the start-up timeline at the first step of this attempt; rank 0 logs where the time went."""
+    startup.mark("first step")
+    if get_rank() == 0:
+        log.info("start-up: first step done %s after launch", startup.summary())
+
+
 def setup_worker(cfg: Config) -> tuple[int, int]:
     """Logging with the rank, DeepSpeed quiet, generators seeded alike for the model's initialisation."""
     rank, world = get_rank(), get_world_size()

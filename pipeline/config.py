@@ -125,6 +125,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 where the hardware has it
     resume: Literal["auto", "never"] = "auto"
     log_every: int = 10
+    compile: bool = False                  # torch.compile the towers (inductor; on CPU it needs a C++ compiler)
 
 
 @dataclass

@@ -135,6 +135,19 @@ class DualEncoder(nn.Module):
             else:
                 tower.set_grad_checkpointing(enabled)
 
+    def compile_towers(self, **options: Any) -> None:
+        """`torch.compile` each tower in place (`nn.Module.compile`: parameter names unchanged, so
+        checkpoints and published weights are those of the plain model). `options` go to torch.compile.
+
+        Random operators (dropout, patch dropout) keep eager mode's kernels (inductor's
+        `fallback_random`): drawn from the default generator as in eager mode, so the gradient cache's
+        RNG replay gives its second pass the masks of the first, and a compiled step equals an eager one.
+        """
+        import torch._inductor.config as inductor
+        inductor.fallback_random = True
+        for tower in (self.image_tower, self.text_tower):
+            tower.compile(**options)
+
     def describe(self) -> dict[str, Any]:
         """What rebuilds this model: the spec, the data-dependent sizes, the scale/bias setup."""
         return {"spec": self.spec.to_dict(), "image_size": self.image_size, "context_length": self.context_length,

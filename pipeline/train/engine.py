@@ -12,12 +12,20 @@ Three traps of DeepSpeed 0.19 are handled here, once:
   later backward (the gradient cache's text tower): they are cleared after each step.
 * It loads its checkpoints with `torch.load(weights_only=False)`; `load` forces weights-only
   unpickling, allowing only the few DeepSpeed value classes its checkpoints hold.
+
+Two of its start-up costs are avoided (`contrast -v train` shows the start-up phases):
+* its ZeRO optimizer check imports its Muon optimizer, whose module runs `torch.compile` at import:
+  1.5–2.5 s of inductor imports per worker for an optimizer we never use (`_without_muon`);
+* the C++ communication op it builds on CPU (35–73 s) goes to torch's extensions folder, by default
+  shared by every environment of the user, and each venv's build replaces the other's: a venv keeps
+  its own (`_extensions_in_venv`).
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+import sys
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -131,10 +139,14 @@ class Engine:
     """
 
     def __init__(self, cfg: Config, model: DualEncoder, world_size: int):
+        _extensions_in_venv()
         import deepspeed
-        self.ds, _, _, self._scheduler = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
-            config=deepspeed_config(cfg, world_size), lr_scheduler=warmup_cosine(cfg))
+        with _without_muon():
+            self.ds, _, _, self._scheduler = deepspeed.initialize(
+                model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
+                config=deepspeed_config(cfg, world_size), lr_scheduler=warmup_cosine(cfg))
+        if cfg.train.compile:
+            self.module.compile_towers()          # after DeepSpeed's hooks (ZeRO-3) are in place
         self.zero_stage = self.ds.zero_optimization_stage()
         self.chunks = (cfg.gradcache.chunk_size, cfg.gradcache.text_chunk_size)
         self.lr = self._scheduler.get_last_lr()[0]       # the learning rate of the last step taken
@@ -249,6 +261,34 @@ def quiet_deepspeed(level: str) -> None:
     """DeepSpeed's own logger at warnings (debug when the run logs debug): our logger reports."""
     from deepspeed.utils import logger as ds_logger
     ds_logger.setLevel("DEBUG" if level == "debug" else "WARNING")
+
+
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+@contextlib.contextmanager
+def _without_muon() -> Iterator[None]:
+    """Inside, importing DeepSpeed's Muon optimizer module fails the way Python's import system lets a
+    module be made unavailable (None in `sys.modules`); DeepSpeed's ZeRO check then takes Muon for
+    not installed, as it is written to. Our optimizer is AdamW; a module already imported is left be."""
+    if MUON_MODULE in sys.modules:
+        yield
+        return
+    sys.modules[MUON_MODULE] = None
+    try:
+        yield
+    finally:
+        if sys.modules.get(MUON_MODULE, "") is None:
+            del sys.modules[MUON_MODULE]
+
+
+def _extensions_in_venv() -> None:
+    """Point torch's extensions folder (DeepSpeed's op builds) into the running venv, as `make` does:
+    an op built against another venv's torch has another build hash and would be rebuilt. Left alone
+    when `TORCH_EXTENSIONS_DIR` is set, outside a venv, or when the venv is not writable."""
+    if "TORCH_EXTENSIONS_DIR" in os.environ or sys.prefix == sys.base_prefix or not os.access(sys.prefix, os.W_OK):
+        return
+    os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")
 
 
 def _gathered(params: list[nn.Parameter]) -> Any:

@@ -29,7 +29,7 @@ LOCAL_OBJECT_STORE_BYTES = 256 * 2**20     # the data never goes through Ray's o
 LOCAL_RAY_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_METRICS_ENABLED": "0",
-    "RAY_enable_worker_prestart": "0",
+    "RAY_prestart_worker_first_driver": "0",
 }
 
 

@@ -13,12 +13,15 @@ Three traps of DeepSpeed 0.19 are handled here, once:
 * It loads its checkpoints with `torch.load(weights_only=False)`; `load` forces weights-only
   unpickling, allowing only the few DeepSpeed value classes its checkpoints hold.
 
-Two of its start-up costs are avoided (`contrast -v train` shows the start-up phases):
+Three of its start-up costs are avoided (`contrast train` logs the start-up phases):
 * its ZeRO optimizer check imports its Muon optimizer, whose module runs `torch.compile` at import:
   1.5–2.5 s of inductor imports per worker for an optimizer we never use (`_without_muon`);
-* the C++ communication op it builds on CPU (35–73 s) goes to torch's extensions folder, by default
-  shared by every environment of the user, and each venv's build replaces the other's: a venv keeps
-  its own (`_extensions_in_venv`).
+* on CPU it builds and loads a C++ shared-memory all-reduce (35–73 s to build, then a ninja and
+  compiler check at every start) that only its inference tensor parallelism calls: not built
+  (`_without_inference_allreduce`);
+* the ops it does build at run time (CPU Adam for optimizer offload, ...) go to torch's extensions
+  folder, shared by default by every environment of the user, where each venv's build replaces the
+  other's: a venv keeps its own (`_extensions_in_venv`).
 """
 from __future__ import annotations
 
@@ -140,6 +143,7 @@ class Engine:
 
     def __init__(self, cfg: Config, model: DualEncoder, world_size: int):
         _extensions_in_venv()
+        _without_inference_allreduce()
         import deepspeed
         with _without_muon():
             self.ds, _, _, self._scheduler = deepspeed.initialize(
@@ -280,6 +284,14 @@ def _without_muon() -> Iterator[None]:
     finally:
         if sys.modules.get(MUON_MODULE, "") is None:
             del sys.modules[MUON_MODULE]
+
+
+def _without_inference_allreduce() -> None:
+    """Mark DeepSpeed's shared-memory all-reduce op unavailable (its table of compatible ops is meant to
+    be edited: it is probed once and kept). Its only caller is `inference_all_reduce`, inference tensor
+    parallelism; training's collectives go through torch.distributed whether it is built or not."""
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _extensions_in_venv() -> None:

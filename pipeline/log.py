@@ -43,18 +43,6 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name if name.startswith("pipeline") else f"pipeline.{name}")
 
 
-def quiet_local_ray() -> None:
-    """Every process of a local Ray runs this first (`pipeline.orchestrate.connect`), so it lives here,
-    where importing it costs nothing (no torch). Ray Train's placement-group cleaner asks Ray's state
-    API whether the controller lives: it must find its own Ray (with several local Rays on a machine it
-    cannot tell which, and the ConnectionError ends its thread with a traceback), so `RAY_ADDRESS`
-    names it; and without a dashboard the API cannot answer and it warns every few seconds, which says
-    nothing about the run: kept to errors."""
-    import ray
-    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
-
-
 def process_start_time() -> float:
     """When this process started (seconds since the epoch): the origin of a start-up timeline."""
     return psutil.Process().create_time()

@@ -21,11 +21,12 @@ from pipeline.train.loop import launched_worker
 
 log = get_logger(__name__)
 
-LOCAL_OBJECT_STORE_BYTES = 256 * 2**20     # the data never goes through Ray's object store
-# A local Ray runs on one machine for one job: no node is ever drained (Ray Train's preemption watcher
-# is an actor polling for nothing), no dashboard reads Ray Train's metrics, and the workers Ray would
-# prestart for the driver's environment never serve Ray Train's actors (they get their own). Each is
-# a process or CPU seconds taken from start-up. Set any of these in the environment to override.
+LOCAL_OBJECT_STORE_BYTES = 256 * 2**20     # the data never goes through it; pages never touched cost no memory
+# A local Ray runs on one machine for one job, started and stopped by this driver: no node is ever
+# drained (Ray Train's preemption watcher is an actor polling for nothing), no dashboard reads Ray
+# Train's metrics, and the workers Ray would prestart for the driver's environment never serve Ray
+# Train's actors (they get their own). Each is a process, or CPU seconds taken from the start-up of
+# a 2-core machine. Set any of these in the environment to override.
 LOCAL_RAY_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_METRICS_ENABLED": "0",
@@ -43,19 +44,20 @@ def train(cfg: Config) -> Any:
     Refusals that need no worker are raised here, before anything starts (`preflight`). The start-up
     timeline begun here is continued by the workers; rank 0 logs it at its first step.
     """
-    startup = Timeline()
-    startup.mark("python, imports, config")
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    startup = Timeline()
+    startup.mark("python, imports, config")
 
     cfg = absolute_paths(cfg)
     preflight(cfg)
     startup.mark("preflight")
-    connect(cfg)
+    started_here = connect(cfg)
     startup.mark("ray start")
     c = cfg.cluster
     resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.use_gpu else {})}
-    trainer = TorchTrainer(
+    trainer = (local_trainer_class() if started_here else TorchTrainer)(
         launched_worker, train_loop_config={"config": cfg.to_dict(), "startup": startup.to_dict()},
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources,
                                      placement_strategy=c.placement_strategy),
@@ -97,26 +99,44 @@ def preflight(cfg: Config) -> None:
     open_train_stream(cfg, rank=0, world_size=cfg.cluster.num_workers, state=resume.data_state if resume else None)
 
 
-def connect(cfg: Config) -> None:
-    """Join the Ray cluster at `cluster.address`, or start a new local one (never another session's).
+def connect(cfg: Config) -> bool:
+    """Join the Ray cluster at `cluster.address`, or start a new local one (never another session's);
+    True when it started one.
 
     A Ray already initialised in this process (a test module's, a notebook's) is used as it is.
     """
     import ray
     if ray.is_initialized():
-        return
+        return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address, log_to_driver=True)
-        return
+        return False
     for key, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(key, value)
     eval_cpus = cfg.eval.cpus if cfg.eval.schedule != "off" else 0
     needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + eval_cpus
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=False,
-             object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1",
-             runtime_env={"worker_process_setup_hook": "pipeline.log.quiet_local_ray"})
+             object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1")
+    return True
+
+
+def local_trainer_class() -> type:
+    """`TorchTrainer` without two helper actors that a Ray started by this driver does not need, each a
+    Python process (about 200 MB, 2 CPU-seconds to start): the dataset manager, made for Ray Data
+    datasets even when there are none (the workers stream their shards themselves), and the
+    placement-group cleaner, which frees the workers' resources should the controller die while the
+    cluster lives on (a local Ray ends with its driver). Ray Train keeps every other callback."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class LocalTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list:
+            unneeded = (DatasetsCallback, PlacementGroupCleanerCallback)
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, unneeded)]
+    return LocalTorchTrainer
 
 
 def ray_storage(run_dir: str) -> dict[str, Any]:

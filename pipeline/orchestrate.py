@@ -123,19 +123,34 @@ def connect(cfg: Config) -> bool:
 
 
 def local_trainer_class() -> type:
-    """`TorchTrainer` without two helper actors that a Ray started by this driver does not need, each a
-    Python process (about 200 MB, 2 CPU-seconds to start): the dataset manager, made for Ray Data
-    datasets even when there are none (the workers stream their shards themselves), and the
-    placement-group cleaner, which frees the workers' resources should the controller die while the
-    cluster lives on (a local Ray ends with its driver). Ray Train keeps every other callback."""
+    """`TorchTrainer` without three helper actors that a Ray started by this driver does not need, each a
+    Python process (about 200 MB and 2 CPU-seconds to start): the dataset manager, made for Ray Data
+    datasets even when there are none (the workers stream their shards themselves); the placement-group
+    cleaner, which frees the workers' resources should the controller die while the cluster lives on
+    (a local Ray ends with its driver); and the autoscaling coordinator that a fixed worker group asks
+    for its resources (one node, no autoscaler: the controller waits seconds for it to start). These
+    are Ray Train 2.60's own hooks (the version setup.cfg pins); every other callback stays."""
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+
+    class LocalFixedScalingPolicy(FixedScalingPolicy):
+        def after_controller_start(self, train_run_context: Any) -> None:
+            """No resource request: nothing autoscales a local Ray."""
+
+        def _maybe_send_resource_request(self) -> None:
+            """As above."""
 
     class LocalTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self) -> list:
             unneeded = (DatasetsCallback, PlacementGroupCleanerCallback)
             return [c for c in super()._create_default_callbacks() if not isinstance(c, unneeded)]
+
+        def _initialize_and_run_controller(self, *, scaling_policy: Any, **kwargs: Any) -> Any:
+            if type(scaling_policy) is FixedScalingPolicy:
+                scaling_policy = LocalFixedScalingPolicy(scaling_policy.scaling_config)
+            return super()._initialize_and_run_controller(scaling_policy=scaling_policy, **kwargs)
     return LocalTorchTrainer
 
 

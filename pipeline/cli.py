@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -17,7 +18,7 @@ from pipeline.eval.sets import EvalSetError
 from pipeline.log import get_logger, setup_logging
 from pipeline.models import CheckpointError, count_parameters
 from pipeline.models.export import export
-from pipeline.orchestrate import TrainingError, train
+from pipeline.orchestrate import TrainingError, TrainingInterrupted, train
 from pipeline.run import run_pipeline
 from pipeline.train.checkpoint import latest_checkpoint
 
@@ -119,8 +120,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    train(cfg)
+    trained = train(cfg)
     print(f"trained to step {cfg.train.steps}; resume checkpoint: {latest_checkpoint(cfg.run_dir)}")
+    if trained.evaluated:
+        print(f"evaluated beside training: steps {', '.join(map(str, trained.evaluated))}")
+    for step, error in sorted(trained.eval_failed.items()):
+        print(f"evaluation of step {step} failed: {error} (retry with `contrast watch {cfg.run_dir} --once`)",
+              file=sys.stderr)
     return 0
 
 
@@ -244,6 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"contrast {args.command}: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:
+        print(f"contrast {args.command}: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(e.exit_code)             # Ray's exit hooks would wait on processes the signal already ended
     except KeyboardInterrupt:
         print("contrast: interrupted", file=sys.stderr)
         return 130

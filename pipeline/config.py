@@ -13,6 +13,7 @@ stages, so their checks always run there; a script that imports only this module
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -123,6 +124,7 @@ class TrainConfig:
     grad_clip: float = 1.0                 # 0 disables clipping
     precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 where the hardware has it
     resume: Literal["auto", "never"] = "auto"
+    allow_loss_change: bool = False        # resume a run under another loss.name on purpose
     log_every: int = 10
 
 
@@ -141,6 +143,8 @@ class ClusterConfig:
     gpus_per_worker: float = 1.0
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = 0
+    auth: Literal["token", "disabled"] = "token"   # Ray's token authentication (README "Security")
+    collective_timeout_s: float = 600.0    # a collective waiting longer fails the step, naming it (no hang)
 
 
 @dataclass
@@ -316,6 +320,7 @@ def _set(cfg: Config, key: str, value: Any, origin: str, sources: dict[str, str]
         if isinstance(obj, dict):                      # inside a free-form section
             if i == len(parts) - 1:
                 obj[part] = _merge(obj.get(part), value)
+                sources[key] = origin
             else:
                 obj = obj.setdefault(part, {})
                 if not isinstance(obj, dict):
@@ -422,42 +427,112 @@ def register_check(check: StageCheck) -> StageCheck:
 
 
 def validate_config(cfg: Config) -> None:
-    """Check ranges and combinations; raise one ConfigError listing every problem found."""
-    problems: list[str] = []
-
-    def need(ok: bool, key: str, expected: str) -> None:
-        if not ok:
+    """Check every number (finite, in range) and the combinations; raise one ConfigError listing every
+    problem found, each naming its key."""
+    problems = [cfg.problem(key, "a finite number") for key in _numeric_keys(cfg)
+                if not math.isfinite(_get(cfg, key))]
+    bad = {p.split(" ", 1)[0] for p in problems}
+    for key, ok, expected in _RANGES:
+        value = _get(cfg, key)
+        if key not in bad and value is not None and not ok(value):
             problems.append(cfg.problem(key, expected))
+    if not problems:
+        problems += _combinations(cfg)
+    for check in _STAGE_CHECKS:
+        problems.extend(check(cfg))
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
-    t, c, g = cfg.train, cfg.cluster, cfg.gradcache
-    need(t.steps >= 1, "train.steps", "at least 1")
-    need(t.global_batch >= 2, "train.global_batch", "at least 2 (a contrastive batch needs negatives)")
-    need(t.lr > 0, "train.lr", "a positive learning rate")
-    need(t.warmup_steps >= 0, "train.warmup_steps", "0 or more")
-    need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "two numbers in [0, 1)")
-    need(t.grad_clip >= 0, "train.grad_clip", "0 (off) or a positive norm")
-    need(c.num_workers >= 1, "cluster.num_workers", "at least 1")
-    need(c.max_failures >= -1, "cluster.max_failures", "-1 (unlimited) or a count >= 0")
-    need(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "at least 1")
-    need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "at least 1")
-    need(cfg.eval.every_k >= 1, "eval.every_k", "at least 1")
-    need(cfg.eval.max_attempts >= 1, "eval.max_attempts", "at least 1")
-    need(cfg.eval.claim_ttl_s > 0, "eval.claim_ttl_s", "a positive number of seconds")
-    need(cfg.eval.retry_s >= 0, "eval.retry_s", "0 or more seconds")
-    need(0 < cfg.eval.linear_probe_train_fraction < 1, "eval.linear_probe_train_fraction", "a fraction in (0, 1)")
-    need(0 <= cfg.data.max_bad_fraction <= 1, "data.max_bad_fraction", "a fraction in [0, 1]")
-    need(cfg.data.num_workers >= 0, "data.num_workers", "0 or more")
-    need(cfg.data.image_size >= 8, "data.image_size", "at least 8 pixels")
-    need(cfg.data.context_length >= 2, "data.context_length", "at least 2 tokens")
-    need(0 <= cfg.model.dropout < 1, "model.dropout", "a probability in [0, 1)")
-    need(cfg.loss.tile_size >= 1, "loss.tile_size", "at least 1")
-    need(g.chunk_size >= 0 and g.text_chunk_size >= 0, "gradcache.chunk_size", "0 (off) or a positive chunk size")
-    if c.num_workers >= 1 and t.global_batch % c.num_workers:
+
+def _at_least(n: float) -> Callable[[float], bool]:
+    return lambda v: v >= n
+
+
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+def _fraction(v: float) -> bool:
+    return 0 <= v <= 1
+
+
+# (key, rule, what is expected): every numeric key has one.
+_RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("data.image_size", _at_least(8), "at least 8 pixels"),
+    ("data.context_length", _at_least(2), "at least 2 tokens"),
+    ("data.num_workers", _at_least(0), "0 or more loader processes"),
+    ("data.shuffle_buffer", _at_least(1), "at least 1 (1: no shuffling)"),
+    ("data.streams", _at_least(0), "0 (chosen from the global batch) or a positive count"),
+    ("data.max_bad_fraction", _fraction, "a fraction in [0, 1]"),
+    ("data.synth.samples", _at_least(0), "0 (never synthesise) or a count"),
+    ("data.synth.eval_samples", _at_least(1), "at least 1"),
+    ("data.synth.image_size", _at_least(16), "at least 16 pixels"),
+    ("data.synth.shard_size", _at_least(1), "at least 1"),
+    ("model.dropout", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    ("model.image.unlock_last", _at_least(0), "0 or more blocks"),
+    ("model.text.unlock_last", _at_least(0), "0 or more blocks"),
+    ("loss.tile_size", _at_least(1), "at least 1"),
+    ("loss.init_temperature", _positive, "a positive temperature (CLIP starts at 0.07)"),
+    ("train.steps", _at_least(1), "at least 1"),
+    ("train.global_batch", _at_least(2), "at least 2 (a contrastive batch needs negatives)"),
+    ("train.lr", _positive, "a positive learning rate"),
+    ("train.min_lr", _at_least(0), "0 or a positive learning rate (the end of the cosine)"),
+    ("train.warmup_steps", _at_least(0), "0 or more"),
+    ("train.weight_decay", _at_least(0), "0 or more"),
+    ("train.betas", lambda b: len(b) == 2 and all(0 <= x < 1 for x in b), "two numbers in [0, 1)"),
+    ("train.eps", _positive, "a small positive number (e.g. 1e-6)"),
+    ("train.grad_clip", _at_least(0), "0 (off) or a positive norm"),
+    ("train.log_every", _at_least(1), "at least 1"),
+    ("gradcache.chunk_size", _at_least(0), "0 (off) or a positive chunk size"),
+    ("gradcache.text_chunk_size", _at_least(0), "0 (same as chunk_size) or a positive chunk size"),
+    ("cluster.num_workers", _at_least(1), "at least 1"),
+    ("cluster.cpus_per_worker", _positive, "a positive number of CPUs"),
+    ("cluster.gpus_per_worker", _positive, "a positive number of GPUs"),
+    ("cluster.max_failures", _at_least(-1), "-1 (unlimited) or a count >= 0"),
+    ("cluster.collective_timeout_s", _positive, "a positive number of seconds"),
+    ("checkpoint.every_steps", _at_least(1), "at least 1"),
+    ("checkpoint.keep", _at_least(1), "at least 1"),
+    ("eval.every_k", _at_least(1), "at least 1"),
+    ("eval.batch_size", _at_least(1), "at least 1"),
+    ("eval.linear_probe_train_fraction", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
+    ("eval.claim_ttl_s", _positive, "a positive number of seconds"),
+    ("eval.retry_s", _at_least(0), "0 or more seconds"),
+    ("eval.max_attempts", _at_least(1), "at least 1"),
+    ("eval.cpus", _positive, "a positive number of CPUs"),
+    ("eval.poll_s", _positive, "a positive number of seconds"),
+]
+
+
+def _numeric_keys(cfg: Config, obj: Any = None, prefix: str = "") -> list[str]:
+    """Every int/float field (and number list) of the schema, as dotted keys."""
+    obj = cfg if obj is None else obj
+    keys: list[str] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += _numeric_keys(cfg, value, f"{prefix}{f.name}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _combinations(cfg: Config) -> list[str]:
+    """Rules between keys: an empty run_dir, the lr floor, the batch split, chunk sizes, DeepSpeed's stage."""
+    t, c = cfg.train, cfg.cluster
+    problems = []
+    if not cfg.run_dir.strip():
+        problems.append(cfg.problem("run_dir", "a folder or URL for everything the run writes (e.g. runs/demo)"))
+    if t.min_lr > t.lr:
+        problems.append(cfg.problem("train.min_lr", f"at most train.lr = {t.lr:g}: the cosine decays to it"))
+    stage = _get_dict(cfg.deepspeed, "zero_optimization.stage")
+    if stage is not None and (isinstance(stage, bool) or stage not in (0, 1, 2, 3)):
+        problems.append(cfg.problem("deepspeed.zero_optimization.stage", "a ZeRO stage: 0, 1, 2 or 3"))
+    if t.global_batch % c.num_workers:
         problems.append(
             f"train.global_batch = {t.global_batch} (from {cfg.origin('train.global_batch')}) is not divisible by "
             f"cluster.num_workers = {c.num_workers} (from {cfg.origin('cluster.num_workers')}): every rank needs "
             f"the same local batch; pick a multiple of {c.num_workers}")
-    elif c.num_workers >= 1:
+    else:
         local = cfg.local_batch
         for key in ("gradcache.chunk_size", "gradcache.text_chunk_size"):
             size = _get(cfg, key)
@@ -468,10 +543,7 @@ def validate_config(cfg: Config) -> None:
     if not c.use_gpu and _get_dict(cfg.deepspeed, "fp16.enabled"):
         problems.append(f"deepspeed.fp16.enabled = true (from {cfg.origin('deepspeed.fp16')}): DeepSpeed refuses fp16 "
                         "on CPU; use train.precision=bf16 or fp32, or cluster.use_gpu=true")
-    for check in _STAGE_CHECKS:
-        problems.extend(check(cfg))
-    if problems:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    return problems
 
 
 def _get(cfg: Config, key: str) -> Any:

@@ -266,10 +266,16 @@ def collate(samples: Sequence[Row], tokenizer: Tokenizer) -> dict[str, Any]:
     metas = [s.meta for s in samples]
     if any(m is not None for m in metas):
         batch["meta"] = metas
-        labels = [m.get("label") if isinstance(m, dict) else None for m in metas]
-        if all(isinstance(y, int) and not isinstance(y, bool) for y in labels):
-            batch["label"] = torch.tensor(labels, dtype=torch.long)
+        labels = [class_label(m) for m in metas]
+        if any(y >= 0 for y in labels):
+            batch["label"] = torch.tensor(labels, dtype=torch.long)     # −1: a row without a label
     return batch
+
+
+def class_label(meta: Optional[dict]) -> int:
+    """A sample's class (`{"label": k}`, k ≥ 0 in its .json), or −1 when it has none."""
+    y = meta.get("label") if isinstance(meta, dict) else None
+    return y if isinstance(y, int) and not isinstance(y, bool) and y >= 0 else -1
 
 
 def concat(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -277,12 +283,15 @@ def concat(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if len(parts) == 1:
         return parts[0]
     out: dict[str, Any] = {}
-    for name in parts[0]:
-        values = [p.get(name) for p in parts]
-        if any(v is None for v in values):
-            continue                                   # a key (label, meta) only some blocks carry
+    for name in dict.fromkeys(k for p in parts for k in p):      # label and meta: only some blocks may carry them
+        values = [p[name] if name in p else _absent(name, len(p["key"])) for p in parts]
         out[name] = torch.cat(values) if isinstance(values[0], torch.Tensor) else sum(values, [])
     return out
+
+
+def _absent(name: str, rows: int) -> Any:
+    """What a block without `name` contributes: rows without a label, or without metadata."""
+    return torch.full((rows,), -1, dtype=torch.long) if name == "label" else [None] * rows
 
 
 class _Producer(torch.utils.data.IterableDataset):

@@ -217,6 +217,11 @@ class EvalActorHandle:
         finally:
             ray.kill(self.actor)
 
+    def stop(self) -> None:
+        """End the actor at once, evaluating nothing more (training failed or was interrupted)."""
+        import ray
+        ray.kill(self.actor)
+
 
 def start_eval_actor(cfg: Config) -> EvalActorHandle:
     """Start the scheduled evaluation beside training (Ray already initialised by the caller).

@@ -34,7 +34,7 @@ class Pairs:
     rows: Tensor                # (n,) global index of each local row
     scale: Tensor               # the logit scale s (scalar)
     bias: Optional[Tensor]      # the logit bias b (scalar) for losses that use one
-    labels: Tensor              # (n,) class of each local pair; the pair's own index when none given
+    labels: Tensor              # (n,) class of each local pair; a class of its own when it has no label
     all_labels: Tensor          # (N,)
     weights: Optional[Tensor]   # (n, D') `weights_from` rows, detached
     all_weights: Optional[Tensor]
@@ -76,6 +76,17 @@ def leave_out(t: Tensor, cols: slice, *index: Tensor) -> Tensor:
     for idx in index:
         t = t.masked_fill(col_ids == idx.unsqueeze(1), -math.inf)
     return t
+
+
+def class_labels(labels: Optional[Tensor], n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """This rank's and every rank's class labels. A row without a label (none given, or −1) is a class
+    of its own. The labels are gathered on every call, labelled or not, so that ranks whose batches
+    differ in labels still call the same collectives (a data-dependent gather would hang them)."""
+    mine = torch.full((n,), -1, dtype=torch.long, device=device) if labels is None else labels.long()
+    everyone = all_gather(mine)
+    own = -1 - torch.arange(len(everyone), device=device)
+    everyone = torch.where(everyone < 0, own, everyone)
+    return everyone[local_rows(n)], everyone
 
 
 def global_mean(values: Tensor, keep: Tensor) -> Tensor:
@@ -156,10 +167,7 @@ class ContrastiveLoss(nn.Module):
             raise ValueError(f"{name}: needs at least 2 pairs in the global batch, got {U.shape[0]}")
         mine = local_rows(n)
         rows = torch.arange(mine.start, mine.stop, device=image.device)
-        if labels is None:
-            labels, all_labels = rows, torch.arange(U.shape[0], device=image.device)
-        else:
-            all_labels = all_gather(labels)
+        labels, all_labels = class_labels(labels, n, image.device)
         weights = all_weights = None
         if weights_from is not None:
             weights = weights_from.detach().to(dtype)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, register_check
 from pipeline.gradcache import Backward, StepOutput, forward_backward
 from pipeline.layout import DEEPSPEED
 from pipeline.log import get_logger
@@ -78,6 +78,18 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     return merged
 
 
+@register_check
+def check_deepspeed_settings(cfg: Config) -> list[str]:
+    """The `deepspeed.*` keys that contradict the run config, found before any worker starts."""
+    if cfg.cluster.num_workers < 1 or cfg.train.global_batch % cfg.cluster.num_workers:
+        return []                          # reported by the config's own checks
+    try:
+        deepspeed_config(cfg, cfg.cluster.num_workers)
+    except ConfigError as e:
+        return [str(e)]
+    return []
+
+
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in override.items():
@@ -115,7 +127,8 @@ def warmup_cosine(cfg: Config) -> Callable[[torch.optim.Optimizer], torch.optim.
     """The schedule as DeepSpeed wants it: a function of the optimizer it builds.
 
     The lambda is not saved with the scheduler's state, so a resumed run follows its own
-    `train.steps` (extending a run stretches the cosine) while the step count is restored.
+    `train.steps` (extending a run stretches the cosine) while the step count is restored
+    (`Engine.load` re-applies it to the restored step).
     """
     t = cfg.train
     return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(
@@ -137,7 +150,7 @@ class Engine:
             config=deepspeed_config(cfg, world_size), lr_scheduler=warmup_cosine(cfg))
         self.zero_stage = self.ds.zero_optimization_stage()
         self.chunks = (cfg.gradcache.chunk_size, cfg.gradcache.text_chunk_size)
-        self.lr = self._scheduler.get_last_lr()[0]       # the learning rate of the last step taken
+        self.lr = 0.0                                    # the learning rate of the last step taken
         # DeepSpeed leaves the global gradient norm unset at stage 0 in fp32: measured here then.
         self._measure_grad_norm = self.zero_stage == 0 and not self.ds.bfloat16_enabled()
 
@@ -160,7 +173,7 @@ class Engine:
     def step(self) -> float:
         """Optimizer step (clipping, schedule), then the logit-scale clamp; returns the pre-clip grad norm."""
         norm = _grad_norm(self.module) if self._measure_grad_norm else None
-        self.lr = self._scheduler.get_last_lr()[0]
+        self.lr = self._scheduler.optimizer.param_groups[0]["lr"]
         self.ds.step()
         self._clear_zero3_gradients()
         clamp_logit_scale(self.ds)
@@ -194,6 +207,15 @@ class Engine:
             path, _ = self.ds.load_checkpoint(local_dir, tag=DEEPSPEED, load_module_strict=True)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {local_dir}/{DEEPSPEED}")
+        self._follow_schedule()
+
+    def _follow_schedule(self) -> None:
+        """After a load, the next step's lr comes from this run's schedule at the restored step, not
+        the saved one: a run extended past its old `train.steps` continues the cosine over the new
+        length instead of taking a step at the old schedule's end value (0 for min_lr = 0)."""
+        sched = self._scheduler
+        for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * factor(sched.last_epoch)
 
 
 class DeepSpeedBackward(Backward):

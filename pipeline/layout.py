@@ -68,6 +68,7 @@ DATASET_EVAL = "eval"
 # ------------------------------------------------------- an eval set's splits (CLIP_benchmark's names)
 EVAL_TEST = "test"                         # scored by every task
 EVAL_TRAIN = "train"                       # fits the linear probe when present
+EVAL_SPLITS = (EVAL_TEST, EVAL_TRAIN)
 
 _STEP = re.compile(r"^step_(\d+)$")
 

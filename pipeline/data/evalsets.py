@@ -34,6 +34,15 @@ def check_templates(templates: Sequence[str], where: str) -> list[str]:
     return templates
 
 
+def read_lines(url: str) -> list[str]:
+    """A text file's lines, stripped, without trailing blank lines (blank lines inside are kept, as
+    CLIP_benchmark keeps them: in classnames.txt line i is class i, so dropping one would shift labels)."""
+    lines = [line.strip() for line in storage.read_bytes(url).decode("utf-8").splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
 def split_writer(set_url: str, split: str, shard_size: int) -> ShardWriter:
     """A writer of one split (``test`` or ``train``) of a set: numbered shards, then manifest and nshards.txt."""
     return ShardWriter(eval_split_url(set_url, split), shard_size, numbered=True)

@@ -26,7 +26,7 @@ from typing import Iterator, Optional
 
 from pipeline import storage
 from pipeline.data import BadSample, DataError, Sample, resolve_shards, validate_sample
-from pipeline.data.evalsets import CLASSIFICATION, RETRIEVAL, TemplateError, check_templates
+from pipeline.data.evalsets import CLASSIFICATION, RETRIEVAL, TemplateError, check_templates, read_lines
 from pipeline.data.shards import read_shard
 from pipeline.layout import (
     CLASSNAMES,
@@ -76,7 +76,7 @@ def open_eval_set(eval_dir: str, name: str) -> EvalSet:
     benchmark = EVAL_TEST in names
     shards = _split_shards(name, eval_split_url(url, EVAL_TEST) if benchmark else url)
     train = _split_shards(name, eval_split_url(url, EVAL_TRAIN)) if benchmark and EVAL_TRAIN in names else None
-    dataset_type = next(iter(_read_lines(storage.join(url, DATASET_TYPE))), "").lower() if DATASET_TYPE in names \
+    dataset_type = next(iter(read_lines(storage.join(url, DATASET_TYPE))), "").lower() if DATASET_TYPE in names \
         else ""
     if dataset_type not in ("", CLASSIFICATION, RETRIEVAL):
         raise EvalSetError(f"eval set {name!r}: {DATASET_TYPE} says {dataset_type!r}; expected {CLASSIFICATION} or "
@@ -85,11 +85,11 @@ def open_eval_set(eval_dir: str, name: str) -> EvalSet:
         if CLASSNAMES not in names:
             raise EvalSetError(f"eval set {name!r}: a classification set needs {CLASSNAMES} (line i names class i) "
                                f"in {url}")
-        classnames = _read_lines(storage.join(url, CLASSNAMES))
+        classnames = read_lines(storage.join(url, CLASSNAMES))
         if not classnames or "" in classnames:
             raise EvalSetError(f"eval set {name!r}: {storage.join(url, CLASSNAMES)} is empty or has a blank line; "
                                "expected one class name a line (line i names class i)")
-        templates = _read_lines(storage.join(url, TEMPLATES)) if TEMPLATES in names else DEFAULT_TEMPLATES
+        templates = read_lines(storage.join(url, TEMPLATES)) if TEMPLATES in names else DEFAULT_TEMPLATES
         try:
             templates = check_templates(templates, f"eval set {name!r} {TEMPLATES}")
         except TemplateError as e:
@@ -122,15 +122,6 @@ def _split_shards(name: str, url: str) -> list[str]:
         return [shard.url for shard in resolve_shards(url)]
     except DataError as e:
         raise EvalSetError(f"eval set {name!r}: {e}") from None
-
-
-def _read_lines(url: str) -> list[str]:
-    """A text file's lines, stripped, without trailing blank lines (blank lines inside are kept, as
-    CLIP_benchmark keeps them: in classnames.txt line i is class i, so dropping one would shift labels)."""
-    lines = [line.strip() for line in storage.read_bytes(url).decode("utf-8").splitlines()]
-    while lines and not lines[-1]:
-        lines.pop()
-    return lines
 
 
 def _read_shard(url: str) -> Iterator[Sample]:

@@ -8,6 +8,9 @@ on the eval sets that `contrast data synth` writes (CLIP_benchmark's local WebDa
   --dataset_root SETDIR`, fp32) on the `contrast export --format open_clip` folder, in the side venv of
   /work/shared/tools/make-open-clip-venv.sh (open_clip + CLIP_benchmark; `tv_shim_hook` imported first).
 
+The other way round, `zeroshot_heldout` is re-written by CLIP_benchmark's own converter
+(`webdataset_builder.convert_dataset`: lossless WebP, its keys, several shards) and both evaluate that copy.
+
 Printed: each metric both ways and the difference; the exit code is 1 when a zero-shot acc@1 differs by
 more than --tolerance (0.02). Zero-shot sets are compared on acc@1, acc@5 and mean per-class recall,
 the retrieval set on recall@1/5/10 both ways (CLIP_benchmark's "image retrieval" is our text→image);
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,6 +39,7 @@ SIDE_PYTHON = Path.home() / ".cache" / "open-clip-venv" / "bin" / "python"
 ZEROSHOT_SETS = ("zeroshot_heldout", "zeroshot_seen")
 RETRIEVAL_SETS = ("retrieval", "relation")
 KS = (1, 5, 10)
+CONVERTED = "heldout_cb_written"    # zeroshot_heldout re-written by CLIP_benchmark's converter
 
 
 # ------------------------------------------------------------------ the judge (runs in the side venv)
@@ -60,6 +65,33 @@ def judge(argv: list[str]) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     sys.argv = ["clip_benchmark", *argv]
     cli.main()
+
+
+def judge_convert(src_set: str, out: str, max_count: int) -> None:
+    """Re-write the test split of one of our zero-shot sets with CLIP_benchmark's own converter (lossless
+    WebP, keys s0000000, `max_count` samples a shard), as a user of CLIP_benchmark would make a set."""
+    import io
+    import tarfile
+
+    _shim()
+    from clip_benchmark.webdataset_builder import PIL_to_bytes, convert_dataset
+    from PIL import Image
+
+    class Listed(list):
+        """(PIL image, label) pairs with the .classes and .templates the converter writes out."""
+
+    src = Path(src_set)
+    samples: dict[str, dict[str, bytes]] = {}
+    for i in range(int((src / "test" / "nshards.txt").read_text())):
+        with tarfile.open(src / "test" / f"{i}.tar") as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    dataset = Listed((Image.open(io.BytesIO(s["jpg"])).convert("RGB"), int(s["cls"])) for s in samples.values())
+    dataset.classes = (src / "classnames.txt").read_text().splitlines()
+    dataset.templates = (src / "zeroshot_classification_templates.txt").read_text().splitlines()
+    convert_dataset(dataset, "test", out, transform=PIL_to_bytes("webp"), image_format="webp", max_count=max_count,
+                    verbose=False)
 
 
 def judge_tokenizer(model_dir: str) -> str:
@@ -93,11 +125,10 @@ def train_checkpoint(work: Path, steps: int, samples: int, eval_samples: int) ->
     return str(sorted((work / "run" / "published").glob("step_*"))[-1])
 
 
-def contrast_eval(checkpoint: str, eval_dir: Path, work: Path) -> dict[str, float]:
+def contrast_eval(checkpoint: str, eval_dir: Path, sets: list[str], work: Path) -> dict[str, float]:
     """`contrast eval` on the sets; its result file's metrics."""
     cfg = work / "eval.yaml"
-    cfg.write_text(json.dumps({"data": {"eval_dir": str(eval_dir)},
-                               "eval": {"sets": [*ZEROSHOT_SETS, *RETRIEVAL_SETS], "batch_size": 64}}))
+    cfg.write_text(json.dumps({"data": {"eval_dir": str(eval_dir)}, "eval": {"sets": sets, "batch_size": 64}}))
     printed = contrast("-q", "eval", checkpoint, "--config", str(cfg))
     result = printed.strip().splitlines()[-1].removeprefix("result: ")
     return json.loads(Path(result).read_text())["metrics"]
@@ -126,21 +157,35 @@ def export_open_clip(checkpoint: str, out: Path) -> bool:
     return True
 
 
+def judged(python: Path, call: str) -> str:
+    """The stdout of `call` (an expression on this module) run in the side venv; exits on failure."""
+    run = side(python, "-c", f"import clip_benchmark_agreement as a; print(a.{call})")
+    if run.returncode:
+        sys.exit(f"side venv: {call[:80]} failed:\n{run.stderr[-3000:]}")
+    return run.stdout
+
+
 def clip_benchmark(python: Path, model_dir: Path, set_dir: Path, task: str, work: Path) -> dict[str, float]:
-    out = work / f"cb_{set_dir.name}.json"
+    out = work / f"cb_{set_dir.parent.name}_{set_dir.name}.json"
     args = ["eval", "--model", f"local-dir:{model_dir}", "--pretrained", "none", "--task", task,
             "--dataset", f"wds/{set_dir.name}", "--dataset_root", str(set_dir), "--output", str(out),
             "--batch_size", "64", "--num_workers", "0", "--no_amp", "--recall_k", *map(str, KS)]
-    run = side(python, "-c", f"import clip_benchmark_agreement as a; a.judge({args!r})")
-    if run.returncode:
-        sys.exit(f"CLIP_benchmark failed on {set_dir.name}:\n{run.stderr[-3000:]}")
+    judged(python, f"judge({args!r})")
     return json.loads(out.read_text())["metrics"]
+
+
+def local_copy(checkpoint: str, work: Path) -> str:
+    """The checkpoint copied under work/run/published, so that `contrast eval` writes its results there."""
+    dest = work / "run" / "published" / Path(checkpoint).name
+    if not dest.exists():
+        shutil.copytree(checkpoint, dest)
+    return str(dest)
 
 
 def compare(ours: dict[str, float], theirs: dict[str, dict[str, float]]) -> list[tuple[str, float, float]]:
     """(name, contrast eval, CLIP_benchmark) for every metric both compute."""
     rows = []
-    for name in ZEROSHOT_SETS:
+    for name in [*ZEROSHOT_SETS, CONVERTED]:
         for metric in ("acc1", "acc5", "mean_per_class_recall"):
             if f"{name}/{metric}" in ours and metric in theirs[name]:
                 rows.append((f"{name}/{metric}", ours[f"{name}/{metric}"], theirs[name][metric]))
@@ -171,26 +216,32 @@ def main() -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="cb-agreement-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.checkpoint:
-        checkpoint = args.checkpoint
+        checkpoint = local_copy(args.checkpoint, work)
         contrast("-q", "data", "synth", "--out", str(work / "synth"), "--samples", "64",
                  "--eval-samples", str(args.eval_samples))
     else:
         checkpoint = train_checkpoint(work, args.steps, args.samples, args.eval_samples)
     eval_dir = work / "synth" / "eval"
-    ours = contrast_eval(checkpoint, eval_dir, work)
+    converted = work / "converted" / CONVERTED           # CLIP_benchmark's way of writing a set → contrast eval
+    judged(args.side_python, f"judge_convert({str(eval_dir / 'zeroshot_heldout')!r}, {str(converted)!r}, "
+           f"{max(1, args.eval_samples // 3)})")
+    ours = contrast_eval(checkpoint, eval_dir, [*ZEROSHOT_SETS, *RETRIEVAL_SETS], work)
+    ours.update(contrast_eval(checkpoint, converted.parent, [CONVERTED], work))
     patched = export_open_clip(checkpoint, work / "oc")
-    tokenizer = side(args.side_python, "-c", f"import clip_benchmark_agreement as a; "
-                     f"print(a.judge_tokenizer({str(work / 'oc')!r}))").stdout.strip()
-    theirs = {name: clip_benchmark(args.side_python, work / "oc", eval_dir / name, "zeroshot_classification", work)
+    tokenizer = judged(args.side_python, f"judge_tokenizer({str(work / 'oc')!r})").strip()
+    oc = work / "oc"
+    theirs = {name: clip_benchmark(args.side_python, oc, eval_dir / name, "zeroshot_classification", work)
               for name in ZEROSHOT_SETS}
-    theirs.update({name: clip_benchmark(args.side_python, work / "oc", eval_dir / name, "zeroshot_retrieval", work)
+    theirs[CONVERTED] = clip_benchmark(args.side_python, oc, converted, "zeroshot_classification", work)
+    theirs.update({name: clip_benchmark(args.side_python, oc, eval_dir / name, "zeroshot_retrieval", work)
                    for name in RETRIEVAL_SETS})
     rows = compare(ours, theirs)
     print(f"checkpoint {checkpoint}; open_clip tokenizer: {tokenizer}"
           + ("; open_clip_config.json patched to declare the folder's tokenizer" if patched else ""))
-    print(f"{'metric':<38} {'contrast eval':>13} {'CLIP_benchmark':>14} {'|diff|':>8}")
+    width = max(len(name) for name, _, _ in rows)
+    print(f"{'metric':<{width}} {'contrast eval':>13} {'CLIP_benchmark':>14} {'|diff|':>8}")
     for name, a, b in rows:
-        print(f"{name:<38} {a:>13.4f} {b:>14.4f} {abs(a - b):>8.4f}")
+        print(f"{name:<{width}} {a:>13.4f} {b:>14.4f} {abs(a - b):>8.4f}")
     relation = theirs["relation"]
     print(f"relation: contrast eval accuracy {ours['relation/accuracy']:.4f}; CLIP_benchmark reads it as retrieval: "
           + ", ".join(f"{k} {v:.4f}" for k, v in sorted(relation.items())))

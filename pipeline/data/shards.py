@@ -20,7 +20,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import braceexpand
 
 from pipeline import storage
-from pipeline.layout import MANIFEST, NSHARDS, numbered_shard
+from pipeline.layout import EVAL_TEST, MANIFEST, NSHARDS, numbered_shard
 from pipeline.log import get_logger
 
 log = get_logger(__name__)
@@ -183,8 +183,10 @@ def _from_folder(url: str) -> list[Shard]:
     if not tars:
         where = f" (a relative path, read from {os.getcwd()})" if storage.is_local(url) and not os.path.isabs(
             storage.local_path(url)) else ""
-        raise DataError(f"{url}{where}: no manifest.json and no .tar files; expected a dataset folder written by "
-                        "`contrast data synth` or `contrast data pack`, tar URLs, or a brace pattern")
+        split = " (an eval set in CLIP_benchmark's layout: its shards are in test/)" if storage.exists(
+            storage.join(url, EVAL_TEST, NSHARDS)) else ""
+        raise DataError(f"{url}{where}: no manifest.json and no .tar files{split}; expected a dataset folder written "
+                        "by `contrast data synth` or `contrast data pack`, tar URLs, or a brace pattern")
     return [Shard(t) for t in tars]
 
 

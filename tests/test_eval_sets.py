@@ -145,6 +145,10 @@ def test_linear_probe_fits_on_the_train_split(data, tmp_path):
     assert with_train.train_shards == [str(tmp_path / "sets" / "with_train" / "train" / "0.tar")]
     assert run_task(encoder, with_train, 0.5)["linear_probe_acc1"] == 0.0
     assert run_task(encoder, open_eval_set(str(tmp_path / "sets"), "test_only"), 0.5)["linear_probe_acc1"] == 1.0
+    bad_train = [[("r0", {"png": image_bytes(RED, 16, "PNG"), "cls": b"5"})]]     # a label with no class name
+    write_benchmark_set(tmp_path / "sets" / "bad_train", {"test": test, "train": bad_train}, classnames="red\nblue\n")
+    with pytest.raises(EvalSetError, match=r"'bad_train': labels span \[5, 5\] but 2 class names"):
+        run_task(encoder, open_eval_set(str(tmp_path / "sets"), "bad_train"), 0.5)     # an error, not a skipped probe
 
 
 def test_run_sees_whole_eval_sets_and_names_missing_ones(data, tmp_path):

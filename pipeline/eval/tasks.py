@@ -6,8 +6,9 @@ on its test/ split when it has one (CLIP_benchmark's layout), else on a stratifi
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
+import numpy as np
 import torch
 
 from pipeline.data import Sample
@@ -64,24 +65,27 @@ def zeroshot(encoder: Encoder, eval_set: EvalSet, samples: list[Sample], probe_t
     prompts = [t.replace("{c}", c) for c in classnames for t in templates]
     class_emb = metrics.class_embeddings(encoder.texts(prompts), len(classnames))
     out = metrics.zeroshot_metrics(image_emb, class_emb, labels)
-    try:
-        out["linear_probe_acc1"] = linear_probe(encoder, eval_set, image_emb, labels, probe_train_fraction, seed)
+    train = probe_training_split(encoder, eval_set)
+    try:                                   # a probe needs 2+ classes to fit: without them it is skipped, not an error
+        if train is None:
+            out["linear_probe_acc1"] = metrics.linear_probe_accuracy(image_emb.numpy(), labels.numpy(),
+                                                                     probe_train_fraction, seed)
+        else:
+            out["linear_probe_acc1"] = metrics.fit_linear_probe(*train, image_emb.numpy(), labels.numpy())
     except ValueError as e:
         log.warning("eval set %s: linear probe skipped: %s", eval_set.name, e)
     return out
 
 
-def linear_probe(encoder: Encoder, eval_set: EvalSet, image_emb: torch.Tensor, labels: torch.Tensor,
-                 probe_train_fraction: float, seed: int) -> float:
-    """Probe accuracy on the test features: trained on the train/ split's features when the set has one."""
+def probe_training_split(encoder: Encoder, eval_set: EvalSet) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """Image features and labels of the set's train/ split (what the probe is fitted on); None without one."""
     if not eval_set.train_shards:
-        return metrics.linear_probe_accuracy(image_emb.numpy(), labels.numpy(), probe_train_fraction, seed)
+        return None
     train = list(eval_set.train_samples())
     if not train:
         raise EvalSetError(f"eval set {eval_set.name!r}: its train/ split holds no samples")
-    train_labels = class_labels(eval_set, train)
-    train_emb = encoder.images(s.image for s in train)
-    return metrics.fit_linear_probe(train_emb.numpy(), train_labels.numpy(), image_emb.numpy(), labels.numpy())
+    labels = class_labels(eval_set, train)
+    return encoder.images(s.image for s in train).numpy(), labels.numpy()
 
 
 def class_labels(eval_set: EvalSet, samples: list[Sample]) -> torch.Tensor:

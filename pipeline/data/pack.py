@@ -41,7 +41,7 @@ from pipeline.data.samples import (
 )
 from pipeline.data.shards import DataError, ShardWriter, read_shard
 from pipeline.data.tokenizer import train_tokenizer
-from pipeline.layout import CLASSNAMES, EVAL_SPLITS, NSHARDS, TEMPLATES, TOKENIZER, eval_split_url
+from pipeline.layout import CLASSNAMES, EVAL_SPLITS, EVAL_TEST, NSHARDS, TEMPLATES, TOKENIZER, eval_split_url
 from pipeline.log import get_logger
 
 log = get_logger(__name__)
@@ -238,7 +238,7 @@ def pack(items: Iterator[Item], out: str, *, shard_size: int = 1000, vocab_size:
     return summary
 
 
-def pack_zeroshot_set(root: str, out: str, *, split: str = "test", templates: Optional[list[str]] = None,
+def pack_zeroshot_set(root: str, out: str, *, split: str = EVAL_TEST, templates: Optional[list[str]] = None,
                       shard_size: int = 1000, max_pixels: int = MAX_PIXELS, progress: bool = True) -> PackSummary:
     """A folder of class subfolders → a zero-shot classification set at `out` in CLIP_benchmark's layout.
 
@@ -261,13 +261,7 @@ def pack_zeroshot_set(root: str, out: str, *, split: str = "test", templates: Op
     if existing is not None and existing != classnames:
         raise DataError(f"--folder {root}: classes {classnames[:5]}… differ from {storage.join(out, CLASSNAMES)} "
                         f"({existing[:5]}…); every split of a set has the same classes")
-    kept = storage.join(out, TEMPLATES)
-    if not templates and storage.exists(kept):          # the set's own, from the split packed first
-        templates = read_lines(kept)
-    try:
-        templates = check_templates(templates or list(DEFAULT_TEMPLATES), "--templates")
-    except TemplateError as e:
-        raise DataError(str(e)) from None
+    templates = _set_templates(out, templates)
     summary = PackSummary(split_url)
     with split_writer(out, split, shard_size) as writer:
         items = _class_items(base, images, folders, templates[0])
@@ -276,6 +270,17 @@ def pack_zeroshot_set(root: str, out: str, *, split: str = "test", templates: Op
         summary.count(writer.close(created_by="contrast data pack --clip-benchmark", source=root, split=split,
                                    skipped=dict(summary.skipped)))
     return summary
+
+
+def _set_templates(set_url: str, given: Optional[list[str]]) -> list[str]:
+    """The templates to write: the given ones, else the set's own (from the split packed first), else the default."""
+    kept = storage.join(set_url, TEMPLATES)
+    if not given and storage.exists(kept):
+        given = read_lines(kept)
+    try:
+        return check_templates(given or list(DEFAULT_TEMPLATES), "--templates")
+    except TemplateError as e:
+        raise DataError(str(e)) from None
 
 
 def _class_items(base: Path, images: list[Path], folders: list[str], template: str) -> Iterator[Item]:

@@ -8,13 +8,15 @@ from typing import Sequence
 
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.data import DataError, load_tokenizer, synthesize
+from pipeline.data.evalsets import read_lines
 from pipeline.data.inspection import format_reports, inspect_shards
-from pipeline.data.pack import folder_items, img2dataset_items, pack, table_items
+from pipeline.data.pack import folder_items, img2dataset_items, pack, pack_zeroshot_set, table_items
 from pipeline.data.shards import dataset_dir
 from pipeline.eval.evaluate import evaluate_checkpoint, format_metrics, run_dir_of, write_result
 from pipeline.eval.report import write_report
 from pipeline.eval.scheduler import watch
 from pipeline.eval.sets import EvalSetError
+from pipeline.layout import EVAL_SPLITS, EVAL_TEST
 from pipeline.log import get_logger, setup_logging
 from pipeline.models import CheckpointError, count_parameters
 from pipeline.models.export import export
@@ -37,6 +39,10 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_data_pack(args: argparse.Namespace) -> int:
+    if args.clip_benchmark:
+        return _pack_zeroshot_set(args)
+    if args.templates or args.split != EVAL_TEST:
+        raise DataError("--templates and --split describe a zero-shot eval set: add --clip-benchmark")
     if args.folder:
         source, items = args.folder, folder_items(args.folder)
     elif args.img2dataset:
@@ -46,6 +52,18 @@ def cmd_data_pack(args: argparse.Namespace) -> int:
         items = table_items(source, args.image_column, args.caption_column)
     summary = pack(items, args.out, shard_size=args.shard_size, progress=not args.quiet, source=source)
     print(summary.text())
+    return 0
+
+
+def _pack_zeroshot_set(args: argparse.Namespace) -> int:
+    if not args.folder:
+        raise DataError("--clip-benchmark packs a folder of class subfolders: give --folder DIR (DIR/CLASS/IMAGE)")
+    templates = [t for t in read_lines(args.templates) if t] if args.templates else None
+    summary = pack_zeroshot_set(args.folder, args.out, split=args.split, templates=templates,
+                                shard_size=args.shard_size, progress=not args.quiet)
+    print(summary.text())
+    print(f"zero-shot set: {args.out} (CLIP_benchmark: --dataset wds/NAME --dataset_root {args.out}; "
+          f"contrast: data.eval_dir = its parent folder, eval.sets = [its folder name])")
     return 0
 
 
@@ -187,6 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--shard-size", type=_positive_int, default=1000, help="samples per shard (default 1000)")
     pack.add_argument("--image-column", default="image", help="table column with image paths (default image)")
     pack.add_argument("--caption-column", default="caption", help="table column with captions (default caption)")
+    pack.add_argument("--clip-benchmark", action="store_true",
+                      help="with --folder of class subfolders: write a zero-shot eval set in CLIP_benchmark's layout "
+                           "(OUT/test/{0..N-1}.tar with KEY.cls labels, nshards.txt, classnames.txt, templates)")
+    pack.add_argument("--templates", metavar="FILE",
+                      help="with --clip-benchmark: zero-shot templates, one a line with {c} for the class name "
+                           "(default: a built-in list of 8)")
+    pack.add_argument("--split", choices=EVAL_SPLITS, default=EVAL_TEST,
+                      help="with --clip-benchmark: the split to write, test (scored) or train (fits the linear "
+                           "probe; same classes as the set's other split); default test")
     pack.set_defaults(func=cmd_data_pack)
 
     inspect = dsub.add_parser("inspect", help="counts, bytes, sample keys and corrupt members of shards",

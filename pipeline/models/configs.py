@@ -118,13 +118,14 @@ def named_spec(name: str) -> ModelSpec:
 
 @register_check
 def check_model_config(cfg: Config) -> list[str]:
-    """`model.name` exists, and the image fits the built-in ViT's patches."""
+    """`model.name` exists, and the image fits the built-in ViT's patches (unless the image tower is imported)."""
     m = cfg.model
     if m.name not in NAMED_SPECS:
         return [cfg.problem("model.name", "one of " + ", ".join(MODEL_NAMES))]
     problems = []
     patch = NAMED_SPECS[m.name].image.patch_size
-    if not m.image.hf_path and cfg.data.image_size % patch:
+    imported = bool(m.init_from) and "image" in m.init_towers       # checked by pipeline.models.init_from
+    if not m.image.hf_path and not imported and cfg.data.image_size % patch:
         problems.append(cfg.problem("data.image_size", f"a multiple of {m.name}'s patch size {patch} "
                                     f"(e.g. {max(patch, cfg.data.image_size // patch * patch)})"))
     return problems

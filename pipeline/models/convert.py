@@ -188,7 +188,7 @@ def export_state_dict(state: dict[str, torch.Tensor], arch: Architecture, fmt: s
         if rule.how == "split":
             out.update(zip(rule.theirs, t.chunk(3, dim=0)))
         else:
-            out[rule.theirs[0]] = {"same": t, "T": t.t(), "scalar": t.reshape(())}[rule.how]
+            out[rule.theirs[0]] = _reshape(t, rule.how, ())
     if fmt == "hf_siglip" and not arch.has_bias:
         out["logit_bias"] = torch.zeros(1)               # SiglipModel always has one; 0 leaves logits unchanged
     return {k: v.contiguous() for k, v in out.items()}
@@ -209,7 +209,7 @@ def import_state_dict(theirs: dict[str, torch.Tensor], arch: Architecture, fmt: 
         if rule.how == "split":
             out[rule.ours] = torch.cat(parts, dim=0)
         else:
-            out[rule.ours] = {"same": parts[0], "T": parts[0].t(), "scalar": parts[0].reshape(1)}[rule.how]
+            out[rule.ours] = _reshape(parts[0], rule.how, (1,))
     if fmt == "hf_siglip" and not arch.has_bias:
         rest.pop("logit_bias", None)
     if missing or rest:
@@ -217,6 +217,13 @@ def import_state_dict(theirs: dict[str, torch.Tensor], arch: Architecture, fmt: 
                               + (f"; missing {_few(missing)}" if missing else "")
                               + (f"; not understood {_few(sorted(rest))}" if rest else ""))
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def _reshape(t: torch.Tensor, how: str, scalar_shape: tuple[int, ...]) -> torch.Tensor:
+    """One tensor of a rule on the other side: as it is, transposed, or a scalar reshaped."""
+    if how == "T":
+        return t.t()
+    return t.reshape(scalar_shape) if how == "scalar" else t
 
 
 def _few(names: list[str], n: int = 6) -> str:

@@ -16,6 +16,7 @@ from pipeline.data import open_train_stream
 from pipeline.eval.scheduler import start_eval_actor
 from pipeline.layout import RAY
 from pipeline.log import get_logger
+from pipeline.models import run_tokenizer
 from pipeline.train.checkpoint import find_resume, refuse_existing
 from pipeline.train.loop import train_worker
 
@@ -69,6 +70,9 @@ def absolute_paths(cfg: Config) -> Config:
     cfg.data.train_urls = [fix(u) for u in cfg.data.train_urls]
     cfg.data.eval_dir = cfg.data.eval_dir and fix(cfg.data.eval_dir)
     cfg.data.tokenizer = cfg.data.tokenizer and fix(cfg.data.tokenizer)
+    cfg.model.init_from = cfg.model.init_from and fix(cfg.model.init_from)
+    if (cfg.model.init_from_config or "").endswith(".json"):     # a JSON file, not a config name
+        cfg.model.init_from_config = fix(cfg.model.init_from_config)
     return cfg
 
 
@@ -80,7 +84,8 @@ def preflight(cfg: Config) -> None:
     if cfg.train.resume == "never":
         refuse_existing(cfg)
     resume = find_resume(cfg, cfg.cluster.num_workers)
-    open_train_stream(cfg, rank=0, world_size=cfg.cluster.num_workers, state=resume.data_state if resume else None)
+    open_train_stream(cfg, rank=0, world_size=cfg.cluster.num_workers, state=resume.data_state if resume else None,
+                      tokenizer=run_tokenizer(cfg))
 
 
 def connect(cfg: Config) -> None:

@@ -363,6 +363,10 @@ def check_init_from(cfg: Config) -> list[str]:
         if cfg.data.tokenizer:
             problems.append(cfg.problem("data.tokenizer", "unset: the imported text tower brings its tokenizer "
                                         "(or leave text out of model.init_towers)"))
+        try:
+            source_tokenizer(source)
+        except (CheckpointError, ConversionError, ValueError) as e:
+            problems.append(cfg.problem("model.init_from", f"a text tower with its own tokenizer ({e})"))
     for tower in m.init_towers:
         if m.tower(tower).hf_path:
             problems.append(cfg.problem(f"model.{tower}.hf_path",

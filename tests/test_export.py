@@ -16,6 +16,7 @@ from pipeline.data import train_tokenizer
 from pipeline.models import DualEncoder, ModelSpec, TextSpec, ViTSpec, build_model
 from pipeline.models.export import export, open_clip_config, open_clip_state_dict
 from pipeline.models.published import CheckpointError, load_published, save_published
+from tests.helpers.open_clip import expected_open_clip_shapes, open_clip_reference
 
 CAPTIONS = [f"a {c} {s} {p} a {c2} {s2}" for c in ("red", "green", "blue") for s in ("square", "circle")
             for p in ("left of", "above") for c2 in ("yellow", "purple") for s2 in ("star", "triangle")]
@@ -137,33 +138,6 @@ def test_hf_export_gives_our_embeddings(published, tokenizer, tmp_path):
 
 
 # ------------------------------------------------------------------------------ open_clip export
-def expected_open_clip_shapes(embed, v_width, v_layers, patch, image_size, t_width, t_layers, context, vocab):
-    """open_clip's CLIP state-dict layout (its `VisionTransformer` and `TextTransformer`, `nn.MultiheadAttention`
-    with packed in_proj, `x @ proj` projections), written out from its documented architecture."""
-    def blocks(prefix, width, layers):
-        shapes = {}
-        for i in range(layers):
-            b = f"{prefix}.{i}"
-            shapes.update({f"{b}.ln_1.weight": (width,), f"{b}.ln_1.bias": (width,),
-                           f"{b}.attn.in_proj_weight": (3 * width, width), f"{b}.attn.in_proj_bias": (3 * width,),
-                           f"{b}.attn.out_proj.weight": (width, width), f"{b}.attn.out_proj.bias": (width,),
-                           f"{b}.ln_2.weight": (width,), f"{b}.ln_2.bias": (width,),
-                           f"{b}.mlp.c_fc.weight": (4 * width, width), f"{b}.mlp.c_fc.bias": (4 * width,),
-                           f"{b}.mlp.c_proj.weight": (width, 4 * width), f"{b}.mlp.c_proj.bias": (width,)})
-        return shapes
-    grid = image_size // patch
-    shapes = {"logit_scale": (), "visual.class_embedding": (v_width,),
-              "visual.positional_embedding": (grid * grid + 1, v_width), "visual.proj": (v_width, embed),
-              "visual.conv1.weight": (v_width, 3, patch, patch),
-              "visual.ln_pre.weight": (v_width,), "visual.ln_pre.bias": (v_width,),
-              "visual.ln_post.weight": (v_width,), "visual.ln_post.bias": (v_width,),
-              "token_embedding.weight": (vocab, t_width), "positional_embedding": (context, t_width),
-              "ln_final.weight": (t_width,), "ln_final.bias": (t_width,), "text_projection": (t_width, embed)}
-    shapes.update(blocks("visual.transformer.resblocks", v_width, v_layers))
-    shapes.update(blocks("transformer.resblocks", t_width, t_layers))
-    return shapes
-
-
 @pytest.mark.parametrize("name, dims", [
     ("ViT-B-32", (512, 768, 12, 32, 224, 512, 12, 77, 49408)),
     ("ViT-B-16", (512, 768, 12, 16, 224, 512, 12, 77, 49408)),
@@ -182,38 +156,6 @@ def test_open_clip_layout_of_the_public_models(name, dims):
         {"image_size": image_size, "layers": v_layers, "width": v_width, "patch_size": patch, "head_width": 64}
     assert {k: cfg["text_cfg"][k] for k in ("context_length", "vocab_size", "width", "heads", "layers")} == \
         {"context_length": context, "vocab_size": vocab, "width": t_width, "heads": t_width // 64, "layers": t_layers}
-
-
-def open_clip_reference(sd, cfg, images, tokens):
-    """open_clip's CLIP forward, written from its layout with torch.nn.MultiheadAttention (independent of ours)."""
-    def resblocks(x, prefix, layers, heads, causal):
-        mask = torch.full((x.shape[1], x.shape[1]), float("-inf")).triu(1) if causal else None
-        for i in range(layers):
-            p = lambda n, i=i: sd[f"{prefix}.{i}.{n}"]  # noqa: E731
-            width = x.shape[-1]
-            attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
-            attn.load_state_dict({"in_proj_weight": p("attn.in_proj_weight"),
-                                  "in_proj_bias": p("attn.in_proj_bias"),
-                                  "out_proj.weight": p("attn.out_proj.weight"),
-                                  "out_proj.bias": p("attn.out_proj.bias")})
-            h = F.layer_norm(x, (width,), p("ln_1.weight"), p("ln_1.bias"))
-            x = x + attn(h, h, h, need_weights=False, attn_mask=mask)[0]
-            h = F.layer_norm(x, (width,), p("ln_2.weight"), p("ln_2.bias"))
-            x = x + F.linear(F.gelu(F.linear(h, p("mlp.c_fc.weight"), p("mlp.c_fc.bias"))),
-                             p("mlp.c_proj.weight"), p("mlp.c_proj.bias"))
-        return x
-    v, t = cfg["vision_cfg"], cfg["text_cfg"]
-    x = F.conv2d(images, sd["visual.conv1.weight"], stride=v["patch_size"]).flatten(2).transpose(1, 2)
-    x = torch.cat([sd["visual.class_embedding"].expand(len(x), 1, -1), x], 1) + sd["visual.positional_embedding"]
-    x = F.layer_norm(x, (v["width"],), sd["visual.ln_pre.weight"], sd["visual.ln_pre.bias"])
-    x = resblocks(x, "visual.transformer.resblocks", v["layers"], v["width"] // v["head_width"], causal=False)
-    x = F.layer_norm(x, (v["width"],), sd["visual.ln_post.weight"], sd["visual.ln_post.bias"])
-    image = x[:, 0] @ sd["visual.proj"]
-    x = sd["token_embedding.weight"][tokens] + sd["positional_embedding"]
-    x = resblocks(x, "transformer.resblocks", t["layers"], t["heads"], causal=True)
-    x = F.layer_norm(x, (t["width"],), sd["ln_final.weight"], sd["ln_final.bias"])
-    text = x[torch.arange(len(x)), tokens.argmax(-1)] @ sd["text_projection"]
-    return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
 
 
 def test_open_clip_export_computes_our_embeddings(published, tokenizer, tmp_path):

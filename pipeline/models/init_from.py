@@ -280,12 +280,12 @@ def build_run_model(cfg: Config, vocab_size: int) -> DualEncoder:
     when the loss uses one (else dropped), and a loss with a bias on a checkpoint without starts at −10.
     """
     source = run_source(cfg.model)
+    state = _source_state(source) if source else {}      # read (and checked) before the model is allocated
     model = build_model(cfg.model, **run_sizes(cfg, vocab_size), loss_name=cfg.loss.name,
                         init_temperature=cfg.loss.init_temperature, learn_temperature=cfg.loss.learn_temperature,
                         spec=run_spec(cfg.model))
     if source is None:
         return model
-    state = _source_state(source)
     keep = tuple(f"{t}_tower." for t in cfg.model.init_towers)
     wanted = {k: v for k, v in state.items() if k.startswith(keep)}
     if cfg.loss.init_temperature is None:

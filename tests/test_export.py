@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 
@@ -137,6 +138,54 @@ def test_hf_export_gives_our_embeddings(published, tokenizer, tmp_path):
     assert torch.equal(ids, tokenizer(CAPTIONS[:3]))
 
 
+def test_hf_export_from_raw_strings_and_images_through_auto_processor(published, tokenizer, tmp_path):
+    """What a transformers user does: AutoProcessor + AutoModel on PIL images and strings."""
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor
+
+    from pipeline.data.transforms import decode_image, to_tensor
+    from tests.helpers.data import image_bytes
+    model, url = published
+    export(url, "hf", str(tmp_path / "hf"))
+    hf_model, processor = AutoModel.from_pretrained(tmp_path / "hf").eval(), AutoProcessor.from_pretrained(
+        tmp_path / "hf")
+    raw = [image_bytes((200, 30, 30), SIZE), image_bytes((20, 130, 230), SIZE)]
+    inputs = processor(text=CAPTIONS[:2], images=[Image.open(io.BytesIO(b)) for b in raw], padding="max_length",
+                       max_length=CONTEXT, return_tensors="pt")
+    with torch.no_grad():
+        theirs_image = F.normalize(hf_model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
+        theirs_text = F.normalize(hf_model.get_text_features(input_ids=inputs["input_ids"]).pooler_output)
+        ours_image = model.encode_image(to_tensor([decode_image(b, SIZE) for b in raw]))
+    assert torch.equal(inputs["input_ids"], tokenizer(CAPTIONS[:2]))
+    assert (theirs_image - ours_image).abs().max() < 1e-5
+    assert (theirs_text - model.encode_text(tokenizer(CAPTIONS[:2]))).abs().max() < 1e-5
+
+
+def test_a_logit_bias_on_clip_towers_is_refused_by_hf_and_kept_by_open_clip(tmp_path, tokenizer, capsys):
+    url = str(tmp_path / "run" / "published" / "step_00000002")
+    model = perturbed_model(tokenizer, bias=-7.5)
+    save_published(model, tokenizer, url, 2)
+    assert cli.main(["export", url, "--format", "hf", "--out", str(tmp_path / "hf")]) == 1
+    err = capsys.readouterr().err
+    assert "neither CLIPModel nor SiglipModel" in err and "a logit bias" in err and "causal" in err
+    assert "--format open_clip holds it" in err and not (tmp_path / "hf").exists()
+    export(url, "open_clip", str(tmp_path / "oc"))
+    assert load_file(str(tmp_path / "oc" / "open_clip_model.safetensors"))["logit_bias"] == model.logit_bias
+    assert "init_logit_bias" in json.load(open(tmp_path / "oc" / "open_clip_config.json"))["model_cfg"]
+
+
+def test_every_export_has_a_model_card_with_the_run_and_its_metrics(published, tmp_path):
+    _, url = published
+    run_dir = url.rsplit("/published/", 1)[0]
+    storage.write_json(f"{run_dir}/eval/step_00000007.json", {"step": 7, "metrics": {"heldout/zeroshot_acc1": 0.734}})
+    for fmt in ("safetensors", "open_clip", "hf"):
+        export(url, fmt, str(tmp_path / fmt))
+        card = (tmp_path / fmt / "README.md").read_text()
+        assert f"--format {fmt}" in card and "step 7, 1,792 samples seen" in card
+        assert "| heldout/zeroshot_acc1 | 0.7340 |" in card and "loss `clip`, global batch 256" in card
+        assert "started from: random initialisation" in card and "run_dir: runs/default" in card
+
+
 # ------------------------------------------------------------------------------ open_clip export
 @pytest.mark.parametrize("name, dims", [
     ("ViT-B-32", (512, 768, 12, 32, 224, 512, 12, 77, 49408)),
@@ -166,6 +215,8 @@ def test_open_clip_export_computes_our_embeddings(published, tokenizer, tmp_path
                                        "tokenizer.json", "tokenizer_config.json"]
     sd = load_file(str(out / "open_clip_model.safetensors"))
     cfg = json.load(open(out / "open_clip_config.json"))["model_cfg"]
+    assert cfg["text_cfg"]["hf_tokenizer_name"], "open_clip must read the folder's tokenizer, not its CLIP BPE"
+    assert json.load(open(out / "tokenizer_config.json"))["tokenizer_class"] == "PreTrainedTokenizerFast"
     images, tokens = inputs(tokenizer)
     with torch.no_grad():
         image, text = open_clip_reference(sd, cfg, images, tokens)

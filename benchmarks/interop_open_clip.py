@@ -13,6 +13,10 @@ exchange raw inputs, folders and embeddings through a work folder:
    `epoch_1.pt` training checkpoint → `model.init_from`; open_clip and we embed the same raw inputs, and
    open_clip's SimpleTokenizer and ours tokenize a varied list of strings.
 
+3. with `--checkpoint run_dir/published/step_N --eval-set DIR` (a zero-shot set of ours, e.g. the demo's
+   data/synth/eval/zeroshot_heldout): CLIP_benchmark's zero-shot classification of the open_clip export,
+   on the set rewritten in CLIP_benchmark's `wds/` layout, against `contrast eval` (acc@1 within 0.02).
+
 Prints the largest differences (unit-length embeddings) and exits 1 if one is over 1e-5 (images of the
 model's own size; other sizes are reported: the resize differs slightly, torchvision vs our one PIL call).
 Skips cleanly (exit 0) when open_clip cannot be imported with the given interpreter.
@@ -20,6 +24,7 @@ Skips cleanly (exit 0) when open_clip cannot be imported with the given interpre
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -89,12 +94,68 @@ def open_clip_side(work: Path) -> None:
             out[f"{name}_text"] = model.encode_text(tokenizer(job["captions"]), normalize=True)
             out[f"{name}_image"] = model.encode_image(
                 torch.stack([preprocess(Image.open(p)) for p in job["import_images"]]), normalize=True)
+    if job.get("clip_benchmark"):
+        out["clip_benchmark_acc1"] = torch.tensor(clip_benchmark_acc1(work))
     out["ids"] = open_clip.get_tokenizer("ViT-B-32")(job["strings"])
     out["ids16"] = open_clip.get_tokenizer("ViT-B-32")(job["strings"], context_length=16)
     torch.save(out, work / "open_clip.pt")
 
 
+def clip_benchmark_acc1(work: Path) -> float:
+    """CLIP_benchmark's zero-shot acc@1 of the export in `work/cb_export` on the set in `work/cb_set`."""
+    import open_clip
+    from clip_benchmark.datasets.builder import build_dataset
+    from clip_benchmark.metrics import zeroshot_classification as zsc
+
+    def accuracy(output, target, topk=(1,)):      # CLIP_benchmark's, without float() of a 1-element array
+        pred = output.topk(max(topk), 1, True, True)[1].t()
+        correct = pred.eq(target.view(1, -1).expand_as(pred))
+        return [float(correct[:k].reshape(-1).float().sum()) / len(target) for k in topk]
+    zsc.accuracy = accuracy
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{work / 'cb_export'}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{work / 'cb_export'}")
+    dataset = build_dataset("wds/cb_set", root=str(work / "cb_set"), transform=preprocess, split="test")
+    loader = torch.utils.data.DataLoader(dataset.batched(64), batch_size=None, num_workers=0)
+    metrics = zsc.evaluate(model.eval(), loader, tokenizer, dataset.classes, dataset.templates, "cpu", amp=False)
+    return float(metrics["acc1"])
+
+
 # ------------------------------------------------------------------------------------ our side
+def clip_benchmark_set(eval_set: Path, out: Path) -> None:
+    """Our zero-shot set rewritten in CLIP_benchmark's `wds/` layout: test/{0..n-1}.tar of KEY.jpg + KEY.cls,
+    nshards.txt, classnames.txt, zeroshot_classification_templates.txt."""
+    import tarfile
+    (out / "test").mkdir(parents=True)
+    shards = sorted(eval_set.glob("*.tar"))
+    for i, shard in enumerate(shards):
+        with tarfile.open(shard) as src, tarfile.open(out / "test" / f"{i}.tar", "w") as dst:
+            for member in src.getmembers():
+                data = src.extractfile(member).read()
+                key, ext = member.name.rsplit(".", 1)
+                if ext == "json":
+                    name, data = f"{key}.cls", str(json.loads(data)["label"]).encode()
+                elif ext in ("jpg", "png", "webp"):
+                    name = member.name
+                else:
+                    continue
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                dst.addfile(info, io.BytesIO(data))
+    (out / "test" / "nshards.txt").write_text(str(len(shards)))
+    for name in ("classnames.txt", "zeroshot_classification_templates.txt"):
+        (out / name).write_text((eval_set / name).read_text())
+
+
+def contrast_eval_acc1(checkpoint: str, eval_set: Path) -> float:
+    """`contrast eval`'s zero-shot acc@1 of the checkpoint on the set."""
+    from pipeline.config import load_config
+    from pipeline.eval.evaluate import evaluate_checkpoint
+    cfg = load_config(None, [f"data.eval_dir={eval_set.parent}", f"eval.sets=[{eval_set.name}]"], validate=False)
+    metrics = evaluate_checkpoint(checkpoint, cfg)["metrics"]
+    return metrics[f"{eval_set.name}/acc1"]
+
+
+
 def our_images(paths: list[str], size: int) -> torch.Tensor:
     """Our evaluation transform of image files (what `contrast eval` feeds the model)."""
     from pipeline.data.transforms import decode_image, to_tensor
@@ -151,6 +212,8 @@ def main() -> int:
     p.add_argument("--open-clip-python", default=os.environ.get("OPEN_CLIP_PYTHON",
                                                                  str(Path.home() / ".cache/open-clip-venv/bin/python")))
     p.add_argument("--models", nargs="+", default=["ViT-B-32", "ViT-B-32-quickgelu"])
+    p.add_argument("--checkpoint", help="a published checkpoint to run CLIP_benchmark on (with --eval-set)")
+    p.add_argument("--eval-set", type=Path, help="one of our zero-shot sets (shards, classnames, templates)")
     p.add_argument("--side", metavar="WORK", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:
@@ -169,7 +232,12 @@ def main() -> int:
         export_images = write_images(work, [(size, size), (size, size), (size + 16, size), (size, size + 40)])
         import_images = write_images(work, [(224, 224), (224, 224), (300, 224)])
         job = {"captions": CAPTIONS, "strings": STRINGS, "export_images": export_images,
-               "import_images": import_images, "import_models": args.models}
+               "import_images": import_images, "import_models": args.models, "clip_benchmark": bool(args.checkpoint)}
+        if args.checkpoint:
+            from pipeline.models.export import export
+            export(args.checkpoint, "open_clip", str(work / "cb_export"))
+            clip_benchmark_set(args.eval_set, work / "cb_set")
+            ours_acc1 = contrast_eval_acc1(args.checkpoint, args.eval_set)
         (work / "job.json").write_text(json.dumps(job))
         env = {**os.environ, "PYTHONPATH": ""}
         subprocess.run([args.open_clip_python, os.path.abspath(__file__), "--side", tmp], check=True, env=env)
@@ -194,6 +262,12 @@ def main() -> int:
                           diff(emb["image"], theirs[f"{name}_image"], slice(2, None)), False)]
         same_ids = (torch.equal(clip_tokenizer(77)(STRINGS), theirs["ids"])
                     and torch.equal(clip_tokenizer(16)(STRINGS), theirs["ids16"]))
+    if args.checkpoint:
+        theirs_acc1 = float(theirs["clip_benchmark_acc1"])
+        print(f"zero-shot acc@1 on {args.eval_set.name}: CLIP_benchmark {theirs_acc1:.4f}, contrast eval "
+              f"{ours_acc1:.4f} (|Δ| {abs(theirs_acc1 - ours_acc1):.4f}, allowed 0.02)")
+        if abs(theirs_acc1 - ours_acc1) > 0.02:
+            return 1
     width = max(len(r[0]) for r in rows)
     for what, value, strict in rows:
         print(f"{what:<{width}}  max |Δ| {value:.2e}" + ("" if strict else "  (reported)"))

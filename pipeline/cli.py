@@ -15,7 +15,7 @@ from pipeline.eval.report import write_report
 from pipeline.eval.scheduler import watch
 from pipeline.eval.sets import EvalSetError
 from pipeline.log import get_logger, setup_logging
-from pipeline.models import CheckpointError, ConversionError, run_parameter_counts, weight_sources
+from pipeline.models import CheckpointError, ConversionError, check_source, run_parameter_counts, weight_sources
 from pipeline.models.export import export
 from pipeline.orchestrate import TrainingError, train
 from pipeline.run import run_pipeline
@@ -66,6 +66,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    check_source(cfg)
     print(cfg.to_yaml(), end="")
     print(_parameter_line(cfg))
     for what, source in weight_sources(cfg).items():

@@ -16,7 +16,7 @@ from pipeline.data import open_train_stream
 from pipeline.eval.scheduler import start_eval_actor
 from pipeline.layout import RAY
 from pipeline.log import get_logger
-from pipeline.models import run_tokenizer
+from pipeline.models import check_source, run_tokenizer
 from pipeline.train.checkpoint import find_resume, refuse_existing
 from pipeline.train.loop import train_worker
 
@@ -78,9 +78,11 @@ def absolute_paths(cfg: Config) -> Config:
 
 def preflight(cfg: Config) -> None:
     """What the workers would refuse, refused once in the driver: a run_dir of another model,
-    `train.resume=never` over existing checkpoints, an impossible world-size change, missing shards or
+    a `model.init_from` that does not fit the data, `train.resume=never` over existing checkpoints, an
+    impossible world-size change, missing shards or
     tokenizer, shards too few for the data stream. (A worker error would cost a Ray start, and
     `cluster.max_failures` restarts of something that cannot succeed.)"""
+    check_source(cfg)
     if cfg.train.resume == "never":
         refuse_existing(cfg)
     resume = find_resume(cfg, cfg.cluster.num_workers)

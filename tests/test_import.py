@@ -14,7 +14,14 @@ from safetensors.torch import load_file, save_file
 from pipeline import cli
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.data import clip_tokenizer, train_tokenizer
-from pipeline.models import CheckpointError, ConversionError, build_run_model, run_tokenizer, save_published
+from pipeline.models import (
+    CheckpointError,
+    ConversionError,
+    build_run_model,
+    check_source,
+    run_tokenizer,
+    save_published,
+)
 from pipeline.models.export import export
 from pipeline.models.init_from import inspect_source
 from tests.helpers.open_clip import open_clip_folder, open_clip_reference
@@ -100,8 +107,8 @@ def test_open_clip_training_checkpoint_with_module_prefixes(oc_folder, tmp_path)
     model = build_run_model(run_config(str(ckpt), f"model.init_from_config={tmp_path / 'model.json'}"), 0)
     from_folder = build_run_model(run_config(str(folder)), 0)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), from_folder.state_dict().values()))
-    with pytest.raises(ConfigError, match="init_from_config"):
-        run_config(str(ckpt))
+    with pytest.raises(ConfigError, match="set model.init_from_config to its open_clip model config"):
+        check_source(run_config(str(ckpt)))
 
 
 class _RunsCode:
@@ -276,13 +283,17 @@ def test_lit_locks_the_imported_image_tower_and_trains_a_new_text_tower(oc_folde
     assert "# text: new, random (tiny's text tower)" in out
 
 
-def test_config_refuses_sizes_and_tokenizers_that_do_not_fit(oc_folder):
+def test_config_refuses_sizes_and_tokenizers_that_do_not_fit(oc_folder, capsys):
     folder, _ = oc_folder
+    with pytest.raises(ConfigError, match="data.tokenizer = 't.json' .*: expected unset"):
+        load_config(None, [f"model.init_from={folder}", "data.tokenizer=t.json"])
+    cfg = load_config(None, [f"model.init_from={folder}", "data.image_size=64"])
     with pytest.raises(ConfigError) as e:
-        load_config(None, [f"model.init_from={folder}", "data.image_size=64", "data.tokenizer=t.json"])
+        check_source(cfg)
     assert "data.image_size = 64 (from command line): expected 32, the image size of model.init_from" in str(e.value)
-    assert "data.context_length = 77" in str(e.value) and "data.tokenizer" in str(e.value)
-    with pytest.raises(ConfigError, match="model.init_from = '/nowhere'.*found no open_clip_config.json"):
-        load_config(None, ["model.init_from=/nowhere"])
+    assert "data.context_length = 77 (from defaults): expected 16" in str(e.value)
+    assert cli.main(["config", "configs/demo.yaml", "model.init_from=/nowhere"]) == 1
+    assert "model.init_from = '/nowhere' (from command line): expected a checkpoint we can start from" in \
+        capsys.readouterr().err
     with pytest.raises(CheckpointError, match="found no"):
         inspect_source("/nowhere/either")

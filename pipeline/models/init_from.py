@@ -32,7 +32,7 @@ from safetensors.torch import load as load_safetensors
 from tokenizers import Tokenizer as HFTokenizer
 
 from pipeline import storage
-from pipeline.config import Config, ModelConfig, register_check
+from pipeline.config import Config, ConfigError, ModelConfig, register_check
 from pipeline.data import Tokenizer, clip_tokenizer
 from pipeline.layout import MANIFEST, TOKENIZER, TOWERS
 from pipeline.log import get_logger
@@ -245,6 +245,7 @@ def _declared_pad(url: str) -> Optional[str]:
 
 # ------------------------------------------------------------------------------------ the run's model
 def run_source(cfg_model: ModelConfig) -> Optional[Source]:
+    """The checkpoint of `model.init_from` (configs read), or None."""
     return inspect_source(cfg_model.init_from, cfg_model.init_from_config) if cfg_model.init_from else None
 
 
@@ -342,34 +343,43 @@ def _shape(spec: Any) -> str:
 # ------------------------------------------------------------------------------------ config check
 @register_check
 def check_init_from(cfg: Config) -> list[str]:
-    """`model.init_from` names a checkpoint we can express exactly, with sizes the data agrees with."""
+    """The `model.init_*` keys agree with each other and with the data keys (no file read here: a run config
+    stored in a checkpoint must stay valid where the checkpoint it started from is gone; see `check_source`)."""
     m = cfg.model
     if not m.init_from:
         return [cfg.problem("model.init_from_config", "unset without model.init_from")] if m.init_from_config else []
-    problems = []
     if not m.init_towers or set(m.init_towers) - set(TOWERS) or len(set(m.init_towers)) != len(m.init_towers):
         return [cfg.problem("model.init_towers", "a non-empty list of distinct towers among image, text")]
+    problems = [cfg.problem(f"model.{tower}.hf_path", f"unset: the {tower} tower comes from model.init_from")
+                for tower in m.init_towers if m.tower(tower).hf_path]
+    if "text" in m.init_towers and cfg.data.tokenizer:
+        problems.append(cfg.problem("data.tokenizer", "unset: the imported text tower brings its tokenizer "
+                                    "(or leave text out of model.init_towers)"))
+    return problems
+
+
+def check_source(cfg: Config) -> None:
+    """`model.init_from` is a checkpoint we can express exactly, its sizes are the data's, its tokenizer
+    fits its text tower: a ConfigError listing every problem (the driver calls it before training starts)."""
+    m = cfg.model
+    if not m.init_from:
+        return
     try:
         source = run_source(m)
     except (CheckpointError, ConversionError, OSError, json.JSONDecodeError) as e:
-        return [cfg.problem("model.init_from", f"a checkpoint we can start from ({e})")]
+        raise ConfigError("invalid config:\n  - " + cfg.problem("model.init_from",
+                                                               f"a checkpoint we can start from ({e})")) from None
     assert source is not None
+    problems = []
     if "image" in m.init_towers and cfg.data.image_size != source.arch.image_size:
         problems.append(cfg.problem("data.image_size", f"{source.arch.image_size}, the image size of model.init_from"))
     if "text" in m.init_towers:
         if cfg.data.context_length != source.arch.context_length:
             problems.append(cfg.problem("data.context_length",
                                         f"{source.arch.context_length}, the context length of model.init_from"))
-        if cfg.data.tokenizer:
-            problems.append(cfg.problem("data.tokenizer", "unset: the imported text tower brings its tokenizer "
-                                        "(or leave text out of model.init_towers)"))
         try:
             source_tokenizer(source)
         except (CheckpointError, ConversionError, ValueError) as e:
             problems.append(cfg.problem("model.init_from", f"a text tower with its own tokenizer ({e})"))
-    for tower in m.init_towers:
-        if m.tower(tower).hf_path:
-            problems.append(cfg.problem(f"model.{tower}.hf_path",
-                                        f"unset: the {tower} tower comes from model.init_from"))
-    return problems
-
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

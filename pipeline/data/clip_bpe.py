@@ -25,6 +25,7 @@ import html
 from functools import lru_cache
 from pathlib import Path
 
+import ftfy
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -42,7 +43,6 @@ def is_clip_bpe(tok: HFTokenizer) -> bool:
 
 def clean(text: str) -> str:
     """open_clip's default cleaning of a caption ('lower'): ftfy, HTML entities, whitespace, lower case."""
-    import ftfy
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return " ".join(text.split()).lower()
 

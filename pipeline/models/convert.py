@@ -339,7 +339,7 @@ def open_clip_model_cfg(arch: Architecture, hf_tokenizer: bool) -> dict[str, Any
     cfg: dict[str, Any] = {"embed_dim": arch.spec.embed_dim, "quick_gelu": image.act == "quick_gelu",
                            "vision_cfg": vision, "text_cfg": text_cfg}
     if arch.has_bias:
-        cfg["init_logit_bias"] = -10.0
+        cfg["init_logit_bias"] = -10.0           # open_clip creates the parameter; the weights hold its value
     return cfg
 
 

@@ -19,6 +19,11 @@ import torch
 from pipeline.models.configs import NAMED_SPECS, ModelSpec, TextSpec, ViTSpec
 
 FORMATS = ("open_clip", "hf_clip", "hf_siglip")
+# The other ecosystems' file names (theirs, not artifacts of ours: pipeline/layout.py has those)
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_SAFETENSORS = "open_clip_model.safetensors"
+HF_CONFIG = "config.json"
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 _HF_ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 _HF_ACT_IN = {**{v: k for k, v in _HF_ACT.items()}, "gelu_new": "gelu_tanh"}
 # Buffers some checkpoints carry that hold no weights (a causal mask, position ids): dropped on import.

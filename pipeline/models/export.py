@@ -33,7 +33,16 @@ from pipeline.layout import TOKENIZER, eval_result_url, run_dir_of_published
 from pipeline.log import get_logger
 from pipeline.models import convert
 from pipeline.models.configs import ModelSpec
-from pipeline.models.convert import Architecture, ConversionError, export_state_dict, misfits, open_clip_model_cfg
+from pipeline.models.convert import (
+    HF_TOKENIZER_CONFIG,
+    OPEN_CLIP_CONFIG,
+    OPEN_CLIP_SAFETENSORS,
+    Architecture,
+    ConversionError,
+    export_state_dict,
+    misfits,
+    open_clip_model_cfg,
+)
 from pipeline.models.dual import DualEncoder
 from pipeline.models.published import Published, load_published
 
@@ -142,7 +151,7 @@ def _write_hf_tokenizer_config(published: Published, out: Path) -> None:
     names = HFTokenizer.from_str(tok.to_json())
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.context_length,
               "pad_token": names.id_to_token(tok.pad_id), "eos_token": names.id_to_token(tok.eot_id)}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (out / HF_TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------- open_clip
@@ -150,11 +159,11 @@ def _write_open_clip(published: Published, out: Path) -> str:
     model, tok = published.model, published.tokenizer
     arch = architecture(model)
     model_cfg = open_clip_model_cfg(arch, hf_tokenizer=not tok.is_clip_bpe)
-    save_file(export_state_dict(model.state_dict(), arch, "open_clip"), str(out / "open_clip_model.safetensors"))
+    save_file(export_state_dict(model.state_dict(), arch, "open_clip"), str(out / OPEN_CLIP_SAFETENSORS))
     config = {"model_cfg": model_cfg,
               "preprocess_cfg": {"size": model.image_size, "mean": list(MEAN), "std": list(STD),
                                  "interpolation": "bicubic", "resize_mode": "shortest"}}
-    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (out / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
     _write_hf_tokenizer_config(published, out)
     which = ("its built-in CLIP BPE (this model's tokenizer)" if tok.is_clip_bpe
              else "the folder's tokenizer.json (declared by text_cfg.hf_tokenizer_name)")

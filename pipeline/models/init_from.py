@@ -38,6 +38,10 @@ from pipeline.layout import MANIFEST, TOKENIZER, TOWERS
 from pipeline.log import get_logger
 from pipeline.models.configs import ModelSpec
 from pipeline.models.convert import (
+    HF_CONFIG,
+    HF_TOKENIZER_CONFIG,
+    OPEN_CLIP_CONFIG,
+    OPEN_CLIP_SAFETENSORS,
     Architecture,
     ConversionError,
     hf_architecture,
@@ -50,10 +54,7 @@ from pipeline.models.published import CheckpointError, load_published, read_mani
 
 log = get_logger(__name__)
 
-OPEN_CLIP_CONFIG = "open_clip_config.json"
-OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
-                     "open_clip_pytorch_model.bin")
-HF_CONFIG = "config.json"
+OPEN_CLIP_WEIGHTS = (OPEN_CLIP_SAFETENSORS, "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin")
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
@@ -232,7 +233,7 @@ def source_tokenizer(source: Source) -> Tokenizer:
 
 def _declared_pad(url: str) -> Optional[str]:
     """The padding token a Hugging Face folder declares (tokenizer_config.json or special_tokens_map.json)."""
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+    for name in (HF_TOKENIZER_CONFIG, "special_tokens_map.json"):
         path = storage.join(url, name)
         if storage.exists(path):
             pad = (storage.read_json(path) or {}).get("pad_token")

@@ -166,7 +166,8 @@ def _write_open_clip(published: Published, out: Path) -> str:
     (out / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
     _write_hf_tokenizer_config(published, out)
     which = ("its built-in CLIP BPE (this model's tokenizer)" if tok.is_clip_bpe
-             else "the folder's tokenizer.json (declared by text_cfg.hf_tokenizer_name)")
+             else "the folder's tokenizer.json (declared by text_cfg.hf_tokenizer_name; pushed to the Hugging Face "
+                  "hub, set it to the repository's id for `hf-hub:` loading)")
     return ("An open_clip hub-style folder:\n\n```python\nimport open_clip\nmodel, _, preprocess = "
             "open_clip.create_model_and_transforms('local-dir:DIR')\n"
             "tokenizer = open_clip.get_tokenizer('local-dir:DIR')\n"

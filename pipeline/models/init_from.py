@@ -34,7 +34,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from pipeline import storage
 from pipeline.config import Config, ConfigError, ModelConfig, register_check
 from pipeline.data import Tokenizer, clip_tokenizer
-from pipeline.layout import MANIFEST, TOKENIZER, TOWERS
+from pipeline.layout import MANIFEST, TOKENIZER, TOWERS, WEIGHTS
 from pipeline.log import get_logger
 from pipeline.models.configs import ModelSpec
 from pipeline.models.convert import (
@@ -81,7 +81,7 @@ def inspect_source(url: str, config: Optional[str] = None) -> Source:
         m = read_manifest(url)["model"]
         arch = Architecture(ModelSpec.from_dict(m["spec"]), m["image_size"], m["context_length"], m["vocab_size"],
                             bool(m["has_bias"]))
-        return Source(url, "published checkpoint", "ours", arch, "model.safetensors", storage.join(url, TOKENIZER))
+        return Source(url, "published checkpoint", "ours", arch, WEIGHTS, storage.join(url, TOKENIZER))
     if storage.exists(storage.join(url, OPEN_CLIP_CONFIG)):
         return _open_clip_folder(url)
     if storage.exists(storage.join(url, HF_CONFIG)):

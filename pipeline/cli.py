@@ -18,7 +18,7 @@ from pipeline.eval.scheduler import watch
 from pipeline.eval.sets import EvalSetError
 from pipeline.layout import EVAL_SPLITS, EVAL_TEST
 from pipeline.log import get_logger, setup_logging
-from pipeline.models import CheckpointError, count_parameters
+from pipeline.models import CheckpointError, ConversionError, check_source, run_parameter_counts, weight_sources
 from pipeline.models.export import export
 from pipeline.orchestrate import TrainingError, TrainingInterrupted, train
 from pipeline.run import run_pipeline
@@ -85,8 +85,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    check_source(cfg)
     print(cfg.to_yaml(), end="")
     print(_parameter_line(cfg))
+    for what, source in weight_sources(cfg).items():
+        print(f"# {what}: {source}")
     return 0
 
 
@@ -94,13 +97,14 @@ def _parameter_line(cfg: Config) -> str:
     """Parameter counts of the configured model, built on the meta device (no memory, no weights)."""
     where = cfg.data.tokenizer or dataset_dir(cfg.data.train_urls)
     vocab, source = 49408, "vocabulary 49408 assumed: no tokenizer.json yet"
-    if where is not None:
+    if cfg.model.init_from and "text" in cfg.model.init_towers:
+        source = "vocabulary of model.init_from"
+    elif where is not None:
         try:
             vocab, source = load_tokenizer(where, cfg.data.context_length).vocab_size, f"tokenizer {where}"
         except FileNotFoundError:
             pass
-    n = count_parameters(cfg.model, image_size=cfg.data.image_size, context_length=cfg.data.context_length,
-                         vocab_size=vocab, loss_name=cfg.loss.name)
+    n = run_parameter_counts(cfg, vocab)
     return (f"# parameters ({source}): image {n['image']:,}, text {n['text']:,}, logit {n['logit']:,}, "
             f"total {n['total']:,}, trainable {n['trainable']:,}")
 
@@ -157,7 +161,8 @@ def _positive_int(text: str) -> int:
 
 # Errors that are the user's to fix (config, data, checkpoints, eval sets, training refusals):
 # printed as one message, never a traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, EvalSetError, TrainingError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ConversionError, EvalSetError, TrainingError,
+               FileNotFoundError)
 
 
 # ------------------------------------------------------------------------------------- parser

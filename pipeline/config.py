@@ -74,6 +74,11 @@ class ModelConfig:
     grad_checkpointing: bool = False
     image: TowerConfig = field(default_factory=TowerConfig)
     text: TowerConfig = field(default_factory=TowerConfig)
+    # Start from a checkpoint (README "Start from a pretrained model"): an open_clip folder or epoch_N.pt,
+    # a Hugging Face CLIPModel/SiglipModel folder, or a published checkpoint; its architecture, not `name`'s.
+    init_from: Optional[str] = None
+    init_from_config: Optional[str] = None  # an open_clip checkpoint file's model config: a name or a JSON
+    init_towers: list[str] = field(default_factory=lambda: list(TOWERS))   # the towers taken from init_from
 
     def tower(self, name: str) -> TowerConfig:
         if name not in TOWERS:

@@ -21,6 +21,7 @@ from pipeline.data import open_train_stream
 from pipeline.eval.scheduler import start_eval_actor
 from pipeline.layout import RAY, parse_step
 from pipeline.log import get_logger
+from pipeline.models import check_source, run_tokenizer
 from pipeline.train.checkpoint import find_resume, latest_checkpoint, progress_key, refuse_existing
 from pipeline.train.loop import train_worker
 
@@ -216,19 +217,24 @@ def absolute_paths(cfg: Config) -> Config:
     cfg.data.train_urls = [fix(u) for u in cfg.data.train_urls]
     cfg.data.eval_dir = cfg.data.eval_dir and fix(cfg.data.eval_dir)
     cfg.data.tokenizer = cfg.data.tokenizer and fix(cfg.data.tokenizer)
+    cfg.model.init_from = cfg.model.init_from and fix(cfg.model.init_from)
+    if (cfg.model.init_from_config or "").endswith(".json"):     # a JSON file, not a config name
+        cfg.model.init_from_config = fix(cfg.model.init_from_config)
     return cfg
 
 
 def preflight(cfg: Config) -> None:
     """What the workers would refuse, refused once in the driver: a run_dir of another model,
-    `train.resume=never` over existing checkpoints, an impossible world-size change, missing shards or
+    a `model.init_from` that does not fit the data, `train.resume=never` over existing checkpoints, an
+    impossible world-size change, missing shards or
     tokenizer, shards too few for the data stream. (A worker error would cost a Ray start, and
     `cluster.max_failures` restarts of something that cannot succeed.)"""
+    check_source(cfg)
     if cfg.train.resume == "never":
         refuse_existing(cfg)
     resume = find_resume(cfg, cfg.cluster.num_workers)
     stream = open_train_stream(cfg, rank=0, world_size=cfg.cluster.num_workers,
-                               state=resume.data_state if resume else None)
+                               state=resume.data_state if resume else None, tokenizer=run_tokenizer(cfg))
     if resume:
         resume.check_tokenizer(stream.tokenizer)
 

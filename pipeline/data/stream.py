@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -484,11 +484,14 @@ def open_stream(urls: str | Sequence[str], *, global_batch: int, rank: int = 0, 
                   image_size=o.image_size, tokenizer=tok, max_bad_fraction=o.max_bad_fraction, state=state)
 
 
-def open_train_stream(cfg: Config, *, rank: int = 0, world_size: int = 1, state: Optional[dict] = None) -> Stream:
-    """`open_stream` with every setting from a run config."""
+def open_train_stream(cfg: Config, *, rank: int = 0, world_size: int = 1, state: Optional[dict] = None,
+                      tokenizer: Optional[Tokenizer] = None) -> Stream:
+    """`open_stream` with every setting from a run config; `tokenizer` (an imported model's) replaces the data's."""
+    options = StreamOptions.from_config(cfg.data)
+    if tokenizer is not None:
+        options = replace(options, tokenizer=tokenizer)
     return open_stream(cfg.data.train_urls, global_batch=cfg.train.global_batch, rank=rank, world_size=world_size,
-                       seed=cfg.seed, num_workers=cfg.data.num_workers, state=state,
-                       options=StreamOptions.from_config(cfg.data))
+                       seed=cfg.seed, num_workers=cfg.data.num_workers, state=state, options=options)
 
 
 def _tokenizer(tokenizer: Tokenizer | str | None, urls: str | Sequence[str], context_length: int) -> Tokenizer:

@@ -13,7 +13,7 @@ from pipeline.data import Tokenizer, gather_state, open_train_stream
 from pipeline.distributed import all_reduce_max, get_rank, get_world_size, named_timeouts
 from pipeline.log import get_logger, setup_logging
 from pipeline.losses import get_loss
-from pipeline.models import DualEncoder, build_model
+from pipeline.models import DualEncoder, build_run_model, run_tokenizer
 from pipeline.train.checkpoint import TrainState, find_resume, publish, report_progress, report_to_ray, save_checkpoint
 from pipeline.train.engine import Engine, quiet_deepspeed
 from pipeline.train.metrics import Meter, TrainLogger, step_scalars
@@ -26,7 +26,8 @@ def train_worker(config: Config | dict[str, Any]) -> None:
     cfg = config if isinstance(config, Config) else config_from_dict(config, origin="train_worker")
     rank, world = setup_worker(cfg)
     resume = find_resume(cfg, world)
-    stream = open_train_stream(cfg, rank=rank, world_size=world, state=resume.data_state if resume else None)
+    stream = open_train_stream(cfg, rank=rank, world_size=world, state=resume.data_state if resume else None,
+                               tokenizer=run_tokenizer(cfg))
     engine = Engine(cfg, new_model(cfg, stream.tokenizer), world)
     state = resume.restore(engine, stream.tokenizer) if resume else TrainState()
     if resume:
@@ -77,10 +78,9 @@ def seed_everything(seed: int) -> None:
 
 
 def new_model(cfg: Config, tokenizer: Tokenizer) -> DualEncoder:
-    """The dual encoder (same initial weights on every rank), then per-rank generators for dropout."""
-    model = build_model(cfg.model, image_size=cfg.data.image_size, context_length=cfg.data.context_length,
-                        vocab_size=tokenizer.vocab_size, loss_name=cfg.loss.name,
-                        init_temperature=cfg.loss.init_temperature, learn_temperature=cfg.loss.learn_temperature)
+    """The dual encoder (same initial weights on every rank; `model.init_from`'s where it is set), then
+    per-rank generators for dropout."""
+    model = build_run_model(cfg, vocab_size=tokenizer.vocab_size)
     seed_everything(cfg.seed * 65536 + get_rank() + 1)
     return model.train()
 

@@ -22,6 +22,7 @@ from pipeline.models import CheckpointError, ConversionError, check_source, run_
 from pipeline.models.export import export
 from pipeline.orchestrate import TrainingError, TrainingInterrupted, train
 from pipeline.run import run_pipeline
+from pipeline.storage import OutOfSpace
 from pipeline.train.checkpoint import latest_checkpoint
 
 log = get_logger("cli")
@@ -119,8 +120,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config) if args.config else None
-    outcome = watch(args.run_dir, cfg, once=args.once)
+    cfg = load_config(args.config, args.overrides) if args.config else None
+    outcome = watch(args.run_dir, cfg, once=args.once, overrides=args.overrides)
     print(f"evaluated steps: {', '.join(map(str, outcome.evaluated)) or 'none'}")
     for step, error in sorted(outcome.failed.items()):
         print(f"step {step} failed (retried later): {error}", file=sys.stderr)
@@ -162,7 +163,7 @@ def _positive_int(text: str) -> int:
 # Errors that are the user's to fix (config, data, checkpoints, eval sets, training refusals):
 # printed as one message, never a traceback.
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ConversionError, EvalSetError, TrainingError,
-               FileNotFoundError)
+               FileNotFoundError, PermissionError, OutOfSpace)
 
 
 # ------------------------------------------------------------------------------------- parser
@@ -248,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("run_dir", metavar="RUN_DIR")
     watch.add_argument("--config", help="run config (default: the one in the newest checkpoint)")
     watch.add_argument("--once", action="store_true", help="evaluate what is pending, then exit")
+    watch.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="dotted overrides of the run config, e.g. eval.sets=[zeroshot_heldout] eval.every_k=2")
     watch.set_defaults(func=cmd_watch)
 
     run = sub.add_parser("run", help="the whole pipeline: data if missing, train, eval, report",

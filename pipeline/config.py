@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import fsspec
 import yaml
@@ -245,12 +245,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), valid
     return cfg
 
 
-def config_from_dict(data: dict[str, Any], origin: str = "dict", validate: bool = True) -> Config:
-    """Rebuild a config from `to_dict()` output (a run's manifest, a checkpoint)."""
+def config_from_dict(data: dict[str, Any], origin: str = "dict", validate: bool = True,
+                     overrides: Sequence[str] = ()) -> Config:
+    """Rebuild a config from `to_dict()` output (a run's manifest, a checkpoint), then `key=value` overrides."""
     cfg = Config()
     sources: dict[str, str] = {}
     for key, value in _flatten(data):
         _set(cfg, key, value, origin, sources)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set(cfg, key, value, COMMAND_LINE, sources)
     object.__setattr__(cfg, "_sources", sources)
     if validate:
         validate_config(cfg)

@@ -210,7 +210,7 @@ def latest_step(run_dir: str) -> Optional[int]:
 def absolute_paths(cfg: Config) -> Config:
     """A copy of `cfg` with its local relative paths made absolute: Ray workers run in other folders."""
     def fix(url: str) -> str:
-        return url if "://" in url else os.path.abspath(url)
+        return url if "://" in url or url.startswith("pipe:") else os.path.abspath(url)
 
     cfg = copy.deepcopy(cfg)
     cfg.run_dir = fix(cfg.run_dir)
@@ -230,6 +230,7 @@ def preflight(cfg: Config) -> None:
     tokenizer, shards too few for the data stream. (A worker error would cost a Ray start, and
     `cluster.max_failures` restarts of something that cannot succeed.)"""
     check_source(cfg)
+    storage.makedirs(cfg.run_dir)                  # an object store's bucket must exist (no silent new bucket)
     if cfg.train.resume == "never":
         refuse_existing(cfg)
     resume = find_resume(cfg, cfg.cluster.num_workers)

@@ -18,12 +18,15 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import pickle
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from pipeline.config import Config, ConfigError, register_check
+from pipeline.distributed import get_world_size as dist_world_size
 from pipeline.gradcache import Backward, StepOutput, forward_backward
 from pipeline.layout import DEEPSPEED
 from pipeline.log import get_logger
@@ -149,6 +152,7 @@ class Engine:
             model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
             config=deepspeed_config(cfg, world_size), lr_scheduler=warmup_cosine(cfg))
         self.zero_stage = self.ds.zero_optimization_stage()
+        self._peak_lr = cfg.train.lr
         self.chunks = (cfg.gradcache.chunk_size, cfg.gradcache.text_chunk_size)
         self.lr = 0.0                                    # the learning rate of the last step taken
         # DeepSpeed leaves the global gradient norm unset at stage 0 in fp32: measured here then.
@@ -197,23 +201,37 @@ class Engine:
         """Name → shape of every parameter, as the model defines it (ZeRO-3's partitioning undone)."""
         return {n: list(getattr(p, "ds_shape", p.shape)) for n, p in self.module.named_parameters()}
 
+    def checkpoint_bytes(self) -> int:
+        """About what `save` writes on this rank: the weights, and this rank's share of the fp32 master
+        copy and AdamW's two moments (partitioned over the ranks from ZeRO 1 on)."""
+        numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in self.module.parameters())
+        shards = dist_world_size() if self.zero_stage >= 1 else 1
+        return numel * 4 + numel * 12 // shards
+
     def save(self, local_dir: str) -> None:
         """DeepSpeed's checkpoint (module, optimizer, scheduler) of this rank into `local_dir/deepspeed/`."""
         self.ds.save_checkpoint(local_dir, tag=DEEPSPEED, save_latest=False)
 
     def load(self, local_dir: str) -> None:
         """Load what `save` wrote (every rank's files under `local_dir/deepspeed/`), weights-only."""
-        with _weights_only_loading():
-            path, _ = self.ds.load_checkpoint(local_dir, tag=DEEPSPEED, load_module_strict=True)
+        try:
+            with _weights_only_loading():
+                path, _ = self.ds.load_checkpoint(local_dir, tag=DEEPSPEED, load_module_strict=True)
+        except pickle.UnpicklingError:
+            raise UnsafeCheckpoint(f"{_unsafe_file(local_dir)}: refused: it holds Python objects that loading would "
+                                   "run, not only tensors and DeepSpeed's plain values. contrast never writes such "
+                                   "files: the checkpoint was replaced or tampered with") from None
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {local_dir}/{DEEPSPEED}")
         self._follow_schedule()
 
     def _follow_schedule(self) -> None:
-        """After a load, the next step's lr comes from this run's schedule at the restored step, not
-        the saved one: a run extended past its old `train.steps` continues the cosine over the new
-        length instead of taking a step at the old schedule's end value (0 for min_lr = 0)."""
+        """After a load, the next step's lr comes from this run's schedule (`train.lr`, `min_lr`,
+        `warmup_steps`, `steps` as configured now) at the restored step, not from the saved one: a run
+        extended past its old `train.steps` continues the cosine over the new length instead of taking
+        a step at the old schedule's end value (0 for min_lr = 0)."""
         sched = self._scheduler
+        sched.base_lrs = [self._peak_lr] * len(sched.optimizer.param_groups)
         for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
             group["lr"] = base * factor(sched.last_epoch)
 
@@ -271,6 +289,21 @@ def quiet_deepspeed(level: str) -> None:
     """DeepSpeed's own logger at warnings (debug when the run logs debug): our logger reports."""
     from deepspeed.utils import logger as ds_logger
     ds_logger.setLevel("DEBUG" if level == "debug" else "WARNING")
+
+
+class UnsafeCheckpoint(pickle.UnpicklingError):
+    """A checkpoint file whose unpickling would run code: refused, naming the file."""
+
+
+def _unsafe_file(local_dir: str) -> str:
+    """The first file of a DeepSpeed checkpoint that weights-only loading refuses."""
+    with _weights_only_loading():
+        for path in sorted(Path(local_dir, DEEPSPEED).glob("*.pt")):
+            try:
+                torch.load(path, map_location="cpu")
+            except pickle.UnpicklingError:
+                return str(path)
+    return f"{local_dir}/{DEEPSPEED}"
 
 
 def _gathered(params: list[nn.Parameter]) -> Any:

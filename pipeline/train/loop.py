@@ -31,17 +31,29 @@ def train_worker(config: Config | dict[str, Any]) -> None:
     loss_fn, weights_from = make_loss(cfg)
     logger, meter = TrainLogger(cfg, rank), Meter(cfg.train.global_batch)
     batches = meter.timed(stream)
-    while state.step < cfg.train.steps:
-        batch = to_device(next(batches), engine.device)
-        out = engine.forward_backward(batch, loss_fn, weights_from)    # the gradient cache's two passes
-        grad_norm = engine.step()                  # AdamW, lr schedule, clipping, logit-scale clamp
-        state.advance(cfg.train.global_batch)
-        if logger.due(state.step):
-            logger.log(state.step, step_scalars(out, batch.get("label"), lr=engine.lr, grad_norm=grad_norm,
-                                                bad=stream.stats()["bad"], meter=meter))
-        if state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.steps:
-            logger.sync()                          # the curves reach the checkpoint before a resume can start there
+    saved = state.step
+    try:
+        while state.step < cfg.train.steps:
+            batch = next(batches, None)
+            if batch is None:                      # a source with `on_end: stop` ran out, on every rank alike
+                log.info("training ends at step %d of %d: %s", state.step, cfg.train.steps, stream.exhausted)
+                break
+            batch = to_device(batch, engine.device)
+            out = engine.forward_backward(batch, loss_fn, weights_from)    # the gradient cache's two passes
+            grad_norm = engine.step()              # AdamW, lr schedule, clipping, logit-scale clamp
+            state.advance(cfg.train.global_batch)
+            if logger.due(state.step):
+                logger.log(state.step, step_scalars(out, batch, lr=engine.lr, grad_norm=grad_norm,
+                                                    data=stream.stats(), meter=meter))
+            if state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.steps:
+                logger.sync()                      # the curves reach the checkpoint before a resume can start there
+                checkpoint(engine, stream, cfg, state, loss=float(out.loss))
+                saved = state.step
+        if saved < state.step:                     # the data ended between checkpoints: keep where it ended
+            logger.sync()
             checkpoint(engine, stream, cfg, state, loss=float(out.loss))
+    finally:
+        stream.close()                             # its loader processes end with the loop
     logger.close()
 
 

@@ -172,6 +172,7 @@ def with_counts(shards: Sequence[Shard]) -> list[Shard]:
         return list(shards)
     log.info("counting the samples of %d shards without a manifest (a manifest.json beside them avoids this)",
              len(missing))
+    _tar_reader()                                      # imported here: a first import in several threads races
     with ThreadPoolExecutor(min(COUNT_THREADS, len(missing))) as pool:
         counted = dict(zip([s.url for s in missing], pool.map(count_samples, [s.url for s in missing])))
     return [s if s.samples is not None else replace(s, samples=counted[s.url]) for s in shards]
@@ -231,10 +232,7 @@ class RawSample:
 
 def read_shard(url: str) -> Iterator[RawSample]:
     """The samples of one tar, in order. Raises on an unreadable or truncated tar (after the good part)."""
-    from webdataset.gopen import gopen
-    from webdataset.tariterators import base_plus_ext, tar_file_iterator
-
-    storage.register_webdataset_opener()
+    gopen, base_plus_ext, tar_file_iterator = _tar_reader()
     stream = _TailReader(gopen(url, "rb"))
     try:
         current: Optional[RawSample] = None
@@ -252,6 +250,14 @@ def read_shard(url: str) -> Iterator[RawSample]:
             yield current
     finally:
         stream.close()
+
+
+def _tar_reader() -> tuple[Any, Any, Any]:
+    """webdataset's opener (with fsspec registered in it), name splitter and tar iterator."""
+    from webdataset.gopen import gopen
+    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+    storage.register_webdataset_opener()
+    return gopen, base_plus_ext, tar_file_iterator
 
 
 @dataclass

@@ -67,7 +67,7 @@ def expected_epochs(source: SourceSpec, share: float, global_batch: int, steps: 
 
 def stop_step(source: SourceSpec, share: float, global_batch: int) -> int:
     """About how many global batches a source with `on_end: stop` lasts."""
-    return math.floor(source.total / (share * global_batch))
+    return math.floor(source.total / (share * global_batch) + 1e-9)      # 96 / (0.3·32) is 10, not 9.99…
 
 
 def source_problems(sources: Sequence[SourceConfig], resampled: bool) -> list[str]:

@@ -2,6 +2,7 @@
 the end of a source (stop / restart), per-source counts, the config and `contrast data inspect --config`."""
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 
@@ -14,7 +15,7 @@ from pipeline.data.mixture import MixturePlan
 from tests.helpers.stream import assert_same, global_batches, open_, take
 
 G = 16
-WEIGHTS = {"big": 0.6, "mid": 0.3, "small": 0.1}
+WEIGHTS = {"laion": 0.6, "cc12m": 0.3, "inhouse": 0.1}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def sources(roots, **changes) -> list[SourceConfig]:
 def mix(roots, **kw):
     """Options of every mixture stream here: 16-px images, the first source's tokenizer."""
     kw.setdefault("image_size", 16)
-    kw.setdefault("tokenizer", f"{roots['big']}/tokenizer.json")
+    kw.setdefault("tokenizer", f"{roots['laion']}/tokenizer.json")
     return kw
 
 
@@ -67,10 +68,10 @@ def test_mixture_batches_do_not_depend_on_world_size_or_loader_processes(roots, 
 
 
 def test_exact_resume_mid_mixture(roots):
-    """18 batches × 16 = 288 rows: the big source (96 samples, ~173 rows) is past its second epoch."""
+    """18 batches × 16 = 288 rows: the laion source (96 samples, ~173 rows) is past its second epoch."""
     full, _ = global_batches(sources(roots), 1, 18, **mix(roots))
     _, states = global_batches(sources(roots), 2, 7, **mix(roots))
-    state = merge_states(states)
+    state = json.loads(json.dumps(merge_states(states), sort_keys=True))       # as a checkpoint stores it
     assert set(state["streams"]["0"]) == set(WEIGHTS) and sum(state["drawn"].values()) == 7 * G
     for w in (1, 4):
         resumed, _ = global_batches(sources(roots), w, 11, state=state, **mix(roots))
@@ -80,25 +81,25 @@ def test_exact_resume_mid_mixture(roots):
 def test_a_source_that_stops_ends_the_stream_on_every_rank_at_the_same_step(roots):
     """`on_end: stop` on the 0.3 source (96 samples, ~4.8 rows a batch): the data ends before the batch
     whose planned draws would pass 96, on both ranks; until then the source's rows are its first pass."""
-    srcs = sources(roots, mid={"on_end": "stop"})
+    srcs = sources(roots, cc12m={"on_end": "stop"})
     plan = MixturePlan(list(WEIGHTS.values()), seed=3)
     drawn = np.cumsum([plan.counts(t * G, G)[1] for t in range(40)])
     expected_steps = int(np.argmax(drawn > 96))
     ranks = [open_(srcs, rank=r, world_size=2, **mix(roots)) for r in range(2)]
     got = [list(s) for s in ranks]
     assert [len(b) for b in got] == [expected_steps, expected_steps]
-    assert ranks[0].exhausted.source == "mid" and ranks[0].exhausted.step == expected_steps
-    mid_keys = [k for r in got for b in r for k, s in zip(b["key"], b["source"]) if s == "mid"]
-    assert len(mid_keys) == drawn[expected_steps - 1] and len(set(mid_keys)) >= len(mid_keys) - 4
+    assert ranks[0].exhausted.source == "cc12m" and ranks[0].exhausted.step == expected_steps
+    stopped_keys = [k for r in got for b in r for k, s in zip(b["key"], b["source"]) if s == "cc12m"]
+    assert len(stopped_keys) == drawn[expected_steps - 1] and len(set(stopped_keys)) >= len(stopped_keys) - 4
     assert len(take(open_(sources(roots), **mix(roots)), expected_steps + 5)) == expected_steps + 5   # restart
 
 
 def test_resampled_and_epoch_sources_mix(roots):
-    srcs = sources(roots, small={"resampled": True})
+    srcs = sources(roots, inhouse={"resampled": True})
     batches = take(open_(srcs, **mix(roots)), 20)
-    assert Counter(s for b in batches for s in b["source"])["small"] > 0
+    assert Counter(s for b in batches for s in b["source"])["inhouse"] > 0
     with pytest.raises(DataError, match=r"data.sources\[2\].on_end = 'stop' with resampled"):
-        open_(sources(roots, small={"resampled": True, "on_end": "stop"}), **mix(roots))
+        open_(sources(roots, inhouse={"resampled": True, "on_end": "stop"}), **mix(roots))
 
 
 def test_resume_refuses_other_sources_and_follows_new_weights(roots, caplog):
@@ -120,12 +121,12 @@ def test_sources_in_the_config(roots, tmp_path):
     path.write_text(f"""
 data:
   sources:
-    - {{name: big, urls: [{roots['big']}], weight: 6}}
-    - {{name: small, urls: [{roots['small']}], weight: 1, resampled: true}}
+    - {{name: laion, urls: [{roots['laion']}], weight: 6}}
+    - {{name: inhouse, urls: [{roots['inhouse']}], weight: 1, resampled: true}}
 """)
     cfg = load_config(path)
     assert [(s.name, s.weight, s.resampled, s.on_end) for s in cfg.data.sources] == [
-        ("big", 6.0, None, "restart"), ("small", 1.0, True, "restart")]
+        ("laion", 6.0, None, "restart"), ("inhouse", 1.0, True, "restart")]
     bad = {
         "data.sources=[{name: a, urls: [x]}, {name: a, urls: [y]}]": r"data.sources\[1\].name = 'a'.*no other",
         "data.sources=[{name: 'a b', urls: [x]}]": "letters, digits",
@@ -144,17 +145,17 @@ def test_inspect_prints_the_expected_share_of_each_source(roots, tmp_path, capsy
     path = tmp_path / "mix.yaml"
     path.write_text(f"""
 data:
-  tokenizer: {roots['big']}/tokenizer.json
+  tokenizer: {roots['laion']}/tokenizer.json
   sources:
-    - {{name: big, urls: [{roots['big']}], weight: 0.6}}
-    - {{name: mid, urls: [{roots['mid']}], weight: 0.3, on_end: stop}}
-    - {{name: small, urls: [{roots['small']}], weight: 0.1, resampled: true}}
+    - {{name: laion, urls: [{roots['laion']}], weight: 0.6}}
+    - {{name: cc12m, urls: [{roots['cc12m']}], weight: 0.3, on_end: stop}}
+    - {{name: inhouse, urls: [{roots['inhouse']}], weight: 0.1, resampled: true}}
 train: {{global_batch: 32, steps: 100}}
 """)
     assert main(["data", "inspect", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     lines = {line.split()[0]: line.split() for line in out.splitlines()[2:5]}
-    assert lines["big"][1:4] == ["0.6", "60.0%", "60.0%"] and lines["big"][6] == "96"
-    assert lines["mid"][2] == "30.0%" and "stop" in out and "ends after ~10 steps" in out
-    assert lines["small"][2] == "10.0%" and "resampled (endless)" in out
+    assert lines["laion"][1:4] == ["0.6", "60.0%", "60.0%"] and lines["laion"][6] == "96"
+    assert lines["cc12m"][2] == "30.0%" and "stop" in out and "ends after ~10 steps" in out
+    assert lines["inhouse"][2] == "10.0%" and "resampled (endless)" in out
     assert "the data ends after about 10 of the 100 steps" in out

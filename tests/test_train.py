@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from pipeline.config import load_config
 from pipeline.layout import checkpoint_url, published_url
 from pipeline.train.checkpoint import latest_checkpoint
 from tests.helpers.compare import max_abs_diff
+from tests.helpers.tensorboard import scalars
 
 pytestmark = pytest.mark.slow
 
@@ -57,21 +57,6 @@ def train(run_dir: str, dataset: str, *overrides: str):
 def published(run_dir: str, step: int) -> dict[str, torch.Tensor]:
     from pipeline.models import load_published
     return load_published(published_url(run_dir, step)).model.state_dict()
-
-
-def scalars(tensorboard_url: str) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in the event files of a folder (any URL), read with TensorBoard's own reader."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.util import tensor_util
-    series: dict[str, list[tuple[int, float]]] = {}
-    for i, url in enumerate(storage.iter_files(tensorboard_url)):
-        local = Path(f"/tmp/tb-read-{i}")
-        local.write_bytes(storage.read_bytes(url))
-        for event in EventFileLoader(str(local)).Load():
-            for v in event.summary.value:
-                series.setdefault(v.tag, []).append((event.step, float(tensor_util.make_ndarray(v.tensor))))
-        local.unlink()
-    return series
 
 
 # ------------------------------------------------------------------------------------- the runs

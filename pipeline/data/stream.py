@@ -426,8 +426,8 @@ class Stream:
         """
         return {"version": STATE_VERSION, "step": self.step, "seed": self.spec.seed,
                 "global_batch": self.global_batch, "num_streams": self.spec.num_streams, "buffer": self.spec.buffer,
-                "sources": {s.name: {"data": s.fingerprint, "resampled": s.resampled, "weight": s.weight,
-                                     "on_end": s.on_end} for s in self.spec.sources},
+                "sources": [{"name": s.name, "data": s.fingerprint, "resampled": s.resampled, "weight": s.weight,
+                             "on_end": s.on_end} for s in self.spec.sources],        # a list: JSON keys get sorted
                 "drawn": dict(self.position.drawn),
                 "streams": {str(sid): st for sid, st in self._states.items() if st is not None}}
 
@@ -485,12 +485,13 @@ def _check_state(state: dict[str, Any], spec: StreamSpec, global_batch: int, nee
                         "(train.resume=never, or another run_dir)")
     expected = {"seed": spec.seed, "global_batch": global_batch, "num_streams": spec.num_streams,
                 "buffer": spec.buffer, "sources": [s.name for s in spec.sources]}
-    saved = dict(state, sources=list(state["sources"]))
+    saved_sources = {s["name"]: s for s in state["sources"]}
+    saved = dict(state, sources=list(saved_sources))
     names = {"global_batch": "train.global_batch", "buffer": "data.shuffle_buffer", "num_streams": "data.streams",
              "sources": "the source names, in order"}
     wrong = [f"{names.get(k, k)}: saved {saved.get(k)!r}, now {v!r}" for k, v in expected.items() if saved.get(k) != v]
     for s in spec.sources:
-        old = state["sources"].get(s.name, {})
+        old = saved_sources.get(s.name, {})
         if old.get("data") != s.fingerprint:
             wrong.append(f"the shard list (names, counts) of source {s.name!r} changed")
         if old.get("resampled") != s.resampled:
@@ -498,8 +499,8 @@ def _check_state(state: dict[str, Any], spec: StreamSpec, global_batch: int, nee
     if wrong:
         raise DataError("cannot resume the data stream: the state was saved with other settings (" + "; ".join(wrong)
                         + "); resume with the same ones")
-    changed = [f"{s.name} {state['sources'][s.name].get('weight')} → {s.weight}" for s in spec.sources
-               if state["sources"][s.name].get("weight") != s.weight]
+    changed = [f"{s.name} {saved_sources[s.name]['weight']} → {s.weight}" for s in spec.sources
+               if saved_sources[s.name]["weight"] != s.weight]
     if changed:
         log.warning("the mixture's weights changed since the state was saved (%s): every source resumes where it "
                     "was, and the batches from here on follow the new weights", ", ".join(changed))

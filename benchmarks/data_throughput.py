@@ -35,9 +35,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline.config import SourceConfig
+from pipeline.config import SourceConfig, load_config
 from pipeline.data import StreamOptions, load_tokenizer, open_stream, synthesize, transforms
 from pipeline.data.synth import train_sample
+from pipeline.eval.report import read_scalars
+from pipeline.orchestrate import train
 
 OUT, BATCH, SHARD = 224, 32, 128
 WINDOW = 64                                # shuffle buffer of both sides
@@ -113,9 +115,6 @@ def median(fn: Callable[..., float], repeats: int, *args) -> float:
 
 def train_rates(train_dir: str, run_dir: str, loaders: int, steps: int) -> tuple[float, float]:
     """(samples/s, data-wait fraction) of a 1-worker `tiny` run at 224 px with `loaders` loader processes."""
-    from pipeline.config import load_config
-    from pipeline.eval.report import read_scalars
-    from pipeline.orchestrate import train
     cfg = load_config(None, [
         f"run_dir={run_dir}", f"data.train_urls=[{train_dir}]", f"data.image_size={OUT}", "data.context_length=32",
         f"data.shuffle_buffer={WINDOW}", f"data.num_workers={loaders}", "data.streams=2", "model.name=tiny",
@@ -147,9 +146,9 @@ def main() -> None:
     n_batches = args.samples // BATCH
     with tempfile.TemporaryDirectory() as tmp:
         synthesize(tmp, 3 * SHARD, eval_samples=1, image_size=512, shard_size=SHARD, progress=False)
-        train = os.path.join(tmp, "train")
-        shards = sorted(os.path.join(train, f) for f in os.listdir(train) if f.endswith(".tar"))
-        tokenizer = os.path.join(train, "tokenizer.json")
+        train_dir = os.path.join(tmp, "train")
+        shards = sorted(os.path.join(train_dir, f) for f in os.listdir(train_dir) if f.endswith(".tar"))
+        tokenizer = os.path.join(train_dir, "tokenizer.json")
         ours(shards, tokenizer, 0, 2)              # warm the page cache and imports
         print(f"{len(shards)} shards of {SHARD} JPEGs of 512x512 -> {OUT}x{OUT} random resized crop, normalise, "
               f"tokenise; batches of {BATCH}; {n_batches} batches timed; median of {args.repeats}")
@@ -162,7 +161,7 @@ def main() -> None:
             print(f"{k:>16}  {base:>21.1f} /s  {one:>8.1f} /s  {one / base:>5.2f}x  {mixed:>9.1f} /s  "
                   f"{mixed / one:>19.2f}x")
         if args.train:
-            train_table(train, args.loaders, args.train_steps)
+            train_table(train_dir, args.loaders, args.train_steps)
     synth = median(synth_rate, args.repeats)
     print(f"synthetic generator at 64x64 (render + JPEG), one core: {synth:.0f} samples/s (target >= 2000)")
 

@@ -7,14 +7,16 @@ Design — S virtual streams over K sources:
   (`mixture.MixturePlan`) says which source row r comes from.
 * Stream s reads each source through its own `SourceStream`: the source's rounds (`order`: epochs
   split among the streams at sample granularity, or resampled rounds), shuffled in *windows* of
-  `shuffle_buffer` raw positions (crossing shard boundaries, not round boundaries) permuted by
-  (seed, source, s, window). Within an epoch every sample of the stream's part comes once.
+  `shuffle_buffer` × the source's share raw positions (crossing shard boundaries, not round
+  boundaries) permuted by (seed, source, s, window): a stream holds about `shuffle_buffer` samples
+  whatever the number of sources, and each source's window lasts about as many steps. Within an
+  epoch every sample of the stream's part comes once.
 * Rank r of W owns the contiguous block of streams [r·S/W, (r+1)·S/W): the rank-major
   concatenation of all ranks' rows is exactly that batch, whatever W (W must divide S). Loader
   processes split a rank's block into contiguous sub-blocks and return one chunk per step each,
   in order, so the number of loader processes changes nothing either.
-* A source stream's position is (round, window, the window's start offset, entries taken). On resume
-  the window is re-read from its start (raw bytes, no decoding) and the taken entries skipped: the
+* A source stream's position is (round, window, the window's start and end offsets, entries taken). On
+  resume the window is re-read (raw bytes, no decoding) and the taken entries skipped: the
   state is a few numbers per stream and source plus the bad-sample counts, a few kilobytes of JSON.
 * Augmentation randomness is seeded by (seed, source, s, window, index in window): decoded pixels
   depend on the sample's place in the sequence, not on who decodes it.
@@ -119,9 +121,11 @@ class SourceStream:
     def __init__(self, spec: StreamSpec, source: SourceSpec, sid: int, image_size: int,
                  state: Optional[dict] = None):
         self.spec, self.source, self.sid, self.image_size = spec, source, sid, image_size
-        state = state or {"round": 0, "window": -1, "start": 0, "taken": 0, "ok": 0, "bad": {}, "bad_shards": {}}
+        state = state or {"round": 0, "window": -1, "start": 0, "end": 0, "taken": 0, "ok": 0, "bad": {},
+                          "bad_shards": {}}
         self.round, self.window_index = int(state["round"]), int(state["window"])
-        self.start, self.taken = int(state["start"]), int(state["taken"])
+        self.start, self.end, self.taken = int(state["start"]), int(state["end"]), int(state["taken"])
+        self.window_size = max(1, round(spec.buffer * source.weight / sum(s.weight for s in spec.sources)))
         self.ok = int(state["ok"])
         self.bad = Counter(state["bad"])
         self.bad_shards = Counter(state["bad_shards"])
@@ -131,10 +135,11 @@ class SourceStream:
         self._last_error = ""
         if self.window_index >= 0:                     # resume: rebuild the current window (counted before)
             self._reader = self._open(self.round, self.start)
-            self._window = self._read_window()
+            self._window = self._read_window(self.end - self.start)
 
     def state(self) -> dict:
-        return {"round": self.round, "window": self.window_index, "start": self.start, "taken": self.taken,
+        return {"round": self.round, "window": self.window_index, "start": self.start, "end": self.end,
+                "taken": self.taken,
                 "ok": self.ok, "bad": dict(self.bad),
                 "bad_shards": dict(self.bad_shards.most_common(MAX_BAD_SHARDS_KEPT))}
 
@@ -176,7 +181,8 @@ class SourceStream:
         self.window_index += 1
         self.start = self._reader.offset
         self.taken = 0
-        self._window = self._read_window()
+        self._window = self._read_window(self.window_size)
+        self.end = self._reader.offset
 
     def _check_dry(self) -> None:
         """A whole round (a whole epoch's part; S rounds when resampled) without a usable sample."""
@@ -188,11 +194,12 @@ class SourceStream:
                             f"{'; last error: ' + self._last_error if self._last_error else ''}. Expected readable "
                             "tars of samples KEY.jpg + KEY.txt")
 
-    def _read_window(self) -> list[Union[Sample, Bad]]:
-        """`buffer` raw positions from the reader (not past the round's end), permuted."""
+    def _read_window(self, size: int) -> list[Union[Sample, Bad]]:
+        """`size` raw positions (or a few more, a broken shard's) from the reader, not past the round's end,
+        permuted."""
         entries: list[Union[Sample, Bad]] = []
         covered = 0
-        while covered < self.spec.buffer:
+        while covered < size:
             item = self._reader.next()
             if item is None:
                 break

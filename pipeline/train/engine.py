@@ -155,6 +155,9 @@ class Engine:
         """Forward and backward of this rank's batch through the gradient cache (`gradcache.chunk_size`);
         with `loss.duplicates: mask`, the batch's caption ids take duplicate captions out of the negatives."""
         chunk, text_chunk = self.chunks
+        if self.mask_duplicates and "caption_id" not in batch:
+            raise ValueError("loss.duplicates = 'mask' needs the batch's 'caption_id' (one id per row, as the data "
+                             "stream gives); pass it, or set loss.duplicates=off")
         return forward_backward(self.ds, batch["image"], batch["text"], loss_fn, labels=batch.get("label"),
                                 chunk_size=chunk, text_chunk_size=text_chunk, weights_from=weights_from,
                                 backward=DeepSpeedBackward(self.ds),

@@ -9,7 +9,7 @@ from typing import Sequence
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.data import DataError, load_tokenizer, synthesize
 from pipeline.data.evalsets import read_lines
-from pipeline.data.inspection import format_reports, inspect_shards
+from pipeline.data.inspection import format_mixture, format_reports, inspect_mixture, inspect_shards
 from pipeline.data.pack import folder_items, img2dataset_items, pack, pack_zeroshot_set, table_items
 from pipeline.data.shards import dataset_dir
 from pipeline.eval.evaluate import evaluate_checkpoint, format_metrics, run_dir_of, write_result
@@ -69,7 +69,13 @@ def _pack_zeroshot_set(args: argparse.Namespace) -> int:
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
-    reports = inspect_shards(args.urls, allow_pipe=args.allow_pipe)
+    if args.config:
+        cfg = load_config(args.config, args.items)
+        print(format_mixture(inspect_mixture(cfg), cfg))
+        return 0
+    if not args.items:
+        raise ConfigError("contrast data inspect: expected shard URLs, or --config CONFIG for a run's sources")
+    reports = inspect_shards(args.items, allow_pipe=args.allow_pipe)
     print(format_reports(reports))
     return 1 if any(r.problems for r in reports) else 0
 
@@ -222,10 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
                            "probe; same classes as the set's other split); default test")
     pack.set_defaults(func=cmd_data_pack)
 
-    inspect = dsub.add_parser("inspect", help="counts, bytes, sample keys and corrupt members of shards",
+    inspect = dsub.add_parser("inspect", help="counts, bytes, sample keys and corrupt members of shards; "
+                                              "a run's mixture of sources",
                               description="Read shards (any fsspec URL, brace pattern, folder or manifest.json) "
-                                          "and print counts, bytes, keys per sample and corrupt members.")
-    inspect.add_argument("urls", nargs="+", metavar="URL")
+                                          "and print counts, bytes, keys per sample and corrupt members. With "
+                                          "--config, print the run's sources instead: weight, expected share of "
+                                          "every batch, samples, epochs over the run, what happens at the end.")
+    inspect.add_argument("items", nargs="*", metavar="URL | KEY=VALUE",
+                         help="shard URLs; with --config, dotted overrides of the config")
+    inspect.add_argument("--config", help="a run config: show the expected share of each of its data sources")
     inspect.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run shell commands)")
     inspect.set_defaults(func=cmd_data_inspect)
 

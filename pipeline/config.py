@@ -45,8 +45,19 @@ class SynthConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a mixture (`data.sources`): its shards, its share of every batch, how it ends."""
+    name: str = ""                         # names its scalars (data/<name>/...) and its position in the state
+    urls: list[str] = field(default_factory=list)
+    weight: float = 1.0                    # share of every global batch: weight / sum of the weights
+    resampled: Optional[bool] = None       # None: data.resampled
+    on_end: Literal["restart", "stop"] = "restart"   # after an epoch: the next one, or the data stream ends
+
+
+@dataclass
 class DataConfig:
     train_urls: list[str] = field(default_factory=list)
+    sources: list[SourceConfig] = field(default_factory=list)   # a weighted mixture, instead of train_urls
     eval_dir: Optional[str] = None         # folder of evaluation sets (classnames.txt, templates, shards)
     image_size: int = 64                   # model input side, pixels
     context_length: int = 77
@@ -109,6 +120,7 @@ class LossConfig:
     beta: Optional[float] = _hyper()           # hcl
     tau_plus: Optional[float] = _hyper()       # hcl
     cross_uniformity: Optional[bool] = _hyper()  # clip_gap
+    duplicates: Literal["mask", "off"] = "mask"  # mask: pairs with identical captions are not each other's negatives
 
     def hyper(self) -> dict[str, Any]:
         """The hyper-parameters explicitly set, as keyword arguments for `get_loss`."""
@@ -394,6 +406,8 @@ def _coerce(key: str, value: Any, hint: Any, origin: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise fail(f"a list of {item_t.__name__}")
         return [_coerce(f"{key}[{i}]", v, item_t, origin) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):                # an item of a list of sections (data.sources)
+        return _coerce_section(key, value, hint, origin)
     if hint is bool:
         if not isinstance(value, bool):
             raise fail("true or false")
@@ -420,6 +434,20 @@ def _coerce(key: str, value: Any, hint: Any, origin: str) -> Any:
     if hint is Any:
         return value
     raise fail(str(hint))
+
+
+def _coerce_section(key: str, value: Any, cls: type, origin: str) -> Any:
+    """A mapping → the dataclass `cls`, every key checked and coerced like a top-level one."""
+    if isinstance(value, cls):
+        return value
+    names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(value, dict):
+        raise ConfigError(f"{origin}: {key} = {value!r}; expected a mapping with keys {', '.join(names)}")
+    unknown = [k for k in value if k not in names]
+    if unknown:
+        raise ConfigError(f"{origin}: unknown key {key}.{unknown[0]}; valid keys of {key}: {', '.join(names)}")
+    hints = _hints(cls)
+    return cls(**{k: _coerce(f"{key}.{k}", v, hints[k], origin) for k, v in value.items()})
 
 
 # ------------------------------------------------------------------------------------ validation

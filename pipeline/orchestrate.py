@@ -215,6 +215,8 @@ def absolute_paths(cfg: Config) -> Config:
     cfg = copy.deepcopy(cfg)
     cfg.run_dir = fix(cfg.run_dir)
     cfg.data.train_urls = [fix(u) for u in cfg.data.train_urls]
+    for source in cfg.data.sources:
+        source.urls = [fix(u) for u in source.urls]
     cfg.data.eval_dir = cfg.data.eval_dir and fix(cfg.data.eval_dir)
     cfg.data.tokenizer = cfg.data.tokenizer and fix(cfg.data.tokenizer)
     cfg.model.init_from = cfg.model.init_from and fix(cfg.model.init_from)

@@ -329,7 +329,7 @@ def _chunked_grad_norms(rank: int, world_size: int) -> dict[int, list[float]]:
     norms = {}
     for stage in (0, 3):
         cfg = cfg_of("train.global_batch=8", "cluster.num_workers=1", f"deepspeed.zero_optimization.stage={stage}",
-                     "train.lr=1e-9", "train.warmup_steps=0", "gradcache.chunk_size=2")
+                     "train.lr=1e-9", "train.warmup_steps=0", "gradcache.chunk_size=2", "loss.duplicates=off")
         torch.manual_seed(0)
         engine = Engine(cfg, _tiny(loss="clip"), world_size)
         norms[stage] = []

@@ -154,6 +154,7 @@ class Engine:
         self.zero_stage = self.ds.zero_optimization_stage()
         self._peak_lr = cfg.train.lr
         self.chunks = (cfg.gradcache.chunk_size, cfg.gradcache.text_chunk_size)
+        self.mask_duplicates = cfg.loss.duplicates == "mask"    # the same on every rank: the mask's gather
         self.lr = 0.0                                    # the learning rate of the last step taken
         # DeepSpeed leaves the global gradient norm unset at stage 0 in fp32: measured here then.
         self._measure_grad_norm = self.zero_stage == 0 and not self.ds.bfloat16_enabled()
@@ -168,11 +169,16 @@ class Engine:
 
     def forward_backward(self, batch: dict[str, Any], loss_fn: Callable[..., torch.Tensor],
                          weights_from: Optional[str] = None) -> StepOutput:
-        """Forward and backward of this rank's batch through the gradient cache (`gradcache.chunk_size`)."""
+        """Forward and backward of this rank's batch through the gradient cache (`gradcache.chunk_size`);
+        with `loss.duplicates: mask`, the batch's caption ids take duplicate captions out of the negatives."""
         chunk, text_chunk = self.chunks
+        if self.mask_duplicates and "caption_id" not in batch:
+            raise ValueError("loss.duplicates = 'mask' needs the batch's 'caption_id' (one id per row, as the data "
+                             "stream gives); pass it, or set loss.duplicates=off")
         return forward_backward(self.ds, batch["image"], batch["text"], loss_fn, labels=batch.get("label"),
                                 chunk_size=chunk, text_chunk_size=text_chunk, weights_from=weights_from,
-                                backward=DeepSpeedBackward(self.ds))
+                                backward=DeepSpeedBackward(self.ds),
+                                caption_ids=batch["caption_id"] if self.mask_duplicates else None)
 
     def step(self) -> float:
         """Optimizer step (clipping, schedule), then the logit-scale clamp; returns the pre-clip grad norm."""

@@ -11,6 +11,7 @@ import torch
 from pipeline.config import Config, config_from_dict
 from pipeline.data import Tokenizer, gather_state, open_train_stream
 from pipeline.distributed import all_reduce_max, get_rank, get_world_size, named_timeouts
+from pipeline.gradcache import StepOutput
 from pipeline.log import get_logger, setup_logging
 from pipeline.losses import get_loss
 from pipeline.models import DualEncoder, build_run_model, run_tokenizer
@@ -35,21 +36,40 @@ def train_worker(config: Config | dict[str, Any]) -> None:
     loss_fn, weights_from = make_loss(cfg)
     logger, meter = TrainLogger(cfg, rank), Meter(cfg.train.global_batch)
     batches = meter.timed(stream)
-    while state.step < cfg.train.steps:
-        with named_timeouts(f"step {state.step + 1}"):        # a stuck collective fails, naming the step
-            batch = to_device(next(batches), engine.device)
-            out = engine.forward_backward(batch, loss_fn, weights_from)    # the gradient cache's two passes
-            grad_norm = engine.step()              # AdamW, lr schedule, clipping, logit-scale clamp
-            state.advance(cfg.train.global_batch)
-            stop_if_not_finite(state.step, float(out.loss), grad_norm)   # before anything is logged or saved
-            report_progress(cfg.run_dir, state.step)
-            if logger.due(state.step):
-                logger.log(state.step, step_scalars(out, batch.get("label"), lr=engine.lr, grad_norm=grad_norm,
-                                                    bad=stream.stats()["bad"], meter=meter))
-            if state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.steps:
-                logger.sync()                      # the curves reach the checkpoint before a resume can start there
-                checkpoint(engine, stream, cfg, state, loss=float(out.loss))
+    saved = state.step
+    try:
+        while state.step < cfg.train.steps:
+            batch = next(batches, None)
+            if batch is None:                      # a source with `on_end: stop` ran out, on every rank alike
+                log.info("training ends at step %d of %d: %s", state.step, cfg.train.steps, stream.exhausted)
+                break
+            with named_timeouts(f"step {state.step + 1}"):    # a stuck collective fails, naming the step
+                out, grad_norm = train_step(engine, to_device(batch, engine.device), loss_fn, weights_from, state, cfg)
+                if logger.due(state.step):
+                    logger.log(state.step, step_scalars(out, batch, lr=engine.lr, grad_norm=grad_norm,
+                                                        data=stream.stats(), meter=meter))
+                if state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.steps:
+                    logger.sync()                  # the curves reach the checkpoint before a resume can start there
+                    checkpoint(engine, stream, cfg, state, loss=float(out.loss))
+                    saved = state.step
+        if saved < state.step:                     # the data ended between checkpoints: keep where it ended
+            logger.sync()
+            checkpoint(engine, stream, cfg, state, loss=float(out.loss))
+    finally:
+        stream.close()                             # its loader processes end with the loop
     logger.close()
+
+
+def train_step(engine: Engine, batch: dict[str, Any], loss_fn: torch.nn.Module, weights_from: Optional[str],
+               state: TrainState, cfg: Config) -> tuple[StepOutput, float]:
+    """One optimizer step: the gradient cache's two passes, then AdamW (schedule, clipping, scale clamp).
+    A non-finite step stops every rank before anything of it is logged or saved."""
+    out = engine.forward_backward(batch, loss_fn, weights_from)
+    grad_norm = engine.step()
+    state.advance(cfg.train.global_batch)
+    stop_if_not_finite(state.step, float(out.loss), grad_norm)
+    report_progress(cfg.run_dir, state.step)
+    return out, grad_norm
 
 
 def checkpoint(engine: Engine, stream: Any, cfg: Config, state: TrainState, loss: float) -> None:

@@ -11,6 +11,7 @@ can match it.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import weakref
 from typing import Callable, Optional
@@ -195,6 +196,17 @@ def test_labels_reach_the_loss():
     _, ref = reference_step(copy.deepcopy(model), images, texts, supcon_loss, labels=labels)
     _, got = cached_step(model, images, texts, supcon_loss, labels=labels, chunk_size=5)
     assert max_abs_diff(got, ref) <= TOL
+
+
+def test_caption_ids_reach_the_loss():
+    """The duplicate mask through the cache: the loss sees the ids once, as a plain backward would."""
+    images, texts, _ = batch(12)
+    ids = torch.tensor([0, 1, 2, 0, 3, 4, 2, 5, 6, 0, 7, 8])
+    model = ToyDual()
+    _, ref = reference_step(copy.deepcopy(model), images, texts, functools.partial(clip_loss, caption_ids=ids))
+    _, unmasked = reference_step(copy.deepcopy(model), images, texts, clip_loss)
+    _, got = cached_step(model, images, texts, clip_loss, caption_ids=ids, chunk_size=5)
+    assert max_abs_diff(got, ref) <= TOL < 100 * max_abs_diff(unmasked, ref)
 
 
 def test_weights_from_a_locked_tower():

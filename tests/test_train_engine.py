@@ -272,8 +272,9 @@ def _engine_checks(rank: int, world_size: int, tmp: str) -> dict:
             try:
                 engine.load(tmp)
                 results["exploit_loaded"] = True
-            except pickle.UnpicklingError:
+            except pickle.UnpicklingError as e:
                 results["exploit_loaded"] = False
+                results["refusal"] = str(e)
     return results
 
 
@@ -294,6 +295,7 @@ def test_engine_clamps_the_fp32_master_and_consolidates_the_weights(tmp_path):
         assert r["shapes_kept"] and r["published_scale"] == pytest.approx(LN100, abs=2e-2), key
         assert r["weights_kept"], key
     assert res["exploit_loaded"] is False
+    assert "mp_rank_00_model_states.pt: refused" in res["refusal"] and "weights_only=False" not in res["refusal"]
     assert not os.path.exists("/tmp/contrast-train-exploit")
 
 
@@ -327,7 +329,7 @@ def _chunked_grad_norms(rank: int, world_size: int) -> dict[int, list[float]]:
     norms = {}
     for stage in (0, 3):
         cfg = cfg_of("train.global_batch=8", "cluster.num_workers=1", f"deepspeed.zero_optimization.stage={stage}",
-                     "train.lr=1e-9", "train.warmup_steps=0", "gradcache.chunk_size=2")
+                     "train.lr=1e-9", "train.warmup_steps=0", "gradcache.chunk_size=2", "loss.duplicates=off")
         torch.manual_seed(0)
         engine = Engine(cfg, _tiny(loss="clip"), world_size)
         norms[stage] = []
@@ -346,6 +348,14 @@ def test_every_step_starts_from_zero_gradients_under_zero3():
     reference = norms[0][0]
     for stage, values in norms.items():
         assert values == pytest.approx([reference] * 3, rel=1e-4), (stage, values)
+
+
+def test_pipe_urls_reach_the_workers_unchanged(tmp_path, monkeypatch):
+    """`data.allow_pipe: true` never worked in train: the driver turned `pipe:cat …` into a local path."""
+    from pipeline.orchestrate import absolute_paths
+    monkeypatch.chdir(tmp_path)
+    cfg = cfg_of("data.allow_pipe=true", "data.train_urls=['pipe:cat shards/{00000..00003}.tar']")
+    assert absolute_paths(cfg).data.train_urls == ["pipe:cat shards/{00000..00003}.tar"]
 
 
 def _compiled_resume(rank: int, world_size: int, tmp: str) -> dict:

@@ -184,14 +184,14 @@ def logit_init(loss_name: str, init_temperature: Optional[float] = None) -> tupl
 
 def build_model(cfg_model: ModelConfig, *, image_size: int, context_length: int, vocab_size: int,
                 loss_name: str = "clip", init_temperature: Optional[float] = None, learn_temperature: bool = True,
-                load_pretrained: bool = True) -> DualEncoder:
+                load_pretrained: bool = True, spec: Optional[ModelSpec] = None) -> DualEncoder:
     """The dual encoder of a `model` config section: named spec, pretrained towers, locks, checkpointing.
 
     The logit scale/bias start where the loss `loss_name` wants them (`loss.init_temperature`
     overrides the temperature). `load_pretrained=False` skips reading `hf_path` weights (for
-    counting parameters on the meta device).
+    counting parameters on the meta device). `spec` replaces the configured one (an imported model's).
     """
-    spec = resolve_spec(cfg_model)
+    spec = spec or resolve_spec(cfg_model)
     tau, bias = logit_init(loss_name, init_temperature)
     model = DualEncoder(spec, image_size=image_size, context_length=context_length, vocab_size=vocab_size,
                         dropout=cfg_model.dropout, init_temperature=tau, init_bias=bias,
@@ -208,11 +208,11 @@ def build_model(cfg_model: ModelConfig, *, image_size: int, context_length: int,
 
 
 def count_parameters(cfg_model: ModelConfig, *, image_size: int, context_length: int, vocab_size: int,
-                     loss_name: str = "clip") -> dict[str, int]:
+                     loss_name: str = "clip", spec: Optional[ModelSpec] = None) -> dict[str, int]:
     """Parameter counts {image, text, logit, total, trainable}, built on the meta device (no memory)."""
     with torch.device("meta"):
         model = build_model(cfg_model, image_size=image_size, context_length=context_length,
-                            vocab_size=vocab_size, loss_name=loss_name, load_pretrained=False)
+                            vocab_size=vocab_size, loss_name=loss_name, load_pretrained=False, spec=spec)
     total = sum(p.numel() for p in model.parameters())
     image = sum(p.numel() for p in model.image_tower.parameters())
     text = sum(p.numel() for p in model.text_tower.parameters())

@@ -9,6 +9,7 @@ import copy
 import os
 import secrets
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -268,6 +269,9 @@ def connect(cfg: Config) -> bool:
     when it is imported, so this runs before anything imports it. A Ray already initialised in this
     process (a test's, a notebook's) is used as it is.
     """
+    already = sys.modules.get("ray")
+    if already is not None and already.is_initialized():
+        return False
     local = not cfg.cluster.address
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["RAY_AUTH_MODE"] = cfg.cluster.auth
@@ -277,7 +281,7 @@ def connect(cfg: Config) -> bool:
         raise ConfigError(f"cluster.address = {cfg.cluster.address} with cluster.auth = token: give the cluster's "
                           "token in RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (or ~/.ray/auth_token); README 'Security' "
                           "says how the launch files pass it. cluster.auth=disabled turns authentication off")
-    else:
+    elif cfg.cluster.auth == "disabled":
         log.warning("cluster.auth = disabled: anyone who can reach the Ray ports can run code in this cluster")
     if local:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"    # Ray's single-machine mode: loopback only
@@ -285,8 +289,6 @@ def connect(cfg: Config) -> bool:
         for key, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(key, value)
     import ray
-    if ray.is_initialized():
-        return False
     if not local:
         ray.init(address=cfg.cluster.address, log_to_driver=True)
         return False

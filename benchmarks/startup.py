@@ -29,6 +29,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -131,8 +132,9 @@ class TreeSampler(threading.Thread):
             self.done.wait(self.every_s)
 
 
-def measure(cmd: list[str], env: dict[str, str], marks_of) -> dict[str, float]:
-    """Run `cmd`; `marks_of(output)` gives the epoch times of the end of the first and last steps."""
+def measure(cmd: list[str], env: dict[str, str], marks_of) -> tuple[dict[str, float], str]:
+    """Run `cmd`; `marks_of(output)` gives the epoch times of the end of the first and last steps.
+    Returns the figures and the command's output."""
     start = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     sampler = TreeSampler(proc.pid)
@@ -147,7 +149,7 @@ def measure(cmd: list[str], env: dict[str, str], marks_of) -> dict[str, float]:
     return {"first_step_s": first - start, "teardown_s": end - last,
             "start_plus_teardown_s": first - start + end - last, "total_s": end - start,
             "peak_rss_gib": sampler.peak_rss / 2**30, "peak_pss_gib": sampler.peak_pss / 2**30,
-            "cpu_s": sum(sampler.cpu.values())}
+            "cpu_s": sum(sampler.cpu.values())}, output
 
 
 def tensorboard_marks(run_dir: str):
@@ -167,7 +169,7 @@ def plain_marks(output: str) -> tuple[float, float]:
     return marks["first"], marks["last"]
 
 
-def run_side(side: str, data: str, tmp: str, steps: int, index: int) -> dict[str, float]:
+def run_side(side: str, data: str, tmp: str, steps: int, index: int) -> tuple[dict[str, float], str]:
     import yaml
     run_dir = os.path.join(tmp, f"{side}-{index}")
     os.makedirs(run_dir)
@@ -208,11 +210,13 @@ def main() -> None:
         for side in ("ours", "plain"):
             run_side(side, data, tmp, args.steps, -1)                # warm-up: builds, page cache
         results: dict[str, list[dict[str, float]]] = {"ours": [], "plain": []}
+        lines = []
         for i in range(args.repeats):
             for side in ("ours", "plain"):
-                results[side].append(run_side(side, data, tmp, args.steps, i))
-                print(f"  run {i} {side:5s} " + "  ".join(f"{k} {v:.2f}" for k, v in results[side][-1].items()),
-                      flush=True)
+                figures, output = run_side(side, data, tmp, args.steps, i)
+                results[side].append(figures)
+                lines += re.findall(r"start-up: .*", output)
+                print(f"  run {i} {side:5s} " + "  ".join(f"{k} {v:.2f}" for k, v in figures.items()), flush=True)
     med = {side: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for side, runs in results.items()}
     print(f"\n2 processes, tiny model, global batch 256, gradient cache chunk 32, {args.steps} steps, CPU; "
           f"medians of {args.repeats}")
@@ -220,8 +224,9 @@ def main() -> None:
     for key, label, unit in ROWS:
         ours, plain = med["ours"][key], med["plain"][key]
         print(f"{label + ' (' + unit + ')':34s} {ours:8.2f} {plain:8.2f} {ours / plain:7.2f}")
+    print("\nour start-up, as the last run logged it:\n  " + (lines[-1] if lines else "(no start-up line)"))
     if args.json:
-        Path(args.json).write_text(json.dumps({"medians": med, "runs": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"medians": med, "runs": results, "startup_lines": lines}, indent=1))
 
 
 if __name__ == "__main__":

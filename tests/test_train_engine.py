@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from pipeline.train.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from pipeline.train.engine import deepspeed_config, lr_factor, param_groups, warmup_cosine
+from pipeline.train.engine import MUON_MODULE, deepspeed_config, lr_factor, param_groups, warmup_cosine
 from pipeline.train.metrics import logged_steps
 
 LN100 = math.log(100.0)
@@ -275,6 +276,8 @@ def _engine_checks(rank: int, world_size: int, tmp: str) -> dict:
             except pickle.UnpicklingError as e:
                 results["exploit_loaded"] = False
                 results["refusal"] = str(e)
+    muon = sys.modules.get(MUON_MODULE)
+    results["muon_compiled"] = getattr(muon, "__file__", None) is not None    # the real module was imported
     return results
 
 
@@ -297,6 +300,7 @@ def test_engine_clamps_the_fp32_master_and_consolidates_the_weights(tmp_path):
     assert res["exploit_loaded"] is False
     assert "mp_rank_00_model_states.pt: refused" in res["refusal"] and "weights_only=False" not in res["refusal"]
     assert not os.path.exists("/tmp/contrast-train-exploit")
+    assert res["muon_compiled"] is False            # ZeRO 2 and 3 stepped without DeepSpeed's Muon module
 
 
 @pytest.mark.slow

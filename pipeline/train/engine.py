@@ -14,8 +14,9 @@ Three traps of DeepSpeed 0.19 are handled here, once:
   unpickling, allowing only the few DeepSpeed value classes its checkpoints hold.
 
 Three of its start-up costs are avoided (`contrast train` logs the start-up phases):
-* its ZeRO optimizer check imports its Muon optimizer, whose module runs `torch.compile` at import:
-  1.5–2.5 s of inductor imports per worker for an optimizer we never use (`_without_muon`);
+* its ZeRO optimizers import its Muon optimizer's module (at start-up and in every gradient reduction)
+  only to ask `isinstance(optimizer, MuonWithAuxAdam)`; the module runs `torch.compile` at import: about
+  2 s of inductor imports per worker for an optimizer we never use (`_without_muon`);
 * on CPU it builds and loads a C++ shared-memory all-reduce (35–73 s to build, then a ninja and
   compiler check at every start) that only its inference tensor parallelism calls: not built
   (`_without_inference_allreduce`);
@@ -30,6 +31,7 @@ import math
 import os
 import pickle
 import sys
+import types
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -161,10 +163,11 @@ class Engine:
         _extensions_in_venv()
         _without_inference_allreduce()
         import deepspeed
-        with _without_muon():
-            self.ds, _, _, self._scheduler = deepspeed.initialize(
-                model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
-                config=deepspeed_config(cfg, world_size), lr_scheduler=warmup_cosine(cfg))
+        config = deepspeed_config(cfg, world_size)
+        _without_muon(config)
+        self.ds, _, _, self._scheduler = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
+            config=config, lr_scheduler=warmup_cosine(cfg))
         if cfg.train.compile:
             self.module.compile_towers()          # after DeepSpeed's hooks (ZeRO-3) are in place
         self.zero_stage = self.ds.zero_optimization_stage()
@@ -316,20 +319,15 @@ def quiet_deepspeed(level: str) -> None:
 MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
 
 
-@contextlib.contextmanager
-def _without_muon() -> Iterator[None]:
-    """Inside, importing DeepSpeed's Muon optimizer module fails the way Python's import system lets a
-    module be made unavailable (None in `sys.modules`); DeepSpeed's ZeRO check then takes Muon for
-    not installed, as it is written to. Our optimizer is AdamW; a module already imported is left be."""
-    if MUON_MODULE in sys.modules:
-        yield
+def _without_muon(config: dict[str, Any]) -> None:
+    """Unless the optimizer is DeepSpeed's Muon, stand a module in for its Muon optimizer's: its
+    `MuonWithAuxAdam` is a class of its own, so DeepSpeed's `isinstance` checks answer False without
+    the import. A module already imported is left as it is."""
+    if "muon" in str(config["optimizer"].get("type", "")).lower() or MUON_MODULE in sys.modules:
         return
-    sys.modules[MUON_MODULE] = None
-    try:
-        yield
-    finally:
-        if sys.modules.get(MUON_MODULE, "") is None:
-            del sys.modules[MUON_MODULE]
+    stand_in = types.ModuleType(MUON_MODULE, "Stand-in: this process's optimizer is not Muon.")
+    stand_in.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {"__module__": MUON_MODULE})
+    sys.modules[MUON_MODULE] = stand_in
 
 
 def _without_inference_allreduce() -> None:

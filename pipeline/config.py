@@ -103,6 +103,8 @@ class LossConfig:
     beta: Optional[float] = _hyper()           # hcl
     tau_plus: Optional[float] = _hyper()       # hcl
     cross_uniformity: Optional[bool] = _hyper()  # clip_gap
+    symmetric: Optional[bool] = _hyper()       # clip: false keeps only query→passage (image→text)
+    matryoshka_dims: list[int] = field(default_factory=list)   # e.g. [384, 128, 64]: loss summed over truncations
 
     def hyper(self) -> dict[str, Any]:
         """The hyper-parameters explicitly set, as keyword arguments for `get_loss`."""

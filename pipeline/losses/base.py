@@ -3,6 +3,12 @@
 A loss subclasses `ContrastiveLoss` and writes `compute(pairs)`, its formula over this rank's rows
 (`pairs.u`, `pairs.v`) against every rank's rows (`pairs.U`, `pairs.V`, gathered with gradient).
 It returns a value whose mean over ranks is the loss of the global batch.
+
+Hard negatives (`negatives=`, (n, k, D): k extra candidates per row, e.g. passages that look relevant
+but are not) are gathered with the rows and laid out row-major after every rank's positives:
+global row r's j-th hard negative is column N + r·k + j of `pairs.candidates` = [V; H]. They are
+only ever columns (negatives for every anchor), never anchors, never anyone's positive, so a row's
+pairing survives the gather whatever the world size.
 """
 from __future__ import annotations
 
@@ -38,6 +44,12 @@ class Pairs:
     all_labels: Tensor          # (N,)
     weights: Optional[Tensor]   # (n, D') `weights_from` rows, detached
     all_weights: Optional[Tensor]
+    H: Optional[Tensor] = None  # (N·k, D) all ranks' hard negatives, row-major by owner row, with gradient
+
+    @property
+    def candidates(self) -> Tensor:
+        """The columns every text-side reduction runs over: all positives V, then all hard negatives H."""
+        return self.V if self.H is None else torch.cat([self.V, self.H])
 
 
 @dataclass
@@ -52,10 +64,17 @@ class Views:
 
     @staticmethod
     def of(p: Pairs) -> Views:
+        """The views of `p`; hard negatives join Z after [U; V] as columns with labels of their own
+        (no anchor's class), so they are negatives for every anchor and positives of none."""
         n = p.U.shape[0]
-        return Views(z=torch.cat([p.u, p.v]), Z=torch.cat([p.U, p.V]),
+        Z, all_labels = torch.cat([p.U, p.V]), torch.cat([p.all_labels, p.all_labels])
+        if p.H is not None:
+            Z = torch.cat([Z, p.H])
+            fresh = all_labels.max() + 1 + torch.arange(p.H.shape[0], device=all_labels.device)
+            all_labels = torch.cat([all_labels, fresh])
+        return Views(z=torch.cat([p.u, p.v]), Z=Z,
                      me=torch.cat([p.rows, p.rows + n]), partner=torch.cat([p.rows + n, p.rows]),
-                     labels=torch.cat([p.labels, p.labels]), all_labels=torch.cat([p.all_labels, p.all_labels]))
+                     labels=torch.cat([p.labels, p.labels]), all_labels=all_labels)
 
     @property
     def partner_z(self) -> Tensor:
@@ -63,11 +82,15 @@ class Views:
         return torch.cat([self.z[n:], self.z[:n]])
 
 
-def gather_rows(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """All ranks' rows of u and v (rank-major), with gradient, in one collective."""
+def gather_rows(u: Tensor, v: Tensor, h: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """All ranks' rows of u, v and the hard negatives h (n, k, D) (rank-major), with gradient, in one
+    collective; the hard negatives come back flat (N·k, D), each row's k in a block at row·k."""
+    d = u.shape[1]
     if not is_distributed():
-        return u, v
-    return all_gather_with_grad(torch.cat([u, v], 1)).split(u.shape[1], 1)
+        return u, v, None if h is None else h.reshape(-1, d)
+    parts = [u, v] + ([] if h is None else [h.reshape(h.shape[0], -1)])
+    U, V, *H = all_gather_with_grad(torch.cat(parts, 1)).split([d, d, *([] if h is None else [h.shape[1] * d])], 1)
+    return U, V, (H[0].reshape(-1, d) if H else None)
 
 
 def leave_out(t: Tensor, cols: slice, *index: Tensor) -> Tensor:
@@ -86,10 +109,13 @@ def global_mean(values: Tensor, keep: Tensor) -> Tensor:
 
 
 class ContrastiveLoss(nn.Module):
-    """Base of every loss: `loss(image, text, *, logit_scale, logit_bias=None, labels=None, weights_from=None)`.
+    """Base of every loss: `loss(image, text, *, logit_scale, logit_bias=None, labels=None, weights_from=None,
+    negatives=None)`.
 
     `labels` are used by the losses that define positives by class (supcon, tcl) and ignored by
-    the others, so a training loop may always pass them. Negatives are every rank's rows.
+    the others, so a training loop may always pass them. Negatives are every rank's rows, plus every
+    rank's hard negatives when `negatives` (n, k, D) is given (the same k on every rank).
+    For text–text training `image` is the query side and `text` the passage side.
     """
     name = ""                   # the registry name
     default_temperature = 0.1   # τ = 1/s the model starts from for this loss
@@ -114,13 +140,13 @@ class ContrastiveLoss(nn.Module):
 
     def forward(self, image: Tensor, text: Tensor, *, logit_scale: Tensor | float,
                 logit_bias: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                weights_from: Optional[Tensor] = None) -> Tensor:
-        return self.compute(self._pairs(image, text, logit_scale, logit_bias, labels, weights_from))
+                weights_from: Optional[Tensor] = None, negatives: Optional[Tensor] = None) -> Tensor:
+        return self.compute(self._pairs(image, text, logit_scale, logit_bias, labels, weights_from, negatives))
 
     def compute(self, p: Pairs) -> Tensor:
         raise NotImplementedError
 
-    def _pairs(self, image, text, logit_scale, logit_bias, labels, weights_from) -> Pairs:
+    def _pairs(self, image, text, logit_scale, logit_bias, labels, weights_from, negatives=None) -> Pairs:
         """Check the call, cast to the compute dtype and gather all ranks' rows."""
         name = f"loss {self.name!r}"
         if image.ndim != 2 or image.shape != text.shape:
@@ -149,9 +175,13 @@ class ContrastiveLoss(nn.Module):
             raise ValueError(f"{name}: {need} weights_from")
         if weights_from is not None and (weights_from.ndim != 2 or weights_from.shape[0] != n):
             raise ValueError(f"{name}: weights_from must be ({n}, D'), got {tuple(weights_from.shape)}")
+        if negatives is not None and (negatives.ndim != 3 or negatives.shape[0] != n
+                                      or negatives.shape[2] != image.shape[1] or negatives.shape[1] < 1):
+            raise ValueError(f"{name}: negatives must be ({n}, k, {image.shape[1]}) with k >= 1 hard negatives per "
+                             f"row, got {tuple(negatives.shape)}")
 
         u, v = image.to(dtype), text.to(dtype)
-        U, V = gather_rows(u, v)
+        U, V, H = gather_rows(u, v, None if negatives is None else negatives.to(dtype))
         if U.shape[0] < 2:
             raise ValueError(f"{name}: needs at least 2 pairs in the global batch, got {U.shape[0]}")
         mine = local_rows(n)
@@ -166,4 +196,4 @@ class ContrastiveLoss(nn.Module):
             all_weights = all_gather(weights)
         return Pairs(u=u, v=v, U=U, V=V, rows=rows,
                      scale=scale.reshape(()), bias=None if bias is None else bias.reshape(()),
-                     labels=labels, all_labels=all_labels, weights=weights, all_weights=all_weights)
+                     labels=labels, all_labels=all_labels, weights=weights, all_weights=all_weights, H=H)

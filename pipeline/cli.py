@@ -10,6 +10,7 @@ from pipeline.data import DataError, load_tokenizer, synthesize
 from pipeline.data.inspection import format_reports, inspect_shards
 from pipeline.data.pack import folder_items, img2dataset_items, pack, table_items
 from pipeline.data.shards import dataset_dir
+from pipeline.data.text_pairs import pack_jsonl
 from pipeline.eval.evaluate import evaluate_checkpoint, format_metrics, run_dir_of, write_result
 from pipeline.eval.report import write_report
 from pipeline.eval.scheduler import watch
@@ -36,6 +37,9 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_data_pack(args: argparse.Namespace) -> int:
+    if args.jsonl:
+        print(pack_jsonl(args.jsonl, args.out, shard_size=args.shard_size, progress=not args.quiet).text())
+        return 0
     if args.folder:
         source, items = args.folder, folder_items(args.folder)
     elif args.img2dataset:
@@ -170,13 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=cmd_data_synth)
 
     pack = dsub.add_parser("pack", help="pack a folder, CSV, parquet or img2dataset output into shards",
-                           description="Pack image-caption pairs into tars of a chosen size plus manifest.json. "
-                                       "Bad inputs are skipped and counted by reason.")
+                           description="Pack image-caption pairs (or, with --jsonl, text pairs with hard negatives) "
+                                       "into tars of a chosen size plus manifest.json. Bad inputs are skipped and "
+                                       "counted by reason.")
     src = pack.add_mutually_exclusive_group(required=True)
     src.add_argument("--folder", help="class subfolders, or x.jpg beside x.txt")
     src.add_argument("--csv", help="table with image path and caption columns")
     src.add_argument("--parquet", help="table with image path and caption columns")
     src.add_argument("--img2dataset", help="img2dataset output folder (re-shard)")
+    src.add_argument("--jsonl", help='text pairs, one JSON a line: {"query", "pos", "neg": [...]} (text-text training)')
     pack.add_argument("--out", required=True, help="output URL (folder)")
     pack.add_argument("--shard-size", type=_positive_int, default=1000, help="samples per shard (default 1000)")
     pack.add_argument("--image-column", default="image", help="table column with image paths (default image)")

@@ -56,6 +56,8 @@ class DataConfig:
     resampled: bool = False                # stream without epochs
     max_bad_fraction: float = 0.01
     allow_pipe: bool = False               # allow `pipe:` URLs (they run shell commands)
+    format: Literal["image_text", "text_pairs"] = "image_text"   # text_pairs: KEY.query.txt, KEY.pos.txt, KEY.neg.json
+    hard_negatives: int = 0                # text pairs: hard negatives per row in each batch (k)
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
@@ -449,6 +451,9 @@ def validate_config(cfg: Config) -> None:
     need(0 < cfg.eval.linear_probe_train_fraction < 1, "eval.linear_probe_train_fraction", "a fraction in (0, 1)")
     need(0 <= cfg.data.max_bad_fraction <= 1, "data.max_bad_fraction", "a fraction in [0, 1]")
     need(cfg.data.num_workers >= 0, "data.num_workers", "0 or more")
+    need(cfg.data.hard_negatives >= 0, "data.hard_negatives", "0 or more hard negatives per row")
+    need(cfg.data.hard_negatives == 0 or cfg.data.format == "text_pairs", "data.hard_negatives",
+         "0 unless data.format = text_pairs (image-caption samples carry no hard negatives)")
     need(cfg.data.image_size >= 8, "data.image_size", "at least 8 pixels")
     need(cfg.data.context_length >= 2, "data.context_length", "at least 2 tokens")
     need(0 <= cfg.model.dropout < 1, "model.dropout", "a probability in [0, 1)")

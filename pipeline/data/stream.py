@@ -39,6 +39,8 @@ from pipeline import storage
 from pipeline.config import Config, DataConfig
 from pipeline.data.samples import BadSample, Sample, shard_name, validate_sample
 from pipeline.data.shards import DataError, Lost, RawSample, Shard, dataset_dir, iter_raw, resolve_shards
+from pipeline.data.text_pairs import FORMAT as TEXT_PAIRS
+from pipeline.data.text_pairs import TextPairRows
 from pipeline.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_url
 from pipeline.data.transforms import decode_image, to_tensor
 from pipeline.distributed import all_gather_objects
@@ -50,6 +52,7 @@ STATE_VERSION = 1
 MAX_AUTO_STREAMS = 8
 MIN_SAMPLES_FOR_FRACTION = 100            # the bad fraction is judged once this many samples were seen
 MAX_BAD_SHARDS_KEPT = 20                  # per stream, in the state
+IMAGE_TEXT = "image_text"                 # `data.format` of image-caption samples
 
 
 # ------------------------------------------------------------------------------------ the plan
@@ -125,6 +128,23 @@ def decode_row(sample: Sample, size: int, rng: random.Random) -> Row:
                rng.choice(sample.caption_lines()), sample.meta)
 
 
+@dataclass(frozen=True)
+class ImageTextRows:
+    """The seam between the stream and a sample format: how raw members become a checked sample
+    (`validate`), a decoded row (`decode`, with the sample's own seeded rng) and rows a batch (`collate`).
+    This one is image-caption samples; `text_pairs.TextPairRows` is the other (`data.format`)."""
+    image_size: int = 64
+
+    def validate(self, key: str, members: dict[str, bytes], shard: str) -> Sample:
+        return validate_sample(key, members, shard)
+
+    def decode(self, sample: Sample, rng: random.Random) -> Row:
+        return decode_row(sample, self.image_size, rng)
+
+    def collate(self, rows: Sequence[Row], tokenizer: Tokenizer) -> dict[str, Any]:
+        return collate(rows, tokenizer)
+
+
 # -------------------------------------------------------------------------------------- reading
 class RawReader:
     """Raw samples of a stream from a position (its k-th shard, offset), losses as `Lost` items."""
@@ -173,8 +193,8 @@ class RawReader:
 class VirtualStream:
     """One virtual stream: its shard sequence, window shuffle, decoding, position and bad counts."""
 
-    def __init__(self, spec: StreamSpec, sid: int, image_size: int, state: Optional[dict] = None):
-        self.spec, self.sid, self.image_size = spec, sid, image_size
+    def __init__(self, spec: StreamSpec, sid: int, codec: ImageTextRows | TextPairRows, state: Optional[dict] = None):
+        self.spec, self.sid, self.codec = spec, sid, codec
         state = state or {"window": -1, "start": [0, 0], "taken": 0, "ok": 0, "bad": {}, "bad_shards": {}}
         self.window_index = int(state["window"])
         self.start = list(state["start"])
@@ -204,7 +224,7 @@ class VirtualStream:
             rng = random.Random(f"{self.spec.seed}/aug/{self.sid}/{self.window_index}/{self.taken}")
             self.taken += 1
             try:
-                out.append(decode_row(sample, self.image_size, rng))
+                out.append(self.codec.decode(sample, rng))
             except BadSample as e:
                 self._count_bad(e.reason, sample.shard)
                 continue
@@ -238,7 +258,7 @@ class VirtualStream:
                     self._count_bad(item.reason, item.shard, item.count)
                 continue
             try:
-                entries.append(validate_sample(item.key, item.members, item.shard))
+                entries.append(self.codec.validate(item.key, item.members, item.shard))
             except BadSample as e:
                 if count:
                     self._count_bad(e.reason, shard_name(item.shard))
@@ -293,9 +313,9 @@ class _Producer(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, spec: StreamSpec, blocks: list[list[int]], states: dict[int, Optional[dict]],
-                 rows_per_stream: int, image_size: int, tokenizer_json: str, context_length: int):
+                 rows_per_stream: int, codec: ImageTextRows | TextPairRows, tokenizer_json: str, context_length: int):
         self.spec, self.blocks, self.states = spec, blocks, states
-        self.rows, self.image_size = rows_per_stream, image_size
+        self.rows, self.codec = rows_per_stream, codec
         self.tokenizer_json, self.context_length = tokenizer_json, context_length
 
     def __iter__(self) -> Iterator[tuple[dict[str, Any], dict[int, dict]]]:
@@ -303,11 +323,11 @@ class _Producer(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         block = self.blocks[info.id if info is not None else 0]
         tokenizer = Tokenizer(HFTokenizer.from_str(self.tokenizer_json), self.context_length)
-        streams = [VirtualStream(self.spec, sid, self.image_size, self.states.get(sid)) for sid in block]
+        streams = [VirtualStream(self.spec, sid, self.codec, self.states.get(sid)) for sid in block]
         try:
             while True:
                 samples = [s for vs in streams for s in vs.take(self.rows)]
-                yield collate(samples, tokenizer), {vs.sid: vs.state() for vs in streams}
+                yield self.codec.collate(samples, tokenizer), {vs.sid: vs.state() for vs in streams}
         finally:
             for vs in streams:
                 vs.close()
@@ -317,9 +337,10 @@ class Stream:
     """The batches of one rank; iterate for batches, `state_dict()` for the position after the last one."""
 
     def __init__(self, spec: StreamSpec, *, global_batch: int, rank: int, world_size: int, num_workers: int,
-                 image_size: int, tokenizer: Tokenizer, max_bad_fraction: float, state: Optional[dict]):
+                 codec: ImageTextRows | TextPairRows, tokenizer: Tokenizer, max_bad_fraction: float,
+                 state: Optional[dict]):
         self.spec, self.global_batch, self.rank, self.world_size = spec, global_batch, rank, world_size
-        self.image_size, self.tokenizer, self.max_bad_fraction = image_size, tokenizer, max_bad_fraction
+        self.codec, self.tokenizer, self.max_bad_fraction = codec, tokenizer, max_bad_fraction
         per_rank = spec.num_streams // world_size
         self.stream_ids = list(range(rank * per_rank, (rank + 1) * per_rank))
         self.num_workers = min(num_workers, per_rank)
@@ -336,7 +357,7 @@ class Stream:
         blocks = [self.stream_ids[i * len(self.stream_ids) // loaders:(i + 1) * len(self.stream_ids) // loaders]
                   for i in range(loaders)]
         producer = _Producer(self.spec, blocks, dict(self._states), self.global_batch // self.spec.num_streams,
-                             self.image_size, self.tokenizer.to_json(), self.tokenizer.context_length)
+                             self.codec, self.tokenizer.to_json(), self.tokenizer.context_length)
         if self.num_workers == 0:
             chunks = iter(producer)
         else:
@@ -432,12 +453,25 @@ class StreamOptions:
     max_bad_fraction: float = 0.01
     allow_pipe: bool = False
     streams: int = 0                           # virtual streams S; 0: chosen from the global batch
+    format: str = IMAGE_TEXT                   # or "text_pairs": queries, positives, hard negatives
+    hard_negatives: int = 0                    # text pairs: hard negatives per row in a batch
 
     @classmethod
     def from_config(cls, d: DataConfig) -> StreamOptions:
         return cls(image_size=d.image_size, context_length=d.context_length, tokenizer=d.tokenizer,
                    shuffle_buffer=d.shuffle_buffer, resampled=d.resampled, max_bad_fraction=d.max_bad_fraction,
-                   allow_pipe=d.allow_pipe, streams=d.streams)
+                   allow_pipe=d.allow_pipe, streams=d.streams, format=d.format, hard_negatives=d.hard_negatives)
+
+
+def row_codec(o: StreamOptions) -> ImageTextRows | TextPairRows:
+    """The sample format's codec (`ImageTextRows` is the seam's documentation)."""
+    if o.format == IMAGE_TEXT:
+        return ImageTextRows(o.image_size)
+    if o.format == TEXT_PAIRS:
+        if o.hard_negatives < 0:
+            raise DataError(f"data.hard_negatives = {o.hard_negatives}: expected 0 or more per row")
+        return TextPairRows(o.hard_negatives)
+    raise DataError(f"data.format = {o.format!r}: expected {IMAGE_TEXT!r} or {TEXT_PAIRS!r}")
 
 
 def open_stream(urls: str | Sequence[str], *, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
@@ -472,7 +506,7 @@ def open_stream(urls: str | Sequence[str], *, global_batch: int, rank: int = 0, 
         if state["step"] == 0:
             state = None
     return Stream(spec, global_batch=global_batch, rank=rank, world_size=world_size, num_workers=num_workers,
-                  image_size=o.image_size, tokenizer=tok, max_bad_fraction=o.max_bad_fraction, state=state)
+                  codec=row_codec(o), tokenizer=tok, max_bad_fraction=o.max_bad_fraction, state=state)
 
 
 def open_train_stream(cfg: Config, *, rank: int = 0, world_size: int = 1, state: Optional[dict] = None) -> Stream:

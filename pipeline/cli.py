@@ -86,8 +86,7 @@ def _parameter_line(cfg: Config) -> str:
             pass
     n = count_parameters(cfg.model, image_size=cfg.data.image_size, context_length=cfg.data.context_length,
                          vocab_size=vocab, loss_name=cfg.loss.name)
-    return (f"# parameters ({source}): image {n['image']:,}, text {n['text']:,}, logit {n['logit']:,}, "
-            f"total {n['total']:,}, trainable {n['trainable']:,}")
+    return f"# parameters ({source}): " + ", ".join(f"{part} {count:,}" for part, count in n.items())
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -66,13 +66,16 @@ class TowerConfig:
     hf_path: Optional[str] = None          # local Hugging Face model directory for a pretrained tower
     lock: bool = False                     # freeze the tower (LiT)
     unlock_last: int = 0                   # with lock: train the last n blocks
+    pool: Optional[Literal["mean", "cls", "last"]] = None   # hf_path towers; None: mean (text), cls (image)
 
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny"
+    name: str = "tiny"                     # or "text": the text–text dual encoder built from model.text.hf_path
     dropout: float = 0.0
     grad_checkpointing: bool = False
+    shared_tower: bool = True              # text model: one encoder for queries and passages (false: two)
+    projection_dim: int = 0                # text model: project the pooled state to this size (0: no projection)
     image: TowerConfig = field(default_factory=TowerConfig)
     text: TowerConfig = field(default_factory=TowerConfig)
 

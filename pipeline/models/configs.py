@@ -38,9 +38,10 @@ class TextSpec:
 
 @dataclass(frozen=True)
 class HFSpec:
-    """A pretrained Hugging Face tower: its config (a dict, as `config.to_dict()`), pooling, source."""
+    """A pretrained Hugging Face tower: its config (a dict, as `config.to_dict()`), pooling, source.
+    Pooling: the first token ("cls"), the mean over non-padding tokens, or the last non-padding token."""
     config: dict[str, Any] = field(hash=False)
-    pool: Literal["cls", "mean"] = "mean"
+    pool: Literal["cls", "mean", "last"] = "mean"
     source: Optional[str] = None           # the hf_path it came from (informative only)
     kind: str = "hf"
 
@@ -85,6 +86,7 @@ NAMED_SPECS: dict[str, ModelSpec] = {
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(NAMED_SPECS)
+TEXT_MODEL = "text"                        # model.name of the text–text dual encoder (`text_dual`)
 
 
 def named_spec(name: str) -> ModelSpec:
@@ -95,10 +97,12 @@ def named_spec(name: str) -> ModelSpec:
 
 @register_check
 def check_model_config(cfg: Config) -> list[str]:
-    """`model.name` exists, and the image fits the built-in ViT's patches."""
+    """`model.name` exists, and the image fits the built-in ViT's patches (the text model checks itself)."""
     m = cfg.model
+    if m.name == TEXT_MODEL:
+        return []
     if m.name not in NAMED_SPECS:
-        return [cfg.problem("model.name", "one of " + ", ".join(MODEL_NAMES))]
+        return [cfg.problem("model.name", "one of " + ", ".join(MODEL_NAMES + (TEXT_MODEL,)))]
     problems = []
     patch = NAMED_SPECS[m.name].image.patch_size
     if not m.image.hf_path and cfg.data.image_size % patch:

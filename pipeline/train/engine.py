@@ -151,11 +151,13 @@ class Engine:
 
     def forward_backward(self, batch: dict[str, Any], loss_fn: Callable[..., torch.Tensor],
                          weights_from: Optional[str] = None) -> StepOutput:
-        """Forward and backward of this rank's batch through the gradient cache (`gradcache.chunk_size`)."""
+        """Forward and backward of this rank's batch through the gradient cache (`gradcache.chunk_size`).
+        A text-pair batch (queries, positives, hard negatives) fills the model's two slots in that order."""
         chunk, text_chunk = self.chunks
-        return forward_backward(self.ds, batch["image"], batch["text"], loss_fn, labels=batch.get("label"),
+        first, second = (batch["query"], batch["pos"]) if "query" in batch else (batch["image"], batch["text"])
+        return forward_backward(self.ds, first, second, loss_fn, labels=batch.get("label"),
                                 chunk_size=chunk, text_chunk_size=text_chunk, weights_from=weights_from,
-                                backward=DeepSpeedBackward(self.ds))
+                                backward=DeepSpeedBackward(self.ds), negatives=batch.get("neg"))
 
     def step(self) -> float:
         """Optimizer step (clipping, schedule), then the logit-scale clamp; returns the pre-clip grad norm."""

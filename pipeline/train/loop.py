@@ -12,7 +12,7 @@ from pipeline.data import Tokenizer, gather_state, open_train_stream
 from pipeline.distributed import get_rank, get_world_size
 from pipeline.log import get_logger, setup_logging
 from pipeline.losses import get_loss
-from pipeline.models import DualEncoder, build_model
+from pipeline.models import DualEncoder, TextDualEncoder, build_model
 from pipeline.train.checkpoint import TrainState, find_resume, publish, report_to_ray, save_checkpoint
 from pipeline.train.engine import Engine, quiet_deepspeed
 from pipeline.train.metrics import Meter, TrainLogger, step_scalars
@@ -70,18 +70,20 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def new_model(cfg: Config, tokenizer: Tokenizer) -> DualEncoder:
+def new_model(cfg: Config, tokenizer: Tokenizer) -> DualEncoder | TextDualEncoder:
     """The dual encoder (same initial weights on every rank), then per-rank generators for dropout."""
     model = build_model(cfg.model, image_size=cfg.data.image_size, context_length=cfg.data.context_length,
                         vocab_size=tokenizer.vocab_size, loss_name=cfg.loss.name,
-                        init_temperature=cfg.loss.init_temperature, learn_temperature=cfg.loss.learn_temperature)
+                        init_temperature=cfg.loss.init_temperature, learn_temperature=cfg.loss.learn_temperature,
+                        pad_id=tokenizer.pad_id)
     seed_everything(cfg.seed * 65536 + get_rank() + 1)
     return model.train()
 
 
 def make_loss(cfg: Config) -> tuple[torch.nn.Module, Optional[str]]:
     """The loss module and, for cwcl, the tower whose embeddings weight it (the frozen one: validated)."""
-    fn = get_loss(cfg.loss.name, tiled=cfg.loss.tiled, tile_size=cfg.loss.tile_size, **cfg.loss.hyper())
+    fn = get_loss(cfg.loss.name, tiled=cfg.loss.tiled, tile_size=cfg.loss.tile_size,
+                  matryoshka_dims=cfg.loss.matryoshka_dims, **cfg.loss.hyper())
     return fn, (cfg.model.frozen_towers()[0] if fn.uses_weights else None)
 
 

@@ -21,7 +21,7 @@ def tiny_bert(folder: Path, vocab_size: int = 64, hidden: int = 16, layers: int 
     torch.manual_seed(seed)
     BertModel(BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
                          intermediate_size=2 * hidden, max_position_embeddings=64, hidden_dropout_prob=dropout,
-                         attention_probs_dropout_prob=dropout), add_pooling_layer=False).save_pretrained(folder)
+                         attention_probs_dropout_prob=dropout)).save_pretrained(folder)
     return str(folder)
 
 

@@ -19,7 +19,8 @@ The stages talk only through these artifacts, so their names are defined once, h
 
     dataset/                           written by `contrast data pack` (or synth's train/)
         NNNNN.tar ... manifest.json tokenizer.json
-    eval_dir/SET/                      an eval set: shards, classnames.txt, templates
+    eval_dir/SET/                      an eval set: shards, classnames.txt, templates;
+                                       or a BEIR text set: queries.jsonl, corpus.jsonl, qrels/test.tsv
     synth/train/, synth/eval/SET/      what `contrast data synth` writes
 
 A folder holding `COMPLETE` is finished; without it, it does not exist for any reader.
@@ -45,6 +46,9 @@ RNG = "rng"
 CLASSNAMES = "classnames.txt"
 TEMPLATES = "zeroshot_classification_templates.txt"
 REPORT = "report.html"
+BEIR_QUERIES = "queries.jsonl"             # a BEIR-style text retrieval set: {"_id", "text"} a line
+BEIR_CORPUS = "corpus.jsonl"               # {"_id", "title", "text"} a line
+BEIR_QRELS = "qrels/test.tsv"              # query-id, corpus-id, score (a header line first)
 
 # ---------------------------------------------------------------------------------- run_dir folders
 CHECKPOINTS = "checkpoints"

@@ -114,8 +114,17 @@ class TextDualEncoder(LearnedLogits, nn.Module):
                              f"{int(tokens.max())}]: was the text tokenised with this model's tokenizer?")
         frozen = torch.no_grad() if slot in self.locked_towers else contextlib.nullcontext()
         with frozen:
-            features = self.tower(slot)(tokens)
+            features = self.tower(slot)(self.trim(tokens))
         return F.normalize(features.float(), dim=-1)
+
+    def trim(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The ids without the columns that are padding in every row (right padding, masked in attention and
+        pooling, so the embeddings do not change): a batch of short queries costs its longest row, not the
+        context length."""
+        if tokens.numel() == 0 or tokens.is_meta:
+            return tokens
+        used = (tokens != self.pad_id).any(dim=0).nonzero()
+        return tokens[:, :int(used[-1]) + 1] if len(used) else tokens[:, :1]
 
     def forward(self, image: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None) -> dict[str, Any]:
         """The dual-encoder call: `image` = query token ids, `text` = passage token ids (either may be None)."""

@@ -18,6 +18,7 @@ from pipeline.eval.sets import EvalSetError
 from pipeline.log import get_logger, setup_logging
 from pipeline.models import CheckpointError, count_parameters
 from pipeline.models.export import export
+from pipeline.models.export_st import export_text, is_text_checkpoint
 from pipeline.orchestrate import TrainingError, train
 from pipeline.run import run_pipeline
 from pipeline.train.checkpoint import latest_checkpoint
@@ -60,7 +61,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     try:
-        out = export(args.checkpoint, args.format, args.out)
+        out = (export_text if is_text_checkpoint(args.checkpoint) else export)(args.checkpoint, args.format, args.out)
     except ValueError as e:                   # a checkpoint this format cannot hold
         print(f"contrast export: {e}", file=sys.stderr)
         return 1
@@ -222,10 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(run)
     run.set_defaults(func=cmd_run)
 
-    export = sub.add_parser("export", help="export a published checkpoint to open_clip, Hugging Face or safetensors",
-                            description="Export a published checkpoint with its tokenizer.")
+    export = sub.add_parser("export", help="export a published checkpoint to open_clip, Hugging Face, "
+                                           "sentence-transformers or safetensors",
+                            description="Export a published checkpoint with its tokenizer (sentence_transformers: "
+                                        "text–text checkpoints).")
     export.add_argument("checkpoint", metavar="CHECKPOINT")
-    export.add_argument("--format", required=True, choices=["open_clip", "hf", "safetensors"])
+    export.add_argument("--format", required=True, choices=["open_clip", "hf", "safetensors", "sentence_transformers"])
     export.add_argument("--out", required=True, help="output folder")
     export.set_defaults(func=cmd_export)
 

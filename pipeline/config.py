@@ -154,6 +154,7 @@ class ClusterConfig:
 class CheckpointConfig:
     every_steps: int = 50
     keep: int = 2                          # resume checkpoints kept; published ones are all kept
+    publish_initial: bool = False          # publish the starting weights as step 0 (evaluate the "before")
 
 
 @dataclass

@@ -69,6 +69,8 @@ def absolute_paths(cfg: Config) -> Config:
     cfg.data.train_urls = [fix(u) for u in cfg.data.train_urls]
     cfg.data.eval_dir = cfg.data.eval_dir and fix(cfg.data.eval_dir)
     cfg.data.tokenizer = cfg.data.tokenizer and fix(cfg.data.tokenizer)
+    for tower in (cfg.model.image, cfg.model.text):
+        tower.hf_path = tower.hf_path and fix(tower.hf_path)
     return cfg
 
 

@@ -20,6 +20,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.data import synthesize
 from pipeline.eval.fashion_mnist import SET_NAME as FASHION_MNIST
 from pipeline.eval.report import final_metrics, read_results, write_report
+from pipeline.eval.retrieval_text import is_text_retrieval_set
 from pipeline.eval.scheduler import Watcher
 from pipeline.layout import DATASET_EVAL, DATASET_TRAIN, MANIFEST
 from pipeline.log import get_logger
@@ -41,7 +42,8 @@ def _missing_data(cfg: Config) -> list[str]:
     """Dataset folders the run needs that have no manifest yet (a manifest is written last)."""
     needed = list(cfg.data.train_urls)
     if cfg.eval.schedule != "off" and cfg.data.eval_dir:
-        needed += [storage.join(cfg.data.eval_dir, s) for s in cfg.eval.sets if s != FASHION_MNIST]
+        needed += [storage.join(cfg.data.eval_dir, s) for s in cfg.eval.sets
+                   if s != FASHION_MNIST and not is_text_retrieval_set(cfg.data.eval_dir, s)]
     return [u for u in needed if "{" not in u and not u.endswith(".tar") and not u.endswith(MANIFEST)
             and not storage.exists(storage.join(u, MANIFEST))]
 
@@ -71,7 +73,8 @@ def ensure_data(cfg: Config) -> None:
 
 
 def run_pipeline(cfg: Config) -> dict[str, Any]:
-    """Data → train (with scheduled eval) → catch-up eval → report. Returns the report URL and final metrics."""
+    """Data → train (with scheduled eval) → catch-up eval → report. Returns the report URL, the final metrics and,
+    when step 0 was evaluated (`checkpoint.publish_initial`), the initial ones."""
     started = time.perf_counter()
     cfg = absolute_paths(cfg)
     ensure_data(cfg)
@@ -82,5 +85,6 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
             log.info("evaluated after training: steps %s", outcome.evaluated)
     report = write_report(cfg.run_dir)
     results = read_results(cfg.run_dir)
+    initial = [r for r in results[:1] if r["step"] == 0 and len(results) > 1]
     return {"report": report, "step": results[-1]["step"] if results else None, "metrics": final_metrics(results),
-            "seconds": time.perf_counter() - started}
+            "initial": final_metrics(initial), "seconds": time.perf_counter() - started}

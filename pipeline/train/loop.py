@@ -31,6 +31,8 @@ def train_worker(config: Config | dict[str, Any]) -> None:
     loss_fn, weights_from = make_loss(cfg)
     logger, meter = TrainLogger(cfg, rank), Meter(cfg.train.global_batch)
     batches = meter.timed(stream)
+    if cfg.checkpoint.publish_initial and state.step == 0:
+        publish(engine, stream.tokenizer, cfg, state)      # step 0: what fine-tuning starts from
     while state.step < cfg.train.steps:
         batch = to_device(next(batches), engine.device)
         out = engine.forward_backward(batch, loss_fn, weights_from)    # the gradient cache's two passes

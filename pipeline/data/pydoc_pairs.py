@@ -65,7 +65,7 @@ def stdlib_docs(root: Optional[str] = None) -> Iterator[Doc]:
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith((".", "_", "test"))
                              and not d.startswith("config-"))
         for name in sorted(filenames):
-            if not name.endswith(".py") or name.startswith(("_", "test")):
+            if not name.endswith(".py") or name.startswith(("_", "test")) and name != "__init__.py":
                 continue
             path = os.path.join(dirpath, name)
             rel = os.path.relpath(path, root)[: -len(".py")].replace(os.sep, ".")

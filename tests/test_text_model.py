@@ -133,6 +133,7 @@ def test_published_round_trip(bert, tmp_path):
 # ------------------------------------------------------------------------------------ config
 @pytest.mark.parametrize("overrides, match", [
     (["model.name=text", "data.format=text_pairs"], "model.text.hf_path"),
+    (["model.name=text", "model.text.hf_path=x", "data.format=text_pairs"], "data.tokenizer = None .*x/tokenizer"),
     (["model.name=text", "model.text.hf_path=x"], "data.format = 'image_text'"),
     (["data.format=text_pairs"], "model.name = 'text' to train a text–text model"),
     (["model.projection_dim=8"], "apply only to model.name = 'text'"),

@@ -53,6 +53,7 @@ def run(setup, run_dir: Path, *overrides: str):
     cfg = load_config(None, [
         f"run_dir={run_dir}", "model.name=text", f"model.text.hf_path={bert}", "data.format=text_pairs",
         f"data.train_urls=[{root / 'train'}]", f"data.eval_dir={root / 'eval'}", "eval.sets=[held]",
+        f"data.tokenizer={root / 'train' / 'tokenizer.json'}",
         "data.context_length=16", "data.hard_negatives=1", "data.shuffle_buffer=24", "data.streams=4",
         "loss.name=clip", "train.global_batch=16", "train.steps=4", "train.lr=1e-3", "train.warmup_steps=1",
         "train.log_every=1", "gradcache.chunk_size=4", "deepspeed.zero_optimization.stage=2",

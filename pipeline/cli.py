@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.data import DataError, load_tokenizer, synthesize
-from pipeline.data.inspection import format_reports, inspect_shards
-from pipeline.data.pack import folder_items, img2dataset_items, pack, table_items
+from pipeline.data.evalsets import read_lines
+from pipeline.data.inspection import format_mixture, format_reports, inspect_mixture, inspect_shards
+from pipeline.data.pack import folder_items, img2dataset_items, pack, pack_zeroshot_set, table_items
 from pipeline.data.pydoc_pairs import write_pydoc_dataset
 from pipeline.data.shards import dataset_dir
 from pipeline.data.text_pairs import pack_jsonl
@@ -16,12 +18,14 @@ from pipeline.eval.evaluate import evaluate_checkpoint, format_metrics, run_dir_
 from pipeline.eval.report import write_report
 from pipeline.eval.scheduler import watch
 from pipeline.eval.sets import EvalSetError
+from pipeline.layout import EVAL_SPLITS, EVAL_TEST
 from pipeline.log import get_logger, setup_logging
-from pipeline.models import CheckpointError, count_parameters
+from pipeline.models import CheckpointError, ConversionError, check_source, run_parameter_counts, weight_sources
 from pipeline.models.export import export
 from pipeline.models.export_st import export_text, is_text_checkpoint
-from pipeline.orchestrate import TrainingError, train
+from pipeline.orchestrate import TrainingError, TrainingInterrupted, train
 from pipeline.run import run_pipeline
+from pipeline.storage import OutOfSpace
 from pipeline.train.checkpoint import latest_checkpoint
 
 log = get_logger("cli")
@@ -42,6 +46,10 @@ def cmd_data_pack(args: argparse.Namespace) -> int:
     if args.jsonl:
         print(pack_jsonl(args.jsonl, args.out, shard_size=args.shard_size, progress=not args.quiet).text())
         return 0
+    if args.clip_benchmark:
+        return _pack_zeroshot_set(args)
+    if args.templates or args.split != EVAL_TEST:
+        raise DataError("--templates and --split describe a zero-shot eval set: add --clip-benchmark")
     if args.folder:
         source, items = args.folder, folder_items(args.folder)
     elif args.img2dataset:
@@ -62,8 +70,26 @@ def cmd_data_pydoc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pack_zeroshot_set(args: argparse.Namespace) -> int:
+    if not args.folder:
+        raise DataError("--clip-benchmark packs a folder of class subfolders: give --folder DIR (DIR/CLASS/IMAGE)")
+    templates = [t for t in read_lines(args.templates) if t] if args.templates else None
+    summary = pack_zeroshot_set(args.folder, args.out, split=args.split, templates=templates,
+                                shard_size=args.shard_size, progress=not args.quiet)
+    print(summary.text())
+    print(f"zero-shot set: {args.out} (CLIP_benchmark: --dataset wds/NAME --dataset_root {args.out}; "
+          f"contrast: data.eval_dir = its parent folder, eval.sets = [its folder name])")
+    return 0
+
+
 def cmd_data_inspect(args: argparse.Namespace) -> int:
-    reports = inspect_shards(args.urls, allow_pipe=args.allow_pipe)
+    if args.config:
+        cfg = load_config(args.config, args.items)
+        print(format_mixture(inspect_mixture(cfg), cfg))
+        return 0
+    if not args.items:
+        raise ConfigError("contrast data inspect: expected shard URLs, or --config CONFIG for a run's sources")
+    reports = inspect_shards(args.items, allow_pipe=args.allow_pipe)
     print(format_reports(reports))
     return 1 if any(r.problems for r in reports) else 0
 
@@ -80,8 +106,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    check_source(cfg)
     print(cfg.to_yaml(), end="")
     print(_parameter_line(cfg))
+    for what, source in weight_sources(cfg).items():
+        print(f"# {what}: {source}")
     return 0
 
 
@@ -89,14 +118,15 @@ def _parameter_line(cfg: Config) -> str:
     """Parameter counts of the configured model, built on the meta device (no memory, no weights)."""
     where = cfg.data.tokenizer or dataset_dir(cfg.data.train_urls)
     vocab, source = 49408, "vocabulary 49408 assumed: no tokenizer.json yet"
-    if where is not None:
+    if cfg.model.init_from and "text" in cfg.model.init_towers:
+        source = "vocabulary of model.init_from"
+    elif where is not None:
         try:
             vocab, source = load_tokenizer(where, cfg.data.context_length).vocab_size, f"tokenizer {where}"
         except FileNotFoundError:
             pass
     try:
-        n = count_parameters(cfg.model, image_size=cfg.data.image_size, context_length=cfg.data.context_length,
-                             vocab_size=vocab, loss_name=cfg.loss.name)
+        n = run_parameter_counts(cfg, vocab)
     except ValueError as e:                   # e.g. a pretrained tower's folder not written yet
         return f"# parameters: not counted ({e})"
     return f"# parameters ({source}): " + ", ".join(f"{part} {count:,}" for part, count in n.items())
@@ -112,8 +142,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config) if args.config else None
-    outcome = watch(args.run_dir, cfg, once=args.once)
+    cfg = load_config(args.config, args.overrides) if args.config else None
+    outcome = watch(args.run_dir, cfg, once=args.once, overrides=args.overrides)
     print(f"evaluated steps: {', '.join(map(str, outcome.evaluated)) or 'none'}")
     for step, error in sorted(outcome.failed.items()):
         print(f"step {step} failed (retried later): {error}", file=sys.stderr)
@@ -138,8 +168,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    train(cfg)
+    trained = train(cfg)
     print(f"trained to step {cfg.train.steps}; resume checkpoint: {latest_checkpoint(cfg.run_dir)}")
+    if trained.evaluated:
+        print(f"evaluated beside training: steps {', '.join(map(str, trained.evaluated))}")
+    for step, error in sorted(trained.eval_failed.items()):
+        print(f"evaluation of step {step} failed: {error} (retry with `contrast watch {cfg.run_dir} --once`)",
+              file=sys.stderr)
     return 0
 
 
@@ -152,7 +187,8 @@ def _positive_int(text: str) -> int:
 
 # Errors that are the user's to fix (config, data, checkpoints, eval sets, training refusals):
 # printed as one message, never a traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, EvalSetError, TrainingError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ConversionError, EvalSetError, TrainingError,
+               FileNotFoundError, PermissionError, OutOfSpace)
 
 
 # ------------------------------------------------------------------------------------- parser
@@ -202,6 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--shard-size", type=_positive_int, default=1000, help="samples per shard (default 1000)")
     pack.add_argument("--image-column", default="image", help="table column with image paths (default image)")
     pack.add_argument("--caption-column", default="caption", help="table column with captions (default caption)")
+    pack.add_argument("--clip-benchmark", action="store_true",
+                      help="with --folder of class subfolders: write a zero-shot eval set in CLIP_benchmark's layout "
+                           "(OUT/test/{0..N-1}.tar with KEY.cls labels, nshards.txt, classnames.txt, templates)")
+    pack.add_argument("--templates", metavar="FILE",
+                      help="with --clip-benchmark: zero-shot templates, one a line with {c} for the class name "
+                           "(default: a built-in list of 8)")
+    pack.add_argument("--split", choices=EVAL_SPLITS, default=EVAL_TEST,
+                      help="with --clip-benchmark: the split to write, test (scored) or train (fits the linear "
+                           "probe; same classes as the set's other split); default test")
     pack.set_defaults(func=cmd_data_pack)
 
     pydoc = dsub.add_parser("pydoc", help="text pairs from the Python standard library's docstrings (text demo)",
@@ -213,10 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
     pydoc.add_argument("--seed", type=int, default=0, help="seed of the hard negatives and order (default 0)")
     pydoc.set_defaults(func=cmd_data_pydoc)
 
-    inspect = dsub.add_parser("inspect", help="counts, bytes, sample keys and corrupt members of shards",
+    inspect = dsub.add_parser("inspect", help="counts, bytes, sample keys and corrupt members of shards; "
+                                              "a run's mixture of sources",
                               description="Read shards (any fsspec URL, brace pattern, folder or manifest.json) "
-                                          "and print counts, bytes, keys per sample and corrupt members.")
-    inspect.add_argument("urls", nargs="+", metavar="URL")
+                                          "and print counts, bytes, keys per sample and corrupt members. With "
+                                          "--config, print the run's sources instead: weight, expected share of "
+                                          "every batch, samples, epochs over the run, what happens at the end.")
+    inspect.add_argument("items", nargs="*", metavar="URL | KEY=VALUE",
+                         help="shard URLs; with --config, dotted overrides of the config")
+    inspect.add_argument("--config", help="a run config: show the expected share of each of its data sources")
     inspect.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run shell commands)")
     inspect.set_defaults(func=cmd_data_inspect)
 
@@ -240,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("run_dir", metavar="RUN_DIR")
     watch.add_argument("--config", help="run config (default: the one in the newest checkpoint)")
     watch.add_argument("--once", action="store_true", help="evaluate what is pending, then exit")
+    watch.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="dotted overrides of the run config, e.g. eval.sets=[zeroshot_heldout] eval.every_k=2")
     watch.set_defaults(func=cmd_watch)
 
     run = sub.add_parser("run", help="the whole pipeline: data if missing, train, eval, report",
@@ -276,6 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"contrast {args.command}: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:
+        print(f"contrast {args.command}: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(e.exit_code)             # Ray's exit hooks would wait on processes the signal already ended
     except KeyboardInterrupt:
         print("contrast: interrupted", file=sys.stderr)
         return 130

@@ -13,11 +13,12 @@ stages, so their checks always run there; a script that imports only this module
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import fsspec
 import yaml
@@ -44,8 +45,19 @@ class SynthConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a mixture (`data.sources`): its shards, its share of every batch, how it ends."""
+    name: str = ""                         # names its scalars (data/<name>/...) and its position in the state
+    urls: list[str] = field(default_factory=list)
+    weight: float = 1.0                    # share of every global batch: weight / sum of the weights
+    resampled: Optional[bool] = None       # None: data.resampled
+    on_end: Literal["restart", "stop"] = "restart"   # after an epoch: the next one, or the data stream ends
+
+
+@dataclass
 class DataConfig:
     train_urls: list[str] = field(default_factory=list)
+    sources: list[SourceConfig] = field(default_factory=list)   # a weighted mixture, instead of train_urls
     eval_dir: Optional[str] = None         # folder of evaluation sets (classnames.txt, templates, shards)
     image_size: int = 64                   # model input side, pixels
     context_length: int = 77
@@ -67,6 +79,7 @@ class TowerConfig:
     lock: bool = False                     # freeze the tower (LiT)
     unlock_last: int = 0                   # with lock: train the last n blocks
     pool: Optional[Literal["mean", "cls", "last"]] = None   # hf_path towers; None: mean (text), cls (image)
+    patch_dropout: float = 0.0             # image only: training drops this fraction of the patches (FLIP)
 
 
 @dataclass
@@ -78,6 +91,11 @@ class ModelConfig:
     projection_dim: int = 0                # text model: project the pooled state to this size (0: no projection)
     image: TowerConfig = field(default_factory=TowerConfig)
     text: TowerConfig = field(default_factory=TowerConfig)
+    # Start from a checkpoint (README "Start from a pretrained model"): an open_clip folder or epoch_N.pt,
+    # a Hugging Face CLIPModel/SiglipModel folder, or a published checkpoint; its architecture, not `name`'s.
+    init_from: Optional[str] = None
+    init_from_config: Optional[str] = None  # an open_clip checkpoint file's model config: a name or a JSON
+    init_towers: list[str] = field(default_factory=lambda: list(TOWERS))   # the towers taken from init_from
 
     def tower(self, name: str) -> TowerConfig:
         if name not in TOWERS:
@@ -110,6 +128,7 @@ class LossConfig:
     cross_uniformity: Optional[bool] = _hyper()  # clip_gap
     symmetric: Optional[bool] = _hyper()       # clip: false keeps only query→passage (image→text)
     matryoshka_dims: list[int] = field(default_factory=list)   # e.g. [384, 128, 64]: loss summed over truncations
+    duplicates: Literal["mask", "off"] = "mask"  # mask: pairs with identical captions are not each other's negatives
 
     def hyper(self) -> dict[str, Any]:
         """The hyper-parameters explicitly set, as keyword arguments for `get_loss`."""
@@ -130,7 +149,9 @@ class TrainConfig:
     grad_clip: float = 1.0                 # 0 disables clipping
     precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 where the hardware has it
     resume: Literal["auto", "never"] = "auto"
+    allow_loss_change: bool = False        # resume a run under another loss.name on purpose
     log_every: int = 10
+    compile: bool = False                  # torch.compile the towers (inductor; on CPU it needs a C++ compiler)
 
 
 @dataclass
@@ -148,6 +169,8 @@ class ClusterConfig:
     gpus_per_worker: float = 1.0
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = 0
+    auth: Literal["token", "disabled"] = "token"   # Ray's token authentication (README "Security")
+    collective_timeout_s: float = 600.0    # a collective waiting longer fails the step, naming it (no hang)
 
 
 @dataclass
@@ -244,12 +267,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), valid
     return cfg
 
 
-def config_from_dict(data: dict[str, Any], origin: str = "dict", validate: bool = True) -> Config:
-    """Rebuild a config from `to_dict()` output (a run's manifest, a checkpoint)."""
+def config_from_dict(data: dict[str, Any], origin: str = "dict", validate: bool = True,
+                     overrides: Sequence[str] = ()) -> Config:
+    """Rebuild a config from `to_dict()` output (a run's manifest, a checkpoint), then `key=value` overrides."""
     cfg = Config()
     sources: dict[str, str] = {}
     for key, value in _flatten(data):
         _set(cfg, key, value, origin, sources)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set(cfg, key, value, COMMAND_LINE, sources)
     object.__setattr__(cfg, "_sources", sources)
     if validate:
         validate_config(cfg)
@@ -324,6 +351,7 @@ def _set(cfg: Config, key: str, value: Any, origin: str, sources: dict[str, str]
         if isinstance(obj, dict):                      # inside a free-form section
             if i == len(parts) - 1:
                 obj[part] = _merge(obj.get(part), value)
+                sources[key] = origin
             else:
                 obj = obj.setdefault(part, {})
                 if not isinstance(obj, dict):
@@ -388,6 +416,8 @@ def _coerce(key: str, value: Any, hint: Any, origin: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise fail(f"a list of {item_t.__name__}")
         return [_coerce(f"{key}[{i}]", v, item_t, origin) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):                # an item of a list of sections (data.sources)
+        return _coerce_section(key, value, hint, origin)
     if hint is bool:
         if not isinstance(value, bool):
             raise fail("true or false")
@@ -416,6 +446,20 @@ def _coerce(key: str, value: Any, hint: Any, origin: str) -> Any:
     raise fail(str(hint))
 
 
+def _coerce_section(key: str, value: Any, cls: type, origin: str) -> Any:
+    """A mapping → the dataclass `cls`, every key checked and coerced like a top-level one."""
+    if isinstance(value, cls):
+        return value
+    names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(value, dict):
+        raise ConfigError(f"{origin}: {key} = {value!r}; expected a mapping with keys {', '.join(names)}")
+    unknown = [k for k in value if k not in names]
+    if unknown:
+        raise ConfigError(f"{origin}: unknown key {key}.{unknown[0]}; valid keys of {key}: {', '.join(names)}")
+    hints = _hints(cls)
+    return cls(**{k: _coerce(f"{key}.{k}", v, hints[k], origin) for k, v in value.items()})
+
+
 # ------------------------------------------------------------------------------------ validation
 StageCheck = Callable[[Config], list[str]]
 _STAGE_CHECKS: list[StageCheck] = []
@@ -430,45 +474,118 @@ def register_check(check: StageCheck) -> StageCheck:
 
 
 def validate_config(cfg: Config) -> None:
-    """Check ranges and combinations; raise one ConfigError listing every problem found."""
-    problems: list[str] = []
-
-    def need(ok: bool, key: str, expected: str) -> None:
-        if not ok:
+    """Check every number (finite, in range) and the combinations; raise one ConfigError listing every
+    problem found, each naming its key."""
+    problems = [cfg.problem(key, "a finite number") for key in _numeric_keys(cfg)
+                if not math.isfinite(_get(cfg, key))]
+    bad = {p.split(" ", 1)[0] for p in problems}
+    for key, ok, expected in _RANGES:
+        value = _get(cfg, key)
+        if key not in bad and value is not None and not ok(value):
             problems.append(cfg.problem(key, expected))
+    if not problems:
+        problems += _combinations(cfg)
+    for check in _STAGE_CHECKS:
+        problems.extend(check(cfg))
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
-    t, c, g = cfg.train, cfg.cluster, cfg.gradcache
-    need(t.steps >= 1, "train.steps", "at least 1")
-    need(t.global_batch >= 2, "train.global_batch", "at least 2 (a contrastive batch needs negatives)")
-    need(t.lr > 0, "train.lr", "a positive learning rate")
-    need(t.warmup_steps >= 0, "train.warmup_steps", "0 or more")
-    need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "two numbers in [0, 1)")
-    need(t.grad_clip >= 0, "train.grad_clip", "0 (off) or a positive norm")
-    need(c.num_workers >= 1, "cluster.num_workers", "at least 1")
-    need(c.max_failures >= -1, "cluster.max_failures", "-1 (unlimited) or a count >= 0")
-    need(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "at least 1")
-    need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "at least 1")
-    need(cfg.eval.every_k >= 1, "eval.every_k", "at least 1")
-    need(cfg.eval.max_attempts >= 1, "eval.max_attempts", "at least 1")
-    need(cfg.eval.claim_ttl_s > 0, "eval.claim_ttl_s", "a positive number of seconds")
-    need(cfg.eval.retry_s >= 0, "eval.retry_s", "0 or more seconds")
-    need(0 < cfg.eval.linear_probe_train_fraction < 1, "eval.linear_probe_train_fraction", "a fraction in (0, 1)")
-    need(0 <= cfg.data.max_bad_fraction <= 1, "data.max_bad_fraction", "a fraction in [0, 1]")
-    need(cfg.data.num_workers >= 0, "data.num_workers", "0 or more")
-    need(cfg.data.hard_negatives >= 0, "data.hard_negatives", "0 or more hard negatives per row")
-    need(cfg.data.hard_negatives == 0 or cfg.data.format == "text_pairs", "data.hard_negatives",
-         "0 unless data.format = text_pairs (image-caption samples carry no hard negatives)")
-    need(cfg.data.image_size >= 8, "data.image_size", "at least 8 pixels")
-    need(cfg.data.context_length >= 2, "data.context_length", "at least 2 tokens")
-    need(0 <= cfg.model.dropout < 1, "model.dropout", "a probability in [0, 1)")
-    need(cfg.loss.tile_size >= 1, "loss.tile_size", "at least 1")
-    need(g.chunk_size >= 0 and g.text_chunk_size >= 0, "gradcache.chunk_size", "0 (off) or a positive chunk size")
-    if c.num_workers >= 1 and t.global_batch % c.num_workers:
+
+def _at_least(n: float) -> Callable[[float], bool]:
+    return lambda v: v >= n
+
+
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+def _fraction(v: float) -> bool:
+    return 0 <= v <= 1
+
+
+# (key, rule, what is expected): every numeric key has one.
+_RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("data.image_size", _at_least(8), "at least 8 pixels"),
+    ("data.context_length", _at_least(2), "at least 2 tokens"),
+    ("data.num_workers", _at_least(0), "0 or more loader processes"),
+    ("data.shuffle_buffer", _at_least(1), "at least 1 (1: no shuffling)"),
+    ("data.streams", _at_least(0), "0 (chosen from the global batch) or a positive count"),
+    ("data.max_bad_fraction", _fraction, "a fraction in [0, 1]"),
+    ("data.hard_negatives", _at_least(0), "0 or more hard negatives per row"),
+    ("data.synth.samples", _at_least(0), "0 (never synthesise) or a count"),
+    ("data.synth.eval_samples", _at_least(1), "at least 1"),
+    ("data.synth.image_size", _at_least(16), "at least 16 pixels"),
+    ("data.synth.shard_size", _at_least(1), "at least 1"),
+    ("model.dropout", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    ("model.image.unlock_last", _at_least(0), "0 or more blocks"),
+    ("model.text.unlock_last", _at_least(0), "0 or more blocks"),
+    ("model.image.patch_dropout", lambda v: 0 <= v < 1, "a fraction of the patches in [0, 1), e.g. 0.5"),
+    ("model.text.patch_dropout", lambda v: v == 0, "0: patches are an image tower's (set model.image.patch_dropout)"),
+    ("loss.tile_size", _at_least(1), "at least 1"),
+    ("loss.init_temperature", _positive, "a positive temperature (CLIP starts at 0.07)"),
+    ("train.steps", _at_least(1), "at least 1"),
+    ("train.global_batch", _at_least(2), "at least 2 (a contrastive batch needs negatives)"),
+    ("train.lr", _positive, "a positive learning rate"),
+    ("train.min_lr", _at_least(0), "0 or a positive learning rate (the end of the cosine)"),
+    ("train.warmup_steps", _at_least(0), "0 or more"),
+    ("train.weight_decay", _at_least(0), "0 or more"),
+    ("train.betas", lambda b: len(b) == 2 and all(0 <= x < 1 for x in b), "two numbers in [0, 1)"),
+    ("train.eps", _positive, "a small positive number (e.g. 1e-6)"),
+    ("train.grad_clip", _at_least(0), "0 (off) or a positive norm"),
+    ("train.log_every", _at_least(1), "at least 1"),
+    ("gradcache.chunk_size", _at_least(0), "0 (off) or a positive chunk size"),
+    ("gradcache.text_chunk_size", _at_least(0), "0 (same as chunk_size) or a positive chunk size"),
+    ("cluster.num_workers", _at_least(1), "at least 1"),
+    ("cluster.cpus_per_worker", _positive, "a positive number of CPUs"),
+    ("cluster.gpus_per_worker", _positive, "a positive number of GPUs"),
+    ("cluster.max_failures", _at_least(-1), "-1 (unlimited) or a count >= 0"),
+    ("cluster.collective_timeout_s", _positive, "a positive number of seconds"),
+    ("checkpoint.every_steps", _at_least(1), "at least 1"),
+    ("checkpoint.keep", _at_least(1), "at least 1"),
+    ("eval.every_k", _at_least(1), "at least 1"),
+    ("eval.batch_size", _at_least(1), "at least 1"),
+    ("eval.linear_probe_train_fraction", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
+    ("eval.claim_ttl_s", _positive, "a positive number of seconds"),
+    ("eval.retry_s", _at_least(0), "0 or more seconds"),
+    ("eval.max_attempts", _at_least(1), "at least 1"),
+    ("eval.cpus", _positive, "a positive number of CPUs"),
+    ("eval.poll_s", _positive, "a positive number of seconds"),
+]
+
+
+def _numeric_keys(cfg: Config, obj: Any = None, prefix: str = "") -> list[str]:
+    """Every int/float field (and number list) of the schema, as dotted keys."""
+    obj = cfg if obj is None else obj
+    keys: list[str] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += _numeric_keys(cfg, value, f"{prefix}{f.name}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _combinations(cfg: Config) -> list[str]:
+    """Rules between keys: an empty run_dir, the lr floor, the batch split, chunk sizes, DeepSpeed's stage."""
+    t, c = cfg.train, cfg.cluster
+    problems = []
+    if not cfg.run_dir.strip():
+        problems.append(cfg.problem("run_dir", "a folder or URL for everything the run writes (e.g. runs/demo)"))
+    if t.min_lr > t.lr:
+        problems.append(cfg.problem("train.min_lr", f"at most train.lr = {t.lr:g}: the cosine decays to it"))
+    if cfg.data.hard_negatives and cfg.data.format != "text_pairs":
+        problems.append(cfg.problem("data.hard_negatives", "0 unless data.format = text_pairs (image-caption "
+                                    "samples carry no hard negatives)"))
+    stage = _get_dict(cfg.deepspeed, "zero_optimization.stage")
+    if stage is not None and (isinstance(stage, bool) or stage not in (0, 1, 2, 3)):
+        problems.append(cfg.problem("deepspeed.zero_optimization.stage", "a ZeRO stage: 0, 1, 2 or 3"))
+    if t.global_batch % c.num_workers:
         problems.append(
             f"train.global_batch = {t.global_batch} (from {cfg.origin('train.global_batch')}) is not divisible by "
             f"cluster.num_workers = {c.num_workers} (from {cfg.origin('cluster.num_workers')}): every rank needs "
             f"the same local batch; pick a multiple of {c.num_workers}")
-    elif c.num_workers >= 1:
+    else:
         local = cfg.local_batch
         for key in ("gradcache.chunk_size", "gradcache.text_chunk_size"):
             size = _get(cfg, key)
@@ -479,10 +596,7 @@ def validate_config(cfg: Config) -> None:
     if not c.use_gpu and _get_dict(cfg.deepspeed, "fp16.enabled"):
         problems.append(f"deepspeed.fp16.enabled = true (from {cfg.origin('deepspeed.fp16')}): DeepSpeed refuses fp16 "
                         "on CPU; use train.precision=bf16 or fp32, or cluster.use_gpu=true")
-    for check in _STAGE_CHECKS:
-        problems.extend(check(cfg))
-    if problems:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    return problems
 
 
 def _get(cfg: Config, key: str) -> Any:

@@ -8,7 +8,8 @@ all-reduce is an all-reduce.
 """
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -142,3 +143,23 @@ def all_gather_objects(value: Any) -> list[Any]:
     out: list[Any] = [None] * get_world_size()
     dist.all_gather_object(out, value)
     return out
+
+
+# ------------------------------------------------------------------------------------ timeouts
+class CollectiveTimeout(RuntimeError):
+    """A collective waited longer than the process group's timeout: some rank never joined it."""
+
+
+@contextmanager
+def named_timeouts(where: str) -> Iterator[None]:
+    """Turn a collective's timeout inside the block into an error naming this rank and `where` (e.g.
+    the step), instead of the transport's bare message; each stuck rank reports its own position."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "timed out" not in str(e).lower():
+            raise
+        raise CollectiveTimeout(
+            f"rank {get_rank()} of {get_world_size()}: a collective timed out at {where} "
+            f"(cluster.collective_timeout_s): another rank did not join it; each stuck rank reports where it "
+            f"waited ({str(e).strip()[:200]})") from e

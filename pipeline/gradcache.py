@@ -102,7 +102,7 @@ def locked_towers(model: nn.Module) -> frozenset[str]:
 def forward_backward(model: nn.Module, images: Tensor, texts: Tensor, loss_fn: Callable[..., Tensor], *,
                      labels: Optional[Tensor] = None, chunk_size: int = 0, text_chunk_size: int = 0,
                      weights_from: Optional[str] = None, backward: Optional[Backward] = None,
-                     negatives: Optional[Tensor] = None) -> StepOutput:
+                     negatives: Optional[Tensor] = None, caption_ids: Optional[Tensor] = None) -> StepOutput:
     """Forward and backward of one step over this rank's batch; the caller then steps the optimizer.
 
     `model` is a dual encoder (plain, DDP, or a DeepSpeed engine with its `backward`) called as
@@ -110,16 +110,19 @@ def forward_backward(model: nn.Module, images: Tensor, texts: Tensor, loss_fn: C
     the image chunk of the gradient cache, `text_chunk_size` the text one (0: the same); 0, or chunks
     covering the whole batch, is one plain forward and backward. `weights_from` ("image" or "text")
     passes that tower's detached embeddings to the loss (cwcl). `negatives` (n, k, ...) are k more
-    text-tower inputs per row whose embeddings the loss gets as hard negatives. The parameter gradients
-    equal those of a plain backward over the batch, dropout included (the cache replays each call's RNG).
+    text-tower inputs per row whose embeddings the loss gets as hard negatives; `caption_ids` go to the
+    loss as they are (its duplicate mask). The parameter gradients equal those of a plain backward over
+    the batch, dropout included (the cache replays each call's RNG).
     """
     n = _check_batch(images, texts, labels, chunk_size, text_chunk_size, weights_from, negatives)
+    if caption_ids is not None and len(caption_ids) != n:
+        raise ValueError(f"forward_backward: expected {n} caption ids (one per pair), got {len(caption_ids)}")
     if negatives is not None:
         texts = torch.cat([texts, negatives.flatten(0, 1)])
     image_chunk = chunk_size or n
     text_chunk = text_chunk_size or image_chunk
     backward = backward or backward_strategy(model)
-    loss = _Loss(loss_fn, labels, weights_from, 0 if negatives is None else negatives.shape[1])
+    loss = _Loss(loss_fn, labels, weights_from, 0 if negatives is None else negatives.shape[1], caption_ids)
     if image_chunk >= n and text_chunk >= len(texts):
         return _plain_step(model, images, texts, loss, backward)
     locked = locked_towers(model)
@@ -244,12 +247,13 @@ class RngState:
 
 @dataclass
 class _Loss:
-    """The loss call of a step: fp32 inputs whatever the towers' dtype, labels and weights bound; the text
-    tower's rows after the first n are the k hard negatives of each row, row-major."""
+    """The loss call of a step: fp32 inputs whatever the towers' dtype, labels, weights and caption ids
+    bound; the text tower's rows after the first n are the k hard negatives of each row, row-major."""
     fn: Callable[..., Tensor]
     labels: Optional[Tensor]
     weights_from: Optional[str]
     negatives: int = 0                # k
+    caption_ids: Optional[Tensor] = None
 
     def split(self, image: Tensor, text: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """(positives (n, D), hard negatives (n, k, D) or None) of the text tower's rows."""
@@ -260,6 +264,8 @@ class _Loss:
         image, (text, negatives) = image.float(), self.split(image, text.float())
         weights = {"image": image, "text": text}[self.weights_from].detach() if self.weights_from else None
         extra = {} if negatives is None else {"negatives": negatives}
+        if self.caption_ids is not None:
+            extra["caption_ids"] = self.caption_ids
         return self.fn(image, text, logit_scale=scale.float(), logit_bias=None if bias is None else bias.float(),
                        labels=self.labels, weights_from=weights, **extra)
 

@@ -19,8 +19,13 @@ The stages talk only through these artifacts, so their names are defined once, h
 
     dataset/                           written by `contrast data pack` (or synth's train/)
         NNNNN.tar ... manifest.json tokenizer.json
-    eval_dir/SET/                      an eval set: shards, classnames.txt, templates;
-                                       or a BEIR text set: queries.jsonl, corpus.jsonl, qrels/test.tsv
+    eval_dir/SET/                      an eval set in CLIP_benchmark's local WebDataset layout:
+        test/0.tar ... nshards.txt     the scored split (shards numbered from 0, their count in nshards.txt)
+        train/                         optional, the same way: the linear probe's training split
+        classnames.txt                 zero-shot: line i names class i (labels in KEY.cls)
+        zeroshot_classification_templates.txt, dataset_type.txt, tokenizer.json
+    eval_dir/SET/ (our first layout)   shards and manifest.json beside classnames.txt and templates
+    eval_dir/SET/ (text retrieval)     a BEIR text set: queries.jsonl, corpus.jsonl, qrels/test.tsv
     synth/train/, synth/eval/SET/      what `contrast data synth` writes
 
 A folder holding `COMPLETE` is finished; without it, it does not exist for any reader.
@@ -45,6 +50,8 @@ DEEPSPEED = "deepspeed"
 RNG = "rng"
 CLASSNAMES = "classnames.txt"
 TEMPLATES = "zeroshot_classification_templates.txt"
+NSHARDS = "nshards.txt"                    # CLIP_benchmark: a split's shard count (shards 0.tar .. N-1.tar)
+DATASET_TYPE = "dataset_type.txt"          # CLIP_benchmark: classification (when absent), retrieval, multilabel
 REPORT = "report.html"
 BEIR_QUERIES = "queries.jsonl"             # a BEIR-style text retrieval set: {"_id", "text"} a line
 BEIR_CORPUS = "corpus.jsonl"               # {"_id", "title", "text"} a line
@@ -61,6 +68,11 @@ RAY = "ray"
 # ------------------------------------------------- a synthesised dataset's folders (`contrast data synth`)
 DATASET_TRAIN = "train"
 DATASET_EVAL = "eval"
+
+# ------------------------------------------------------- an eval set's splits (CLIP_benchmark's names)
+EVAL_TEST = "test"                         # scored by every task
+EVAL_TRAIN = "train"                       # fits the linear probe when present
+EVAL_SPLITS = (EVAL_TEST, EVAL_TRAIN)
 
 _STEP = re.compile(r"^step_(\d+)$")
 
@@ -79,6 +91,16 @@ def parse_step(name: str) -> Optional[int]:
 def _join(base: str, *parts: str) -> str:
     """URL join without the storage layer (a local path keeps its separators: they are '/' on POSIX)."""
     return posixpath.join(str(base), *parts)
+
+
+def numbered_shard(index: int) -> str:
+    """A shard's name in CLIP_benchmark's layout: ``0.tar``, ``1.tar``, … (no padding: it reads ``{0..N-1}.tar``)."""
+    return f"{index}.tar"
+
+
+def eval_split_url(set_url: str, split: str) -> str:
+    """``SET/test`` or ``SET/train``."""
+    return _join(set_url, split)
 
 
 def checkpoints_dir(run_dir: str) -> str:

@@ -7,109 +7,370 @@ from __future__ import annotations
 
 import copy
 import os
+import secrets
+import signal
+import sys
+import tempfile
+import threading
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 from pipeline import storage
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.data import open_train_stream
 from pipeline.eval.scheduler import start_eval_actor
-from pipeline.layout import RAY
-from pipeline.log import get_logger
-from pipeline.train.checkpoint import find_resume, refuse_existing
-from pipeline.train.loop import train_worker
+from pipeline.layout import RAY, parse_step
+from pipeline.log import Timeline, get_logger
+from pipeline.models import check_source, run_tokenizer
+from pipeline.train.checkpoint import find_resume, latest_checkpoint, progress_key, refuse_existing
+from pipeline.train.loop import launched_worker
 
 log = get_logger(__name__)
 
-LOCAL_OBJECT_STORE_BYTES = 256 * 2**20     # the data never goes through Ray's object store
+LOCAL_OBJECT_STORE_BYTES = 256 * 2**20     # the data never goes through it; pages never touched cost no memory
+# A local Ray runs on one machine for one job, started and stopped by this driver: no node is ever
+# drained (Ray Train's preemption watcher is an actor polling for nothing), no dashboard reads Ray
+# Train's metrics, and the workers Ray would prestart for the driver's environment never serve Ray
+# Train's actors (they get their own). Each is a process, or CPU seconds taken from the start-up of
+# a 2-core machine. Set any of these in the environment to override.
+LOCAL_RAY_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+    "RAY_prestart_worker_first_driver": "0",
+}
 
 
 class TrainingError(RuntimeError):
     """Training failed on the workers; the message carries each failing worker's error."""
 
 
-def train(cfg: Config) -> Any:
-    """Train `cfg` on `cluster.num_workers` Ray workers and return Ray Train's result.
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM reached the driver; the message says where the run stopped and how to resume."""
 
-    Refusals that need no worker are raised here, before anything starts (`preflight`).
+    def __init__(self, signum: int, step: Optional[int], resume_step: Optional[int]):
+        self.exit_code = 128 + signum
+        at = f"at step {step}" if step else "before step 1"
+        then = f"from step {resume_step}" if resume_step else "from the start (no checkpoint yet)"
+        super().__init__(f"interrupted {at} ({signal.Signals(signum).name}); rerun the same command to resume {then}")
+
+
+@dataclass
+class Trained:
+    """What `train` did: Ray Train's result, and the scheduled evaluation beside it."""
+    result: Any
+    evaluated: list[int] = field(default_factory=list)
+    eval_failed: dict[int, str] = field(default_factory=dict)
+
+
+def train(cfg: Config) -> Trained:
+    """Train `cfg` on `cluster.num_workers` Ray workers.
+
+    Refusals that need no worker are raised here, before anything starts (`preflight`). SIGINT and
+    SIGTERM stop the run cleanly (`TrainingInterrupted`, Ray shut down); resuming is rerunning. The
+    start-up timeline begun here is continued by the workers; rank 0 logs it at its first step.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    startup = Timeline()
+    startup.mark("python, imports, config")
+    progress = Progress(cfg.run_dir)
+    with Interrupts() as interrupts:
+        try:
+            cfg = absolute_paths(cfg)
+            preflight(cfg)
+            startup.mark("preflight")
+            started_here = connect(cfg)
+            startup.mark("ray start")
+            interrupts.arm()                              # ray.init installs its own SIGTERM handler
+            progress.start()
+            return _fit(cfg, startup, started_here)
+        except _Signal as e:
+            _bounded(progress.read, timeout_s=3)          # the newest step, if Ray still answers
+            _bounded(_shutdown_ray, timeout_s=20)         # Ray's own processes may have had the signal too
+            resume = latest_step(cfg.run_dir)
+            raise TrainingInterrupted(e.signum, max(progress.step or 0, resume or 0), resume) from None
+        finally:
+            progress.stop()
 
-    cfg = absolute_paths(cfg)
-    preflight(cfg)
-    connect(cfg)
+
+def _fit(cfg: Config, startup: Timeline, started_here: bool) -> Trained:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     c = cfg.cluster
     resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.use_gpu else {})}
-    trainer = TorchTrainer(
-        train_worker, train_loop_config=cfg.to_dict(),
+    trainer = (local_trainer_class() if started_here else TorchTrainer)(
+        launched_worker, train_loop_config={"config": cfg.to_dict(), "startup": startup.to_dict()},
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources,
                                      placement_strategy=c.placement_strategy),
-        torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
+        torch_config=torch_config(cfg),
         run_config=RunConfig(name=time.strftime("train-%Y%m%d-%H%M%S"), **ray_storage(cfg.run_dir),
                              failure_config=FailureConfig(max_failures=c.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)))
     evaluator = start_eval_actor(cfg) if cfg.eval.schedule != "off" else None
     try:
-        return trainer.fit()
+        result = in_thread(trainer.fit)
+    except _Signal:
+        if evaluator is not None:                 # an interrupt evaluates nothing more (`contrast watch` can)
+            _bounded(evaluator.stop, timeout_s=10)
+        raise
     except Exception as e:
-        raise TrainingError(failure_summary(e)) from e
-    finally:
         if evaluator is not None:
             evaluator.finish(timeout_s=cfg.eval.claim_ttl_s)
+        raise TrainingError(failure_summary(e)) from e
+    outcome = evaluator.finish(timeout_s=cfg.eval.claim_ttl_s) if evaluator is not None else {}
+    return Trained(result, outcome.get("evaluated", []), outcome.get("failed", {}))
+
+
+class _Signal(BaseException):
+    def __init__(self, signum: int):
+        self.signum = signum
+
+
+class Interrupts:
+    """While active, the first SIGINT or SIGTERM raises `_Signal` in the main thread (Ray's handlers would
+    end the driver without a word, or in a C++ stack dump); a second one ends the process at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> Interrupts:
+        self.previous = {s: signal.getsignal(s) for s in self.SIGNALS}
+        self.arm()
+        return self
+
+    def arm(self) -> None:
+        for s in self.SIGNALS:
+            signal.signal(s, self._first)
+
+    def _first(self, signum: int, frame: Any) -> None:
+        for s in self.SIGNALS:
+            signal.signal(s, self._again)
+        raise _Signal(signum)
+
+    @staticmethod
+    def _again(signum: int, frame: Any) -> None:
+        os.write(2, f"contrast: {signal.Signals(signum).name} again: stopping now\n".encode())
+        os._exit(128 + signum)
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def _shutdown_ray() -> None:
+    import ray
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+class Progress:
+    """The last step rank 0 finished (`report_progress`), polled from Ray's key-value store every few
+    seconds, so that an interrupt can name it even when the signal also took Ray's own processes."""
+
+    def __init__(self, run_dir: str, every_s: float = 2.0):
+        self.key, self.every_s = progress_key(run_dir), every_s
+        self.step: Optional[int] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="contrast-progress", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def read(self) -> None:
+        from ray.experimental import internal_kv
+        value = internal_kv._internal_kv_get(self.key)
+        self.step = int(value) if value else self.step
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.read()
+            except Exception:                             # Ray going down: keep the last value seen
+                return
+
+
+def in_thread(fn: Callable[[], Any]) -> Any:
+    """`fn()` in a helper thread while the main thread waits in Python, where a signal handler can always
+    run and raise (in Ray's C++ waits it cannot raise safely, and Ray Train would replace the SIGINT
+    handler in the main thread). Returns its result or raises its exception."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as e:                    # handed to the caller, in the main thread
+            box["error"] = e
+    thread = threading.Thread(target=run, name="contrast-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _bounded(fn: Any, timeout_s: float) -> None:
+    """Run a clean-up step, giving up after `timeout_s` (it may wait on Ray processes already gone)."""
+    worker = threading.Thread(target=fn, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+
+
+def latest_step(run_dir: str) -> Optional[int]:
+    url = latest_checkpoint(run_dir)
+    return parse_step(url.rstrip("/").rsplit("/", 1)[-1]) if url else None
 
 
 def absolute_paths(cfg: Config) -> Config:
     """A copy of `cfg` with its local relative paths made absolute: Ray workers run in other folders."""
     def fix(url: str) -> str:
-        return url if "://" in url else os.path.abspath(url)
+        return url if "://" in url or url.startswith("pipe:") else os.path.abspath(url)
 
     cfg = copy.deepcopy(cfg)
     cfg.run_dir = fix(cfg.run_dir)
     cfg.data.train_urls = [fix(u) for u in cfg.data.train_urls]
+    for source in cfg.data.sources:
+        source.urls = [fix(u) for u in source.urls]
     cfg.data.eval_dir = cfg.data.eval_dir and fix(cfg.data.eval_dir)
     cfg.data.tokenizer = cfg.data.tokenizer and fix(cfg.data.tokenizer)
     for tower in (cfg.model.image, cfg.model.text):
         tower.hf_path = tower.hf_path and fix(tower.hf_path)
+    cfg.model.init_from = cfg.model.init_from and fix(cfg.model.init_from)
+    if (cfg.model.init_from_config or "").endswith(".json"):     # a JSON file, not a config name
+        cfg.model.init_from_config = fix(cfg.model.init_from_config)
     return cfg
 
 
 def preflight(cfg: Config) -> None:
     """What the workers would refuse, refused once in the driver: a run_dir of another model,
-    `train.resume=never` over existing checkpoints, an impossible world-size change, missing shards or
+    a `model.init_from` that does not fit the data, `train.resume=never` over existing checkpoints, an
+    impossible world-size change, missing shards or
     tokenizer, shards too few for the data stream. (A worker error would cost a Ray start, and
     `cluster.max_failures` restarts of something that cannot succeed.)"""
+    check_source(cfg)
+    storage.makedirs(cfg.run_dir)                  # an object store's bucket must exist (no silent new bucket)
     if cfg.train.resume == "never":
         refuse_existing(cfg)
     resume = find_resume(cfg, cfg.cluster.num_workers)
-    open_train_stream(cfg, rank=0, world_size=cfg.cluster.num_workers, state=resume.data_state if resume else None)
+    stream = open_train_stream(cfg, rank=0, world_size=cfg.cluster.num_workers,
+                               state=resume.data_state if resume else None, tokenizer=run_tokenizer(cfg))
+    if resume:
+        resume.check_tokenizer(stream.tokenizer)
 
 
-def connect(cfg: Config) -> None:
-    """Join the Ray cluster at `cluster.address`, or start a new local one (never another session's).
+def connect(cfg: Config) -> bool:
+    """Join the Ray cluster at `cluster.address`, or start a new local one (never another session's);
+    True when it started one.
 
-    A Ray already initialised in this process (a test module's, a notebook's) is used as it is.
+    Every run uses Ray's token authentication unless `cluster.auth` is "disabled": a local Ray gets a
+    fresh random token (in the environment of its processes only, never printed), and a cluster's
+    token must be given in `RAY_AUTH_TOKEN` or `RAY_AUTH_TOKEN_PATH`. A local Ray runs in Ray's
+    single-machine mode, where every server it starts listens on 127.0.0.1 only. Both are read by Ray
+    when it is imported, so this runs before anything imports it. A Ray already initialised in this
+    process (a test's, a notebook's) is used as it is.
     """
-    import ray
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    already = sys.modules.get("ray")
+    if already is not None and already.is_initialized():
+        return False
+    local = not cfg.cluster.address
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if cfg.cluster.address:
+    os.environ["RAY_AUTH_MODE"] = cfg.cluster.auth
+    if cfg.cluster.auth == "token" and local:
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    elif cfg.cluster.auth == "token" and not _cluster_token_given():
+        raise ConfigError(f"cluster.address = {cfg.cluster.address} with cluster.auth = token: give the cluster's "
+                          "token in RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (or ~/.ray/auth_token); README 'Security' "
+                          "says how the launch files pass it. cluster.auth=disabled turns authentication off")
+    elif cfg.cluster.auth == "disabled":
+        log.warning("cluster.auth = disabled: anyone who can reach the Ray ports can run code in this cluster")
+    if local:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"    # Ray's single-machine mode: loopback only
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")        # gloo's own sockets on loopback too
+        for key, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(key, value)
+    import ray
+    if not local:
         ray.init(address=cfg.cluster.address, log_to_driver=True)
-        return
+        return False
     eval_cpus = cfg.eval.cpus if cfg.eval.schedule != "off" else 0
     needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + eval_cpus
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=False,
-             object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1",
-             runtime_env={"worker_process_setup_hook": "pipeline.orchestrate.quiet_local_ray"})
+             object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+    if ray.util.get_node_ip_address() != "127.0.0.1":
+        log.warning("Ray was imported before contrast chose its single-machine mode: the local Ray's servers "
+                    "listen on every interface (token authentication still guards them)")
+    return True
 
 
-def quiet_local_ray() -> None:
-    """Without a dashboard Ray Train's placement-group cleaner cannot query actor state and warns about
-    it every few seconds; that says nothing about the run, so a local Ray keeps it to errors."""
-    import logging
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+def _cluster_token_given() -> bool:
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or os.path.isfile(path)
+
+
+def torch_config(cfg: Config) -> Any:
+    """How the workers' process group forms: NCCL on GPUs, else gloo; collectives that wait longer than
+    `cluster.collective_timeout_s` fail instead of hanging. A local run rendezvous through a file, so no
+    TCP port opens (torch's TCP rendezvous store listens on every interface)."""
+    from ray.train.torch import TorchConfig
+
+    class LoopbackTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self) -> type:
+            return _file_rendezvous_backend()
+
+    kind = TorchConfig if cfg.cluster.address else LoopbackTorchConfig
+    return kind(backend="nccl" if cfg.cluster.use_gpu else "gloo", timeout_s=int(cfg.cluster.collective_timeout_s))
+
+
+def _file_rendezvous_backend() -> type:
+    from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
+
+    class FileRendezvous(_TorchBackend):
+        """Ray Train's torch backend with a FileStore rendezvous (one machine: a local run)."""
+
+        def on_start(self, worker_group: Any, backend_config: Any) -> None:
+            import ray
+            worker_group.execute(_set_torch_distributed_env_vars)
+            url = "file://" + os.path.join(tempfile.gettempdir(), f"contrast-rendezvous-{secrets.token_hex(8)}")
+            ray.get([worker_group.execute_single_async(i, _setup_torch_process_group, backend=backend_config.backend,
+                                                       world_rank=i, world_size=len(worker_group), init_method=url,
+                                                       timeout_s=backend_config.timeout_s)
+                     for i in range(len(worker_group))])
+    return FileRendezvous
+
+
+def local_trainer_class() -> type:
+    """`TorchTrainer` without three helper actors that a Ray started by this driver does not need, each a
+    Python process (about 200 MB and 2 CPU-seconds to start): the dataset manager, made for Ray Data
+    datasets even when there are none (the workers stream their shards themselves); the placement-group
+    cleaner, which frees the workers' resources should the controller die while the cluster lives on
+    (a local Ray ends with its driver); and the autoscaling coordinator that a fixed worker group asks
+    for its resources (one node, no autoscaler: the controller waits seconds for it to start). These
+    are Ray Train 2.60's own hooks (the version setup.cfg pins); every other callback stays."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+
+    class LocalFixedScalingPolicy(FixedScalingPolicy):
+        def after_controller_start(self, train_run_context: Any) -> None:
+            """No resource request: nothing autoscales a local Ray."""
+
+        def _maybe_send_resource_request(self) -> None:
+            """As above."""
+
+    class LocalTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list:
+            unneeded = (DatasetsCallback, PlacementGroupCleanerCallback)
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, unneeded)]
+
+        def _initialize_and_run_controller(self, *, scaling_policy: Any, **kwargs: Any) -> Any:
+            if type(scaling_policy) is FixedScalingPolicy:
+                scaling_policy = LocalFixedScalingPolicy(scaling_policy.scaling_config)
+            return super()._initialize_and_run_controller(scaling_policy=scaling_policy, **kwargs)
+    return LocalTorchTrainer
 
 
 def ray_storage(run_dir: str) -> dict[str, Any]:

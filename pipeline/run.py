@@ -22,6 +22,7 @@ from pipeline.eval.fashion_mnist import SET_NAME as FASHION_MNIST
 from pipeline.eval.report import final_metrics, read_results, write_report
 from pipeline.eval.retrieval_text import is_text_retrieval_set
 from pipeline.eval.scheduler import Watcher
+from pipeline.eval.sets import is_eval_set
 from pipeline.layout import DATASET_EVAL, DATASET_TRAIN, MANIFEST
 from pipeline.log import get_logger
 from pipeline.orchestrate import absolute_paths, train
@@ -39,13 +40,14 @@ def synth_root(cfg: Config) -> str:
 
 
 def _missing_data(cfg: Config) -> list[str]:
-    """Dataset folders the run needs that have no manifest yet (a manifest is written last)."""
-    needed = list(cfg.data.train_urls)
+    """Dataset folders and eval sets the run needs that are not whole yet (their manifest, or an eval
+    set's nshards.txt, is written last)."""
+    missing = [u for u in cfg.data.train_urls if "{" not in u and not u.endswith(".tar") and not u.endswith(MANIFEST)
+               and not storage.exists(storage.join(u, MANIFEST))]
     if cfg.eval.schedule != "off" and cfg.data.eval_dir:
-        needed += [storage.join(cfg.data.eval_dir, s) for s in cfg.eval.sets
-                   if s != FASHION_MNIST and not is_text_retrieval_set(cfg.data.eval_dir, s)]
-    return [u for u in needed if "{" not in u and not u.endswith(".tar") and not u.endswith(MANIFEST)
-            and not storage.exists(storage.join(u, MANIFEST))]
+        sets = [s for s in cfg.eval.sets if s != FASHION_MNIST and not is_text_retrieval_set(cfg.data.eval_dir, s)]
+        missing += [u for u in (storage.join(cfg.data.eval_dir, s) for s in sets) if not is_eval_set(u)]
+    return missing
 
 
 def ensure_data(cfg: Config) -> None:

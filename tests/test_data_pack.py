@@ -167,3 +167,110 @@ def test_inspect_local_memory_and_s3(tmp_path, s3_server, capsys):
         assert any("zz: corrupt_image" in p for p in reports[1].problems)
     assert main(["data", "inspect", "pipe:cat " + str(out / "00000.tar")]) == 1
     assert "pipe:" in capsys.readouterr().err
+
+
+def class_folder(root, classes: dict[str, tuple[int, int, int]], n: int = 3):
+    """root/CLASS/i.jpg for each class (n images of its colour, slightly varied)."""
+    for name, colour in classes.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            (root / name / f"{i}.jpg").write_bytes(image_bytes(tuple(min(255, c + 4 * i) for c in colour)))
+    return root
+
+
+def split_samples(split_dir) -> dict[str, dict[str, bytes]]:
+    """Samples of a CLIP_benchmark split, read the way CLIP_benchmark does: 0.tar … N-1.tar from nshards.txt."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for i in range(int((split_dir / "nshards.txt").read_text())):
+        with tarfile.open(split_dir / f"{i}.tar") as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return samples
+
+
+def test_pack_clip_benchmark_writes_a_zero_shot_set(tmp_path, capsys):
+    from pipeline.data.pack import DEFAULT_TEMPLATES
+
+    src = class_folder(tmp_path / "src", {"red_apple": (220, 0, 0), "green_pear": (0, 200, 0), "plum": (90, 0, 90)})
+    (src / "plum" / "empty.jpg").write_bytes(b"")
+    (src / "loose.jpg").write_bytes(image_bytes())                       # in no class folder
+    out = tmp_path / "sets" / "fruit"
+    assert main(["-q", "data", "pack", "--folder", str(src), "--clip-benchmark", "--out", str(out),
+                 "--shard-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "packed 9 samples into 3 shards" in printed and "empty_image: 1" in printed
+    assert "no_class_folder: 1" in printed and "loose.jpg" in printed
+    assert sorted(p.name for p in (out / "test").glob("*.tar")) == ["0.tar", "1.tar", "2.tar"]
+    assert (out / "test" / "nshards.txt").read_text() == "3\n"
+    assert (out / "classnames.txt").read_text().splitlines() == ["green pear", "plum", "red apple"]
+    assert (out / "zeroshot_classification_templates.txt").read_text().splitlines() == list(DEFAULT_TEMPLATES)
+    assert (out / "dataset_type.txt").read_text() == "classification\n"
+    samples = split_samples(out / "test")
+    assert len(samples) == 9
+    for key, members in samples.items():                 # each label is its folder's line in classnames.txt
+        folder = {"green_pear": b"0", "plum": b"1", "red_apple": b"2"}[key.rsplit("_", 1)[0]]
+        assert members["cls"] == folder and "jpg" in members and "json" not in members
+    assert samples["red_apple_1"]["txt"] == b"a photo of a red apple."
+
+
+def test_pack_clip_benchmark_templates_and_a_train_split(tmp_path):
+    from pipeline.eval.sets import open_eval_set
+
+    colours = {"red": (220, 0, 0), "blue": (0, 0, 220)}
+    test_src, train_src = class_folder(tmp_path / "test_src", colours), class_folder(tmp_path / "train_src", colours)
+    out = tmp_path / "sets" / "colours"
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a {c} thing.\n\nsomething {c}.\n")
+    assert main(["-q", "data", "pack", "--folder", str(test_src), "--clip-benchmark", "--templates", str(templates),
+                 "--out", str(out)]) == 0
+    assert main(["-q", "data", "pack", "--folder", str(train_src), "--clip-benchmark", "--split", "train",
+                 "--out", str(out)]) == 0
+    s = open_eval_set(str(tmp_path / "sets"), "colours")
+    assert s.kind == "zeroshot" and s.classnames == ["blue", "red"]
+    assert s.templates == ["a {c} thing.", "something {c}."]                # kept when the train split came
+    assert len(s.train_shards) == 1 and [x.label for x in s.train_samples()] == [0, 0, 0, 1, 1, 1]
+    assert [x.caption for x in s.samples()][0] == "a blue thing."
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--split", "train", "--templates", "{bad}"], "templates without a {c} placeholder"),
+    (["--split", "train", "--folder", "{other}"], "differ from"),
+    (["--folder", "{same}"], "already holds a packed split"),
+    (["--split", "train", "--folder", "{flat}"], "no class subfolders"),
+])
+def test_pack_clip_benchmark_refusals_are_named(tmp_path, args, message, capsys):
+    class_folder(tmp_path / "same", {"a": (1, 2, 3), "b": (4, 5, 6)}, n=1)
+    class_folder(tmp_path / "other", {"a": (1, 2, 3), "c": (4, 5, 6)}, n=1)
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "x.jpg").write_bytes(image_bytes())
+    (tmp_path / "bad").write_text("a photo of a thing.\n")
+    out = tmp_path / "set"
+    assert main(["-q", "data", "pack", "--folder", str(tmp_path / "same"), "--clip-benchmark", "--out", str(out)]) == 0
+    capsys.readouterr()
+    argv = ["-q", "data", "pack", "--clip-benchmark", "--out", str(out)]
+    argv += [a.format(bad=tmp_path / "bad", other=tmp_path / "other", same=tmp_path / "same", flat=tmp_path / "flat")
+             for a in args]
+    if "--folder" not in argv:
+        argv += ["--folder", str(tmp_path / "same")]
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err
+    assert (out / "classnames.txt").read_text() == "a\nb\n"               # the set is as it was
+
+
+def test_templates_need_clip_benchmark(tmp_path, capsys):
+    assert main(["-q", "data", "pack", "--folder", str(tmp_path), "--templates", "t.txt", "--out", "x"]) == 1
+    assert "add --clip-benchmark" in capsys.readouterr().err
+
+
+def test_img2dataset_keys_with_slashes_and_dots_are_sanitised_not_fatal(tmp_path):
+    """Keys such as `a/b` or `../x` used to stop the pack and discard every shard already written."""
+    src = tmp_path / "i2d"
+    src.mkdir()
+    keys = ["00000001", "sub/00000002", "../00000003", "x/../00000004", "00000005", "sub_00000002"]
+    make_shard(src / "00000.tar", [(k, {"jpg": image_bytes((0, 90, 0)), "txt": f"photo {i}".encode()})
+                                   for i, k in enumerate(keys)])
+    summary = pack(img2dataset_items(str(src)), str(tmp_path / "out"), shard_size=2, progress=False)
+    written = {name.rsplit(".", 1)[0] for name in shard_members(tmp_path / "out")}
+    assert summary.written == 5 and dict(summary.skipped) == {"duplicate_key": 1}     # sub/… and sub_… collide
+    assert all("/" not in k and "." not in k for k in written) and "sub_00000002" in written

@@ -38,27 +38,38 @@ def test_layout(synth_dir):
     for s in manifest["shards"]:
         assert (train / s["name"]).stat().st_size == s["bytes"]
     assert (train / "tokenizer.json").exists()
-    for name in EVAL_SETS:
-        assert json.loads((synth_dir / "eval" / name / "manifest.json").read_text())["samples"] == 64
+    for name in EVAL_SETS:                         # CLIP_benchmark's layout: test/{0..N-1}.tar + nshards.txt
+        test = synth_dir / "eval" / name / "test"
+        assert (test / "nshards.txt").read_text() == "1\n" and (test / "0.tar").exists()
+        assert json.loads((test / "manifest.json").read_text())["samples"] == 64
+        assert not (synth_dir / "eval" / name / "train").exists()
     for name in ("zeroshot_seen", "zeroshot_heldout"):
         d = synth_dir / "eval" / name
+        assert (d / "dataset_type.txt").read_text() == "classification\n"
         classes = (d / "classnames.txt").read_text().splitlines()
         templates = (d / "zeroshot_classification_templates.txt").read_text().splitlines()
         assert all("{c}" in t for t in templates)
-        labels = [json.loads(v)["label"] for k, v in tar_members(d / "00000.tar").items() if k.endswith(".json")]
-        assert set(labels) <= set(range(len(classes)))
+        members = tar_members(d / "test" / "0.tar")
+        labels = {k[:-4]: int(v) for k, v in members.items() if k.endswith(".cls")}
+        assert len(labels) == 64 and not any(k.endswith(".json") for k in members)
+        assert set(labels.values()) == set(range(len(classes)))                 # balanced: every class
+        for key, label in labels.items():                                       # the label names the caption's class
+            assert classes[label] in members[key + ".txt"].decode()
     held = (synth_dir / "eval" / "zeroshot_heldout" / "classnames.txt").read_text().splitlines()
     seen = (synth_dir / "eval" / "zeroshot_seen" / "classnames.txt").read_text().splitlines()
     assert len(held) == 16 and len(seen) == 64 and not set(held) & set(seen)
     assert {tuple(c.split()) for c in held} == set(HELD_OUT)
-    members = tar_members(synth_dir / "eval" / "relation" / "00000.tar")
+    for name in ("retrieval", "relation"):
+        d = synth_dir / "eval" / name
+        assert (d / "dataset_type.txt").read_text() == "retrieval\n" and not (d / "classnames.txt").exists()
+    members = tar_members(synth_dir / "eval" / "relation" / "test" / "0.tar")
     for name, data in members.items():
         if name.endswith(".json"):
             true = members[name[:-5] + ".txt"].decode()
             swapped = json.loads(data)["swapped"]
             a, b = PAIR.findall(true), PAIR.findall(swapped)
             assert len(a) == 2 and a == b[::-1] and true != swapped
-    retrieval = tar_members(synth_dir / "eval" / "retrieval" / "00000.tar")
+    retrieval = tar_members(synth_dir / "eval" / "retrieval" / "test" / "0.tar")
     assert all(len(v.decode().splitlines()) == 3 for k, v in retrieval.items() if k.endswith(".txt"))
 
 

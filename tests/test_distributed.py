@@ -145,3 +145,55 @@ def test_world(world):
             close(torch.stack([p[0] for p in parts]).mean(), full.detach())
             close(torch.cat([p[1] for p in parts]) / world, u.grad)
             close(torch.cat([p[2] for p in parts]) / world, v.grad)
+
+
+# ------------------------------------------------------------- labels on some ranks, not others
+MIXED = torch.tensor([0, 1, 0, 1, 2, 2, -1, -1, -1, -1, -1, -1])     # rank 1 of 2 has no labels at all
+
+
+def mixed_label_results(rank: int, world: int) -> dict:
+    """supcon, clip and the embedding metrics when only rank 0's batch carries labels (rank 1 passes
+    None): every rank must still call the same collectives."""
+    data = global_batch()
+    u, v = F.normalize(data["x"][:, :4], dim=-1), F.normalize(data["t"][:, :4], dim=-1)
+    rows = slice(rank * N // world, (rank + 1) * N // world)
+    labels = MIXED[rows] if rank == 0 else None
+    out = {name: float(get_loss(name)(u[rows], v[rows], logit_scale=torch.tensor(5.0), labels=labels))
+           for name in ("supcon", "clip")}
+    out["tolerance"] = float(embedding_metrics(u[rows], v[rows], labels)["tolerance"])
+    return out
+
+
+def test_ranks_that_disagree_on_labels_do_not_hang():
+    """The rule: a row without a label is a class of its own (README 'Losses'). Two real ranks, one
+    with labels and one without, finish (a hang fails the test at the timeout) and give the
+    single-process values on the whole batch with that rule."""
+    ranks = run_world(mixed_label_results, 2, timeout_s=120)
+    data = global_batch()
+    u, v = F.normalize(data["x"][:, :4], dim=-1), F.normalize(data["t"][:, :4], dim=-1)
+    for name in ("supcon", "clip"):
+        whole = float(get_loss(name)(u, v, logit_scale=torch.tensor(5.0), labels=MIXED))
+        assert sum(r[name] for r in ranks) / 2 == pytest.approx(whole, rel=RTOL), name
+    tolerance = float(embedding_metrics(u, v, MIXED)["tolerance"])
+    assert ranks[0]["tolerance"] == ranks[1]["tolerance"] == pytest.approx(tolerance, rel=RTOL)
+
+
+def stuck_collective(rank: int, world: int) -> str:
+    """Rank 0 enters an all-reduce that rank 1 never joins, in a group whose timeout is 3 s."""
+    import datetime
+    import time
+    group = torch.distributed.new_group(timeout=datetime.timedelta(seconds=3))
+    if rank == 1:
+        time.sleep(8)
+        return ""
+    try:
+        with D.named_timeouts("step 7"):
+            torch.distributed.all_reduce(torch.ones(1), group=group)
+    except D.CollectiveTimeout as e:
+        return str(e)
+    return "no error"
+
+
+def test_a_stuck_collective_fails_naming_the_rank_and_the_step():
+    message = run_world(stuck_collective, 2, timeout_s=120)[0]
+    assert message.startswith("rank 0 of 2: a collective timed out at step 7 (cluster.collective_timeout_s)"), message

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 
@@ -16,6 +17,7 @@ from pipeline.data import train_tokenizer
 from pipeline.models import DualEncoder, ModelSpec, TextSpec, ViTSpec, build_model
 from pipeline.models.export import export, open_clip_config, open_clip_state_dict
 from pipeline.models.published import CheckpointError, load_published, save_published
+from tests.helpers.open_clip import expected_open_clip_shapes, open_clip_reference
 
 CAPTIONS = [f"a {c} {s} {p} a {c2} {s2}" for c in ("red", "green", "blue") for s in ("square", "circle")
             for p in ("left of", "above") for c2 in ("yellow", "purple") for s2 in ("star", "triangle")]
@@ -136,34 +138,55 @@ def test_hf_export_gives_our_embeddings(published, tokenizer, tmp_path):
     assert torch.equal(ids, tokenizer(CAPTIONS[:3]))
 
 
+def test_hf_export_from_raw_strings_and_images_through_auto_processor(published, tokenizer, tmp_path):
+    """What a transformers user does: AutoProcessor + AutoModel on PIL images and strings."""
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor
+
+    from pipeline.data.transforms import decode_image, to_tensor
+    from tests.helpers.data import image_bytes
+    model, url = published
+    export(url, "hf", str(tmp_path / "hf"))
+    hf_model, processor = AutoModel.from_pretrained(tmp_path / "hf").eval(), AutoProcessor.from_pretrained(
+        tmp_path / "hf")
+    raw = [image_bytes((200, 30, 30), SIZE), image_bytes((20, 130, 230), SIZE)]
+    inputs = processor(text=CAPTIONS[:2], images=[Image.open(io.BytesIO(b)) for b in raw], padding="max_length",
+                       max_length=CONTEXT, return_tensors="pt")
+    with torch.no_grad():
+        theirs_image = F.normalize(hf_model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
+        theirs_text = F.normalize(hf_model.get_text_features(input_ids=inputs["input_ids"]).pooler_output)
+        ours_image = model.encode_image(to_tensor([decode_image(b, SIZE) for b in raw]))
+    assert torch.equal(inputs["input_ids"], tokenizer(CAPTIONS[:2]))
+    assert (theirs_image - ours_image).abs().max() < 1e-5
+    assert (theirs_text - model.encode_text(tokenizer(CAPTIONS[:2]))).abs().max() < 1e-5
+
+
+def test_a_logit_bias_on_clip_towers_is_refused_by_hf_and_kept_by_open_clip(tmp_path, tokenizer, capsys):
+    url = str(tmp_path / "run" / "published" / "step_00000002")
+    model = perturbed_model(tokenizer, bias=-7.5)
+    save_published(model, tokenizer, url, 2)
+    assert cli.main(["export", url, "--format", "hf", "--out", str(tmp_path / "hf")]) == 1
+    err = capsys.readouterr().err
+    assert "neither CLIPModel nor SiglipModel" in err and "a logit bias" in err and "causal" in err
+    assert "--format open_clip holds it" in err and not (tmp_path / "hf").exists()
+    export(url, "open_clip", str(tmp_path / "oc"))
+    assert load_file(str(tmp_path / "oc" / "open_clip_model.safetensors"))["logit_bias"] == model.logit_bias
+    assert "init_logit_bias" in json.load(open(tmp_path / "oc" / "open_clip_config.json"))["model_cfg"]
+
+
+def test_every_export_has_a_model_card_with_the_run_and_its_metrics(published, tmp_path):
+    _, url = published
+    run_dir = url.rsplit("/published/", 1)[0]
+    storage.write_json(f"{run_dir}/eval/step_00000007.json", {"step": 7, "metrics": {"heldout/zeroshot_acc1": 0.734}})
+    for fmt in ("safetensors", "open_clip", "hf"):
+        export(url, fmt, str(tmp_path / fmt))
+        card = (tmp_path / fmt / "README.md").read_text()
+        assert f"--format {fmt}" in card and "step 7, 1,792 samples seen" in card
+        assert "| heldout/zeroshot_acc1 | 0.7340 |" in card and "loss `clip`, global batch 256" in card
+        assert "started from: random initialisation" in card and "run_dir: runs/default" in card
+
+
 # ------------------------------------------------------------------------------ open_clip export
-def expected_open_clip_shapes(embed, v_width, v_layers, patch, image_size, t_width, t_layers, context, vocab):
-    """open_clip's CLIP state-dict layout (its `VisionTransformer` and `TextTransformer`, `nn.MultiheadAttention`
-    with packed in_proj, `x @ proj` projections), written out from its documented architecture."""
-    def blocks(prefix, width, layers):
-        shapes = {}
-        for i in range(layers):
-            b = f"{prefix}.{i}"
-            shapes.update({f"{b}.ln_1.weight": (width,), f"{b}.ln_1.bias": (width,),
-                           f"{b}.attn.in_proj_weight": (3 * width, width), f"{b}.attn.in_proj_bias": (3 * width,),
-                           f"{b}.attn.out_proj.weight": (width, width), f"{b}.attn.out_proj.bias": (width,),
-                           f"{b}.ln_2.weight": (width,), f"{b}.ln_2.bias": (width,),
-                           f"{b}.mlp.c_fc.weight": (4 * width, width), f"{b}.mlp.c_fc.bias": (4 * width,),
-                           f"{b}.mlp.c_proj.weight": (width, 4 * width), f"{b}.mlp.c_proj.bias": (width,)})
-        return shapes
-    grid = image_size // patch
-    shapes = {"logit_scale": (), "visual.class_embedding": (v_width,),
-              "visual.positional_embedding": (grid * grid + 1, v_width), "visual.proj": (v_width, embed),
-              "visual.conv1.weight": (v_width, 3, patch, patch),
-              "visual.ln_pre.weight": (v_width,), "visual.ln_pre.bias": (v_width,),
-              "visual.ln_post.weight": (v_width,), "visual.ln_post.bias": (v_width,),
-              "token_embedding.weight": (vocab, t_width), "positional_embedding": (context, t_width),
-              "ln_final.weight": (t_width,), "ln_final.bias": (t_width,), "text_projection": (t_width, embed)}
-    shapes.update(blocks("visual.transformer.resblocks", v_width, v_layers))
-    shapes.update(blocks("transformer.resblocks", t_width, t_layers))
-    return shapes
-
-
 @pytest.mark.parametrize("name, dims", [
     ("ViT-B-32", (512, 768, 12, 32, 224, 512, 12, 77, 49408)),
     ("ViT-B-16", (512, 768, 12, 16, 224, 512, 12, 77, 49408)),
@@ -184,45 +207,16 @@ def test_open_clip_layout_of_the_public_models(name, dims):
         {"context_length": context, "vocab_size": vocab, "width": t_width, "heads": t_width // 64, "layers": t_layers}
 
 
-def open_clip_reference(sd, cfg, images, tokens):
-    """open_clip's CLIP forward, written from its layout with torch.nn.MultiheadAttention (independent of ours)."""
-    def resblocks(x, prefix, layers, heads, causal):
-        mask = torch.full((x.shape[1], x.shape[1]), float("-inf")).triu(1) if causal else None
-        for i in range(layers):
-            p = lambda n, i=i: sd[f"{prefix}.{i}.{n}"]  # noqa: E731
-            width = x.shape[-1]
-            attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
-            attn.load_state_dict({"in_proj_weight": p("attn.in_proj_weight"),
-                                  "in_proj_bias": p("attn.in_proj_bias"),
-                                  "out_proj.weight": p("attn.out_proj.weight"),
-                                  "out_proj.bias": p("attn.out_proj.bias")})
-            h = F.layer_norm(x, (width,), p("ln_1.weight"), p("ln_1.bias"))
-            x = x + attn(h, h, h, need_weights=False, attn_mask=mask)[0]
-            h = F.layer_norm(x, (width,), p("ln_2.weight"), p("ln_2.bias"))
-            x = x + F.linear(F.gelu(F.linear(h, p("mlp.c_fc.weight"), p("mlp.c_fc.bias"))),
-                             p("mlp.c_proj.weight"), p("mlp.c_proj.bias"))
-        return x
-    v, t = cfg["vision_cfg"], cfg["text_cfg"]
-    x = F.conv2d(images, sd["visual.conv1.weight"], stride=v["patch_size"]).flatten(2).transpose(1, 2)
-    x = torch.cat([sd["visual.class_embedding"].expand(len(x), 1, -1), x], 1) + sd["visual.positional_embedding"]
-    x = F.layer_norm(x, (v["width"],), sd["visual.ln_pre.weight"], sd["visual.ln_pre.bias"])
-    x = resblocks(x, "visual.transformer.resblocks", v["layers"], v["width"] // v["head_width"], causal=False)
-    x = F.layer_norm(x, (v["width"],), sd["visual.ln_post.weight"], sd["visual.ln_post.bias"])
-    image = x[:, 0] @ sd["visual.proj"]
-    x = sd["token_embedding.weight"][tokens] + sd["positional_embedding"]
-    x = resblocks(x, "transformer.resblocks", t["layers"], t["heads"], causal=True)
-    x = F.layer_norm(x, (t["width"],), sd["ln_final.weight"], sd["ln_final.bias"])
-    text = x[torch.arange(len(x)), tokens.argmax(-1)] @ sd["text_projection"]
-    return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
-
-
 def test_open_clip_export_computes_our_embeddings(published, tokenizer, tmp_path):
     model, url = published
     out = tmp_path / "oc"
     export(url, "open_clip", str(out))
-    assert sorted(os.listdir(out)) == ["open_clip_config.json", "open_clip_model.safetensors", "tokenizer.json"]
+    assert sorted(os.listdir(out)) == ["README.md", "open_clip_config.json", "open_clip_model.safetensors",
+                                       "tokenizer.json", "tokenizer_config.json"]
     sd = load_file(str(out / "open_clip_model.safetensors"))
     cfg = json.load(open(out / "open_clip_config.json"))["model_cfg"]
+    assert cfg["text_cfg"]["hf_tokenizer_name"], "open_clip must read the folder's tokenizer, not its CLIP BPE"
+    assert json.load(open(out / "tokenizer_config.json"))["tokenizer_class"] == "PreTrainedTokenizerFast"
     images, tokens = inputs(tokenizer)
     with torch.no_grad():
         image, text = open_clip_reference(sd, cfg, images, tokens)
@@ -268,5 +262,5 @@ def test_checkpoint_with_a_pretrained_tower_rebuilds_without_its_source(tmp_path
     loaded = load_published(url)
     tokens = loaded.tokenizer(["a blue circle", "two red squares above a star"])
     assert torch.equal(loaded.encode_text(tokens), model.encode_text(tokens))
-    with pytest.raises(ValueError, match="needs the built-in ViT and text towers"):
+    with pytest.raises(ValueError, match="neither CLIPModel nor SiglipModel.*pretrained Hugging Face tower"):
         export(url, "hf", str(tmp_path / "hf"))

@@ -2,8 +2,10 @@
 
 A shard is a tar of samples ``KEY.jpg`` (or .png/.webp), ``KEY.txt`` and optional ``KEY.json``; the
 members of one sample are adjacent. ``manifest.json`` beside the shards lists each shard's name,
-sample count and byte size. Reading goes through webdataset's tar iterator and its ``gopen`` table,
-in which `pipeline.storage.register_webdataset_opener` puts fsspec (so ``s3://``, ``memory://`` work).
+sample count and byte size. A folder in CLIP_benchmark's layout names its shards ``0.tar`` …
+``N-1.tar`` and gives N in ``nshards.txt``; the writer can add that, and the resolver reads it.
+Reading goes through webdataset's tar iterator and its ``gopen`` table, in which
+`pipeline.storage.register_webdataset_opener` puts fsspec (so ``s3://``, ``memory://`` work).
 """
 from __future__ import annotations
 
@@ -12,13 +14,14 @@ import os
 import posixpath
 import tarfile
 import tempfile
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import braceexpand
 
 from pipeline import storage
-from pipeline.layout import MANIFEST
+from pipeline.layout import EVAL_TEST, MANIFEST, NSHARDS, numbered_shard
 from pipeline.log import get_logger
 
 log = get_logger(__name__)
@@ -35,14 +38,17 @@ class ShardWriter:
     Each tar is built in a local temporary file and only then renamed (local) or uploaded (object
     stores publish an object when its upload completes). Used as a context manager, an error or an
     interrupt removes every shard of this writer: nothing half-written is left, and no manifest.
+    With `numbered`, shards are named CLIP_benchmark's way (``0.tar``, ``1.tar``, …) and ``nshards.txt``
+    is written after the manifest.
     """
 
-    def __init__(self, out_url: str, shard_size: int = 1000, prefix: str = ""):
+    def __init__(self, out_url: str, shard_size: int = 1000, prefix: str = "", numbered: bool = False):
         if shard_size < 1:
             raise ValueError(f"shard_size = {shard_size}: expected at least 1")
         self.out_url = str(out_url).rstrip("/")
         self.shard_size = shard_size
         self.prefix = prefix
+        self.numbered = numbered
         self.shards: list[dict[str, Any]] = []
         self._tmp: Optional[Any] = None
         self._tar: Optional[tarfile.TarFile] = None
@@ -74,6 +80,8 @@ class ShardWriter:
         manifest = {"format": "webdataset", "version": 1, "shards": self.shards,
                     "samples": sum(s["samples"] for s in self.shards), **manifest_extra}
         storage.write_json(storage.join(self.out_url, MANIFEST), manifest)
+        if self.numbered:
+            storage.write_bytes(storage.join(self.out_url, NSHARDS), f"{len(self.shards)}\n".encode())
         return manifest
 
     def abort(self) -> None:
@@ -88,7 +96,7 @@ class ShardWriter:
         self.shards = []
 
     def _name(self) -> str:
-        return f"{self.prefix}{len(self.shards):05d}.tar"
+        return numbered_shard(len(self.shards)) if self.numbered else f"{self.prefix}{len(self.shards):05d}.tar"
 
     def _open(self) -> None:
         self._tmp = tempfile.NamedTemporaryFile(prefix=".shard-", suffix=".tar", delete=False,
@@ -157,6 +165,37 @@ def resolve_shards(urls: str | Sequence[str], allow_pipe: bool = False) -> list[
     return shards
 
 
+COUNT_THREADS = 16                         # shards counted at once (the work is mostly waiting for bytes)
+
+
+def with_counts(shards: Sequence[Shard]) -> list[Shard]:
+    """`shards` with every sample count known: the manifest's, else counted by reading the shard once.
+
+    A broken shard counts the samples before the break plus one, so that a reader meets the break
+    and counts it as lost. Counting reads whole tars: give a manifest.json for large remote data.
+    """
+    missing = [s for s in shards if s.samples is None]
+    if not missing:
+        return list(shards)
+    log.info("counting the samples of %d shards without a manifest (a manifest.json beside them avoids this)",
+             len(missing))
+    _tar_reader()                                      # imported here: a first import in several threads races
+    with ThreadPoolExecutor(min(COUNT_THREADS, len(missing))) as pool:
+        counted = dict(zip([s.url for s in missing], pool.map(count_samples, [s.url for s in missing])))
+    return [s if s.samples is not None else replace(s, samples=counted[s.url]) for s in shards]
+
+
+def count_samples(url: str) -> int:
+    """Samples in one tar as the reader sees them; a break counts as one more."""
+    n = 0
+    try:
+        for _ in read_shard(url):
+            n += 1
+    except Exception:                                  # unreadable or truncated: the reader will find it
+        return n + 1
+    return n
+
+
 def _from_manifest(url: str) -> list[Shard]:
     manifest = storage.read_json(url)
     base = url[: -len(MANIFEST)].rstrip("/")
@@ -170,13 +209,32 @@ def _from_manifest(url: str) -> list[Shard]:
 def _from_folder(url: str) -> list[Shard]:
     if storage.exists(storage.join(url, MANIFEST)):
         return _from_manifest(storage.join(url, MANIFEST))
+    if storage.exists(storage.join(url, NSHARDS)):
+        return _from_nshards(url)
     tars = list(storage.iter_files(url, ".tar"))
     if not tars:
         where = f" (a relative path, read from {os.getcwd()})" if storage.is_local(url) and not os.path.isabs(
             storage.local_path(url)) else ""
-        raise DataError(f"{url}{where}: no manifest.json and no .tar files; expected a dataset folder written by "
-                        "`contrast data synth` or `contrast data pack`, tar URLs, or a brace pattern")
+        split = " (an eval set in CLIP_benchmark's layout: its shards are in test/)" if storage.exists(
+            storage.join(url, EVAL_TEST, NSHARDS)) else ""
+        raise DataError(f"{url}{where}: no manifest.json and no .tar files{split}; expected a dataset folder written "
+                        "by `contrast data synth` or `contrast data pack`, tar URLs, or a brace pattern")
     return [Shard(t) for t in tars]
+
+
+def _from_nshards(url: str) -> list[Shard]:
+    """CLIP_benchmark's split folder: exactly ``0.tar`` … ``N-1.tar`` for the N in nshards.txt, all present."""
+    text = storage.read_bytes(storage.join(url, NSHARDS)).decode("utf-8", "replace").strip()
+    if not text.isdigit() or int(text) < 1:
+        raise DataError(f"{storage.join(url, NSHARDS)}: {text[:40]!r}; expected the number of shards (a positive "
+                        "integer)")
+    names = [numbered_shard(i) for i in range(int(text))]
+    present = {posixpath.basename(u) for u in storage.iter_files(url, ".tar")}
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise DataError(f"{url}: nshards.txt says {len(names)} shards but {', '.join(missing[:5])} "
+                        f"{'is' if len(missing) == 1 else 'are'} missing")
+    return [Shard(storage.join(url, n)) for n in names]
 
 
 def dataset_dir(urls: str | Sequence[str]) -> Optional[str]:
@@ -200,10 +258,7 @@ class RawSample:
 
 def read_shard(url: str) -> Iterator[RawSample]:
     """The samples of one tar, in order. Raises on an unreadable or truncated tar (after the good part)."""
-    from webdataset.gopen import gopen
-    from webdataset.tariterators import base_plus_ext, tar_file_iterator
-
-    storage.register_webdataset_opener()
+    gopen, base_plus_ext, tar_file_iterator = _tar_reader()
     stream = _TailReader(gopen(url, "rb"))
     try:
         current: Optional[RawSample] = None
@@ -221,6 +276,14 @@ def read_shard(url: str) -> Iterator[RawSample]:
             yield current
     finally:
         stream.close()
+
+
+def _tar_reader() -> tuple[Any, Any, Any]:
+    """webdataset's opener (with fsspec registered in it), name splitter and tar iterator."""
+    from webdataset.gopen import gopen
+    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+    storage.register_webdataset_opener()
+    return gopen, base_plus_ext, tar_file_iterator
 
 
 @dataclass

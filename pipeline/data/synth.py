@@ -22,9 +22,11 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from pipeline import storage
+from pipeline.data.evalsets import CLASSIFICATION, RETRIEVAL, split_writer, write_set_files
+from pipeline.data.samples import encode_label
 from pipeline.data.shards import ShardWriter
 from pipeline.data.tokenizer import train_tokenizer
-from pipeline.layout import CLASSNAMES, DATASET_EVAL, DATASET_TRAIN, TEMPLATES, TOKENIZER
+from pipeline.layout import DATASET_EVAL, DATASET_TRAIN, EVAL_TEST, TOKENIZER
 from pipeline.log import get_logger
 
 log = get_logger(__name__)
@@ -226,9 +228,13 @@ def eval_sample(name: str, seed: int, index: int, size: int) -> tuple[bytes, str
 
 
 # -------------------------------------------------------------------------------------- writing
-def _members(jpeg: bytes, caption: str, meta: Optional[dict]) -> dict[str, bytes]:
+def _members(jpeg: bytes, caption: str, meta: Optional[dict], label_as_cls: bool) -> dict[str, bytes]:
+    """A sample's tar members; with `label_as_cls` a ``"label"`` goes to ``KEY.cls`` (CLIP_benchmark's way)."""
     members = {"jpg": jpeg, "txt": caption.encode("utf-8")}
-    if meta is not None:
+    meta = dict(meta or {})
+    if label_as_cls and "label" in meta:
+        members["cls"] = encode_label(meta.pop("label"))
+    if meta:
         members["json"] = json.dumps(meta).encode("utf-8")
     return members
 
@@ -239,18 +245,18 @@ def _render_range(split: str, seed: int, start: int, stop: int, size: int) -> li
     return [eval_sample(split, seed, i, size) for i in range(start, stop)]
 
 
-def _write_split(out: str, split: str, n: int, seed: int, size: int, shard_size: int, workers: int,
+def _write_split(writer: ShardWriter, split: str, n: int, seed: int, size: int, workers: int,
                  progress: bool) -> list[str]:
-    """Render `n` samples of a split into shards at `out`; returns the captions (for the tokenizer)."""
-    ranges = [(i, min(i + shard_size, n)) for i in range(0, n, shard_size)]
+    """Render `n` samples of a split (``train`` or an eval set's name) into `writer`; returns the captions."""
+    ranges = [(i, min(i + writer.shard_size, n)) for i in range(0, n, writer.shard_size)]
     captions: list[str] = []
     extra = {"created_by": "contrast data synth", "split": split, "seed": seed, "image_size": size}
     bar = tqdm(total=n, desc=f"synth {split}", unit="sample", disable=not progress, leave=False)
-    with ShardWriter(out, shard_size) as writer, ProcessPoolExecutor(workers) if workers > 1 else _Inline() as pool:
+    with writer, ProcessPoolExecutor(workers) if workers > 1 else _Inline() as pool:
         chunks = pool.map(_render_range, *zip(*[(split, seed, a, b, size) for a, b in ranges]))
         for (start, _), chunk in zip(ranges, chunks):
             for i, (jpeg, caption, meta) in enumerate(chunk):
-                writer.write(f"{start + i:08d}", _members(jpeg, caption, meta))
+                writer.write(f"{start + i:08d}", _members(jpeg, caption, meta, label_as_cls=split != "train"))
                 captions.append(caption)
             bar.update(len(chunk))
         writer.close(**extra)
@@ -273,28 +279,36 @@ class _Inline:
 
 def synthesize(out: str, samples: int, *, eval_samples: int = 1000, image_size: int = 64, shard_size: int = 1000,
                seed: int = 0, workers: int = 1, vocab_size: int = 1024, progress: bool = True) -> dict:
-    """Write `out/train` (shards, manifest.json, tokenizer.json) and `out/eval/<set>` for EVAL_SETS
-    (shards, manifest.json, a copy of the train tokenizer.json; classnames and templates for zero-shot)."""
+    """Write `out/train` (shards, manifest.json, tokenizer.json) and `out/eval/<set>` for EVAL_SETS.
+
+    Each eval set is in CLIP_benchmark's layout (see `pipeline.data.evalsets`), so CLIP_benchmark reads it
+    as it is: zero-shot sets are classification sets (labels in ``KEY.cls``), retrieval sets hold one
+    caption a line. The relation set is a retrieval set to CLIP_benchmark (it scores the true captions)
+    with our extra ``KEY.json`` {"swapped": caption}, which CLIP_benchmark does not read. A copy of the
+    train tokenizer.json sits in each set, so each set stands alone.
+    """
     if samples < 1 or eval_samples < 1:
         raise ValueError(f"samples = {samples}, eval_samples = {eval_samples}: expected at least 1 of each")
     if image_size < 16:
         raise ValueError(f"image_size = {image_size}: expected at least 16 pixels for recognisable shapes")
     out = str(out).rstrip("/")
     train_dir = storage.join(out, DATASET_TRAIN)
-    captions = _write_split(train_dir, "train", samples, seed, image_size, shard_size, workers, progress)
+    captions = _write_split(ShardWriter(train_dir, shard_size), "train", samples, seed, image_size, workers, progress)
     corpus = captions + [t.format(c=classname(c)) for t in ZEROSHOT_TEMPLATES for c in ALL_COMBOS]
     tokenizer = train_tokenizer(corpus, vocab_size=vocab_size)
     tokenizer.save(storage.join(train_dir, TOKENIZER))
     for name in EVAL_SETS:
         set_dir = storage.join(out, DATASET_EVAL, name)
-        _write_split(set_dir, name, eval_samples, seed, image_size, shard_size, workers, progress)
-        tokenizer.save(storage.join(set_dir, TOKENIZER))       # the train one, so each set stands alone
+        storage.makedirs(set_dir)
+        tokenizer.save(storage.join(set_dir, TOKENIZER))
         if name.startswith("zeroshot"):
             classes = SEEN if name == "zeroshot_seen" else HELD
-            storage.write_bytes(storage.join(set_dir, CLASSNAMES),
-                                "".join(classname(c) + "\n" for c in classes).encode())
-            storage.write_bytes(storage.join(set_dir, TEMPLATES),
-                                "".join(t + "\n" for t in ZEROSHOT_TEMPLATES).encode())
+            write_set_files(set_dir, CLASSIFICATION, [classname(c) for c in classes], ZEROSHOT_TEMPLATES)
+        else:
+            write_set_files(set_dir, RETRIEVAL)
+        # the shards last: nshards.txt, written after them, is what says the set is whole
+        _write_split(split_writer(set_dir, EVAL_TEST, shard_size), name, eval_samples, seed, image_size, workers,
+                     progress)
     summary = {"train": train_dir, "samples": samples,
                "eval": {n: storage.join(out, DATASET_EVAL, n) for n in EVAL_SETS},
                "held_out": sorted(classname(c) for c in HELD)}

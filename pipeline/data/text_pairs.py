@@ -10,6 +10,11 @@ must gather the same shape). A pair with more keeps k drawn without replacement,
 some repeats its own (each once before any twice), and one with none is skipped and counted as
 ``missing_negatives``. The draw is seeded by the pair's place in the stream, like image augmentation.
 
+Duplicates (`loss.duplicates: mask`): a batch's "caption_id" holds two ids per row, its query's and its
+positive's (`samples.caption_id`: equal after NFKC, case folding and whitespace). Two rows sharing either
+one are not each other's negatives, in both directions and for every loss (transitively: the loss groups
+rows that share any id); their hard negatives stay negatives (a row's own negatives are never masked).
+
 The JSONL input is what sentence-transformers, FlagEmbedding and tevatron users have: one object a line,
 ``{"query": str, "pos": str or [str, ...], "neg": [str, ...]}`` (an ``id`` or ``_id`` field names the key).
 A list of positives keeps its first one (counted as ``extra_positives_dropped``: several rows of one
@@ -22,11 +27,13 @@ import random
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
+import torch
 from tqdm import tqdm
 
 from pipeline import storage
+from pipeline.data.mixture import DEFAULT_SOURCE
 from pipeline.data.pack import TOKENIZER_CAPTIONS, PackSummary, safe_key
-from pipeline.data.samples import NEGATIVES, POSITIVE, QUERY, BadSample, TextPair, validate_text_pair
+from pipeline.data.samples import NEGATIVES, POSITIVE, QUERY, BadSample, TextPair, caption_id, validate_text_pair
 from pipeline.data.shards import DataError, ShardWriter
 from pipeline.data.tokenizer import Tokenizer, train_tokenizer
 from pipeline.layout import TOKENIZER
@@ -45,6 +52,7 @@ class TextRow:
     query: str
     pos: str
     negatives: list[str]
+    source: str = DEFAULT_SOURCE
 
 
 def choose_negatives(negatives: Sequence[str], k: int, rng: random.Random) -> list[str]:
@@ -64,7 +72,9 @@ def choose_negatives(negatives: Sequence[str], k: int, rng: random.Random) -> li
 class TextPairRows:
     """How the stream reads text pairs: validate raw members, pick each row's negatives, tokenise a batch.
 
-    Batch: "key" (list), "query" (n×L ids), "pos" (n×L), and with k > 0 hard negatives "neg" (n×k×L).
+    Batch: "key" (list), "query" (n×L ids), "pos" (n×L), "caption_id" (n×2: `caption_id` of the query
+    and of the positive; the loss's duplicate mask), "source" (list), and with k > 0 hard negatives
+    "neg" (n×k×L).
     """
     hard_negatives: int = 0
 
@@ -80,7 +90,10 @@ class TextPairRows:
 
     def collate(self, rows: Sequence[TextRow], tokenizer: Tokenizer) -> dict[str, Any]:
         batch: dict[str, Any] = {"key": [r.key for r in rows], "query": tokenizer([r.query for r in rows]),
-                                 "pos": tokenizer([r.pos for r in rows])}
+                                 "pos": tokenizer([r.pos for r in rows]),
+                                 "caption_id": torch.tensor([[caption_id(r.query), caption_id(r.pos)] for r in rows],
+                                                            dtype=torch.long),
+                                 "source": [r.source for r in rows]}
         if self.hard_negatives:
             negatives = tokenizer([n for r in rows for n in r.negatives])
             batch["neg"] = negatives.view(len(rows), self.hard_negatives, -1)

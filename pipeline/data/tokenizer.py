@@ -5,7 +5,9 @@ a LongTensor (N, context_length); pad id is 0; every row ends with the end token
 largest id of our own vocabularies (so argmax pooling over ids finds it, as open_clip does, and a
 Hugging Face ``eos_token_id`` agrees). Rows longer than the context are truncated and keep the end
 token. Any other ``tokenizer.json`` (e.g. one shipped with a pretrained text tower) also loads; its
-own post-processor (``[CLS] … [SEP]``) is kept.
+own post-processor (``[CLS] … [SEP]``) is kept, and so is the padding token it declares (SigLIP pads
+with its end token). OpenAI CLIP's BPE (`clip_tokenizer`, models imported from open_clip) also
+cleans each caption as open_clip does before tokenizing (`pipeline.data.clip_bpe`).
 """
 from __future__ import annotations
 
@@ -16,16 +18,18 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from pipeline import storage
+from pipeline.data import clip_bpe
 from pipeline.layout import MANIFEST, TOKENIZER
 
 PAD = "<pad>"
 END = "<end>"
-_END_NAMES = (END, "<|endoftext|>", "</s>", "[SEP]")
+_END_NAMES = (END, "<|endoftext|>", clip_bpe.END, "</s>", "[SEP]")
 _PAD_NAMES = (PAD, "[PAD]", "<|pad|>")
 
 
 class Tokenizer:
-    """Strings → fixed-length token ids (pad 0, end token kept under truncation)."""
+    """Strings → fixed-length token ids (pad id 0 unless the tokenizer declares its padding, end token kept
+    under truncation)."""
 
     def __init__(self, tok: HFTokenizer, context_length: int):
         if context_length < 2:
@@ -33,14 +37,24 @@ class Tokenizer:
         self._tok = tok
         self.context_length = context_length
         self.eot_id = _first_id(tok, _END_NAMES, "an end token")
-        self.pad_id = _first_id(tok, _PAD_NAMES, default=0)
+        padding = tok.padding
+        self._pad_token = padding["pad_token"] if padding else None
+        self.pad_id = padding["pad_id"] if padding else _first_id(tok, _PAD_NAMES, default=0)
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self._clean = clip_bpe.clean if clip_bpe.is_clip_bpe(tok) else None
         tok.no_padding()
         tok.enable_truncation(max_length=context_length)
+
+    @property
+    def is_clip_bpe(self) -> bool:
+        """Whether this is OpenAI CLIP's BPE with open_clip's cleaning (open_clip's built-in tokenizer)."""
+        return self._clean is not None
 
     def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
         if isinstance(texts, str):
             texts = [texts]
+        if self._clean is not None:
+            texts = [self._clean(t) for t in texts]
         rows = []
         for enc in self._tok.encode_batch(list(texts)):
             ids = enc.ids
@@ -56,7 +70,12 @@ class Tokenizer:
         return self._tok.decode([int(i) for i in ids if int(i) != self.pad_id])
 
     def to_json(self) -> str:
-        return self._tok.to_str()
+        """The `tokenizer.json` text, with the padding token when the tokenizer declared one."""
+        if self._pad_token is None:
+            return self._tok.to_str()
+        tok = HFTokenizer.from_str(self._tok.to_str())
+        tok.enable_padding(pad_id=self.pad_id, pad_token=self._pad_token)
+        return tok.to_str()
 
     def save(self, url: str) -> None:
         storage.write_bytes(url, self.to_json().encode("utf-8"))
@@ -84,6 +103,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, context_length
     tok.add_special_tokens([END])                         # appended after training: the largest id
     tok.post_processor = processors.TemplateProcessing(single=f"$A {END}", special_tokens=[(END, tok.token_to_id(END))])
     return Tokenizer(tok, context_length)
+
+
+def clip_tokenizer(context_length: int = 77) -> Tokenizer:
+    """OpenAI CLIP's BPE with open_clip's cleaning: the ids of open_clip's `SimpleTokenizer`."""
+    return Tokenizer(HFTokenizer.from_str(clip_bpe.clip_bpe_json()), context_length)
 
 
 def tokenizer_url(url_or_dataset_dir: str) -> str:

@@ -71,14 +71,11 @@ def relation_accuracy(image_emb: torch.Tensor, true_emb: torch.Tensor, swapped_e
 
 def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, train_fraction: float,
                           seed: int = 0) -> float:
-    """Logistic regression on frozen features: fit on a stratified split, return the test accuracy.
+    """Logistic regression on frozen features of one set: fit on a stratified split, return the test accuracy.
 
-    Features are standardised on the training split. Classes with a single example cannot be
-    split between train and test and are left out.
+    Classes with a single example cannot be split between train and test and are left out.
     """
-    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
-    from sklearn.preprocessing import StandardScaler
 
     classes, counts = np.unique(labels, return_counts=True)
     keep = np.isin(labels, classes[counts >= 2])
@@ -87,6 +84,17 @@ def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, train_fracti
         raise ValueError(f"linear probe needs at least 2 classes with 2+ examples each; got labels {np.unique(labels)}")
     n_test = max(len(np.unique(y)), int(round(len(y) * (1 - train_fraction))))
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=n_test, random_state=seed, stratify=y)
+    return fit_linear_probe(x_train, y_train, x_test, y_test)
+
+
+def fit_linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> float:
+    """Logistic regression fitted on (x_train, y_train), features standardised on the training rows;
+    the accuracy on (x_test, y_test). A test class absent from training counts as wrong."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    if len(np.unique(y_train)) < 2:
+        raise ValueError(f"linear probe needs at least 2 classes to train on; got labels {np.unique(y_train)}")
     scaler = StandardScaler().fit(x_train)
     clf = LogisticRegression(max_iter=1000, C=1.0)
     clf.fit(scaler.transform(x_train), y_train)

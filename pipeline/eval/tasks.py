@@ -1,12 +1,14 @@
 """The evaluation tasks: embed a set with a frozen dual encoder, then score it with `metrics`.
 
 A set's kind (see `sets`) picks its task; every task returns a flat dict of floats. Zero-shot sets
-also get a linear probe on the same frozen image features (their labels are all it needs).
+also get a linear probe on the same frozen image features: fitted on the set's train/ split and scored
+on its test/ split when it has one (CLIP_benchmark's layout), else on a stratified split of the test set.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
+import numpy as np
 import torch
 
 from pipeline.data import Sample
@@ -58,20 +60,45 @@ def zeroshot(encoder: Encoder, eval_set: EvalSet, samples: list[Sample], probe_t
              seed: int) -> dict[str, float]:
     """Class names × templates → averaged class embeddings; argmax of image · class; plus a linear probe."""
     classnames, templates = eval_set.classnames, eval_set.templates
-    labels = torch.tensor([_field(eval_set, s, "label") for s in samples])
-    if labels.min() < 0 or labels.max() >= len(classnames):
-        raise EvalSetError(f"eval set {eval_set.name!r}: labels span [{labels.min()}, {labels.max()}] but "
-                           f"{len(classnames)} class names are listed")
+    labels = class_labels(eval_set, samples)
     image_emb = encoder.images(s.image for s in samples)
     prompts = [t.replace("{c}", c) for c in classnames for t in templates]
     class_emb = metrics.class_embeddings(encoder.texts(prompts), len(classnames))
     out = metrics.zeroshot_metrics(image_emb, class_emb, labels)
-    try:
-        out["linear_probe_acc1"] = metrics.linear_probe_accuracy(image_emb.numpy(), labels.numpy(),
-                                                                 probe_train_fraction, seed)
+    train = probe_training_split(encoder, eval_set)
+    try:                                   # a probe needs 2+ classes to fit: without them it is skipped, not an error
+        if train is None:
+            out["linear_probe_acc1"] = metrics.linear_probe_accuracy(image_emb.numpy(), labels.numpy(),
+                                                                     probe_train_fraction, seed)
+        else:
+            out["linear_probe_acc1"] = metrics.fit_linear_probe(*train, image_emb.numpy(), labels.numpy())
     except ValueError as e:
         log.warning("eval set %s: linear probe skipped: %s", eval_set.name, e)
     return out
+
+
+def probe_training_split(encoder: Encoder, eval_set: EvalSet) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """Image features and labels of the set's train/ split (what the probe is fitted on); None without one."""
+    if not eval_set.train_shards:
+        return None
+    train = list(eval_set.train_samples())
+    if not train:
+        raise EvalSetError(f"eval set {eval_set.name!r}: its train/ split holds no samples")
+    labels = class_labels(eval_set, train)
+    return encoder.images(s.image for s in train).numpy(), labels.numpy()
+
+
+def class_labels(eval_set: EvalSet, samples: list[Sample]) -> torch.Tensor:
+    """The samples' class indices (KEY.cls or "label" in KEY.json), each checked against the class names."""
+    missing = [s.key for s in samples if s.label is None]
+    if missing:
+        raise EvalSetError(f"eval set {eval_set.name!r}: sample {missing[0]!r} (and {len(missing) - 1} more) has no "
+                           "class label: expected KEY.cls or a \"label\" in KEY.json")
+    labels = torch.tensor([s.label for s in samples])
+    if labels.min() < 0 or labels.max() >= len(eval_set.classnames):
+        raise EvalSetError(f"eval set {eval_set.name!r}: labels span [{labels.min()}, {labels.max()}] but "
+                           f"{len(eval_set.classnames)} class names are listed")
+    return labels
 
 
 def captions_of(eval_set: EvalSet, samples: list[Sample]) -> tuple[list[str], list[int]]:

@@ -9,6 +9,15 @@ but are not) are gathered with the rows and laid out row-major after every rank'
 global row r's j-th hard negative is column N + r·k + j of `pairs.candidates` = [V; H]. They are
 only ever columns (negatives for every anchor), never anchors, never anyone's positive, so a row's
 pairing survives the gather whatever the world size.
+
+Duplicate captions: given `caption_ids` (equal ids = identical captions; or (n, m) ids, e.g. a text
+pair's query and positive, where sharing any one makes two pairs duplicates), the ids of the whole
+global batch are gathered once and grouped (`duplicate_groups`), and `Pairs.duplicates(cols)` /
+`Views.duplicates(cols)` give, for one tile of columns, where a column is *another* pair with the
+row's caption. Every loss leaves those entries out of its negatives inside its pairwise term (−inf
+in a log-sum-exp, 0 in a sum), so the dense and tiled forms, and the gradient cache (which calls
+the loss once), mask alike.
+Hard-negative columns are never masked: they are their own row's negatives by construction.
 """
 from __future__ import annotations
 
@@ -40,7 +49,7 @@ class Pairs:
     rows: Tensor                # (n,) global index of each local row
     scale: Tensor               # the logit scale s (scalar)
     bias: Optional[Tensor]      # the logit bias b (scalar) for losses that use one
-    labels: Tensor              # (n,) class of each local pair; the pair's own index when none given
+    labels: Tensor              # (n,) class of each local pair; a class of its own when it has no label
     all_labels: Tensor          # (N,)
     weights: Optional[Tensor]   # (n, D') `weights_from` rows, detached
     all_weights: Optional[Tensor]
@@ -50,6 +59,12 @@ class Pairs:
     def candidates(self) -> Tensor:
         """The columns every text-side reduction runs over: all positives V, then all hard negatives H."""
         return self.V if self.H is None else torch.cat([self.V, self.H])
+    ids: Optional[Tensor] = None        # (n,) duplicate group of each local pair, when duplicates are masked
+    all_ids: Optional[Tensor] = None    # (N,)
+
+    def duplicates(self, cols: slice) -> Optional[Tensor]:
+        """(n × cols) True where candidate column j in `cols` is another pair with local pair i's caption."""
+        return duplicate_mask(self.ids, self.rows, self.all_ids, cols, self.U.shape[0])
 
 
 @dataclass
@@ -61,6 +76,8 @@ class Views:
     partner: Tensor             # (2n,) index in Z of its other view (u_i <-> v_i)
     labels: Tensor              # (2n,)
     all_labels: Tensor          # (2N,)
+    ids: Optional[Tensor] = None
+    all_ids: Optional[Tensor] = None
 
     @staticmethod
     def of(p: Pairs) -> Views:
@@ -72,9 +89,20 @@ class Views:
             Z = torch.cat([Z, p.H])
             fresh = all_labels.max() + 1 + torch.arange(p.H.shape[0], device=all_labels.device)
             all_labels = torch.cat([all_labels, fresh])
+        twice = (lambda x: None if x is None else torch.cat([x, x]))  # noqa: E731
         return Views(z=torch.cat([p.u, p.v]), Z=Z,
                      me=torch.cat([p.rows, p.rows + n]), partner=torch.cat([p.rows + n, p.rows]),
-                     labels=torch.cat([p.labels, p.labels]), all_labels=all_labels)
+                     labels=torch.cat([p.labels, p.labels]), all_labels=all_labels,
+                     ids=twice(p.ids), all_ids=twice(p.all_ids))
+
+    def duplicates(self, cols: slice) -> Optional[Tensor]:
+        """(2n × cols) True where anchor column c in `cols` is a view of another pair with the caption of
+        the row anchor's pair (both views of a duplicate pair are left out; the anchor's own pair never;
+        hard-negative columns, after the 2N views, never)."""
+        if self.ids is None:
+            return None
+        n = self.all_ids.shape[0] // 2
+        return duplicate_mask(self.ids, self.me % n, self.all_ids, cols, n)
 
     @property
     def partner_z(self) -> Tensor:
@@ -93,12 +121,64 @@ def gather_rows(u: Tensor, v: Tensor, h: Optional[Tensor] = None) -> tuple[Tenso
     return U, V, (H[0].reshape(-1, d) if H else None)
 
 
+def duplicate_groups(ids: Tensor) -> Tensor:
+    """(N,) group of each pair of the global batch from its ids, (N,) or (N, m): pairs sharing an id in
+    any column are in one group, transitively (a text pair's query or positive). Groups are numbered
+    from 0 (the smallest member's index), so no group is negative."""
+    columns = ids.reshape(ids.shape[0], -1)
+    inverses = [torch.unique(columns[:, c], return_inverse=True)[1] for c in range(columns.shape[1])]
+    groups = torch.arange(ids.shape[0], device=ids.device)
+    while True:
+        merged = groups
+        for inverse in inverses:       # every pair takes the smallest group among those sharing this id
+            smallest = torch.full_like(groups, ids.shape[0]).scatter_reduce(0, inverse, merged, "amin")
+            merged = smallest[inverse]
+        if torch.equal(merged, groups):
+            return groups
+        groups = merged
+
+
+def duplicate_mask(ids: Optional[Tensor], pair: Tensor, all_ids: Optional[Tensor], cols: slice,
+                   pairs: int) -> Optional[Tensor]:
+    """(rows × cols) True where column j (a global index in `cols`, belonging to pair j mod `pairs`) has
+    the row's group id but is not the row's own pair `pair`; None when no ids are given. Columns past
+    `all_ids` (hard negatives) are never masked."""
+    if ids is None:
+        return None
+    col_ids = torch.arange(cols.start, cols.stop, device=pair.device)
+    col_groups = all_ids[cols]
+    col_groups = torch.cat([col_groups, col_groups.new_full((len(col_ids) - len(col_groups),), -1)])
+    return (ids.unsqueeze(1) == col_groups.unsqueeze(0)) & (pair.unsqueeze(1) != (col_ids % pairs).unsqueeze(0))
+
+
+def caption_counts(ids: Tensor, all_ids: Tensor) -> Tensor:
+    """How many pairs of the global batch (`all_ids`) have each of `ids` as their caption id."""
+    unique, counts = torch.unique(all_ids, return_counts=True)
+    return counts[torch.searchsorted(unique, ids)]
+
+
+def mask(t: Tensor, where: Optional[Tensor], value: float = -math.inf) -> Tensor:
+    """t with `value` where `where` is True (−inf leaves a pair out of a log-sum-exp, 0 out of a sum)."""
+    return t if where is None else t.masked_fill(where, value)
+
+
 def leave_out(t: Tensor, cols: slice, *index: Tensor) -> Tensor:
     """Set t[i, j] = −inf where column j (a global index inside `cols`) equals index[i], for each index."""
     col_ids = torch.arange(cols.start, cols.stop, device=t.device)
     for idx in index:
         t = t.masked_fill(col_ids == idx.unsqueeze(1), -math.inf)
     return t
+
+
+def class_labels(labels: Optional[Tensor], n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """This rank's and every rank's class labels. A row without a label (none given, or −1) is a class
+    of its own. The labels are gathered on every call, labelled or not, so that ranks whose batches
+    differ in labels still call the same collectives (a data-dependent gather would hang them)."""
+    mine = torch.full((n,), -1, dtype=torch.long, device=device) if labels is None else labels.long()
+    everyone = all_gather(mine)
+    own = -1 - torch.arange(len(everyone), device=device)
+    everyone = torch.where(everyone < 0, own, everyone)
+    return everyone[local_rows(n)], everyone
 
 
 def global_mean(values: Tensor, keep: Tensor) -> Tensor:
@@ -121,6 +201,7 @@ class ContrastiveLoss(nn.Module):
     default_temperature = 0.1   # τ = 1/s the model starts from for this loss
     uses_bias = False           # siglip: the model learns a logit bias and must pass it
     uses_weights = False        # cwcl: `weights_from` is required
+    masks_duplicates = True     # whether `caption_ids` take duplicate captions out of the negatives
 
     def __init__(self, tiled: bool = False, tile_size: int = 1024) -> None:
         super().__init__()
@@ -140,13 +221,19 @@ class ContrastiveLoss(nn.Module):
 
     def forward(self, image: Tensor, text: Tensor, *, logit_scale: Tensor | float,
                 logit_bias: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                weights_from: Optional[Tensor] = None, negatives: Optional[Tensor] = None) -> Tensor:
-        return self.compute(self._pairs(image, text, logit_scale, logit_bias, labels, weights_from, negatives))
+                weights_from: Optional[Tensor] = None, negatives: Optional[Tensor] = None,
+                caption_ids: Optional[Tensor] = None) -> Tensor:
+        """The loss; with `caption_ids` (one integer per pair, equal for identical captions, or (n, m) integers
+        per pair where sharing any one makes two pairs duplicates) pairs with the same caption are not each
+        other's negatives. Pass them on every rank or on none."""
+        return self.compute(self._pairs(image, text, logit_scale, logit_bias, labels, weights_from, negatives,
+                                        caption_ids))
 
     def compute(self, p: Pairs) -> Tensor:
         raise NotImplementedError
 
-    def _pairs(self, image, text, logit_scale, logit_bias, labels, weights_from, negatives=None) -> Pairs:
+    def _pairs(self, image, text, logit_scale, logit_bias, labels, weights_from, negatives=None,
+               caption_ids=None) -> Pairs:
         """Check the call, cast to the compute dtype and gather all ranks' rows."""
         name = f"loss {self.name!r}"
         if image.ndim != 2 or image.shape != text.shape:
@@ -179,6 +266,10 @@ class ContrastiveLoss(nn.Module):
                                       or negatives.shape[2] != image.shape[1] or negatives.shape[1] < 1):
             raise ValueError(f"{name}: negatives must be ({n}, k, {image.shape[1]}) with k >= 1 hard negatives per "
                              f"row, got {tuple(negatives.shape)}")
+        if caption_ids is not None and (caption_ids.ndim not in (1, 2) or caption_ids.shape[0] != n
+                                        or caption_ids.is_floating_point()):
+            raise ValueError(f"{name}: caption_ids must be an integer tensor of shape ({n},) or ({n}, m), "
+                             f"got {caption_ids.dtype} {tuple(caption_ids.shape)}")
 
         u, v = image.to(dtype), text.to(dtype)
         U, V, H = gather_rows(u, v, None if negatives is None else negatives.to(dtype))
@@ -186,14 +277,16 @@ class ContrastiveLoss(nn.Module):
             raise ValueError(f"{name}: needs at least 2 pairs in the global batch, got {U.shape[0]}")
         mine = local_rows(n)
         rows = torch.arange(mine.start, mine.stop, device=image.device)
-        if labels is None:
-            labels, all_labels = rows, torch.arange(U.shape[0], device=image.device)
-        else:
-            all_labels = all_gather(labels)
+        labels, all_labels = class_labels(labels, n, image.device)
         weights = all_weights = None
         if weights_from is not None:
             weights = weights_from.detach().to(dtype)
             all_weights = all_gather(weights)
+        ids = all_ids = None
+        if caption_ids is not None and self.masks_duplicates:
+            all_ids = duplicate_groups(all_gather(caption_ids.to(image.device)))
+            ids = all_ids[rows]
         return Pairs(u=u, v=v, U=U, V=V, rows=rows,
                      scale=scale.reshape(()), bias=None if bias is None else bias.reshape(()),
-                     labels=labels, all_labels=all_labels, weights=weights, all_weights=all_weights, H=H)
+                     labels=labels, all_labels=all_labels, weights=weights, all_weights=all_weights,
+                     ids=ids, all_ids=all_ids, H=H)

@@ -19,17 +19,15 @@ from typing import Optional
 from torch import Tensor
 
 from pipeline.distributed import all_reduce_logsumexp
-from pipeline.losses.base import ContrastiveLoss, Pairs
-
-
-def logits(x: Tensor, cols: slice) -> Tensor:
-    """Every pair's logit (s·u_i)·v_j, as it is."""
-    return x
+from pipeline.losses.base import ContrastiveLoss, Pairs, mask
 
 
 def infonce_lse(loss: ContrastiveLoss, p: Pairs, both: bool = True) -> tuple[Tensor, Optional[Tensor]]:
     """(LSE_j s·u_i·c_j over the candidates c = [V; H] for this rank's images, LSE_j s·v_i·u_j for this rank's
-    texts, or None without `both`), over the global batch."""
+    texts, or None without `both`), over the global batch; the pairs of another pair with the same
+    caption are left out (when `p` carries caption ids)."""
+    def logits(x: Tensor, cols: slice) -> Tensor:
+        return mask(x, p.duplicates(cols))
     image_to_text, text_partial = loss.pairwise(p.scale * p.u, p.candidates, logits, row="lse",
                                                 col="lse" if both else None)
     if not both:

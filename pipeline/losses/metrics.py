@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from pipeline.distributed import all_gather, all_reduce_logsumexp, all_reduce_sum, get_world_size, local_rows
-from pipeline.losses.base import leave_out
+from pipeline.losses.base import class_labels, leave_out
 from pipeline.losses.tiled import pairwise_reduce
 
 METRICS_TILE = 4096     # embedding_metrics runs without a graph; tiles only bound its memory
@@ -53,8 +53,8 @@ def _same_label_dots(x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def embedding_metrics(image: Tensor, text: Tensor, labels: Optional[Tensor] = None) -> dict[str, Tensor]:
-    """Alignment, uniformity per modality and (when labels are given and some pair shares a label)
-    tolerance, over the global batch; every rank gets the same values. Call it on every rank."""
+    """Alignment, uniformity per modality and (when some pairs share a label) tolerance, over the global
+    batch; every rank gets the same values. Call it on every rank, with or without labels."""
     u, v = image.detach().float(), text.detach().float()
     U, V = all_gather(torch.cat([u, v], 1)).split(u.shape[1], 1)
     mine = local_rows(len(u))
@@ -64,10 +64,9 @@ def embedding_metrics(image: Tensor, text: Tensor, labels: Optional[Tensor] = No
         "uniformity_image": log_mean_gaussian(u, U, rows, METRICS_TILE),
         "uniformity_text": log_mean_gaussian(v, V, rows, METRICS_TILE),
     }
-    if labels is not None:
-        all_labels = all_gather(labels)
-        dots_u, pairs = _same_label_dots(U, all_labels)
-        dots_v, _ = _same_label_dots(V, all_labels)
-        if pairs > 0:
-            metrics["tolerance"] = (dots_u + dots_v) / (2 * pairs)
+    _, all_labels = class_labels(labels, len(u), u.device)     # gathered whether or not there are labels
+    dots_u, pairs = _same_label_dots(U, all_labels)
+    dots_v, _ = _same_label_dots(V, all_labels)
+    if pairs > 0:                                              # the same answer on every rank
+        metrics["tolerance"] = (dots_u + dots_v) / (2 * pairs)
     return metrics

@@ -13,26 +13,49 @@ from typing import Any, Literal, Optional, Union
 
 from pipeline.config import Config, register_check
 
+Activation = Literal["gelu", "quick_gelu", "gelu_tanh"]
+ACTIVATIONS: tuple[str, ...] = ("gelu", "quick_gelu", "gelu_tanh")
+
 
 @dataclass(frozen=True)
 class ViTSpec:
-    """A ViT image tower: patch embedding, class token, pre-norm blocks, pooling, projection."""
+    """A ViT image tower: patch embedding, class token, pre-norm blocks, pooling, projection.
+
+    The defaults are CLIP's (and every named config's); the other values describe imported towers:
+    QuickGELU (OpenAI's weights), fixed 2-D sin-cos positions, SigLIP's tower (no class token, no
+    pre-norm, a patch bias, attention pooling `map`, no projection: the pooled width is the embedding).
+    """
     width: int
     layers: int
     heads: int
     patch_size: int
     mlp_ratio: float = 4.0
-    pool: Literal["cls", "mean"] = "cls"
+    pool: Literal["cls", "mean", "map"] = "cls"
+    act: Activation = "gelu"
+    eps: float = 1e-5                      # LayerNorm epsilon
+    class_token: bool = True
+    norm_pre: bool = True
+    patch_bias: bool = False
+    positions: Literal["learned", "sincos"] = "learned"
+    proj: bool = True
     kind: str = "vit"
 
 
 @dataclass(frozen=True)
 class TextSpec:
-    """A causal text transformer pooled at the end token (the largest token id)."""
+    """A text transformer: causal and pooled at the end token (the largest id: `argmax`) like CLIP, or
+    at the first `eos_id` (`eos`), the first or the last position; SigLIP's is bidirectional, pooled
+    last, with a biased projection."""
     width: int
     layers: int
     heads: int
     mlp_ratio: float = 4.0
+    act: Activation = "gelu"
+    eps: float = 1e-5
+    causal: bool = True
+    pool: Literal["argmax", "eos", "first", "last"] = "argmax"
+    eos_id: Optional[int] = None           # the token `eos` pooling looks for
+    proj_bias: bool = False
     kind: str = "text"
 
 
@@ -97,7 +120,8 @@ def named_spec(name: str) -> ModelSpec:
 
 @register_check
 def check_model_config(cfg: Config) -> list[str]:
-    """`model.name` exists, and the image fits the built-in ViT's patches (the text model checks itself)."""
+    """`model.name` exists, the image fits the built-in ViT's patches (unless the image tower is imported),
+    which alone can be dropped (the text model checks itself)."""
     m = cfg.model
     if m.name == TEXT_MODEL:
         return []
@@ -105,7 +129,11 @@ def check_model_config(cfg: Config) -> list[str]:
         return [cfg.problem("model.name", "one of " + ", ".join(MODEL_NAMES + (TEXT_MODEL,)))]
     problems = []
     patch = NAMED_SPECS[m.name].image.patch_size
-    if not m.image.hf_path and cfg.data.image_size % patch:
+    imported = bool(m.init_from) and "image" in m.init_towers       # checked by pipeline.models.init_from
+    if not m.image.hf_path and not imported and cfg.data.image_size % patch:
         problems.append(cfg.problem("data.image_size", f"a multiple of {m.name}'s patch size {patch} "
                                     f"(e.g. {max(patch, cfg.data.image_size // patch * patch)})"))
+    if m.image.patch_dropout and m.image.hf_path:
+        problems.append(cfg.problem("model.image.patch_dropout", "0 with model.image.hf_path: only the built-in "
+                                    "ViT drops patches"))
     return problems

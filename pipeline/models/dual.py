@@ -33,7 +33,7 @@ class DualEncoder(LearnedLogits, nn.Module):
 
     def __init__(self, spec: ModelSpec, *, image_size: int, context_length: int, vocab_size: int,
                  dropout: float = 0.0, init_temperature: float = 0.07, init_bias: Optional[float] = None,
-                 learn_temperature: bool = True):
+                 learn_temperature: bool = True, patch_dropout: float = 0.0):
         super().__init__()
         self.spec = spec
         self.image_size = image_size
@@ -41,7 +41,7 @@ class DualEncoder(LearnedLogits, nn.Module):
         self.vocab_size = vocab_size
         sizes = dict(image_size=image_size, context_length=context_length, vocab_size=vocab_size,
                      embed_dim=spec.embed_dim, dropout=dropout)
-        self.image_tower = build_tower(spec.image, "image", **sizes)
+        self.image_tower = build_tower(spec.image, "image", patch_dropout=patch_dropout, **sizes)
         self.text_tower = build_tower(spec.text, "text", **sizes)
         self.init_logits(init_temperature, init_bias, learn_temperature)
         self.locked_towers: set[str] = set()
@@ -111,6 +111,19 @@ class DualEncoder(LearnedLogits, nn.Module):
             else:
                 tower.set_grad_checkpointing(enabled)
 
+    def compile_towers(self, **options: Any) -> None:
+        """`torch.compile` each tower in place (`nn.Module.compile`: parameter names unchanged, so
+        checkpoints and published weights are those of the plain model). `options` go to torch.compile.
+
+        Random operators (dropout, patch dropout) keep eager mode's kernels (inductor's
+        `fallback_random`): drawn from the default generator as in eager mode, so the gradient cache's
+        RNG replay gives its second pass the masks of the first, and a compiled step equals an eager one.
+        """
+        import torch._inductor.config as inductor
+        inductor.fallback_random = True
+        for tower in (self.image_tower, self.text_tower):
+            tower.compile(**options)
+
     def describe(self) -> dict[str, Any]:
         """What rebuilds this model: the spec, the data-dependent sizes, the scale/bias setup."""
         return {"spec": self.spec.to_dict(), "image_size": self.image_size, "context_length": self.context_length,
@@ -135,23 +148,25 @@ def resolve_spec(cfg: ModelConfig) -> ModelSpec:
 
 def build_model(cfg_model: ModelConfig, *, image_size: int, context_length: int, vocab_size: int,
                 loss_name: str = "clip", init_temperature: Optional[float] = None, learn_temperature: bool = True,
-                load_pretrained: bool = True, pad_id: int = 0) -> DualEncoder | TextDualEncoder:
+                load_pretrained: bool = True, pad_id: int = 0,
+                spec: Optional[ModelSpec] = None) -> DualEncoder | TextDualEncoder:
     """The dual encoder of a `model` config section: named spec, pretrained towers, locks, checkpointing.
 
     The logit scale/bias start where the loss `loss_name` wants them (`loss.init_temperature`
     overrides the temperature). `load_pretrained=False` skips reading `hf_path` weights (for
-    counting parameters on the meta device). `model.name: text` is the text–text dual encoder
-    (`text_dual`; `pad_id` is its tokenizer's padding id, masked in pooling); `image_size` is then unused.
+    counting parameters on the meta device). `spec` replaces the configured one (an imported model's).
+    `model.name: text` is the text–text dual encoder (`text_dual`; `pad_id` is its tokenizer's padding
+    id, masked in pooling); `image_size` and `spec` are then unused.
     """
     if cfg_model.name == TEXT_MODEL:
         return build_text_model(cfg_model, context_length=context_length, vocab_size=vocab_size, pad_id=pad_id,
                                 logits=logit_init(loss_name, init_temperature), learn_temperature=learn_temperature,
                                 load_pretrained=load_pretrained)
-    spec = resolve_spec(cfg_model)
+    spec = spec or resolve_spec(cfg_model)
     tau, bias = logit_init(loss_name, init_temperature)
     model = DualEncoder(spec, image_size=image_size, context_length=context_length, vocab_size=vocab_size,
                         dropout=cfg_model.dropout, init_temperature=tau, init_bias=bias,
-                        learn_temperature=learn_temperature)
+                        learn_temperature=learn_temperature, patch_dropout=cfg_model.image.patch_dropout)
     for name, tower_cfg in (("image", cfg_model.image), ("text", cfg_model.text)):
         if tower_cfg.hf_path and load_pretrained:
             model.tower(name).load_pretrained(tower_cfg.hf_path)
@@ -164,12 +179,12 @@ def build_model(cfg_model: ModelConfig, *, image_size: int, context_length: int,
 
 
 def count_parameters(cfg_model: ModelConfig, *, image_size: int, context_length: int, vocab_size: int,
-                     loss_name: str = "clip") -> dict[str, int]:
+                     loss_name: str = "clip", spec: Optional[ModelSpec] = None) -> dict[str, int]:
     """Parameter counts {image, text, logit, total, trainable} ({encoder} or {query, passage} in place of
     image and text for the text model), built on the meta device (no memory)."""
     with torch.device("meta"):
         model = build_model(cfg_model, image_size=image_size, context_length=context_length,
-                            vocab_size=vocab_size, loss_name=loss_name, load_pretrained=False)
+                            vocab_size=vocab_size, loss_name=loss_name, load_pretrained=False, spec=spec)
     towers = model.named_towers() if isinstance(model, TextDualEncoder) else \
         {"image": model.image_tower, "text": model.text_tower}
     counts = {name: sum(p.numel() for p in tower.parameters()) for name, tower in towers.items()}

@@ -10,28 +10,72 @@ import torch
 from torch import nn
 
 from pipeline.models.configs import HFSpec, TextSpec, TowerSpec, ViTSpec
-from pipeline.models.transformer import LayerNorm, Transformer
+from pipeline.models.transformer import AttentionPool, LayerNorm, Transformer
+
+
+class PatchDropout(nn.Module):
+    """In training, keep a random (1 − p) of each image's patch tokens (FLIP: Li et al. 2023, "Scaling
+    Language-Image Pre-training via Masking"); the first `keep_first` tokens (the class token) always stay.
+
+    The kept patches are drawn per image from the default generator of the tokens' device: the one
+    whose state the gradient cache saves before each call and restores for its replay, so the replay
+    keeps the same patches. The identity in eval mode and at p = 0.
+    """
+
+    def __init__(self, p: float, keep_first: int = 1):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"patch dropout p = {p}: expected a fraction in [0, 1)")
+        self.p, self.keep_first = p, keep_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, F + L, D) first tokens and patches → (N, F + max(1, int(L (1 − p))), D)."""
+        if not self.training or self.p == 0.0:
+            return x
+        first, (n, length, width) = self.keep_first, x.shape
+        length -= first
+        keep = max(1, int(length * (1.0 - self.p)))
+        kept = torch.rand(n, length, device=x.device).topk(keep, dim=1).indices + first
+        return torch.cat([x[:, :first], x.gather(1, kept.unsqueeze(-1).expand(-1, -1, width))], dim=1)
 
 
 class VisionTower(nn.Module):
-    """Patches → class token + positions → pre-norm → blocks → norm → pool → projection (CLIP's ViT)."""
+    """Patches (+ class token) + positions → patch dropout (training) → pre-norm → blocks → norm → pool →
+    projection (CLIP's ViT).
+
+    The spec's variants (`ViTSpec`) switch parts off or swap them: no class token / pre-norm /
+    projection, a patch bias, fixed sin-cos positions (a buffer, saved with the weights), mean or
+    attention pooling.
+    """
 
     stem = ("patch_embed", "cls_token", "pos_embed", "norm_pre")
 
-    def __init__(self, spec: ViTSpec, image_size: int, embed_dim: int, dropout: float = 0.0):
+    def __init__(self, spec: ViTSpec, image_size: int, embed_dim: int, dropout: float = 0.0,
+                 patch_dropout: float = 0.0):
         super().__init__()
         if image_size % spec.patch_size:
             raise ValueError(f"image size {image_size} is not a multiple of the patch size {spec.patch_size}")
+        if not spec.proj and spec.width != embed_dim:
+            raise ValueError(f"an image tower without projection has width {spec.width}, not the embedding size "
+                             f"{embed_dim}")
         grid = image_size // spec.patch_size
         scale = spec.width ** -0.5
         self.pool = spec.pool
-        self.patch_embed = nn.Conv2d(3, spec.width, spec.patch_size, spec.patch_size, bias=False)
-        self.cls_token = nn.Parameter(scale * torch.randn(spec.width))
-        self.pos_embed = nn.Parameter(scale * torch.randn(grid * grid + 1, spec.width))
-        self.norm_pre = LayerNorm(spec.width)
-        self.transformer = Transformer(spec.width, spec.layers, spec.heads, spec.mlp_ratio, dropout)
-        self.norm_post = LayerNorm(spec.width)
-        self.proj = nn.Parameter(scale * torch.randn(spec.width, embed_dim))
+        self.patch_embed = nn.Conv2d(3, spec.width, spec.patch_size, spec.patch_size, bias=spec.patch_bias)
+        self.cls_token = nn.Parameter(scale * torch.randn(spec.width)) if spec.class_token else None
+        tokens = grid * grid + int(spec.class_token)
+        if spec.positions == "sincos":
+            self.register_buffer("pos_embed", sincos_positions(spec.width, grid, spec.class_token))
+        else:
+            self.pos_embed = nn.Parameter(scale * torch.randn(tokens, spec.width))
+        self.patch_dropout = PatchDropout(patch_dropout, keep_first=int(spec.class_token))
+        self.norm_pre = LayerNorm(spec.width, eps=spec.eps) if spec.norm_pre else nn.Identity()
+        self.transformer = Transformer(spec.width, spec.layers, spec.heads, spec.mlp_ratio, dropout,
+                                       act=spec.act, eps=spec.eps)
+        self.norm_post = LayerNorm(spec.width, eps=spec.eps)
+        self.attn_pool = (AttentionPool(spec.width, spec.heads, spec.mlp_ratio, spec.act, spec.eps)
+                          if spec.pool == "map" else None)
+        self.proj = nn.Parameter(scale * torch.randn(spec.width, embed_dim)) if spec.proj else None
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -39,29 +83,60 @@ class VisionTower(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(images.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
-        cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = self.norm_pre(torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype))
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
+        x = self.norm_pre(self.patch_dropout(x + self.pos_embed.to(x.dtype)))
         x = self.norm_post(self.transformer(x))
-        pooled = x[:, 0] if self.pool == "cls" else x[:, 1:].mean(dim=1)
-        return pooled @ self.proj
+        if self.pool == "map":
+            pooled = self.attn_pool(x)
+        elif self.pool == "cls":
+            pooled = x[:, 0]
+        else:
+            pooled = x[:, int(self.cls_token is not None):].mean(dim=1)
+        return pooled @ self.proj if self.proj is not None else pooled
+
+
+def sincos_positions(width: int, grid: int, class_token: bool) -> torch.Tensor:
+    """Fixed 2-D sin-cos positions (MAE's, open_clip's `sin_cos_2d`): half the channels encode the column,
+    half the row, each as [sin, cos] of position·10000^(-2i/d); a zero row for the class token."""
+    if width % 4:
+        raise ValueError(f"sin-cos positions need a width divisible by 4, got {width}")
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+    table = torch.cat([encode(cols), encode(rows)], dim=1)
+    if class_token:
+        table = torch.cat([torch.zeros(1, width, dtype=table.dtype), table])
+    return table.float()
 
 
 class TextTower(nn.Module):
-    """Tokens + positions → causal blocks → norm → the end token's state → projection.
+    """Tokens + positions → blocks → norm → one position's state → projection.
 
-    The end token is the largest token id (so `argmax` finds it, as in open_clip); everything after it
-    is padding that the causal mask keeps from influencing it.
+    CLIP's tower is causal and pools the end token, found as the largest token id (`argmax`, as in
+    open_clip) or as the first `eos_id`; with the causal mask, padding after it cannot influence it.
+    SigLIP's is bidirectional and pools the last position, through a projection with a bias.
     """
 
     stem = ("token_embed", "pos_embed")
 
     def __init__(self, spec: TextSpec, context_length: int, vocab_size: int, embed_dim: int, dropout: float = 0.0):
         super().__init__()
+        if spec.pool == "eos" and spec.eos_id is None:
+            raise ValueError("a text tower pooled at `eos` needs its eos_id")
+        self.pool, self.eos_id = spec.pool, spec.eos_id
         self.token_embed = nn.Embedding(vocab_size, spec.width)
         self.pos_embed = nn.Parameter(0.01 * torch.randn(context_length, spec.width))
-        self.transformer = Transformer(spec.width, spec.layers, spec.heads, spec.mlp_ratio, dropout, causal=True)
-        self.norm_final = LayerNorm(spec.width)
+        self.transformer = Transformer(spec.width, spec.layers, spec.heads, spec.mlp_ratio, dropout,
+                                       causal=spec.causal, act=spec.act, eps=spec.eps)
+        self.norm_final = LayerNorm(spec.width, eps=spec.eps)
         self.proj = nn.Parameter(spec.width ** -0.5 * torch.randn(spec.width, embed_dim))
+        self.proj_bias = nn.Parameter(torch.zeros(embed_dim)) if spec.proj_bias else None
         nn.init.normal_(self.token_embed.weight, std=0.02)
 
     @property
@@ -71,8 +146,15 @@ class TextTower(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.token_embed(tokens) + self.pos_embed[: tokens.shape[1]].to(self.token_embed.weight.dtype)
         x = self.norm_final(self.transformer(x))
-        end = tokens.argmax(dim=-1)
-        return x[torch.arange(x.shape[0], device=x.device), end] @ self.proj
+        rows = torch.arange(x.shape[0], device=x.device)
+        if self.pool == "argmax":
+            pooled = x[rows, tokens.argmax(dim=-1)]
+        elif self.pool == "eos":
+            pooled = x[rows, (tokens == self.eos_id).int().argmax(dim=-1)]
+        else:
+            pooled = x[:, 0] if self.pool == "first" else x[:, -1]
+        out = pooled @ self.proj
+        return out + self.proj_bias.to(out.dtype) if self.proj_bias is not None else out
 
 
 class HFTower(nn.Module):
@@ -187,7 +269,11 @@ def freeze(tower: nn.Module, unlock_last: int, what: str) -> None:
 
 
 def build_tower(spec: TowerSpec, modality: str, *, image_size: int, context_length: int, vocab_size: int,
-                embed_dim: int, dropout: float) -> nn.Module:
+                embed_dim: int, dropout: float, patch_dropout: float = 0.0) -> nn.Module:
+    """The tower of `spec` for `modality`; `patch_dropout` applies to the built-in ViT only."""
+    if patch_dropout and not (modality == "image" and isinstance(spec, ViTSpec)):
+        raise ValueError(f"patch dropout {patch_dropout}: only the built-in ViT image tower drops patches, "
+                         f"not a {spec.kind!r} {modality} tower")
     if isinstance(spec, HFSpec):
         tower_vocab = spec.config.get("vocab_size")
         if modality == "text" and tower_vocab is not None and vocab_size > tower_vocab:
@@ -195,7 +281,7 @@ def build_tower(spec: TowerSpec, modality: str, *, image_size: int, context_leng
                              f"knows {tower_vocab}: set data.tokenizer to that model's tokenizer.json")
         return HFTower(spec, embed_dim, modality)
     if modality == "image" and isinstance(spec, ViTSpec):
-        return VisionTower(spec, image_size, embed_dim, dropout)
+        return VisionTower(spec, image_size, embed_dim, dropout, patch_dropout)
     if modality == "text" and isinstance(spec, TextSpec):
         return TextTower(spec, context_length, vocab_size, embed_dim, dropout)
     raise ValueError(f"a {spec.kind!r} tower cannot encode {modality}")

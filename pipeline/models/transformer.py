@@ -40,25 +40,43 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(n, length, width))
 
 
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    """GELU (erf), QuickGELU (x·σ(1.702x), OpenAI CLIP's) or GELU's tanh approximation (SigLIP's)."""
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    raise ValueError(f"activation {name!r}: expected gelu, quick_gelu or gelu_tanh")
+
+
 class MLP(nn.Module):
-    def __init__(self, width: int, hidden: int):
+    def __init__(self, width: int, hidden: int, act: str = "gelu"):
         super().__init__()
+        self.act = act
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(activation(self.act, self.fc1(x)))
+
+
+def mlp_width(width: int, mlp_ratio: float) -> int:
+    """The hidden width of a block's MLP (rounded: imported towers give ratios like 4304 / 1152)."""
+    return round(width * mlp_ratio)
 
 
 class Block(nn.Module):
     """x + attn(norm(x)), then x + mlp(norm(x)); dropout on each residual branch."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, act: str = "gelu",
+                 eps: float = 1e-5):
         super().__init__()
-        self.norm1 = LayerNorm(width)
+        self.norm1 = LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads, dropout)
-        self.norm2 = LayerNorm(width)
-        self.mlp = MLP(width, int(width * mlp_ratio))
+        self.norm2 = LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, mlp_width(width, mlp_ratio), act)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
@@ -66,15 +84,44 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
+class AttentionPool(nn.Module):
+    """SigLIP's pooling head ("MAP"): a learned probe attends over the tokens, then x + mlp(norm(x)).
+
+    q/k/v are packed like the blocks' attention (and `nn.MultiheadAttention`'s `in_proj`).
+    """
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu", eps: float = 1e-5):
+        super().__init__()
+        self.heads = heads
+        self.probe = nn.Parameter(width ** -0.5 * torch.randn(1, 1, width))
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm = LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, mlp_width(width, mlp_ratio), act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, L, width) tokens → (N, width)."""
+        n, length, width = x.shape
+        w, b = self.qkv.weight, self.qkv.bias
+        q = F.linear(self.probe.to(x.dtype), w[:width], b[:width]).expand(n, 1, width)
+        k, v = F.linear(x, w[width:], b[width:]).chunk(2, dim=-1)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(n, -1, self.heads, width // self.heads).transpose(1, 2)
+        y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v)).transpose(1, 2).reshape(n, 1, width)
+        y = self.proj(y)
+        return (y + self.mlp(self.norm(y)))[:, 0]
+
+
 class Transformer(nn.Module):
     """A stack of blocks; with `grad_checkpointing` each block is recomputed in the backward pass."""
 
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
-                 causal: bool = False):
+                 causal: bool = False, act: str = "gelu", eps: float = 1e-5):
         super().__init__()
         self.causal = causal
         self.grad_checkpointing = False
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout, act, eps) for _ in range(layers))
         self.reset_parameters(width, layers)
 
     def reset_parameters(self, width: int, layers: int) -> None:
@@ -89,6 +136,7 @@ class Transformer(nn.Module):
                 nn.init.zeros_(linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, L, width) → (N, L, width)."""
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, self.causal, use_reentrant=False)

@@ -12,6 +12,7 @@ different model, and restores every piece, so a resumed run continues bit for bi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import random
 import re
 import tempfile
@@ -69,14 +70,18 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
 
 
 # ------------------------------------------------------------------------------------ saving
-def save_checkpoint(engine: Engine, cfg: Config, state: TrainState, data_state: dict[str, Any]) -> str:
+def save_checkpoint(engine: Engine, cfg: Config, state: TrainState, data_state: dict[str, Any],
+                    tokenizer: Tokenizer) -> str:
     """Write the resume checkpoint of `state.step` (a collective: every rank calls it). Returns its URL."""
     rank, url = get_rank(), checkpoint_url(cfg.run_dir, state.step)
     if rank == 0:
         storage.remove(url)                  # the leftovers of an interrupted attempt at this step
     barrier()
     with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-        engine.save(tmp)
+        needed = engine.checkpoint_bytes()
+        storage.require_space(tmp, needed)
+        with storage.space_named(tmp, needed):
+            engine.save(tmp)
         storage.write_json(str(Path(tmp, rng_file(rank))), rng_state())
         storage.upload_dir(tmp, url)
     barrier()
@@ -84,7 +89,8 @@ def save_checkpoint(engine: Engine, cfg: Config, state: TrainState, data_state: 
         storage.write_json(storage.join(url, DATA_STATE), data_state)
         storage.write_json(storage.join(url, META), {
             "step": state.step, "samples_seen": state.samples_seen, "world_size": get_world_size(),
-            "zero_stage": engine.zero_stage, "params": engine.param_shapes(), "config": cfg.to_dict()})
+            "zero_stage": engine.zero_stage, "params": engine.param_shapes(), "config": cfg.to_dict(),
+            "tokenizer_sha256": tokenizer_sha256(tokenizer)})
         storage.write_json(storage.join(url, COMPLETE), {"step": state.step})
         prune(cfg.run_dir, cfg.checkpoint.keep)
     barrier()
@@ -120,6 +126,18 @@ def publish(engine: Engine, tokenizer: Tokenizer, cfg: Config, state: TrainState
         log.info("published %s", url)
 
 
+def progress_key(run_dir: str) -> bytes:
+    """Where, in Ray's key-value store, rank 0 leaves the last step it finished."""
+    return f"contrast/step/{run_dir}".encode()
+
+
+def report_progress(run_dir: str, step: int) -> None:
+    """Rank 0 leaves the step it finished where the driver can read it (its interrupt message)."""
+    from ray.experimental import internal_kv
+    if get_rank() == 0 and internal_kv._internal_kv_initialized():
+        internal_kv._internal_kv_put(progress_key(run_dir), str(step).encode(), overwrite=True)
+
+
 def report_to_ray(url: str, state: TrainState, metrics: dict[str, float]) -> None:
     """Tell Ray Train about the checkpoint (every rank calls; rank 0 attaches a pointer to `url`)."""
     import ray.train
@@ -140,8 +158,17 @@ class Resume:
     meta: dict[str, Any]
     data_state: dict[str, Any]
 
-    def restore(self, engine: Engine) -> TrainState:
+    def check_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """The run continues with the tokenizer it was trained with: other ids would mean other tokens."""
+        saved = self.meta.get("tokenizer_sha256")
+        if saved is not None and saved != tokenizer_sha256(tokenizer):
+            raise ConfigError(f"checkpoint {self.url} was trained with another tokenizer (sha256 {saved[:12]}…, now "
+                              f"{tokenizer_sha256(tokenizer)[:12]}…): the same ids would mean other tokens. Resume "
+                              "with the tokenizer of that run (data.tokenizer), or use a new run_dir")
+
+    def restore(self, engine: Engine, tokenizer: Tokenizer) -> TrainState:
         """Load model, optimizer, scheduler and this rank's RNG; returns the counters to continue from."""
+        self.check_tokenizer(tokenizer)
         check_same_model(self.meta, engine, self.url)
         same_world = self.meta["world_size"] == get_world_size()
         with _local_copy(self.url, get_rank() if same_world else None) as local:
@@ -190,6 +217,11 @@ def check_same_config(meta: dict[str, Any], cfg: Config, url: str) -> None:
     if diff:
         raise ConfigError(f"run_dir {cfg.run_dir} holds checkpoints of a different model ({url}):\n  - "
                           + "\n  - ".join(diff) + "\nuse a new run_dir, or the model settings of that run")
+    was = meta["config"]["loss"]["name"]
+    if was != cfg.loss.name and not cfg.train.allow_loss_change:
+        raise ConfigError(f"run_dir {cfg.run_dir} was trained with loss.name = {was!r} ({url}); continuing with "
+                          f"{cfg.loss.name!r} changes what the run optimises. Use a new run_dir, or set "
+                          "train.allow_loss_change=true to continue it with the new loss on purpose")
 
 
 def check_same_model(meta: dict[str, Any], engine: Engine, url: str) -> None:
@@ -266,3 +298,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
     version, internal, gauss = state["random"]
     random.setstate((version, tuple(internal), gauss))
+
+
+def tokenizer_sha256(tokenizer: Tokenizer) -> str:
+    return hashlib.sha256(tokenizer.to_json().encode("utf-8")).hexdigest()

@@ -1,6 +1,7 @@
 """The training loop of one Ray Train worker: stream → gradient-cache step → engine step → log → checkpoint."""
 from __future__ import annotations
 
+import math
 import random
 from typing import Any, Optional
 
@@ -9,52 +10,105 @@ import torch
 
 from pipeline.config import Config, config_from_dict
 from pipeline.data import Tokenizer, gather_state, open_train_stream
-from pipeline.distributed import get_rank, get_world_size
-from pipeline.log import get_logger, setup_logging
+from pipeline.distributed import all_reduce_max, get_rank, get_world_size, named_timeouts
+from pipeline.gradcache import StepOutput
+from pipeline.log import Timeline, get_logger, process_start_time, setup_logging
 from pipeline.losses import get_loss
-from pipeline.models import DualEncoder, TextDualEncoder, build_model
-from pipeline.train.checkpoint import TrainState, find_resume, publish, report_to_ray, save_checkpoint
+from pipeline.models import DualEncoder, TextDualEncoder, build_run_model, run_tokenizer
+from pipeline.train.checkpoint import TrainState, find_resume, publish, report_progress, report_to_ray, save_checkpoint
 from pipeline.train.engine import Engine, quiet_deepspeed
 from pipeline.train.metrics import Meter, TrainLogger, step_scalars
 
 log = get_logger(__name__)
 
 
-def train_worker(config: Config | dict[str, Any]) -> None:
-    """Train `config` from its newest checkpoint (or from scratch) up to `train.steps`, on this rank."""
+def launched_worker(payload: dict[str, Any]) -> None:
+    """The Ray Train entry point of `pipeline.orchestrate.train`: `payload` holds the run config
+    (`config`) and the driver's start-up timeline (`startup`), which this worker continues."""
+    startup = Timeline.from_dict(payload["startup"])
+    startup.mark("ray train", at=process_start_time())        # controller, helper actors, this process
+    train_worker(payload["config"], startup)
+
+
+def train_worker(config: Config | dict[str, Any], startup: Optional[Timeline] = None) -> None:
+    """Train `config` from its newest checkpoint (or from scratch) up to `train.steps`, on this rank.
+
+    `startup` (default: one from this process's start) gets a mark per start-up phase; rank 0 logs
+    it once the first step is done.
+    """
+    startup = startup or Timeline()
+    startup.mark("worker start")                               # imports, the process group
     cfg = config if isinstance(config, Config) else config_from_dict(config, origin="train_worker")
     rank, world = setup_worker(cfg)
     resume = find_resume(cfg, world)
-    stream = open_train_stream(cfg, rank=rank, world_size=world, state=resume.data_state if resume else None)
-    engine = Engine(cfg, new_model(cfg, stream.tokenizer), world)
-    state = resume.restore(engine) if resume else TrainState()
+    stream = open_train_stream(cfg, rank=rank, world_size=world, state=resume.data_state if resume else None,
+                               tokenizer=run_tokenizer(cfg))
+    model = new_model(cfg, stream.tokenizer)
+    startup.mark("data, model")
+    engine = Engine(cfg, model, world)
+    state = resume.restore(engine, stream.tokenizer) if resume else TrainState()
+    if resume:
+        publish(engine, stream.tokenizer, cfg, state)     # if a crash came between its checkpoint and publication
+    startup.mark("deepspeed")                             # its engine, and the checkpoint when resuming
     loss_fn, weights_from = make_loss(cfg)
     logger, meter = TrainLogger(cfg, rank), Meter(cfg.train.global_batch)
     batches = meter.timed(stream)
     if cfg.checkpoint.publish_initial and state.step == 0:
         publish(engine, stream.tokenizer, cfg, state)      # step 0: what fine-tuning starts from
-    while state.step < cfg.train.steps:
-        batch = to_device(next(batches), engine.device)
-        out = engine.forward_backward(batch, loss_fn, weights_from)    # the gradient cache's two passes
-        grad_norm = engine.step()                  # AdamW, lr schedule, clipping, logit-scale clamp
-        state.advance(cfg.train.global_batch)
-        if logger.due(state.step):
-            logger.log(state.step, step_scalars(out, batch.get("label"), lr=engine.lr, grad_norm=grad_norm,
-                                                bad=stream.stats()["bad"], meter=meter))
-        if state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.steps:
-            logger.sync()                          # the curves reach the checkpoint before a resume can start there
+    saved = state.step
+    try:
+        while state.step < cfg.train.steps:
+            batch = next(batches, None)
+            if batch is None:                      # a source with `on_end: stop` ran out, on every rank alike
+                log.info("training ends at step %d of %d: %s", state.step, cfg.train.steps, stream.exhausted)
+                break
+            with named_timeouts(f"step {state.step + 1}"):    # a stuck collective fails, naming the step
+                out, grad_norm = train_step(engine, to_device(batch, engine.device), loss_fn, weights_from, state, cfg)
+                if startup is not None:            # the first step of this attempt
+                    first_step_done(startup)
+                    startup = None
+                if logger.due(state.step):
+                    logger.log(state.step, step_scalars(out, batch, lr=engine.lr, grad_norm=grad_norm,
+                                                        data=stream.stats(), meter=meter))
+                if state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.steps:
+                    logger.sync()                  # the curves reach the checkpoint before a resume can start there
+                    checkpoint(engine, stream, cfg, state, loss=float(out.loss))
+                    saved = state.step
+        if saved < state.step:                     # the data ended between checkpoints: keep where it ended
+            logger.sync()
             checkpoint(engine, stream, cfg, state, loss=float(out.loss))
+    finally:
+        stream.close()                             # its loader processes end with the loop
     logger.close()
+
+
+def train_step(engine: Engine, batch: dict[str, Any], loss_fn: torch.nn.Module, weights_from: Optional[str],
+               state: TrainState, cfg: Config) -> tuple[StepOutput, float]:
+    """One optimizer step: the gradient cache's two passes, then AdamW (schedule, clipping, scale clamp).
+    A non-finite step stops every rank before anything of it is logged or saved."""
+    out = engine.forward_backward(batch, loss_fn, weights_from)
+    grad_norm = engine.step()
+    state.advance(cfg.train.global_batch)
+    stop_if_not_finite(state.step, float(out.loss), grad_norm)
+    report_progress(cfg.run_dir, state.step)
+    return out, grad_norm
 
 
 def checkpoint(engine: Engine, stream: Any, cfg: Config, state: TrainState, loss: float) -> None:
     """Resume checkpoint, published weights, and the report to Ray Train (every rank calls it)."""
-    url = save_checkpoint(engine, cfg, state, gather_state(stream))
+    url = save_checkpoint(engine, cfg, state, gather_state(stream), stream.tokenizer)
     publish(engine, stream.tokenizer, cfg, state)
     report_to_ray(url, state, {"loss": loss})
 
 
 # ------------------------------------------------------------------------------------ pieces
+def first_step_done(startup: Timeline) -> None:
+    """Close the start-up timeline at the first step of this attempt; rank 0 logs where the time went."""
+    startup.mark("first step")
+    if get_rank() == 0:
+        log.info("start-up: first step done %s after launch", startup.summary())
+
+
 def setup_worker(cfg: Config) -> tuple[int, int]:
     """Logging with the rank, DeepSpeed quiet, generators seeded alike for the model's initialisation."""
     rank, world = get_rank(), get_world_size()
@@ -73,11 +127,9 @@ def seed_everything(seed: int) -> None:
 
 
 def new_model(cfg: Config, tokenizer: Tokenizer) -> DualEncoder | TextDualEncoder:
-    """The dual encoder (same initial weights on every rank), then per-rank generators for dropout."""
-    model = build_model(cfg.model, image_size=cfg.data.image_size, context_length=cfg.data.context_length,
-                        vocab_size=tokenizer.vocab_size, loss_name=cfg.loss.name,
-                        init_temperature=cfg.loss.init_temperature, learn_temperature=cfg.loss.learn_temperature,
-                        pad_id=tokenizer.pad_id)
+    """The dual encoder (same initial weights on every rank; `model.init_from`'s where it is set), then
+    per-rank generators for dropout."""
+    model = build_run_model(cfg, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
     seed_everything(cfg.seed * 65536 + get_rank() + 1)
     return model.train()
 
@@ -87,6 +139,21 @@ def make_loss(cfg: Config) -> tuple[torch.nn.Module, Optional[str]]:
     fn = get_loss(cfg.loss.name, tiled=cfg.loss.tiled, tile_size=cfg.loss.tile_size,
                   matryoshka_dims=cfg.loss.matryoshka_dims, **cfg.loss.hyper())
     return fn, (cfg.model.frozen_towers()[0] if fn.uses_weights else None)
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm of a step is NaN or infinite: the run stops at that step."""
+
+
+def stop_if_not_finite(step: int, loss: float, grad_norm: float) -> None:
+    """Stop every rank at the first step whose loss (on any rank) or gradient norm is not finite. That
+    step is never checkpointed, so the last good checkpoints stay (none is pruned because of it)."""
+    bad = not (math.isfinite(loss) and math.isfinite(grad_norm))
+    if all_reduce_max(torch.tensor(float(bad))) > 0:                  # every rank stops at the same step
+        raise NonFiniteError(f"step {step}: the loss or the gradient norm is not finite (on rank {get_rank()}: "
+                             f"loss {loss}, gradient norm {grad_norm}); stopped without checkpointing this step. "
+                             "The newest checkpoint is the last good one: lower train.lr (or raise "
+                             "train.warmup_steps), check the data, then rerun to resume from it")
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

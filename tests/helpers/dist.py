@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 import traceback
 from typing import Any, Callable
 
@@ -29,17 +30,25 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out
         dist.destroy_process_group()
 
 
-def run_world(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
+def run_world(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 900.0) -> list[Any]:
     """Call `fn(rank, world_size, *args)` in `world_size` gloo processes; return results by rank.
 
     `fn` must be importable (defined at module level). A failure in any rank fails the caller with
-    that rank's traceback.
+    that rank's traceback; ranks still running after `timeout_s` (a collective hang) are killed and
+    fail the caller too.
     """
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.spawn(_entry, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size, join=False)
+        deadline = time.monotonic() + timeout_s
         try:
-            while not ctx.join(timeout=600):
-                pass
+            while not ctx.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    for proc in ctx.processes:
+                        proc.kill()
+                    raise AssertionError(f"the {world_size} ranks did not finish within {timeout_s:.0f} s: "
+                                         "a collective that not every rank called?")
+        except AssertionError:
+            raise
         except Exception:
             errors = []
             for r in range(world_size):

@@ -1,0 +1,22 @@
+"""Reading TensorBoard event files back in tests."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from pipeline import storage
+
+
+def scalars(tensorboard_url: str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the event files of a folder (any URL), read with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+    series: dict[str, list[tuple[int, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="tb-read-") as tmp:
+        for i, url in enumerate(storage.iter_files(tensorboard_url)):
+            local = Path(tmp, str(i))
+            local.write_bytes(storage.read_bytes(url))
+            for event in EventFileLoader(str(local)).Load():
+                for v in event.summary.value:
+                    series.setdefault(v.tag, []).append((event.step, float(tensor_util.make_ndarray(v.tensor))))
+    return series

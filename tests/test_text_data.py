@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, SourceConfig, load_config
 from pipeline.data import DataError, StreamOptions, load_tokenizer, open_stream, train_tokenizer
 from pipeline.data.inspection import inspect_shards
 from pipeline.data.samples import BadSample, caption_id, validate_text_pair
@@ -40,7 +40,7 @@ def open_pairs(url, k=2, **kw):
                             streams=kw.pop("streams", 4))
     kw.setdefault("global_batch", G)
     kw.setdefault("seed", 1)
-    return open_stream(str(url), options=options, **kw)
+    return open_stream(url if isinstance(url, list) else str(url), options=options, **kw)
 
 
 def take(stream, n):
@@ -167,6 +167,29 @@ def test_exact_resume_on_another_world_size(pairs_dir):
     _, states = global_batches(pairs_dir, 2, 3)
     resumed, _ = global_batches(pairs_dir, 4, 4, state=states)
     assert_same(resumed, full[3:])
+
+
+@pytest.fixture(scope="module")
+def mixture(pairs_dir, tmp_path_factory) -> list[SourceConfig]:
+    """The 96 pairs (weight 3) mixed with 40 others (weight 1, keys c…), both text-pair datasets."""
+    tmp = tmp_path_factory.mktemp("other")
+    lines = [dict(pair(100 + i, negatives=2), id=f"c{i:03d}") for i in range(40)]
+    (tmp / "other.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
+    pack_jsonl(str(tmp / "other.jsonl"), str(tmp / "shards"), shard_size=8, progress=False)
+    return [SourceConfig("docs", [str(pairs_dir)], weight=3.0), SourceConfig("code", [str(tmp / "shards")])]
+
+
+def test_a_mixture_of_text_pair_sources(mixture):
+    """Rows come from each source in its share, tagged with it, the same at any world size and on resume."""
+    full, _ = global_batches(mixture, 1, 8)
+    rows = [(key, source) for b in full for key, source in zip(b["key"], b["source"])]
+    assert all(key.startswith("c") == (source == "code") for key, source in rows)
+    share = sum(source == "code" for _, source in rows) / len(rows)
+    assert 0.15 <= share <= 0.35                                     # weight 1 of 4
+    assert all(b["neg"].shape[1] == 2 for b in full)
+    assert_same(global_batches(mixture, 2, 8)[0], full)
+    _, states = global_batches(mixture, 2, 5)
+    assert_same(global_batches(mixture, 4, 3, state=states)[0], full[5:])
 
 
 def test_bad_rows_are_skipped_and_counted(tmp_path):

@@ -11,7 +11,9 @@ from pipeline.data import DataError, load_tokenizer, synthesize
 from pipeline.data.evalsets import read_lines
 from pipeline.data.inspection import format_mixture, format_reports, inspect_mixture, inspect_shards
 from pipeline.data.pack import folder_items, img2dataset_items, pack, pack_zeroshot_set, table_items
+from pipeline.data.pydoc_pairs import write_pydoc_dataset
 from pipeline.data.shards import dataset_dir
+from pipeline.data.text_pairs import pack_jsonl
 from pipeline.eval.evaluate import evaluate_checkpoint, format_metrics, run_dir_of, write_result
 from pipeline.eval.report import write_report
 from pipeline.eval.scheduler import watch
@@ -20,6 +22,7 @@ from pipeline.layout import EVAL_SPLITS, EVAL_TEST
 from pipeline.log import get_logger, setup_logging
 from pipeline.models import CheckpointError, ConversionError, check_source, run_parameter_counts, weight_sources
 from pipeline.models.export import export
+from pipeline.models.export_st import export_text, is_text_checkpoint
 from pipeline.orchestrate import TrainingError, TrainingInterrupted, train
 from pipeline.run import run_pipeline
 from pipeline.storage import OutOfSpace
@@ -40,6 +43,9 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_data_pack(args: argparse.Namespace) -> int:
+    if args.jsonl:
+        print(pack_jsonl(args.jsonl, args.out, shard_size=args.shard_size, progress=not args.quiet).text())
+        return 0
     if args.clip_benchmark:
         return _pack_zeroshot_set(args)
     if args.templates or args.split != EVAL_TEST:
@@ -53,6 +59,14 @@ def cmd_data_pack(args: argparse.Namespace) -> int:
         items = table_items(source, args.image_column, args.caption_column)
     summary = pack(items, args.out, shard_size=args.shard_size, progress=not args.quiet, source=source)
     print(summary.text())
+    return 0
+
+
+def cmd_data_pydoc(args: argparse.Namespace) -> int:
+    summary = write_pydoc_dataset(args.out, shard_size=args.shard_size, seed=args.seed)
+    print(f"train: {summary['train']} ({summary['train_pairs']} pairs with hard negatives)")
+    print(f"eval {summary['eval'].rsplit('/', 1)[-1]}: {summary['eval']} ({summary['eval_queries']} queries; "
+          f"held-out packages: {', '.join(summary['held_out_packages'])})")
     return 0
 
 
@@ -82,7 +96,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     try:
-        out = export(args.checkpoint, args.format, args.out)
+        out = (export_text if is_text_checkpoint(args.checkpoint) else export)(args.checkpoint, args.format, args.out)
     except ValueError as e:                   # a checkpoint this format cannot hold
         print(f"contrast export: {e}", file=sys.stderr)
         return 1
@@ -111,9 +125,11 @@ def _parameter_line(cfg: Config) -> str:
             vocab, source = load_tokenizer(where, cfg.data.context_length).vocab_size, f"tokenizer {where}"
         except FileNotFoundError:
             pass
-    n = run_parameter_counts(cfg, vocab)
-    return (f"# parameters ({source}): image {n['image']:,}, text {n['text']:,}, logit {n['logit']:,}, "
-            f"total {n['total']:,}, trainable {n['trainable']:,}")
+    try:
+        n = run_parameter_counts(cfg, vocab)
+    except ValueError as e:                   # e.g. a pretrained tower's folder not written yet
+        return f"# parameters: not counted ({e})"
+    return f"# parameters ({source}): " + ", ".join(f"{part} {count:,}" for part, count in n.items())
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -144,6 +160,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"report: {out['report']}")
     print(f"final metrics (step {out['step']}; {out['seconds']:.0f} s in all):")
     print(format_metrics(out["metrics"]))
+    if out["initial"]:
+        print("before training (step 0):")
+        print(format_metrics(out["initial"]))
     return 0
 
 
@@ -206,13 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=cmd_data_synth)
 
     pack = dsub.add_parser("pack", help="pack a folder, CSV, parquet or img2dataset output into shards",
-                           description="Pack image-caption pairs into tars of a chosen size plus manifest.json. "
-                                       "Bad inputs are skipped and counted by reason.")
+                           description="Pack image-caption pairs (or, with --jsonl, text pairs with hard negatives) "
+                                       "into tars of a chosen size plus manifest.json. Bad inputs are skipped and "
+                                       "counted by reason.")
     src = pack.add_mutually_exclusive_group(required=True)
     src.add_argument("--folder", help="class subfolders, or x.jpg beside x.txt")
     src.add_argument("--csv", help="table with image path and caption columns")
     src.add_argument("--parquet", help="table with image path and caption columns")
     src.add_argument("--img2dataset", help="img2dataset output folder (re-shard)")
+    src.add_argument("--jsonl", help='text pairs, one JSON a line: {"query", "pos", "neg": [...]} (text-text training)')
     pack.add_argument("--out", required=True, help="output URL (folder)")
     pack.add_argument("--shard-size", type=_positive_int, default=1000, help="samples per shard (default 1000)")
     pack.add_argument("--image-column", default="image", help="table column with image paths (default image)")
@@ -227,6 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --clip-benchmark: the split to write, test (scored) or train (fits the linear "
                            "probe; same classes as the set's other split); default test")
     pack.set_defaults(func=cmd_data_pack)
+
+    pydoc = dsub.add_parser("pydoc", help="text pairs from the Python standard library's docstrings (text demo)",
+                            description="Parse the standard library's sources (nothing is imported) into "
+                                        "query/passage pairs with hard negatives from the same module; whole "
+                                        "packages are held out as a BEIR-style retrieval set.")
+    pydoc.add_argument("--out", required=True, help="output URL (folder); train/ and eval/pydoc_heldout/ inside")
+    pydoc.add_argument("--shard-size", type=_positive_int, default=250, help="pairs per shard (default 250)")
+    pydoc.add_argument("--seed", type=int, default=0, help="seed of the hard negatives and order (default 0)")
+    pydoc.set_defaults(func=cmd_data_pydoc)
 
     inspect = dsub.add_parser("inspect", help="counts, bytes, sample keys and corrupt members of shards; "
                                               "a run's mixture of sources",
@@ -269,10 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(run)
     run.set_defaults(func=cmd_run)
 
-    export = sub.add_parser("export", help="export a published checkpoint to open_clip, Hugging Face or safetensors",
-                            description="Export a published checkpoint with its tokenizer.")
+    export = sub.add_parser("export", help="export a published checkpoint to open_clip, Hugging Face, "
+                                           "sentence-transformers or safetensors",
+                            description="Export a published checkpoint with its tokenizer (sentence_transformers: "
+                                        "text–text checkpoints).")
     export.add_argument("checkpoint", metavar="CHECKPOINT")
-    export.add_argument("--format", required=True, choices=["open_clip", "hf", "safetensors"])
+    export.add_argument("--format", required=True, choices=["open_clip", "hf", "safetensors", "sentence_transformers"])
     export.add_argument("--out", required=True, help="output folder")
     export.set_defaults(func=cmd_export)
 

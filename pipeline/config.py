@@ -68,6 +68,8 @@ class DataConfig:
     resampled: bool = False                # stream without epochs
     max_bad_fraction: float = 0.01
     allow_pipe: bool = False               # allow `pipe:` URLs (they run shell commands)
+    format: Literal["image_text", "text_pairs"] = "image_text"   # text_pairs: KEY.query.txt, KEY.pos.txt, KEY.neg.json
+    hard_negatives: int = 0                # text pairs: hard negatives per row in each batch (k)
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
@@ -76,14 +78,17 @@ class TowerConfig:
     hf_path: Optional[str] = None          # local Hugging Face model directory for a pretrained tower
     lock: bool = False                     # freeze the tower (LiT)
     unlock_last: int = 0                   # with lock: train the last n blocks
+    pool: Optional[Literal["mean", "cls", "last"]] = None   # hf_path towers; None: mean (text), cls (image)
     patch_dropout: float = 0.0             # image only: training drops this fraction of the patches (FLIP)
 
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny"
+    name: str = "tiny"                     # or "text": the text–text dual encoder built from model.text.hf_path
     dropout: float = 0.0
     grad_checkpointing: bool = False
+    shared_tower: bool = True              # text model: one encoder for queries and passages (false: two)
+    projection_dim: int = 0                # text model: project the pooled state to this size (0: no projection)
     image: TowerConfig = field(default_factory=TowerConfig)
     text: TowerConfig = field(default_factory=TowerConfig)
     # Start from a checkpoint (README "Start from a pretrained model"): an open_clip folder or epoch_N.pt,
@@ -121,6 +126,8 @@ class LossConfig:
     beta: Optional[float] = _hyper()           # hcl
     tau_plus: Optional[float] = _hyper()       # hcl
     cross_uniformity: Optional[bool] = _hyper()  # clip_gap
+    symmetric: Optional[bool] = _hyper()       # clip: false keeps only query→passage (image→text)
+    matryoshka_dims: list[int] = field(default_factory=list)   # e.g. [384, 128, 64]: loss summed over truncations
     duplicates: Literal["mask", "off"] = "mask"  # mask: pairs with identical captions are not each other's negatives
 
     def hyper(self) -> dict[str, Any]:
@@ -170,6 +177,7 @@ class ClusterConfig:
 class CheckpointConfig:
     every_steps: int = 50
     keep: int = 2                          # resume checkpoints kept; published ones are all kept
+    publish_initial: bool = False          # publish the starting weights as step 0 (evaluate the "before")
 
 
 @dataclass
@@ -503,6 +511,7 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.shuffle_buffer", _at_least(1), "at least 1 (1: no shuffling)"),
     ("data.streams", _at_least(0), "0 (chosen from the global batch) or a positive count"),
     ("data.max_bad_fraction", _fraction, "a fraction in [0, 1]"),
+    ("data.hard_negatives", _at_least(0), "0 or more hard negatives per row"),
     ("data.synth.samples", _at_least(0), "0 (never synthesise) or a count"),
     ("data.synth.eval_samples", _at_least(1), "at least 1"),
     ("data.synth.image_size", _at_least(16), "at least 16 pixels"),
@@ -565,6 +574,9 @@ def _combinations(cfg: Config) -> list[str]:
         problems.append(cfg.problem("run_dir", "a folder or URL for everything the run writes (e.g. runs/demo)"))
     if t.min_lr > t.lr:
         problems.append(cfg.problem("train.min_lr", f"at most train.lr = {t.lr:g}: the cosine decays to it"))
+    if cfg.data.hard_negatives and cfg.data.format != "text_pairs":
+        problems.append(cfg.problem("data.hard_negatives", "0 unless data.format = text_pairs (image-caption "
+                                    "samples carry no hard negatives)"))
     stage = _get_dict(cfg.deepspeed, "zero_optimization.stage")
     if stage is not None and (isinstance(stage, bool) or stage not in (0, 1, 2, 3)):
         problems.append(cfg.problem("deepspeed.zero_optimization.stage", "a ZeRO stage: 0, 1, 2 or 3"))

@@ -25,6 +25,10 @@ Earlier calls only accumulate gradients locally (DDP `no_sync`; a DeepSpeed engi
 parameter, the scale and bias included,
 receives gradient, so DDP (without `find_unused_parameters`) and ZeRO 1/2 reduce one complete set.
 Towers listed in `model.locked_towers` are encoded in pass 1 only: their embeddings are final.
+
+Hard negatives (`negatives`: k more text-tower inputs per row, text–text training) are encoded by the
+text tower after the positives, as rows n … n(1+k) of its batch, chunked like them; the loss gets
+them as `negatives=(n, k, D)` and their cached gradients flow back through the same replay.
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ class StepOutput:
     text: Tensor                      # (N, D) fp32 text embeddings of this rank's rows
     logit_scale: Tensor               # s = exp(θ)
     logit_bias: Optional[Tensor]
+    negatives: Optional[Tensor] = None   # (N, k, D) fp32 hard-negative embeddings, when the step had some
 
 
 # ---------------------------------------------------------------------------- backward strategies
@@ -97,28 +102,32 @@ def locked_towers(model: nn.Module) -> frozenset[str]:
 def forward_backward(model: nn.Module, images: Tensor, texts: Tensor, loss_fn: Callable[..., Tensor], *,
                      labels: Optional[Tensor] = None, chunk_size: int = 0, text_chunk_size: int = 0,
                      weights_from: Optional[str] = None, backward: Optional[Backward] = None,
-                     caption_ids: Optional[Tensor] = None) -> StepOutput:
+                     negatives: Optional[Tensor] = None, caption_ids: Optional[Tensor] = None) -> StepOutput:
     """Forward and backward of one step over this rank's batch; the caller then steps the optimizer.
 
     `model` is a dual encoder (plain, DDP, or a DeepSpeed engine with its `backward`) called as
     `model(image=..., text=...) -> {"image", "text", "logit_scale", "logit_bias"}`. `chunk_size` is
     the image chunk of the gradient cache, `text_chunk_size` the text one (0: the same); 0, or chunks
     covering the whole batch, is one plain forward and backward. `weights_from` ("image" or "text")
-    passes that tower's detached embeddings to the loss (cwcl); `caption_ids` go to the loss as they
-    are (its duplicate mask). The parameter gradients equal those of a plain backward over the batch,
-    dropout included (the cache replays each call's RNG).
+    passes that tower's detached embeddings to the loss (cwcl). `negatives` (n, k, ...) are k more
+    text-tower inputs per row whose embeddings the loss gets as hard negatives; `caption_ids` go to the
+    loss as they are (its duplicate mask). The parameter gradients equal those of a plain backward over
+    the batch, dropout included (the cache replays each call's RNG).
     """
-    n = _check_batch(images, texts, labels, chunk_size, text_chunk_size, weights_from)
+    n = _check_batch(images, texts, labels, chunk_size, text_chunk_size, weights_from, negatives)
     if caption_ids is not None and len(caption_ids) != n:
         raise ValueError(f"forward_backward: expected {n} caption ids (one per pair), got {len(caption_ids)}")
+    if negatives is not None:
+        texts = torch.cat([texts, negatives.flatten(0, 1)])
     image_chunk = chunk_size or n
     text_chunk = text_chunk_size or image_chunk
     backward = backward or backward_strategy(model)
-    loss = _Loss(loss_fn, labels, weights_from, caption_ids)
-    if image_chunk >= n and text_chunk >= n:
+    loss = _Loss(loss_fn, labels, weights_from, 0 if negatives is None else negatives.shape[1], caption_ids)
+    if image_chunk >= n and text_chunk >= len(texts):
         return _plain_step(model, images, texts, loss, backward)
     locked = locked_towers(model)
-    return _cached_step(model, images, texts, loss, backward, plan_calls(n, image_chunk, text_chunk, locked), locked)
+    calls = plan_calls(n, image_chunk, text_chunk, locked, text_rows=len(texts))
+    return _cached_step(model, images, texts, loss, backward, calls, locked)
 
 
 def _plain_step(model: nn.Module, images: Tensor, texts: Tensor, loss: _Loss, backward: Backward) -> StepOutput:
@@ -126,8 +135,7 @@ def _plain_step(model: nn.Module, images: Tensor, texts: Tensor, loss: _Loss, ba
         out = model(image=images, text=texts)
         value = loss(out["image"], out["text"], out["logit_scale"], out["logit_bias"])
         backward.backward(value, is_last=True)
-    return StepOutput(value.detach(), out["image"].detach().float(), out["text"].detach().float(),
-                      out["logit_scale"].detach(), _detach(out["logit_bias"]))
+    return loss.output(value, out["image"], out["text"], out["logit_scale"], out["logit_bias"])
 
 
 def _cached_step(model: nn.Module, images: Tensor, texts: Tensor, loss: _Loss, backward: Backward,
@@ -155,7 +163,7 @@ def _cached_step(model: nn.Module, images: Tensor, texts: Tensor, loss: _Loss, b
                 parts += [(out[k], grads[k]) for k in ("logit_scale", "logit_bias")
                           if out[k] is not None and out[k].requires_grad and grads.get(k) is not None]
             backward.backward(_surrogate(parts, call), is_last)
-    return StepOutput(value.detach(), emb["image"], emb["text"], scale.detach(), _detach(bias))
+    return loss.output(value, emb["image"], emb["text"], scale, bias)
 
 
 def _first_pass(model: nn.Module, inputs: dict[str, Tensor], calls: list[Call]
@@ -203,14 +211,16 @@ class Call:
                          if (s := getattr(self, f.name)) is not None) or "scale/bias only"
 
 
-def plan_calls(n: int, image_chunk: int, text_chunk: int, locked: frozenset[str] = frozenset()) -> list[Call]:
+def plan_calls(n: int, image_chunk: int, text_chunk: int, locked: frozenset[str] = frozenset(),
+               text_rows: Optional[int] = None) -> list[Call]:
     """The model calls of both passes, in order: image chunks but the last, text chunks but the
     last, then one call with the last chunk of every trainable tower (the boundary). A locked
-    tower's chunks are all separate calls (pass 1 only)."""
+    tower's chunks are all separate calls (pass 1 only). The text tower has `text_rows` rows
+    (default n; more with hard negatives)."""
     last: dict[str, slice] = {}
     calls = []
-    for tower, size in (("image", image_chunk), ("text", text_chunk)):
-        chunks = [slice(i, min(i + size, n)) for i in range(0, n, size)]
+    for tower, size, rows in (("image", image_chunk, n), ("text", text_chunk, text_rows or n)):
+        chunks = [slice(i, min(i + size, rows)) for i in range(0, rows, size)]
         if tower not in locked:
             last[tower] = chunks.pop()
         calls += [Call(**{tower: rows}) for rows in chunks]
@@ -237,26 +247,44 @@ class RngState:
 
 @dataclass
 class _Loss:
-    """The loss call of a step: fp32 inputs whatever the towers' dtype, labels, weights and caption ids bound."""
+    """The loss call of a step: fp32 inputs whatever the towers' dtype, labels, weights and caption ids
+    bound; the text tower's rows after the first n are the k hard negatives of each row, row-major."""
     fn: Callable[..., Tensor]
     labels: Optional[Tensor]
     weights_from: Optional[str]
+    negatives: int = 0                # k
     caption_ids: Optional[Tensor] = None
 
+    def split(self, image: Tensor, text: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """(positives (n, D), hard negatives (n, k, D) or None) of the text tower's rows."""
+        n = len(image)
+        return text[:n], (text[n:].view(n, self.negatives, -1) if self.negatives else None)
+
     def __call__(self, image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
-        image, text = image.float(), text.float()
+        image, (text, negatives) = image.float(), self.split(image, text.float())
         weights = {"image": image, "text": text}[self.weights_from].detach() if self.weights_from else None
-        extra = {} if self.caption_ids is None else {"caption_ids": self.caption_ids}
+        extra = {} if negatives is None else {"negatives": negatives}
+        if self.caption_ids is not None:
+            extra["caption_ids"] = self.caption_ids
         return self.fn(image, text, logit_scale=scale.float(), logit_bias=None if bias is None else bias.float(),
                        labels=self.labels, weights_from=weights, **extra)
 
+    def output(self, value: Tensor, image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tensor]) -> StepOutput:
+        """The step's detached, fp32 output."""
+        text, negatives = self.split(image, text.detach().float())
+        return StepOutput(value.detach(), image.detach().float(), text, scale.detach(), _detach(bias), negatives)
+
 
 def _check_batch(images: Tensor, texts: Tensor, labels: Optional[Tensor], chunk_size: int,
-                 text_chunk_size: int, weights_from: Optional[str]) -> int:
+                 text_chunk_size: int, weights_from: Optional[str], negatives: Optional[Tensor] = None) -> int:
     n = len(images)
     if n == 0 or len(texts) != n:
         raise ValueError(f"forward_backward: expected the same non-zero number of images and texts, "
                          f"got {len(images)} images and {len(texts)} texts")
+    if negatives is not None and (negatives.ndim < 2 or len(negatives) != n or negatives.shape[1] < 1
+                                  or negatives.shape[2:] != texts.shape[1:]):
+        raise ValueError(f"forward_backward: negatives must be ({n}, k, {', '.join(map(str, texts.shape[1:]))}) "
+                         f"with k >= 1 (k text inputs per row), got {tuple(negatives.shape)}")
     if labels is not None and len(labels) != n:
         raise ValueError(f"forward_backward: expected {n} labels (one per pair), got {len(labels)}")
     if chunk_size < 0 or text_chunk_size < 0:

@@ -25,6 +25,7 @@ The stages talk only through these artifacts, so their names are defined once, h
         classnames.txt                 zero-shot: line i names class i (labels in KEY.cls)
         zeroshot_classification_templates.txt, dataset_type.txt, tokenizer.json
     eval_dir/SET/ (our first layout)   shards and manifest.json beside classnames.txt and templates
+    eval_dir/SET/ (text retrieval)     a BEIR text set: queries.jsonl, corpus.jsonl, qrels/test.tsv
     synth/train/, synth/eval/SET/      what `contrast data synth` writes
 
 A folder holding `COMPLETE` is finished; without it, it does not exist for any reader.
@@ -52,6 +53,9 @@ TEMPLATES = "zeroshot_classification_templates.txt"
 NSHARDS = "nshards.txt"                    # CLIP_benchmark: a split's shard count (shards 0.tar .. N-1.tar)
 DATASET_TYPE = "dataset_type.txt"          # CLIP_benchmark: classification (when absent), retrieval, multilabel
 REPORT = "report.html"
+BEIR_QUERIES = "queries.jsonl"             # a BEIR-style text retrieval set: {"_id", "text"} a line
+BEIR_CORPUS = "corpus.jsonl"               # {"_id", "title", "text"} a line
+BEIR_QRELS = "qrels/test.tsv"              # query-id, corpus-id, score (a header line first)
 
 # ---------------------------------------------------------------------------------- run_dir folders
 CHECKPOINTS = "checkpoints"

@@ -235,6 +235,8 @@ def absolute_paths(cfg: Config) -> Config:
         source.urls = [fix(u) for u in source.urls]
     cfg.data.eval_dir = cfg.data.eval_dir and fix(cfg.data.eval_dir)
     cfg.data.tokenizer = cfg.data.tokenizer and fix(cfg.data.tokenizer)
+    for tower in (cfg.model.image, cfg.model.text):
+        tower.hf_path = tower.hf_path and fix(tower.hf_path)
     cfg.model.init_from = cfg.model.init_from and fix(cfg.model.init_from)
     if (cfg.model.init_from_config or "").endswith(".json"):     # a JSON file, not a config name
         cfg.model.init_from_config = fix(cfg.model.init_from_config)

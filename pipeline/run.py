@@ -20,6 +20,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.data import synthesize
 from pipeline.eval.fashion_mnist import SET_NAME as FASHION_MNIST
 from pipeline.eval.report import final_metrics, read_results, write_report
+from pipeline.eval.retrieval_text import is_text_retrieval_set
 from pipeline.eval.scheduler import Watcher
 from pipeline.eval.sets import is_eval_set
 from pipeline.layout import DATASET_EVAL, DATASET_TRAIN, MANIFEST
@@ -44,8 +45,8 @@ def _missing_data(cfg: Config) -> list[str]:
     missing = [u for u in cfg.data.train_urls if "{" not in u and not u.endswith(".tar") and not u.endswith(MANIFEST)
                and not storage.exists(storage.join(u, MANIFEST))]
     if cfg.eval.schedule != "off" and cfg.data.eval_dir:
-        sets = [storage.join(cfg.data.eval_dir, s) for s in cfg.eval.sets if s != FASHION_MNIST]
-        missing += [u for u in sets if not is_eval_set(u)]
+        sets = [s for s in cfg.eval.sets if s != FASHION_MNIST and not is_text_retrieval_set(cfg.data.eval_dir, s)]
+        missing += [u for u in (storage.join(cfg.data.eval_dir, s) for s in sets) if not is_eval_set(u)]
     return missing
 
 
@@ -74,7 +75,8 @@ def ensure_data(cfg: Config) -> None:
 
 
 def run_pipeline(cfg: Config) -> dict[str, Any]:
-    """Data → train (with scheduled eval) → catch-up eval → report. Returns the report URL and final metrics."""
+    """Data → train (with scheduled eval) → catch-up eval → report. Returns the report URL, the final metrics and,
+    when step 0 was evaluated (`checkpoint.publish_initial`), the initial ones."""
     started = time.perf_counter()
     cfg = absolute_paths(cfg)
     ensure_data(cfg)
@@ -85,5 +87,6 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
             log.info("evaluated after training: steps %s", outcome.evaluated)
     report = write_report(cfg.run_dir)
     results = read_results(cfg.run_dir)
+    initial = [r for r in results[:1] if r["step"] == 0 and len(results) > 1]
     return {"report": report, "step": results[-1]["step"] if results else None, "metrics": final_metrics(results),
-            "seconds": time.perf_counter() - started}
+            "initial": final_metrics(initial), "seconds": time.perf_counter() - started}

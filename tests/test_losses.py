@@ -296,14 +296,16 @@ def test_model_side_defaults():
 
 def test_config_hyper_parameters_are_taken_by_some_loss():
     """Every hyper-parameter field of LossConfig is a real hyper-parameter of at least one loss."""
-    config_fields = set(LossConfig().hyper()) | {"k1", "k2", "sigma", "beta", "tau_plus", "cross_uniformity"}
+    config_fields = set(LossConfig().hyper()) | {"k1", "k2", "sigma", "beta", "tau_plus", "cross_uniformity",
+                                                    "symmetric"}
     assert {f.name for f in dataclasses.fields(LossConfig)} >= config_fields
     taken = {h for name in LOSS_NAMES for h in hyper_parameters(name)}
     assert config_fields == taken
 
 
 @pytest.mark.parametrize("name, hyper, match", [
-    ("clip", dict(k1=3.0), "does not take k1; it takes no hyper-parameters"),
+    ("dcl", dict(k1=3.0), "does not take k1; it takes no hyper-parameters"),
+    ("clip", dict(k1=3.0), "does not take k1; it takes symmetric"),
     ("tcl", dict(sigma=0.5), "does not take sigma; it takes k1, k2"),
     ("hcl", dict(beta=1.0, k2=1.0), "does not take k2"),
 ])

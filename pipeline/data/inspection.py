@@ -10,7 +10,7 @@ from pipeline import storage
 from pipeline.config import Config
 from pipeline.data.mixture import MixturePlan, config_sources, expected_epochs, stop_step
 from pipeline.data.order import SourceSpec
-from pipeline.data.samples import BadSample, validate_sample
+from pipeline.data.samples import BadSample, is_text_pair, validate_sample, validate_text_pair
 from pipeline.data.shards import Lost, iter_raw, resolve_shards
 from pipeline.data.stream import StreamOptions, resolve_source
 from pipeline.data.transforms import decode_image
@@ -27,7 +27,8 @@ class ShardReport:
 
 
 def inspect_shards(urls: str | Sequence[str], decode: bool = True, allow_pipe: bool = False) -> list[ShardReport]:
-    """Read every shard; with `decode`, also decode every image (finds corrupt JPEGs)."""
+    """Read every shard; with `decode`, also decode every image (finds corrupt JPEGs). Text pairs
+    (samples with a ``query.txt``) are checked by the text-pair rules."""
     reports = []
     for shard in resolve_shards(urls, allow_pipe=allow_pipe):
         report = ShardReport(shard.url, expected=shard.samples)
@@ -43,6 +44,9 @@ def inspect_shards(urls: str | Sequence[str], decode: bool = True, allow_pipe: b
             report.samples += 1
             report.layouts["+".join(sorted(item.members))] += 1
             try:
+                if is_text_pair(item.members):
+                    validate_text_pair(item.key, item.members, item.shard)
+                    continue
                 sample = validate_sample(item.key, item.members, item.shard)
                 if decode:
                     decode_image(sample.image, 16)

@@ -7,6 +7,9 @@ ASCII digits, CLIP_benchmark's convention; a ``"label"`` in the JSON is read the
 must agree when both are there). `validate_sample` applies the checks that need no decoding;
 decoding (`transforms.decode_image`) adds ``corrupt_image`` and ``too_many_pixels``. Every failure is
 a `BadSample` whose `reason` is the name it is counted under.
+
+A text pair (text–text training) is ``KEY.query.txt`` and ``KEY.pos.txt`` (UTF-8, not blank) and
+optional ``KEY.neg.json``, a list of hard-negative passages (non-blank strings); `validate_text_pair`.
 """
 from __future__ import annotations
 
@@ -51,16 +54,17 @@ def image_member(members: dict[str, bytes]) -> Optional[bytes]:
     return None
 
 
-def decode_caption(data: Optional[bytes]) -> str:
-    """A caption's text; BadSample("missing_caption" | "bad_caption_encoding") otherwise."""
+def decode_caption(data: Optional[bytes], missing: str = "missing_caption",
+                   bad_encoding: str = "bad_caption_encoding") -> str:
+    """A caption's (or any text member's) text; BadSample(`missing` | `bad_encoding`) otherwise."""
     if data is None:
-        raise BadSample("missing_caption")
+        raise BadSample(missing)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise BadSample("bad_caption_encoding") from None
+        raise BadSample(bad_encoding) from None
     if not text.strip():
-        raise BadSample("missing_caption")
+        raise BadSample(missing)
     return text
 
 
@@ -136,3 +140,42 @@ def caption_id(text: str) -> int:
     whitespace (what the tokenizer's normaliser does too), so equal ids mean the same text input."""
     canonical = " ".join(unicodedata.normalize("NFKC", text).casefold().split())
     return int.from_bytes(hashlib.blake2b(canonical.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
+# ------------------------------------------------------------------------------------ text pairs
+QUERY, POSITIVE, NEGATIVES = "query.txt", "pos.txt", "neg.json"     # a text pair's members
+
+
+@dataclass
+class TextPair:
+    """A text pair that passed `validate_text_pair`: a query, its positive passage, its hard negatives."""
+    key: str
+    query: str
+    pos: str
+    negatives: list[str]
+    shard: str
+
+
+def is_text_pair(members: dict[str, bytes]) -> bool:
+    """Whether a sample's members are laid out as a text pair (it has a query)."""
+    return QUERY in members
+
+
+def decode_negatives(data: Optional[bytes]) -> list[str]:
+    """A pair's hard negatives ([] when absent); BadSample("bad_negatives") unless a list of non-blank strings."""
+    if data is None:
+        return []
+    try:
+        negatives = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BadSample("bad_negatives", "not UTF-8 JSON") from None
+    if not isinstance(negatives, list) or not all(isinstance(n, str) and n.strip() for n in negatives):
+        raise BadSample("bad_negatives", "expected a JSON list of non-blank strings")
+    return negatives
+
+
+def validate_text_pair(key: str, members: dict[str, bytes], shard: str) -> TextPair:
+    """The checks of a text pair, in one place; raises BadSample naming the first failure."""
+    query = decode_caption(members.get(QUERY), "missing_query", "bad_text_encoding").strip()
+    pos = decode_caption(members.get(POSITIVE), "missing_positive", "bad_text_encoding").strip()
+    return TextPair(key, query, pos, decode_negatives(members.get(NEGATIVES)), shard_name(shard))

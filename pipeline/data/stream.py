@@ -48,6 +48,8 @@ from pipeline.data.mixture import DEFAULT_SOURCE, MixturePlan, config_sources, s
 from pipeline.data.order import RoundReader, SourceSpec, check_sizes, round_of
 from pipeline.data.samples import BadSample, Sample, caption_id, shard_name, validate_sample
 from pipeline.data.shards import DataError, Lost, dataset_dir, resolve_shards, with_counts
+from pipeline.data.text_pairs import FORMAT as TEXT_PAIRS
+from pipeline.data.text_pairs import TextPairRows
 from pipeline.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_url
 from pipeline.data.transforms import decode_image, to_tensor
 from pipeline.distributed import all_gather_objects
@@ -60,6 +62,7 @@ MAX_AUTO_STREAMS = 8
 MIN_SAMPLES_FOR_FRACTION = 100            # the bad fraction is judged once this many samples were seen
 MAX_BAD_SHARDS_KEPT = 20                  # per stream and source, in the state
 PR_SET_PDEATHSIG = 1                      # prctl(2) option: a signal for this process when its parent dies
+IMAGE_TEXT = "image_text"                 # `data.format` of image-caption samples
 
 
 # ------------------------------------------------------------------------------------ the plan
@@ -107,6 +110,26 @@ def decode_row(sample: Sample, size: int, rng: random.Random) -> Row:
                rng.choice(sample.caption_lines()), sample.meta, -1 if sample.label is None else sample.label)
 
 
+@dataclass(frozen=True)
+class ImageTextRows:
+    """The seam between the stream and a sample format: how raw members become a checked sample
+    (`validate`), a decoded row (`decode`, with the sample's own seeded rng) and rows a batch (`collate`).
+    This one is image-caption samples; `text_pairs.TextPairRows` is the other (`data.format`)."""
+    image_size: int = 64
+
+    def validate(self, key: str, members: dict[str, bytes], shard: str) -> Sample:
+        return validate_sample(key, members, shard)
+
+    def decode(self, sample: Sample, rng: random.Random) -> Row:
+        return decode_row(sample, self.image_size, rng)
+
+    def collate(self, rows: Sequence[Row], tokenizer: Tokenizer) -> dict[str, Any]:
+        return collate(rows, tokenizer)
+
+
+Codec = Union[ImageTextRows, TextPairRows]
+
+
 @dataclass
 class Bad:
     """Raw positions of a window that cannot be used, counted when the window reaches them."""
@@ -119,9 +142,8 @@ class Bad:
 class SourceStream:
     """One source as one virtual stream reads it: rounds, windows, position, usable and bad counts."""
 
-    def __init__(self, spec: StreamSpec, source: SourceSpec, sid: int, image_size: int,
-                 state: Optional[dict] = None):
-        self.spec, self.source, self.sid, self.image_size = spec, source, sid, image_size
+    def __init__(self, spec: StreamSpec, source: SourceSpec, sid: int, codec: Codec, state: Optional[dict] = None):
+        self.spec, self.source, self.sid, self.codec = spec, source, sid, codec
         state = state or {"round": 0, "window": -1, "start": 0, "end": 0, "taken": 0, "ok": 0, "bad": {},
                           "bad_shards": {}}
         self.round, self.window_index = int(state["round"]), int(state["window"])
@@ -157,7 +179,7 @@ class SourceStream:
                 continue
             rng = random.Random(f"{self.spec.seed}/aug/{self.source.name}/{self.sid}/{self.window_index}/{index}")
             try:
-                row = decode_row(entry, self.image_size, rng)
+                row = self.codec.decode(entry, rng)
             except BadSample as e:
                 self._count_bad(e.reason, entry.shard)
                 continue
@@ -193,7 +215,8 @@ class SourceStream:
                             f"{'round' if self.source.resampled else 'epoch'} of its shards; bad samples so far: "
                             f"{dict(self.bad)}; shards: {', '.join(self.bad_shards)}"
                             f"{'; last error: ' + self._last_error if self._last_error else ''}. Expected readable "
-                            "tars of samples KEY.jpg + KEY.txt")
+                            "tars of samples KEY.jpg + KEY.txt (or, for data.format text_pairs, KEY.query.txt + "
+                            "KEY.pos.txt)")
 
     def _read_window(self, size: int) -> list[Union[Sample, Bad]]:
         """`size` raw positions (or a few more, a broken shard's) from the reader, not past the round's end,
@@ -211,7 +234,7 @@ class SourceStream:
                 continue
             covered += 1
             try:
-                entries.append(validate_sample(item.key, item.members, item.shard))
+                entries.append(self.codec.validate(item.key, item.members, item.shard))
             except BadSample as e:
                 entries.append(Bad(e.reason, shard_name(item.shard)))
         random.Random(f"{self.spec.seed}/window/{self.source.name}/{self.sid}/{self.window_index}").shuffle(entries)
@@ -229,11 +252,11 @@ class SourceStream:
 class VirtualStream:
     """One virtual stream: its rows of each global batch, each from the source the mixture plan names."""
 
-    def __init__(self, spec: StreamSpec, sid: int, rows: int, image_size: int, state: Optional[dict] = None):
+    def __init__(self, spec: StreamSpec, sid: int, rows: int, codec: Codec, state: Optional[dict] = None):
         self.spec, self.sid, self.rows = spec, sid, rows
         self.plan = spec.plan
         state = state or {}
-        self.sources = [SourceStream(spec, s, sid, image_size, state.get(s.name)) for s in spec.sources]
+        self.sources = [SourceStream(spec, s, sid, codec, state.get(s.name)) for s in spec.sources]
 
     def take(self, step: int) -> list[Row]:
         """This stream's rows of global batch `step` (0-based)."""
@@ -292,9 +315,9 @@ class _Producer(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, spec: StreamSpec, blocks: list[list[int]], states: dict[int, Optional[dict]], step: int,
-                 rows_per_stream: int, image_size: int, tokenizer_json: str, context_length: int):
+                 rows_per_stream: int, codec: Codec, tokenizer_json: str, context_length: int):
         self.spec, self.blocks, self.states, self.step = spec, blocks, states, step
-        self.rows, self.image_size = rows_per_stream, image_size
+        self.rows, self.codec = rows_per_stream, codec
         self.tokenizer_json, self.context_length = tokenizer_json, context_length
 
     def __iter__(self) -> Iterator[tuple[dict[str, Any], dict[int, dict]]]:
@@ -302,12 +325,12 @@ class _Producer(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         block = self.blocks[info.id if info is not None else 0]
         tokenizer = Tokenizer(HFTokenizer.from_str(self.tokenizer_json), self.context_length)
-        streams = [VirtualStream(self.spec, sid, self.rows, self.image_size, self.states.get(sid)) for sid in block]
+        streams = [VirtualStream(self.spec, sid, self.rows, self.codec, self.states.get(sid)) for sid in block]
         step = self.step
         try:
             while True:
                 rows = [r for vs in streams for r in vs.take(step)]
-                yield collate(rows, tokenizer), {vs.sid: vs.state() for vs in streams}
+                yield self.codec.collate(rows, tokenizer), {vs.sid: vs.state() for vs in streams}
                 step += 1
         finally:
             for vs in streams:
@@ -352,9 +375,9 @@ class Stream:
     """
 
     def __init__(self, spec: StreamSpec, *, global_batch: int, rank: int, world_size: int, num_workers: int,
-                 image_size: int, tokenizer: Tokenizer, max_bad_fraction: float, state: Optional[dict]):
+                 codec: Codec, tokenizer: Tokenizer, max_bad_fraction: float, state: Optional[dict]):
         self.spec, self.global_batch, self.rank, self.world_size = spec, global_batch, rank, world_size
-        self.image_size, self.tokenizer, self.max_bad_fraction = image_size, tokenizer, max_bad_fraction
+        self.codec, self.tokenizer, self.max_bad_fraction = codec, tokenizer, max_bad_fraction
         per_rank = spec.num_streams // world_size
         self.stream_ids = list(range(rank * per_rank, (rank + 1) * per_rank))
         self.num_workers = min(num_workers, per_rank)
@@ -385,7 +408,7 @@ class Stream:
         blocks = [self.stream_ids[i * len(self.stream_ids) // loaders:(i + 1) * len(self.stream_ids) // loaders]
                   for i in range(loaders)]
         producer = _Producer(self.spec, blocks, dict(self._states), self.step,
-                             self.global_batch // self.spec.num_streams, self.image_size, self.tokenizer.to_json(),
+                             self.global_batch // self.spec.num_streams, self.codec, self.tokenizer.to_json(),
                              self.tokenizer.context_length)
         if self.num_workers == 0:
             chunks = iter(producer)
@@ -533,12 +556,25 @@ class StreamOptions:
     max_bad_fraction: float = 0.01
     allow_pipe: bool = False
     streams: int = 0                           # virtual streams S; 0: chosen from the global batch
+    format: str = IMAGE_TEXT                   # or "text_pairs": queries, positives, hard negatives
+    hard_negatives: int = 0                    # text pairs: hard negatives per row in a batch
 
     @classmethod
     def from_config(cls, d: DataConfig) -> StreamOptions:
         return cls(image_size=d.image_size, context_length=d.context_length, tokenizer=d.tokenizer,
                    shuffle_buffer=d.shuffle_buffer, resampled=d.resampled, max_bad_fraction=d.max_bad_fraction,
-                   allow_pipe=d.allow_pipe, streams=d.streams)
+                   allow_pipe=d.allow_pipe, streams=d.streams, format=d.format, hard_negatives=d.hard_negatives)
+
+
+def row_codec(o: StreamOptions) -> Codec:
+    """The sample format's codec (`ImageTextRows` is the seam's documentation)."""
+    if o.format == IMAGE_TEXT:
+        return ImageTextRows(o.image_size)
+    if o.format == TEXT_PAIRS:
+        if o.hard_negatives < 0:
+            raise DataError(f"data.hard_negatives = {o.hard_negatives}: expected 0 or more per row")
+        return TextPairRows(o.hard_negatives)
+    raise DataError(f"data.format = {o.format!r}: expected {IMAGE_TEXT!r} or {TEXT_PAIRS!r}")
 
 
 Urls = Union[str, Sequence[str]]
@@ -581,7 +617,7 @@ def open_stream(urls: Urls | Sequence[SourceConfig], *, global_batch: int, rank:
         if state["step"] == 0:
             state = None
     return Stream(spec, global_batch=global_batch, rank=rank, world_size=world_size, num_workers=num_workers,
-                  image_size=o.image_size, tokenizer=tok, max_bad_fraction=o.max_bad_fraction, state=state)
+                  codec=row_codec(o), tokenizer=tok, max_bad_fraction=o.max_bad_fraction, state=state)
 
 
 def open_train_stream(cfg: Config, *, rank: int = 0, world_size: int = 1, state: Optional[dict] = None,

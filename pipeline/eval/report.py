@@ -24,6 +24,7 @@ from pipeline.config import config_from_dict
 from pipeline.data.transforms import decode_image
 from pipeline.eval.evaluate import eval_sets
 from pipeline.eval.fashion_mnist import SET_NAME as FASHION_MNIST
+from pipeline.eval.retrieval_text import is_text_retrieval_set
 from pipeline.eval.scheduler import published_checkpoints
 from pipeline.eval.sets import open_eval_set
 from pipeline.eval.tasks import Encoder, captions_of
@@ -207,7 +208,8 @@ def checkpoint_figures(run_dir: str, out_dir: Path, n: int = 8, queries: int = 4
     published = load_published(checkpoints[-1].url)
     cfg = config_from_dict(published.manifest["config"], origin="checkpoint manifest")
     captioned = next((s for s in (open_eval_set(cfg.data.eval_dir, name) for name in eval_sets(cfg)
-                                  if name != FASHION_MNIST) if s.kind == "retrieval"), None)
+                                  if name != FASHION_MNIST and not is_text_retrieval_set(cfg.data.eval_dir, name))
+                      if s.kind == "retrieval"), None)
     if captioned is None:
         return [Figure(title, None, "No retrieval set among eval.sets.")]
     samples = list(captioned.samples())

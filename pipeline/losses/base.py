@@ -4,11 +4,20 @@ A loss subclasses `ContrastiveLoss` and writes `compute(pairs)`, its formula ove
 (`pairs.u`, `pairs.v`) against every rank's rows (`pairs.U`, `pairs.V`, gathered with gradient).
 It returns a value whose mean over ranks is the loss of the global batch.
 
-Duplicate captions: given `caption_ids` (equal ids = identical captions), the ids of the whole
-global batch are gathered once, and `Pairs.duplicates(cols)` / `Views.duplicates(cols)` give, for
-one tile of columns, where a column is *another* pair with the row's caption. Every loss leaves
-those entries out of its negatives inside its pairwise term (−inf in a log-sum-exp, 0 in a sum), so
-the dense and tiled forms, and the gradient cache (which calls the loss once), mask alike.
+Hard negatives (`negatives=`, (n, k, D): k extra candidates per row, e.g. passages that look relevant
+but are not) are gathered with the rows and laid out row-major after every rank's positives:
+global row r's j-th hard negative is column N + r·k + j of `pairs.candidates` = [V; H]. They are
+only ever columns (negatives for every anchor), never anchors, never anyone's positive, so a row's
+pairing survives the gather whatever the world size.
+
+Duplicate captions: given `caption_ids` (equal ids = identical captions; or (n, m) ids, e.g. a text
+pair's query and positive, where sharing any one makes two pairs duplicates), the ids of the whole
+global batch are gathered once and grouped (`duplicate_groups`), and `Pairs.duplicates(cols)` /
+`Views.duplicates(cols)` give, for one tile of columns, where a column is *another* pair with the
+row's caption. Every loss leaves those entries out of its negatives inside its pairwise term (−inf
+in a log-sum-exp, 0 in a sum), so the dense and tiled forms, and the gradient cache (which calls
+the loss once), mask alike.
+Hard-negative columns are never masked: they are their own row's negatives by construction.
 """
 from __future__ import annotations
 
@@ -44,11 +53,17 @@ class Pairs:
     all_labels: Tensor          # (N,)
     weights: Optional[Tensor]   # (n, D') `weights_from` rows, detached
     all_weights: Optional[Tensor]
-    ids: Optional[Tensor] = None        # (n,) caption id of each local pair, when duplicates are masked
+    H: Optional[Tensor] = None  # (N·k, D) all ranks' hard negatives, row-major by owner row, with gradient
+
+    @property
+    def candidates(self) -> Tensor:
+        """The columns every text-side reduction runs over: all positives V, then all hard negatives H."""
+        return self.V if self.H is None else torch.cat([self.V, self.H])
+    ids: Optional[Tensor] = None        # (n,) duplicate group of each local pair, when duplicates are masked
     all_ids: Optional[Tensor] = None    # (N,)
 
     def duplicates(self, cols: slice) -> Optional[Tensor]:
-        """(n × cols) True where global pair j in `cols` is another pair with local pair i's caption."""
+        """(n × cols) True where candidate column j in `cols` is another pair with local pair i's caption."""
         return duplicate_mask(self.ids, self.rows, self.all_ids, cols, self.U.shape[0])
 
 
@@ -66,17 +81,27 @@ class Views:
 
     @staticmethod
     def of(p: Pairs) -> Views:
+        """The views of `p`; hard negatives join Z after [U; V] as columns with labels of their own
+        (no anchor's class), so they are negatives for every anchor and positives of none."""
         n = p.U.shape[0]
+        Z, all_labels = torch.cat([p.U, p.V]), torch.cat([p.all_labels, p.all_labels])
+        if p.H is not None:
+            Z = torch.cat([Z, p.H])
+            fresh = all_labels.max() + 1 + torch.arange(p.H.shape[0], device=all_labels.device)
+            all_labels = torch.cat([all_labels, fresh])
         twice = (lambda x: None if x is None else torch.cat([x, x]))  # noqa: E731
-        return Views(z=torch.cat([p.u, p.v]), Z=torch.cat([p.U, p.V]),
+        return Views(z=torch.cat([p.u, p.v]), Z=Z,
                      me=torch.cat([p.rows, p.rows + n]), partner=torch.cat([p.rows + n, p.rows]),
-                     labels=torch.cat([p.labels, p.labels]), all_labels=torch.cat([p.all_labels, p.all_labels]),
+                     labels=torch.cat([p.labels, p.labels]), all_labels=all_labels,
                      ids=twice(p.ids), all_ids=twice(p.all_ids))
 
     def duplicates(self, cols: slice) -> Optional[Tensor]:
         """(2n × cols) True where anchor column c in `cols` is a view of another pair with the caption of
-        the row anchor's pair (both views of a duplicate pair are left out; the anchor's own pair never)."""
-        n = self.Z.shape[0] // 2
+        the row anchor's pair (both views of a duplicate pair are left out; the anchor's own pair never;
+        hard-negative columns, after the 2N views, never)."""
+        if self.ids is None:
+            return None
+        n = self.all_ids.shape[0] // 2
         return duplicate_mask(self.ids, self.me % n, self.all_ids, cols, n)
 
     @property
@@ -85,21 +110,45 @@ class Views:
         return torch.cat([self.z[n:], self.z[:n]])
 
 
-def gather_rows(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """All ranks' rows of u and v (rank-major), with gradient, in one collective."""
+def gather_rows(u: Tensor, v: Tensor, h: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """All ranks' rows of u, v and the hard negatives h (n, k, D) (rank-major), with gradient, in one
+    collective; the hard negatives come back flat (N·k, D), each row's k in a block at row·k."""
+    d = u.shape[1]
     if not is_distributed():
-        return u, v
-    return all_gather_with_grad(torch.cat([u, v], 1)).split(u.shape[1], 1)
+        return u, v, None if h is None else h.reshape(-1, d)
+    parts = [u, v] + ([] if h is None else [h.reshape(h.shape[0], -1)])
+    U, V, *H = all_gather_with_grad(torch.cat(parts, 1)).split([d, d, *([] if h is None else [h.shape[1] * d])], 1)
+    return U, V, (H[0].reshape(-1, d) if H else None)
+
+
+def duplicate_groups(ids: Tensor) -> Tensor:
+    """(N,) group of each pair of the global batch from its ids, (N,) or (N, m): pairs sharing an id in
+    any column are in one group, transitively (a text pair's query or positive). Groups are numbered
+    from 0 (the smallest member's index), so no group is negative."""
+    columns = ids.reshape(ids.shape[0], -1)
+    inverses = [torch.unique(columns[:, c], return_inverse=True)[1] for c in range(columns.shape[1])]
+    groups = torch.arange(ids.shape[0], device=ids.device)
+    while True:
+        merged = groups
+        for inverse in inverses:       # every pair takes the smallest group among those sharing this id
+            smallest = torch.full_like(groups, ids.shape[0]).scatter_reduce(0, inverse, merged, "amin")
+            merged = smallest[inverse]
+        if torch.equal(merged, groups):
+            return groups
+        groups = merged
 
 
 def duplicate_mask(ids: Optional[Tensor], pair: Tensor, all_ids: Optional[Tensor], cols: slice,
                    pairs: int) -> Optional[Tensor]:
     """(rows × cols) True where column j (a global index in `cols`, belonging to pair j mod `pairs`) has
-    the row's caption id but is not the row's own pair `pair`; None when no ids are given."""
+    the row's group id but is not the row's own pair `pair`; None when no ids are given. Columns past
+    `all_ids` (hard negatives) are never masked."""
     if ids is None:
         return None
     col_ids = torch.arange(cols.start, cols.stop, device=pair.device)
-    return (ids.unsqueeze(1) == all_ids[cols].unsqueeze(0)) & (pair.unsqueeze(1) != (col_ids % pairs).unsqueeze(0))
+    col_groups = all_ids[cols]
+    col_groups = torch.cat([col_groups, col_groups.new_full((len(col_ids) - len(col_groups),), -1)])
+    return (ids.unsqueeze(1) == col_groups.unsqueeze(0)) & (pair.unsqueeze(1) != (col_ids % pairs).unsqueeze(0))
 
 
 def caption_counts(ids: Tensor, all_ids: Tensor) -> Tensor:
@@ -140,10 +189,13 @@ def global_mean(values: Tensor, keep: Tensor) -> Tensor:
 
 
 class ContrastiveLoss(nn.Module):
-    """Base of every loss: `loss(image, text, *, logit_scale, logit_bias=None, labels=None, weights_from=None)`.
+    """Base of every loss: `loss(image, text, *, logit_scale, logit_bias=None, labels=None, weights_from=None,
+    negatives=None)`.
 
     `labels` are used by the losses that define positives by class (supcon, tcl) and ignored by
-    the others, so a training loop may always pass them. Negatives are every rank's rows.
+    the others, so a training loop may always pass them. Negatives are every rank's rows, plus every
+    rank's hard negatives when `negatives` (n, k, D) is given (the same k on every rank).
+    For text–text training `image` is the query side and `text` the passage side.
     """
     name = ""                   # the registry name
     default_temperature = 0.1   # τ = 1/s the model starts from for this loss
@@ -169,15 +221,19 @@ class ContrastiveLoss(nn.Module):
 
     def forward(self, image: Tensor, text: Tensor, *, logit_scale: Tensor | float,
                 logit_bias: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                weights_from: Optional[Tensor] = None, caption_ids: Optional[Tensor] = None) -> Tensor:
-        """The loss; with `caption_ids` (one integer per pair, equal for identical captions) pairs with the
-        same caption are not each other's negatives. Pass them on every rank or on none."""
-        return self.compute(self._pairs(image, text, logit_scale, logit_bias, labels, weights_from, caption_ids))
+                weights_from: Optional[Tensor] = None, negatives: Optional[Tensor] = None,
+                caption_ids: Optional[Tensor] = None) -> Tensor:
+        """The loss; with `caption_ids` (one integer per pair, equal for identical captions, or (n, m) integers
+        per pair where sharing any one makes two pairs duplicates) pairs with the same caption are not each
+        other's negatives. Pass them on every rank or on none."""
+        return self.compute(self._pairs(image, text, logit_scale, logit_bias, labels, weights_from, negatives,
+                                        caption_ids))
 
     def compute(self, p: Pairs) -> Tensor:
         raise NotImplementedError
 
-    def _pairs(self, image, text, logit_scale, logit_bias, labels, weights_from, caption_ids) -> Pairs:
+    def _pairs(self, image, text, logit_scale, logit_bias, labels, weights_from, negatives=None,
+               caption_ids=None) -> Pairs:
         """Check the call, cast to the compute dtype and gather all ranks' rows."""
         name = f"loss {self.name!r}"
         if image.ndim != 2 or image.shape != text.shape:
@@ -206,12 +262,17 @@ class ContrastiveLoss(nn.Module):
             raise ValueError(f"{name}: {need} weights_from")
         if weights_from is not None and (weights_from.ndim != 2 or weights_from.shape[0] != n):
             raise ValueError(f"{name}: weights_from must be ({n}, D'), got {tuple(weights_from.shape)}")
-        if caption_ids is not None and (caption_ids.shape != (n,) or caption_ids.is_floating_point()):
-            raise ValueError(f"{name}: caption_ids must be an integer tensor of shape ({n},), "
+        if negatives is not None and (negatives.ndim != 3 or negatives.shape[0] != n
+                                      or negatives.shape[2] != image.shape[1] or negatives.shape[1] < 1):
+            raise ValueError(f"{name}: negatives must be ({n}, k, {image.shape[1]}) with k >= 1 hard negatives per "
+                             f"row, got {tuple(negatives.shape)}")
+        if caption_ids is not None and (caption_ids.ndim not in (1, 2) or caption_ids.shape[0] != n
+                                        or caption_ids.is_floating_point()):
+            raise ValueError(f"{name}: caption_ids must be an integer tensor of shape ({n},) or ({n}, m), "
                              f"got {caption_ids.dtype} {tuple(caption_ids.shape)}")
 
         u, v = image.to(dtype), text.to(dtype)
-        U, V = gather_rows(u, v)
+        U, V, H = gather_rows(u, v, None if negatives is None else negatives.to(dtype))
         if U.shape[0] < 2:
             raise ValueError(f"{name}: needs at least 2 pairs in the global batch, got {U.shape[0]}")
         mine = local_rows(n)
@@ -223,9 +284,9 @@ class ContrastiveLoss(nn.Module):
             all_weights = all_gather(weights)
         ids = all_ids = None
         if caption_ids is not None and self.masks_duplicates:
-            ids = caption_ids.to(image.device)
-            all_ids = all_gather(ids)
+            all_ids = duplicate_groups(all_gather(caption_ids.to(image.device)))
+            ids = all_ids[rows]
         return Pairs(u=u, v=v, U=U, V=V, rows=rows,
                      scale=scale.reshape(()), bias=None if bias is None else bias.reshape(()),
                      labels=labels, all_labels=all_labels, weights=weights, all_weights=all_weights,
-                     ids=ids, all_ids=all_ids)
+                     ids=ids, all_ids=all_ids, H=H)

@@ -52,8 +52,10 @@ class HclLoss(ContrastiveLoss):
 
     @staticmethod
     def _log_negative_counts(p: Pairs) -> Tensor:
-        """log M_i per local pair: M = 2N − 2, less the two views of every other pair with its caption."""
-        m = torch.full_like(p.u[:, 0], 2.0 * p.U.shape[0] - 2)
+        """log M_i per local pair: M = 2N − 2 (+ the N·k hard negatives), less the two views of every other
+        pair with its caption."""
+        hard = 0 if p.H is None else p.H.shape[0]
+        m = torch.full_like(p.u[:, 0], 2.0 * p.U.shape[0] - 2 + hard)
         if p.ids is not None:
             m = m - 2 * (caption_counts(p.ids, p.all_ids) - 1)
         return m.log()

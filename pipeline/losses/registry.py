@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import inspect
+from typing import Optional, Sequence
+
+from torch import nn
 
 from pipeline.config import Config, register_check
 from pipeline.losses.base import ContrastiveLoss
@@ -10,6 +13,7 @@ from pipeline.losses.clip_gap import ClipGapLoss
 from pipeline.losses.cwcl import CwclLoss
 from pipeline.losses.dcl import DclLoss, DclwLoss
 from pipeline.losses.hcl import HclLoss
+from pipeline.losses.matryoshka import Matryoshka
 from pipeline.losses.siglip import SiglipLoss
 from pipeline.losses.supcon import SupConLoss, TclLoss
 
@@ -32,8 +36,10 @@ def hyper_parameters(name: str) -> tuple[str, ...]:
     return tuple(p for p in params if p not in ("self", "tiled", "tile_size"))
 
 
-def get_loss(name: str, tiled: bool = False, tile_size: int = 1024, **hyper) -> ContrastiveLoss:
-    """Build loss `name`; `tiled=True` selects the memory-linear tiled form (same values and gradients).
+def get_loss(name: str, tiled: bool = False, tile_size: int = 1024, matryoshka_dims: Optional[Sequence[int]] = None,
+             **hyper) -> nn.Module:
+    """Build loss `name`; `tiled=True` selects the memory-linear tiled form (same values and gradients);
+    `matryoshka_dims` sums it over the embeddings truncated to each size (`Matryoshka`).
 
     A hyper-parameter the loss does not take is a TypeError; a value out of range a ValueError.
     """
@@ -43,7 +49,8 @@ def get_loss(name: str, tiled: bool = False, tile_size: int = 1024, **hyper) -> 
     if unknown:
         takes = ", ".join(allowed) if allowed else "no hyper-parameters"
         raise TypeError(f"loss {name!r} does not take {', '.join(unknown)}; it takes {takes}")
-    return cls(tiled=tiled, tile_size=tile_size, **hyper)
+    loss = cls(tiled=tiled, tile_size=tile_size, **hyper)
+    return Matryoshka(loss, matryoshka_dims) if matryoshka_dims else loss
 
 
 def default_temperature(name: str) -> float:
@@ -64,7 +71,7 @@ def check_loss_config(cfg: Config) -> list[str]:
     if loss.name not in _LOSSES:
         return [cfg.problem("loss.name", "one of " + ", ".join(LOSS_NAMES))]
     try:
-        get_loss(loss.name, **loss.hyper())
+        get_loss(loss.name, matryoshka_dims=loss.matryoshka_dims, **loss.hyper())
     except (TypeError, ValueError) as e:
         return [f"loss (from {cfg.origin('loss')}): {e}"]
     frozen = cfg.model.frozen_towers()

@@ -4,6 +4,7 @@
 
 With x_ij = t·u_i·v_j + b, −log σ(−x) = softplus(x) and −log σ(x) = softplus(x) − x, so row i is
 Σ_j softplus(x_ij) − x_ii: a plain sum over the columns (the global texts), then the local positive.
+Hard negatives are more columns with z = −1: the sum runs over [V; H].
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ class SiglipLoss(ContrastiveLoss):
 
     def compute(self, p: Pairs) -> Tensor:
         def softplus_logits(x: Tensor, cols: slice, bias: Tensor) -> Tensor:
-            """softplus(t·u_i·v_j + b), with x = (t·u_i)·v_j; 0 for another pair with the same caption."""
+            """softplus(t·u_i·c_j + b), with x = (t·u_i)·c_j; 0 for another pair with the same caption."""
             return mask(F.softplus(x + bias), p.duplicates(cols), 0.0)
-        negatives_and_positive, _ = self.pairwise(p.scale * p.u, p.V, softplus_logits, p.bias, row="sum")
+        negatives_and_positive, _ = self.pairwise(p.scale * p.u, p.candidates, softplus_logits, p.bias, row="sum")
         positive = p.scale * (p.u * p.v).sum(1) + p.bias
         return (negatives_and_positive - positive).mean()

@@ -61,9 +61,10 @@ class TextSpec:
 
 @dataclass(frozen=True)
 class HFSpec:
-    """A pretrained Hugging Face tower: its config (a dict, as `config.to_dict()`), pooling, source."""
+    """A pretrained Hugging Face tower: its config (a dict, as `config.to_dict()`), pooling, source.
+    Pooling: the first token ("cls"), the mean over non-padding tokens, or the last non-padding token."""
     config: dict[str, Any] = field(hash=False)
-    pool: Literal["cls", "mean"] = "mean"
+    pool: Literal["cls", "mean", "last"] = "mean"
     source: Optional[str] = None           # the hf_path it came from (informative only)
     kind: str = "hf"
 
@@ -108,6 +109,7 @@ NAMED_SPECS: dict[str, ModelSpec] = {
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(NAMED_SPECS)
+TEXT_MODEL = "text"                        # model.name of the text–text dual encoder (`text_dual`)
 
 
 def named_spec(name: str) -> ModelSpec:
@@ -119,10 +121,12 @@ def named_spec(name: str) -> ModelSpec:
 @register_check
 def check_model_config(cfg: Config) -> list[str]:
     """`model.name` exists, the image fits the built-in ViT's patches (unless the image tower is imported),
-    which alone can be dropped."""
+    which alone can be dropped (the text model checks itself)."""
     m = cfg.model
+    if m.name == TEXT_MODEL:
+        return []
     if m.name not in NAMED_SPECS:
-        return [cfg.problem("model.name", "one of " + ", ".join(MODEL_NAMES))]
+        return [cfg.problem("model.name", "one of " + ", ".join(MODEL_NAMES + (TEXT_MODEL,)))]
     problems = []
     patch = NAMED_SPECS[m.name].image.patch_size
     imported = bool(m.init_from) and "image" in m.init_towers       # checked by pipeline.models.init_from

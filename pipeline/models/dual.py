@@ -6,7 +6,6 @@ cache, so DeepSpeed ZeRO-3 gathers every parameter (the logit scale included) th
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Optional
 
 import torch
@@ -16,16 +15,15 @@ from torch import nn
 from pipeline.config import ModelConfig
 from pipeline.layout import TOWERS
 from pipeline.log import get_logger
-from pipeline.losses import default_temperature, uses_bias
-from pipeline.models.configs import HFSpec, ModelSpec, named_spec
-from pipeline.models.towers import block_prefix, build_tower
+from pipeline.models.configs import TEXT_MODEL, ModelSpec, named_spec
+from pipeline.models.logits import LearnedLogits, logit_init
+from pipeline.models.text_dual import TextDualEncoder, build_text_model
+from pipeline.models.towers import build_tower, freeze, read_hf_spec
 
 log = get_logger(__name__)
 
-LOGIT_SCALE_BOUNDS = (0.0, math.log(100.0))   # θ = ln s: the scale s stays in [1, 100]
 
-
-class DualEncoder(nn.Module):
+class DualEncoder(LearnedLogits, nn.Module):
     """Image and text towers whose normalised embeddings meet in one `embed_dim` space.
 
     The logit scale is a parameter θ with s = exp(θ); θ starts at ln(1/τ₀) and is kept in
@@ -45,13 +43,7 @@ class DualEncoder(nn.Module):
                      embed_dim=spec.embed_dim, dropout=dropout)
         self.image_tower = build_tower(spec.image, "image", patch_dropout=patch_dropout, **sizes)
         self.text_tower = build_tower(spec.text, "text", **sizes)
-        # shape (1,), not (): DeepSpeed cannot broadcast 0-dim parameters (forward returns scalars)
-        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)),
-                                        requires_grad=learn_temperature)
-        if init_bias is None:
-            self.register_parameter("logit_bias", None)
-        else:
-            self.logit_bias = nn.Parameter(torch.full((1,), float(init_bias)))
+        self.init_logits(init_temperature, init_bias, learn_temperature)
         self.locked_towers: set[str] = set()
 
     # ------------------------------------------------------------------------------ encoding
@@ -90,33 +82,17 @@ class DualEncoder(nn.Module):
         return {
             "image": self.encode_image(image) if image is not None else None,
             "text": self.encode_text(text) if text is not None else None,
-            "logit_scale": self.logit_scale.float().exp().squeeze(0),
-            "logit_bias": self.logit_bias.float().squeeze(0) if self.logit_bias is not None else None,
+            **self.logit_outputs(),
         }
 
     # ------------------------------------------------------------------------------ training
-    @torch.no_grad()
-    def clamp_logit_scale(self) -> None:
-        """θ ← clamp(θ, LOGIT_SCALE_BOUNDS), in place: call after every optimizer step."""
-        self.logit_scale.data.clamp_(*LOGIT_SCALE_BOUNDS)
-
     def lock(self, name: str, unlock_last: int = 0) -> None:
         """Freeze a tower (LiT); with `unlock_last = n` its last n blocks and what follows them train.
 
         A fully frozen tower runs without a graph and in eval mode, and is listed in `locked_towers`.
         """
         tower = self.tower(name)
-        blocks, prefix = len(tower.blocks), block_prefix(tower) + "."
-        if not 0 <= unlock_last <= blocks:
-            raise ValueError(f"model.{name}.unlock_last = {unlock_last}: expected 0..{blocks} (the tower's blocks)")
-        for pname, p in tower.named_parameters():
-            if pname.startswith(prefix):
-                trainable = int(pname[len(prefix):].split(".")[0]) >= blocks - unlock_last
-            elif pname.startswith(tower.stem):
-                trainable = False
-            else:                                         # the head: final norm, projection
-                trainable = unlock_last > 0
-            p.requires_grad_(trainable)
+        freeze(tower, unlock_last, f"model.{name}")
         if unlock_last == 0:
             self.locked_towers.add(name)
             tower.eval()
@@ -162,35 +138,30 @@ def resolve_spec(cfg: ModelConfig) -> ModelSpec:
     for name, tower_cfg in (("image", cfg.image), ("text", cfg.text)):
         if tower_cfg.unlock_last and not tower_cfg.lock:
             raise ValueError(f"model.{name}.unlock_last = {tower_cfg.unlock_last} needs model.{name}.lock = true")
-        towers[name] = _hf_spec(tower_cfg.hf_path, name) if tower_cfg.hf_path else getattr(spec, name)
+        pool = tower_cfg.pool or ("mean" if name == "text" else "cls")
+        towers[name] = read_hf_spec(tower_cfg.hf_path, f"model.{name}", pool) if tower_cfg.hf_path \
+            else getattr(spec, name)
     return ModelSpec(spec.embed_dim, towers["image"], towers["text"])
 
 
-def _hf_spec(path: str, name: str) -> HFSpec:
-    from transformers import AutoConfig
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"model.{name}.hf_path = {path!r}: not a readable Hugging Face model directory "
-                         f"({e})") from None
-    return HFSpec(config=config.to_dict(), pool="mean" if name == "text" else "cls", source=str(path))
-
-
-def logit_init(loss_name: str, init_temperature: Optional[float] = None) -> tuple[float, Optional[float]]:
-    """(τ₀, bias₀) for a loss: its default temperature unless overridden; bias −10 if it uses one."""
-    tau = init_temperature if init_temperature is not None else default_temperature(loss_name)
-    return tau, (-10.0 if uses_bias(loss_name) else None)
 
 
 def build_model(cfg_model: ModelConfig, *, image_size: int, context_length: int, vocab_size: int,
                 loss_name: str = "clip", init_temperature: Optional[float] = None, learn_temperature: bool = True,
-                load_pretrained: bool = True, spec: Optional[ModelSpec] = None) -> DualEncoder:
+                load_pretrained: bool = True, pad_id: int = 0,
+                spec: Optional[ModelSpec] = None) -> DualEncoder | TextDualEncoder:
     """The dual encoder of a `model` config section: named spec, pretrained towers, locks, checkpointing.
 
     The logit scale/bias start where the loss `loss_name` wants them (`loss.init_temperature`
     overrides the temperature). `load_pretrained=False` skips reading `hf_path` weights (for
     counting parameters on the meta device). `spec` replaces the configured one (an imported model's).
+    `model.name: text` is the text–text dual encoder (`text_dual`; `pad_id` is its tokenizer's padding
+    id, masked in pooling); `image_size` and `spec` are then unused.
     """
+    if cfg_model.name == TEXT_MODEL:
+        return build_text_model(cfg_model, context_length=context_length, vocab_size=vocab_size, pad_id=pad_id,
+                                logits=logit_init(loss_name, init_temperature), learn_temperature=learn_temperature,
+                                load_pretrained=load_pretrained)
     spec = spec or resolve_spec(cfg_model)
     tau, bias = logit_init(loss_name, init_temperature)
     model = DualEncoder(spec, image_size=image_size, context_length=context_length, vocab_size=vocab_size,
@@ -209,13 +180,15 @@ def build_model(cfg_model: ModelConfig, *, image_size: int, context_length: int,
 
 def count_parameters(cfg_model: ModelConfig, *, image_size: int, context_length: int, vocab_size: int,
                      loss_name: str = "clip", spec: Optional[ModelSpec] = None) -> dict[str, int]:
-    """Parameter counts {image, text, logit, total, trainable}, built on the meta device (no memory)."""
+    """Parameter counts {image, text, logit, total, trainable} ({encoder} or {query, passage} in place of
+    image and text for the text model), built on the meta device (no memory)."""
     with torch.device("meta"):
         model = build_model(cfg_model, image_size=image_size, context_length=context_length,
                             vocab_size=vocab_size, loss_name=loss_name, load_pretrained=False, spec=spec)
+    towers = model.named_towers() if isinstance(model, TextDualEncoder) else \
+        {"image": model.image_tower, "text": model.text_tower}
+    counts = {name: sum(p.numel() for p in tower.parameters()) for name, tower in towers.items()}
     total = sum(p.numel() for p in model.parameters())
-    image = sum(p.numel() for p in model.image_tower.parameters())
-    text = sum(p.numel() for p in model.text_tower.parameters())
-    return {"image": image, "text": text, "logit": total - image - text, "total": total,
+    return {**counts, "logit": total - sum(counts.values()), "total": total,
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 

@@ -45,6 +45,7 @@ from pipeline.models.convert import (
 )
 from pipeline.models.dual import DualEncoder
 from pipeline.models.published import Published, load_published
+from pipeline.models.text_dual import TextDualSpec
 
 log = get_logger(__name__)
 
@@ -207,12 +208,15 @@ def _logits(model: DualEncoder) -> str:
         f", logit bias {float(bias.detach()):.3f}" if bias is not None else "")
 
 
-def _towers(spec: ModelSpec) -> str:
+def _towers(spec: ModelSpec | TextDualSpec) -> str:
     def one(t: Any) -> str:
         if t.kind == "hf":
             return f"pretrained Hugging Face {t.config.get('model_type', '?')} tower"
         extra = f", patch {t.patch_size}, {t.pool} pooling" if t.kind == "vit" else f", {t.pool} pooling"
         return f"{t.layers} blocks × {t.width} wide ({t.heads} heads, {t.act}{extra})"
+    if isinstance(spec, TextDualSpec):         # one encoder (or two) for queries and passages
+        encoders = "one shared encoder" if spec.shared else "a query and a passage encoder"
+        return f"embedding {spec.embed_dim}; text–text, {encoders}: {one(spec.tower)}"
     return f"embedding {spec.embed_dim}; image: {one(spec.image)}; text: {one(spec.text)}"
 
 

@@ -36,7 +36,7 @@ from pipeline.config import Config, ConfigError, ModelConfig, register_check
 from pipeline.data import Tokenizer, clip_tokenizer
 from pipeline.layout import MANIFEST, TOKENIZER, TOWERS, WEIGHTS
 from pipeline.log import get_logger
-from pipeline.models.configs import ModelSpec
+from pipeline.models.configs import TEXT_MODEL, ModelSpec
 from pipeline.models.convert import (
     HF_CONFIG,
     HF_TOKENIZER_CONFIG,
@@ -51,6 +51,7 @@ from pipeline.models.convert import (
 )
 from pipeline.models.dual import DualEncoder, build_model, count_parameters, resolve_spec
 from pipeline.models.published import CheckpointError, load_published, read_manifest
+from pipeline.models.text_dual import TextDualEncoder
 
 log = get_logger(__name__)
 
@@ -275,12 +276,18 @@ def run_tokenizer(cfg: Config) -> Optional[Tokenizer]:
     return source_tokenizer(source) if source and "text" in cfg.model.init_towers else None
 
 
-def build_run_model(cfg: Config, vocab_size: int) -> DualEncoder:
+def build_run_model(cfg: Config, vocab_size: int, pad_id: int = 0) -> DualEncoder | TextDualEncoder:
     """The run's dual encoder: `build_model`, with the towers of `model.init_from` and their weights.
 
     The logit scale is the checkpoint's unless `loss.init_temperature` is set; its logit bias is kept
     when the loss uses one (else dropped), and a loss with a bias on a checkpoint without starts at −10.
+    The text–text model (`model.name: text`, `pad_id` its tokenizer's padding id) starts from its
+    `hf_path` encoders instead (`model.init_from` is refused for it by `check_init_from`).
     """
+    if cfg.model.name == TEXT_MODEL:
+        return build_model(cfg.model, image_size=cfg.data.image_size, context_length=cfg.data.context_length,
+                           vocab_size=vocab_size, loss_name=cfg.loss.name, init_temperature=cfg.loss.init_temperature,
+                           learn_temperature=cfg.loss.learn_temperature, pad_id=pad_id)
     source = run_source(cfg.model)
     state = _source_state(source) if source else {}      # read (and checked) before the model is allocated
     model = build_model(cfg.model, **run_sizes(cfg, vocab_size), loss_name=cfg.loss.name,
@@ -312,7 +319,8 @@ def build_run_model(cfg: Config, vocab_size: int) -> DualEncoder:
 
 def run_parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
     """`count_parameters` of the run's model (built on the meta device, no weights read)."""
-    return count_parameters(cfg.model, **run_sizes(cfg, vocab_size), loss_name=cfg.loss.name, spec=run_spec(cfg.model))
+    spec = None if cfg.model.name == TEXT_MODEL else run_spec(cfg.model)
+    return count_parameters(cfg.model, **run_sizes(cfg, vocab_size), loss_name=cfg.loss.name, spec=spec)
 
 
 def weight_sources(cfg: Config) -> dict[str, str]:
@@ -349,6 +357,9 @@ def check_init_from(cfg: Config) -> list[str]:
     m = cfg.model
     if not m.init_from:
         return [cfg.problem("model.init_from_config", "unset without model.init_from")] if m.init_from_config else []
+    if m.name == TEXT_MODEL:
+        return [cfg.problem("model.init_from", "unset with model.name = text (its encoders come from "
+                            "model.text.hf_path / model.image.hf_path)")]
     if not m.init_towers or set(m.init_towers) - set(TOWERS) or len(set(m.init_towers)) != len(m.init_towers):
         return [cfg.problem("model.init_towers", "a non-empty list of distinct towers among image, text")]
     problems = [cfg.problem(f"model.{tower}.hf_path", f"unset: the {tower} tower comes from model.init_from")

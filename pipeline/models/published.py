@@ -21,8 +21,9 @@ from safetensors.torch import save_file
 from pipeline import storage
 from pipeline.data import Tokenizer, load_tokenizer
 from pipeline.layout import COMPLETE, MANIFEST, TOKENIZER, WEIGHTS
-from pipeline.models.configs import ModelSpec
+from pipeline.models.configs import TEXT_MODEL, ModelSpec
 from pipeline.models.dual import DualEncoder
+from pipeline.models.text_dual import TextDualEncoder, text_model_from_description
 
 FORMAT_VERSION = 1
 
@@ -33,8 +34,9 @@ class CheckpointError(ValueError):
 
 @dataclass
 class Published:
-    """A published checkpoint, loaded: the dual encoder (eval mode), its tokenizer and its manifest."""
-    model: DualEncoder
+    """A published checkpoint, loaded: the dual encoder (eval mode), its tokenizer and its manifest.
+    A text–text checkpoint holds a `TextDualEncoder` (`encode_query`, `encode_passage`; `image_size` None)."""
+    model: DualEncoder | TextDualEncoder
     tokenizer: Tokenizer
     manifest: dict[str, Any]
 
@@ -55,7 +57,7 @@ class Published:
         return self.model.encode_text(tokens)
 
 
-def save_published(model: DualEncoder, tokenizer: Any, url: str, step: int, *, samples_seen: int = 0,
+def save_published(model: DualEncoder | TextDualEncoder, tokenizer: Any, url: str, step: int, *, samples_seen: int = 0,
                    run_config: Any = None, state_dict: Optional[dict[str, torch.Tensor]] = None) -> str:
     """Publish `model` (or `state_dict`, e.g. gathered from ZeRO-3) with its tokenizer at `url`.
 
@@ -120,8 +122,10 @@ def read_manifest(url: str) -> dict[str, Any]:
     return manifest
 
 
-def model_from_description(desc: dict[str, Any]) -> DualEncoder:
-    """An (untrained) dual encoder with the architecture `DualEncoder.describe()` recorded."""
+def model_from_description(desc: dict[str, Any]) -> DualEncoder | TextDualEncoder:
+    """An (untrained) dual encoder with the architecture `describe()` recorded (image–text or text–text)."""
+    if desc.get("kind") == TEXT_MODEL:
+        return text_model_from_description(desc)
     return DualEncoder(ModelSpec.from_dict(desc["spec"]), image_size=desc["image_size"],
                        context_length=desc["context_length"], vocab_size=desc["vocab_size"],
                        init_bias=0.0 if desc["has_bias"] else None)

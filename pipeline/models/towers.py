@@ -158,12 +158,13 @@ class TextTower(nn.Module):
 
 
 class HFTower(nn.Module):
-    """A Hugging Face encoder (text: `input_ids`, padding id 0 masked; image: `pixel_values`), pooled
-    (first token or masked mean) and projected by a new linear layer."""
+    """A Hugging Face encoder (text: `input_ids`, padding `pad_id` masked; image: `pixel_values`), pooled
+    (first token, masked mean, or last non-padding token) and projected by a new linear layer
+    (`embed_dim` 0: no projection, the pooled hidden state is the feature)."""
 
     stem = ("model.embeddings",)
 
-    def __init__(self, spec: HFSpec, embed_dim: int, modality: str):
+    def __init__(self, spec: HFSpec, embed_dim: int, modality: str, pad_id: int = 0):
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
@@ -171,11 +172,13 @@ class HFTower(nn.Module):
         config = AutoConfig.for_model(raw.pop("model_type"), **raw)
         self.modality = modality
         self.pool = spec.pool
+        self.pad_id = pad_id
         self.model = AutoModel.from_config(config)
         if getattr(self.model, "pooler", None) is not None:
             self.model.pooler = None       # an unused head (BERT, ViT): no parameters without gradients
-        self.proj = nn.Linear(config.hidden_size, embed_dim, bias=False)
-        nn.init.normal_(self.proj.weight, std=config.hidden_size ** -0.5)
+        self.proj = nn.Linear(config.hidden_size, embed_dim, bias=False) if embed_dim else None
+        if self.proj is not None:
+            nn.init.normal_(self.proj.weight, std=config.hidden_size ** -0.5)
         self.block_prefix = "model." + _find_blocks(self.model, config.num_hidden_layers)
 
     @property
@@ -208,19 +211,22 @@ class HFTower(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.modality == "text":
-            mask = (x != 0).long()
+            mask = (x != self.pad_id).long()
             hidden = self.model(input_ids=x, attention_mask=mask).last_hidden_state
         else:
             mask = None
-            hidden = self.model(pixel_values=x.to(self.proj.weight.dtype)).last_hidden_state
+            hidden = self.model(pixel_values=x.to(next(self.parameters()).dtype)).last_hidden_state
         if self.pool == "cls":
             pooled = hidden[:, 0]
+        elif self.pool == "last":
+            last = (mask.sum(dim=1) - 1).clamp(min=0) if mask is not None else hidden.new_full((len(x),), -1).long()
+            pooled = hidden[torch.arange(len(hidden), device=hidden.device), last]
         elif mask is None:
             pooled = hidden.mean(dim=1)
         else:
             m = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
-        return self.proj(pooled.to(self.proj.weight.dtype))
+        return pooled if self.proj is None else self.proj(pooled.to(self.proj.weight.dtype))
 
 
 def _find_blocks(model: nn.Module, layers: int) -> str:
@@ -231,8 +237,35 @@ def _find_blocks(model: nn.Module, layers: int) -> str:
     raise ValueError(f"{type(model).__name__}: found no list of {layers} transformer layers to lock or unlock")
 
 
+def read_hf_spec(path: str, section: str, pool: str) -> HFSpec:
+    """The spec of the local Hugging Face model folder `path` (config only, no weights) with this pooling;
+    `section` (e.g. ``model.text``) names the config key in errors."""
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{section}.hf_path = {path!r}: not a readable Hugging Face model directory ({e})") from None
+    return HFSpec(config=config.to_dict(), pool=pool, source=str(path))
+
+
 def block_prefix(tower: nn.Module) -> str:
     return getattr(tower, "block_prefix", "transformer.blocks")
+
+
+def freeze(tower: nn.Module, unlock_last: int, what: str) -> None:
+    """Freeze a tower (LiT) but its last `unlock_last` blocks and what follows them (final norm, projection).
+    `what` names its config section in errors (e.g. ``model.text``)."""
+    blocks, prefix = len(tower.blocks), block_prefix(tower) + "."
+    if not 0 <= unlock_last <= blocks:
+        raise ValueError(f"{what}.unlock_last = {unlock_last}: expected 0..{blocks} (the tower's blocks)")
+    for pname, p in tower.named_parameters():
+        if pname.startswith(prefix):
+            trainable = int(pname[len(prefix):].split(".")[0]) >= blocks - unlock_last
+        elif pname.startswith(tower.stem):
+            trainable = False
+        else:                                         # the head: final norm, projection
+            trainable = unlock_last > 0
+        p.requires_grad_(trainable)
 
 
 def build_tower(spec: TowerSpec, modality: str, *, image_size: int, context_length: int, vocab_size: int,

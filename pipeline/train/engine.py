@@ -188,15 +188,18 @@ class Engine:
 
     def forward_backward(self, batch: dict[str, Any], loss_fn: Callable[..., torch.Tensor],
                          weights_from: Optional[str] = None) -> StepOutput:
-        """Forward and backward of this rank's batch through the gradient cache (`gradcache.chunk_size`);
-        with `loss.duplicates: mask`, the batch's caption ids take duplicate captions out of the negatives."""
+        """Forward and backward of this rank's batch through the gradient cache (`gradcache.chunk_size`).
+        A text-pair batch (queries, positives, hard negatives) fills the model's two slots in that order.
+        With `loss.duplicates: mask`, the batch's caption ids take duplicate captions out of the negatives
+        (a text pair's are (n, 2): its query's and its positive's)."""
         chunk, text_chunk = self.chunks
         if self.mask_duplicates and "caption_id" not in batch:
             raise ValueError("loss.duplicates = 'mask' needs the batch's 'caption_id' (one id per row, as the data "
                              "stream gives); pass it, or set loss.duplicates=off")
-        return forward_backward(self.ds, batch["image"], batch["text"], loss_fn, labels=batch.get("label"),
+        first, second = (batch["query"], batch["pos"]) if "query" in batch else (batch["image"], batch["text"])
+        return forward_backward(self.ds, first, second, loss_fn, labels=batch.get("label"),
                                 chunk_size=chunk, text_chunk_size=text_chunk, weights_from=weights_from,
-                                backward=DeepSpeedBackward(self.ds),
+                                backward=DeepSpeedBackward(self.ds), negatives=batch.get("neg"),
                                 caption_ids=batch["caption_id"] if self.mask_duplicates else None)
 
     def step(self) -> float:

@@ -14,7 +14,7 @@ from pipeline.distributed import all_reduce_max, get_rank, get_world_size, named
 from pipeline.gradcache import StepOutput
 from pipeline.log import Timeline, get_logger, process_start_time, setup_logging
 from pipeline.losses import get_loss
-from pipeline.models import DualEncoder, build_run_model, run_tokenizer
+from pipeline.models import DualEncoder, TextDualEncoder, build_run_model, run_tokenizer
 from pipeline.train.checkpoint import TrainState, find_resume, publish, report_progress, report_to_ray, save_checkpoint
 from pipeline.train.engine import Engine, quiet_deepspeed
 from pipeline.train.metrics import Meter, TrainLogger, step_scalars
@@ -53,6 +53,8 @@ def train_worker(config: Config | dict[str, Any], startup: Optional[Timeline] = 
     loss_fn, weights_from = make_loss(cfg)
     logger, meter = TrainLogger(cfg, rank), Meter(cfg.train.global_batch)
     batches = meter.timed(stream)
+    if cfg.checkpoint.publish_initial and state.step == 0:
+        publish(engine, stream.tokenizer, cfg, state)      # step 0: what fine-tuning starts from
     saved = state.step
     try:
         while state.step < cfg.train.steps:
@@ -124,17 +126,18 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def new_model(cfg: Config, tokenizer: Tokenizer) -> DualEncoder:
+def new_model(cfg: Config, tokenizer: Tokenizer) -> DualEncoder | TextDualEncoder:
     """The dual encoder (same initial weights on every rank; `model.init_from`'s where it is set), then
     per-rank generators for dropout."""
-    model = build_run_model(cfg, vocab_size=tokenizer.vocab_size)
+    model = build_run_model(cfg, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
     seed_everything(cfg.seed * 65536 + get_rank() + 1)
     return model.train()
 
 
 def make_loss(cfg: Config) -> tuple[torch.nn.Module, Optional[str]]:
     """The loss module and, for cwcl, the tower whose embeddings weight it (the frozen one: validated)."""
-    fn = get_loss(cfg.loss.name, tiled=cfg.loss.tiled, tile_size=cfg.loss.tile_size, **cfg.loss.hyper())
+    fn = get_loss(cfg.loss.name, tiled=cfg.loss.tiled, tile_size=cfg.loss.tile_size,
+                  matryoshka_dims=cfg.loss.matryoshka_dims, **cfg.loss.hyper())
     return fn, (cfg.model.frozen_towers()[0] if fn.uses_weights else None)
 
 

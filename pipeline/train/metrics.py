@@ -29,6 +29,7 @@ from pipeline.gradcache import StepOutput
 from pipeline.layout import tensorboard_dir
 from pipeline.log import get_logger
 from pipeline.losses import embedding_metrics
+from pipeline.losses.base import duplicate_groups
 
 log = get_logger(__name__)
 
@@ -115,9 +116,10 @@ def data_scalars(stats: dict[str, Any]) -> dict[str, float]:
 
 
 def duplicate_rate(caption_ids: torch.Tensor) -> float:
-    """The fraction of the global batch's rows whose caption id another row has too (a collective)."""
-    ids = all_gather(caption_ids)
-    _, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+    """The fraction of the global batch's rows that another row duplicates (the same caption id; for
+    text pairs, (n, 2) ids: the same query or positive), the rows the loss masks (a collective)."""
+    _, inverse, counts = torch.unique(duplicate_groups(all_gather(caption_ids)), return_inverse=True,
+                                      return_counts=True)
     return float((counts[inverse] > 1).float().mean())
 
 

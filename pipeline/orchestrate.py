@@ -232,7 +232,7 @@ def preflight(cfg: Config) -> None:
     check_source(cfg)
     if cfg.train.resume == "never":
         refuse_existing(cfg)
-    resume = find_resume(cfg, cfg.cluster.num_workers)
+    resume = find_resume(cfg, hashes=False)            # sizes only: the workers' rank 0 reads every sha256
     stream = open_train_stream(cfg, rank=0, world_size=cfg.cluster.num_workers,
                                state=resume.data_state if resume else None, tokenizer=run_tokenizer(cfg))
     if resume:

@@ -14,7 +14,14 @@ from pipeline.distributed import all_reduce_max, get_rank, get_world_size, named
 from pipeline.log import get_logger, setup_logging
 from pipeline.losses import get_loss
 from pipeline.models import DualEncoder, build_run_model, run_tokenizer
-from pipeline.train.checkpoint import TrainState, find_resume, publish, report_progress, report_to_ray, save_checkpoint
+from pipeline.train.checkpoint import (
+    TrainState,
+    agreed_resume,
+    publish,
+    report_progress,
+    report_to_ray,
+    save_checkpoint,
+)
 from pipeline.train.engine import Engine, quiet_deepspeed
 from pipeline.train.metrics import Meter, TrainLogger, step_scalars
 
@@ -25,10 +32,10 @@ def train_worker(config: Config | dict[str, Any]) -> None:
     """Train `config` from its newest checkpoint (or from scratch) up to `train.steps`, on this rank."""
     cfg = config if isinstance(config, Config) else config_from_dict(config, origin="train_worker")
     rank, world = setup_worker(cfg)
-    resume = find_resume(cfg, world)
+    resume = agreed_resume(cfg)
     stream = open_train_stream(cfg, rank=rank, world_size=world, state=resume.data_state if resume else None,
                                tokenizer=run_tokenizer(cfg))
-    engine = Engine(cfg, new_model(cfg, stream.tokenizer), world)
+    engine = Engine(cfg, new_model(cfg, stream.tokenizer), world, universal=bool(resume and resume.resharded(world)))
     state = resume.restore(engine, stream.tokenizer) if resume else TrainState()
     if resume:
         publish(engine, stream.tokenizer, cfg, state)     # if a crash came between its checkpoint and publication

@@ -25,6 +25,7 @@ from pipeline.eval.sets import is_eval_set
 from pipeline.layout import DATASET_EVAL, DATASET_TRAIN, MANIFEST
 from pipeline.log import get_logger
 from pipeline.orchestrate import absolute_paths, train
+from pipeline.train.lease import hold
 
 log = get_logger(__name__)
 
@@ -77,12 +78,13 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     """Data → train (with scheduled eval) → catch-up eval → report. Returns the report URL and final metrics."""
     started = time.perf_counter()
     cfg = absolute_paths(cfg)
-    ensure_data(cfg)
-    train(cfg)
-    if cfg.eval.schedule != "off":
-        outcome = Watcher(cfg.run_dir, cfg).drain()
-        if outcome.evaluated:
-            log.info("evaluated after training: steps %s", outcome.evaluated)
+    with hold(cfg.run_dir, cfg.cluster.lease_ttl_s, "contrast run"):    # refused at once if another trains there
+        ensure_data(cfg)
+        train(cfg)
+        if cfg.eval.schedule != "off":
+            outcome = Watcher(cfg.run_dir, cfg).drain()
+            if outcome.evaluated:
+                log.info("evaluated after training: steps %s", outcome.evaluated)
     report = write_report(cfg.run_dir)
     results = read_results(cfg.run_dir)
     return {"report": report, "step": results[-1]["step"] if results else None, "metrics": final_metrics(results),

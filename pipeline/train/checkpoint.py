@@ -48,6 +48,7 @@ from pipeline.log import get_logger
 from pipeline.models import save_published
 from pipeline.train.engine import Engine, convert_to_universal
 from pipeline.train.integrity import DamagedCheckpoint, digest, dumps, file_digests, manifest, problems
+from pipeline.train.lease import holder as lease_holder
 
 log = get_logger(__name__)
 
@@ -156,6 +157,50 @@ def report_to_ray(url: str, state: TrainState, metrics: dict[str, float]) -> Non
             storage.write_json(str(Path(tmp, "checkpoint.json")), {"url": url, "step": state.step})
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=step_name(state.step))
+
+
+# ---------------------------------------------------------------------------------- inventory
+@dataclass
+class CheckpointStatus:
+    """One resume checkpoint folder as `contrast checkpoints` shows it."""
+    step: int
+    url: str
+    state: str                       # complete | damaged | in progress | unfinished
+    detail: str = ""                 # what is wrong (damaged), or what an unfinished folder is
+    world_size: Optional[int] = None
+    zero_stage: Optional[int] = None
+    bytes: int = 0
+    universal: bool = False          # DeepSpeed's universal form kept beside it
+
+
+def checkpoint_statuses(run_dir: str, hashes: bool = True) -> list[CheckpointStatus]:
+    """Every resume checkpoint folder of `run_dir`, ascending: complete (every file matches its manifest),
+    damaged (what is wrong), in progress (no `COMPLETE` yet while a driver holds the run_dir's lease),
+    unfinished (no `COMPLETE`, nobody training: its writer stopped; ignored, then replaced or pruned)."""
+    holder = lease_holder(run_dir)
+    out = []
+    for name in storage.listdir(checkpoints_dir(run_dir)):
+        step = parse_step(name)
+        if step is None:
+            continue
+        url = checkpoint_url(run_dir, step)
+        status = CheckpointStatus(step, url, "in progress" if holder is not None and holder.alive() else "unfinished",
+                                  bytes=folder_bytes(url), universal=storage.is_complete(storage.join(url, UNIVERSAL)))
+        if storage.is_complete(url):
+            wrong = problems(url, hashes)
+            status.state, status.detail = ("damaged", "; ".join(wrong)) if wrong else ("complete", "")
+            if not wrong:
+                meta = storage.read_json(storage.join(url, META))
+                status.world_size, status.zero_stage = meta["world_size"], meta["zero_stage"]
+        elif status.state == "unfinished":
+            status.detail = "its writer stopped before COMPLETE: not used"
+        out.append(status)
+    return out
+
+
+def folder_bytes(url: str) -> int:
+    fs, path = storage.fresh(url)
+    return sum(int(info.get("size") or 0) for info in fs.find(path, detail=True).values()) if fs.exists(path) else 0
 
 
 # ----------------------------------------------------------------------------------- resuming

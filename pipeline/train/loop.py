@@ -1,8 +1,8 @@
 """The training loop of one Ray Train worker: stream → gradient-cache step → engine step → log → checkpoint."""
 from __future__ import annotations
 
-import math
 import random
+import signal
 from typing import Any, Optional
 
 import numpy as np
@@ -10,7 +10,7 @@ import torch
 
 from pipeline.config import Config, config_from_dict
 from pipeline.data import Tokenizer, gather_state, open_train_stream
-from pipeline.distributed import all_reduce_max, get_rank, get_world_size, named_timeouts
+from pipeline.distributed import get_rank, get_world_size, named_timeouts
 from pipeline.log import get_logger, setup_logging
 from pipeline.losses import get_loss
 from pipeline.models import DualEncoder, build_run_model, run_tokenizer
@@ -23,13 +23,15 @@ from pipeline.train.checkpoint import (
     save_checkpoint,
 )
 from pipeline.train.engine import Engine, quiet_deepspeed
+from pipeline.train.interrupts import Boundary, report_stopped, wait_for_restart
 from pipeline.train.metrics import Meter, TrainLogger, step_scalars
 
 log = get_logger(__name__)
 
 
 def train_worker(config: Config | dict[str, Any]) -> None:
-    """Train `config` from its newest checkpoint (or from scratch) up to `train.steps`, on this rank."""
+    """Train `config` from its newest checkpoint (or from scratch) up to `train.steps`, on this rank of a
+    Ray Train worker group; a stop request or a preemption notice checkpoints the step just finished."""
     cfg = config if isinstance(config, Config) else config_from_dict(config, origin="train_worker")
     rank, world = setup_worker(cfg)
     resume = agreed_resume(cfg)
@@ -37,10 +39,11 @@ def train_worker(config: Config | dict[str, Any]) -> None:
                                tokenizer=run_tokenizer(cfg))
     engine = Engine(cfg, new_model(cfg, stream.tokenizer), world, universal=bool(resume and resume.resharded(world)))
     state = resume.restore(engine, stream.tokenizer) if resume else TrainState()
+    loss_fn, weights_from = make_loss(cfg)
+    logger, meter, boundary = TrainLogger(cfg, rank), Meter(cfg.train.global_batch), Boundary(cfg.run_dir)
     if resume:
         publish(engine, stream.tokenizer, cfg, state)     # if a crash came between its checkpoint and publication
-    loss_fn, weights_from = make_loss(cfg)
-    logger, meter = TrainLogger(cfg, rank), Meter(cfg.train.global_batch)
+        logger.resumed(state.step, skipped_damaged=len(resume.damaged))
     batches = meter.timed(stream)
     while state.step < cfg.train.steps:
         with named_timeouts(f"step {state.step + 1}"):        # a stuck collective fails, naming the step
@@ -48,14 +51,18 @@ def train_worker(config: Config | dict[str, Any]) -> None:
             out = engine.forward_backward(batch, loss_fn, weights_from)    # the gradient cache's two passes
             grad_norm = engine.step()              # AdamW, lr schedule, clipping, logit-scale clamp
             state.advance(cfg.train.global_batch)
-            stop_if_not_finite(state.step, float(out.loss), grad_norm)   # before anything is logged or saved
+            verdict = boundary.check(state.step, float(out.loss), grad_norm)   # stops before a non-finite step is saved
             report_progress(cfg.run_dir, state.step)
             if logger.due(state.step):
                 logger.log(state.step, step_scalars(out, batch.get("label"), lr=engine.lr, grad_norm=grad_norm,
                                                     bad=stream.stats()["bad"], meter=meter))
-            if state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.steps:
+            if verdict or state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.steps:
                 logger.sync()                      # the curves reach the checkpoint before a resume can start there
                 checkpoint(engine, stream, cfg, state, loss=float(out.loss))
+        if verdict.stop:
+            return stop(cfg, logger, verdict.stop, state.step)
+        if verdict.notice:
+            wait_for_restart(verdict.notice, state.step)
     logger.close()
 
 
@@ -64,6 +71,14 @@ def checkpoint(engine: Engine, stream: Any, cfg: Config, state: TrainState, loss
     url = save_checkpoint(engine, cfg, state, gather_state(stream), stream.tokenizer)
     publish(engine, stream.tokenizer, cfg, state)
     report_to_ray(url, state, {"loss": loss})
+
+
+def stop(cfg: Config, logger: TrainLogger, signum: int, step: int) -> None:
+    """After the checkpoint of `step`: end this worker cleanly, telling the driver why (rank 0)."""
+    logger.close()
+    if get_rank() == 0:
+        report_stopped(cfg.run_dir, signum, step)
+        log.warning("stopped by %s after checkpointing step %d", signal.Signals(signum).name, step)
 
 
 # ------------------------------------------------------------------------------------ pieces
@@ -96,21 +111,6 @@ def make_loss(cfg: Config) -> tuple[torch.nn.Module, Optional[str]]:
     """The loss module and, for cwcl, the tower whose embeddings weight it (the frozen one: validated)."""
     fn = get_loss(cfg.loss.name, tiled=cfg.loss.tiled, tile_size=cfg.loss.tile_size, **cfg.loss.hyper())
     return fn, (cfg.model.frozen_towers()[0] if fn.uses_weights else None)
-
-
-class NonFiniteError(RuntimeError):
-    """The loss or the gradient norm of a step is NaN or infinite: the run stops at that step."""
-
-
-def stop_if_not_finite(step: int, loss: float, grad_norm: float) -> None:
-    """Stop every rank at the first step whose loss (on any rank) or gradient norm is not finite. That
-    step is never checkpointed, so the last good checkpoints stay (none is pruned because of it)."""
-    bad = not (math.isfinite(loss) and math.isfinite(grad_norm))
-    if all_reduce_max(torch.tensor(float(bad))) > 0:                  # every rank stops at the same step
-        raise NonFiniteError(f"step {step}: the loss or the gradient norm is not finite (on rank {get_rank()}: "
-                             f"loss {loss}, gradient norm {grad_norm}); stopped without checkpointing this step. "
-                             "The newest checkpoint is the last good one: lower train.lr (or raise "
-                             "train.warmup_steps), check the data, then rerun to resume from it")
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

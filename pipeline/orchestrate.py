@@ -129,8 +129,8 @@ def _checkpoint_then_stop(cfg: Config, fit: Background, signum: int) -> None:
     try:
         interrupts.request_stop(cfg.run_dir, signum)
         fit.wait(timeout_s=cfg.checkpoint.grace_s, check=lambda: interrupts.stopped_at(cfg.run_dir))
-    except Exception:                             # Ray gone, or training failed meanwhile: stop now
-        return
+    except Exception as e:                        # Ray gone, or training failed meanwhile: stop now
+        log.warning("stopping without waiting for a checkpoint: %s: %s", type(e).__name__, e)
 
 
 def _refuse_lost(lease: Lease) -> None:
@@ -141,13 +141,18 @@ def _refuse_lost(lease: Lease) -> None:
 
 def _trainer_class(sizes: list[int]) -> type:
     """Ray Train's TorchTrainer; with an elastic worker range, it starts or resizes the group only to
-    counts the data layout allows (`sizes`), the largest that the cluster's free resources hold."""
+    counts the data layout allows (`sizes`): the largest that the free resources of the nodes not being
+    drained hold (Ray's own count includes draining nodes, where no new worker can start, and would wait
+    for them until the group's start times out)."""
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
 
     class LayoutScalingPolicy(ElasticScalingPolicy):
         def _count_possible_workers(self, reserved_resources: Any) -> int:
-            possible = super()._count_possible_workers(reserved_resources)
+            import ray
+            draining = ray._private.state.state.get_draining_nodes() or {}
+            usable = {node: r for node, r in reserved_resources.items() if node not in draining}
+            possible = super()._count_possible_workers(usable)
             return max((n for n in sizes if n <= possible), default=0)
 
     class ContrastTrainer(TorchTrainer):
@@ -231,28 +236,30 @@ class Progress:
 class Background:
     """`fn()` in a helper thread while the main thread waits in Python, where a signal handler can always
     run and raise (in Ray's C++ waits it cannot raise safely, and Ray Train would replace the SIGINT
-    handler in the main thread)."""
+    handler in the main thread). It waits on an Event, not `Thread.join`: a signal raising inside
+    `join` makes Python 3.11 take the thread for finished (bpo-45274's clean-up)."""
 
     def __init__(self, fn: Callable[[], Any]):
         self._box: dict[str, Any] = {}
-        self._thread = threading.Thread(target=self._run, args=(fn,), name="contrast-fit", daemon=True)
-        self._thread.start()
+        self._done = threading.Event()
+        threading.Thread(target=self._run, args=(fn,), name="contrast-fit", daemon=True).start()
 
     def _run(self, fn: Callable[[], Any]) -> None:
         try:
             self._box["result"] = fn()
         except BaseException as e:                    # handed to the caller, in the main thread
             self._box["error"] = e
+        finally:
+            self._done.set()
 
     def wait(self, timeout_s: Optional[float] = None, check: Callable[[], Any] = lambda: None) -> Any:
         """`fn`'s result, or its exception raised; `check()` runs between waits (it may raise). With
         `timeout_s`, returns None once it has passed or once `check()` returns a true value."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while self._thread.is_alive():
-            self._thread.join(0.2)
+        while not self._done.wait(0.2):
             done = check()
             if deadline is not None and (done or time.monotonic() > deadline):
-                self._thread.join(2.0)                # a moment for what was just answered
+                self._done.wait(2.0)                  # a moment for what was just answered
                 break
         if "error" in self._box:
             raise self._box["error"]

@@ -16,12 +16,14 @@ collective of Ray's, runs only at steps where rank 0 asks for it (at most every 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -35,7 +37,9 @@ STOP_POLL_S = 1.0             # rank 0 reads the driver's stop request at most t
 PAST_DEADLINE_S = 60.0        # a preempted group still alive this long after the deadline trains on
 DEFAULT_NOTICE_S = 120.0      # Ray Train's own wait when a drain gives no deadline
 
-_signalled: list[int] = []    # the signals this worker process received (its main thread records them)
+_signalled: list[int] = []    # the signals this worker process received while training
+_previous: dict[int, Any] = {}  # Ray's own handlers, for signals that come when no training runs
+_training = threading.Event()
 
 
 class NonFiniteError(RuntimeError):
@@ -44,19 +48,43 @@ class NonFiniteError(RuntimeError):
 
 # ------------------------------------------------------------------------------------ signals
 def install_signal_handlers() -> None:
-    """In a worker process's main thread: the first SIGTERM or SIGINT asks for a checkpoint at the next
-    step boundary and a clean stop; a second one ends the process at once (as Ray's own handler would)."""
+    """In a worker process's main thread: while `training()`, the first SIGTERM or SIGINT asks for a
+    checkpoint at the next step boundary and a clean stop, and a second one ends the process at once;
+    outside it (Ray stopping its worker) Ray's own handler runs."""
     for s in (signal.SIGTERM, signal.SIGINT):
+        _previous.setdefault(s, signal.getsignal(s))
         signal.signal(s, _record)
 
 
+@contextlib.contextmanager
+def training() -> Iterator[None]:
+    """The span in which a signal to this worker is a stop request (the train loop)."""
+    _signalled.clear()
+    _training.set()
+    try:
+        yield
+    finally:
+        _training.clear()
+
+
 def _record(signum: int, frame: Any) -> None:
+    if not _training.is_set():
+        return _delegate(signum, frame)
     if _signalled:
         os.write(2, f"contrast worker: {signal.Signals(signum).name} again: stopping now\n".encode())
         os._exit(128 + signum)
     _signalled.append(signum)
     os.write(2, f"contrast worker: {signal.Signals(signum).name}: checkpointing at the next step, then "
                 f"stopping (again: at once)\n".encode())
+
+
+def _delegate(signum: int, frame: Any) -> None:
+    previous = _previous.get(signum)
+    if callable(previous):
+        previous(signum, frame)
+    elif previous != signal.SIG_IGN:              # the default action: end the process
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
 
 # ------------------------------------------------------------------- the driver ↔ workers keys
@@ -170,6 +198,8 @@ def wait_for_restart(notice: Any, step: int) -> None:
     log.warning("preemption notice for node(s) %s (ranks %s): checkpointed step %d; waiting for Ray Train to "
                 "restart the group without them (deadline in %.0f s)", ", ".join(notice.preempted_node_ids),
                 notice.preempted_ranks, step, deadline - time.time())
+    _training.clear()                              # Ray tearing the group down may signal: its handler runs
     while time.time() < deadline + PAST_DEADLINE_S:
         time.sleep(0.5)
+    _training.set()
     log.warning("still running %.0f s after the preemption deadline: training on", PAST_DEADLINE_S)

@@ -23,7 +23,7 @@ from pipeline.train.checkpoint import (
     save_checkpoint,
 )
 from pipeline.train.engine import Engine, quiet_deepspeed
-from pipeline.train.interrupts import Boundary, report_stopped, wait_for_restart
+from pipeline.train.interrupts import Boundary, report_stopped, training, wait_for_restart
 from pipeline.train.metrics import Meter, TrainLogger, step_scalars
 
 log = get_logger(__name__)
@@ -45,24 +45,25 @@ def train_worker(config: Config | dict[str, Any]) -> None:
         publish(engine, stream.tokenizer, cfg, state)     # if a crash came between its checkpoint and publication
         logger.resumed(state.step, skipped_damaged=len(resume.damaged))
     batches = meter.timed(stream)
-    while state.step < cfg.train.steps:
-        with named_timeouts(f"step {state.step + 1}"):        # a stuck collective fails, naming the step
-            batch = to_device(next(batches), engine.device)
-            out = engine.forward_backward(batch, loss_fn, weights_from)    # the gradient cache's two passes
-            grad_norm = engine.step()              # AdamW, lr schedule, clipping, logit-scale clamp
-            state.advance(cfg.train.global_batch)
-            verdict = boundary.check(state.step, float(out.loss), grad_norm)   # stops before a non-finite step is saved
-            report_progress(cfg.run_dir, state.step)
-            if logger.due(state.step):
-                logger.log(state.step, step_scalars(out, batch.get("label"), lr=engine.lr, grad_norm=grad_norm,
-                                                    bad=stream.stats()["bad"], meter=meter))
-            if verdict or state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.steps:
-                logger.sync()                      # the curves reach the checkpoint before a resume can start there
-                checkpoint(engine, stream, cfg, state, loss=float(out.loss))
-        if verdict.stop:
-            return stop(cfg, logger, verdict.stop, state.step)
-        if verdict.notice:
-            wait_for_restart(verdict.notice, state.step)
+    with training():                               # a SIGTERM/SIGINT now asks for a checkpoint, then a stop
+        while state.step < cfg.train.steps:
+            with named_timeouts(f"step {state.step + 1}"):        # a stuck collective fails, naming the step
+                batch = to_device(next(batches), engine.device)
+                out = engine.forward_backward(batch, loss_fn, weights_from)    # the gradient cache's two passes
+                grad_norm = engine.step()              # AdamW, lr schedule, clipping, logit-scale clamp
+                state.advance(cfg.train.global_batch)
+                verdict = boundary.check(state.step, float(out.loss), grad_norm)   # non-finite: stops unsaved
+                report_progress(cfg.run_dir, state.step)
+                if logger.due(state.step):
+                    logger.log(state.step, step_scalars(out, batch.get("label"), lr=engine.lr, grad_norm=grad_norm,
+                                                        bad=stream.stats()["bad"], meter=meter))
+                if verdict or state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.steps:
+                    logger.sync()                      # the curves reach the checkpoint before a resume starts there
+                    checkpoint(engine, stream, cfg, state, loss=float(out.loss))
+            if verdict.stop:
+                return stop(cfg, logger, verdict.stop, state.step)
+            if verdict.notice:
+                wait_for_restart(verdict.notice, state.step)
     logger.close()
 
 

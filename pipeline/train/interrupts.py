@@ -146,8 +146,9 @@ class Verdict:
 class Boundary:
     """The agreed verdict of each step boundary of one worker (see the module docstring)."""
 
-    def __init__(self, run_dir: str):
-        self.run_dir = run_dir
+    def __init__(self, run_dir: str, notices: bool = True):
+        """`notices`: poll Ray Train's preemption notices (only inside a Ray Train worker)."""
+        self.run_dir, self.notices = run_dir, notices
         self._polled = {"stop": 0.0, "notice": 0.0}
         self._noticed: Any = None                     # the notice already acted on (Ray repeats it until the end)
 
@@ -176,7 +177,7 @@ class Boundary:
         return 0
 
     def _poll_due(self) -> bool:
-        return get_rank() == 0 and self._due("notice", NOTICE_POLL_S)
+        return self.notices and get_rank() == 0 and self._due("notice", NOTICE_POLL_S)
 
     def _due(self, what: str, every_s: float) -> bool:
         now = time.monotonic()

@@ -9,7 +9,9 @@ export OMP_NUM_THREADS ?= 1
 export RAY_AUTH_MODE ?= disabled
 export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED ?= 0
-export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
+# DeepSpeed's run-time C++ builds, per venv: a build made against another venv's torch is rebuilt (35-73 s).
+# pipeline/train/engine.py picks the same folder when this is unset.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: demo test test-fast lint setup system-deps clean
 

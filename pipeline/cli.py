@@ -9,7 +9,7 @@ from typing import Sequence
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.data import DataError, layout_world_sizes, load_tokenizer, run_streams, synthesize, world_sizes
 from pipeline.data.evalsets import read_lines
-from pipeline.data.inspection import format_reports, inspect_shards
+from pipeline.data.inspection import format_mixture, format_reports, inspect_mixture, inspect_shards
 from pipeline.data.pack import folder_items, img2dataset_items, pack, pack_zeroshot_set, table_items
 from pipeline.data.shards import dataset_dir
 from pipeline.eval.evaluate import evaluate_checkpoint, format_metrics, run_dir_of, write_result
@@ -22,6 +22,7 @@ from pipeline.models import CheckpointError, ConversionError, check_source, run_
 from pipeline.models.export import export
 from pipeline.orchestrate import TrainingError, TrainingInterrupted, train
 from pipeline.run import run_pipeline
+from pipeline.storage import OutOfSpace
 from pipeline.train.checkpoint import checkpoint_statuses, latest_checkpoint
 from pipeline.train.integrity import DamagedCheckpoint
 from pipeline.train.lease import LeaseHeld
@@ -71,7 +72,13 @@ def _pack_zeroshot_set(args: argparse.Namespace) -> int:
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
-    reports = inspect_shards(args.urls, allow_pipe=args.allow_pipe)
+    if args.config:
+        cfg = load_config(args.config, args.items)
+        print(format_mixture(inspect_mixture(cfg), cfg))
+        return 0
+    if not args.items:
+        raise ConfigError("contrast data inspect: expected shard URLs, or --config CONFIG for a run's sources")
+    reports = inspect_shards(args.items, allow_pipe=args.allow_pipe)
     print(format_reports(reports))
     return 1 if any(r.problems for r in reports) else 0
 
@@ -133,8 +140,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config) if args.config else None
-    outcome = watch(args.run_dir, cfg, once=args.once)
+    cfg = load_config(args.config, args.overrides) if args.config else None
+    outcome = watch(args.run_dir, cfg, once=args.once, overrides=args.overrides)
     print(f"evaluated steps: {', '.join(map(str, outcome.evaluated)) or 'none'}")
     for step, error in sorted(outcome.failed.items()):
         print(f"step {step} failed (retried later): {error}", file=sys.stderr)
@@ -198,7 +205,7 @@ def _positive_int(text: str) -> int:
 # Errors that are the user's to fix (config, data, checkpoints, eval sets, training refusals):
 # printed as one message, never a traceback.
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ConversionError, EvalSetError, TrainingError,
-               FileNotFoundError, DamagedCheckpoint, LeaseHeld)
+               FileNotFoundError, PermissionError, OutOfSpace, DamagedCheckpoint, LeaseHeld)
 
 
 # ------------------------------------------------------------------------------------- parser
@@ -257,10 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
                            "probe; same classes as the set's other split); default test")
     pack.set_defaults(func=cmd_data_pack)
 
-    inspect = dsub.add_parser("inspect", help="counts, bytes, sample keys and corrupt members of shards",
+    inspect = dsub.add_parser("inspect", help="counts, bytes, sample keys and corrupt members of shards; "
+                                              "a run's mixture of sources",
                               description="Read shards (any fsspec URL, brace pattern, folder or manifest.json) "
-                                          "and print counts, bytes, keys per sample and corrupt members.")
-    inspect.add_argument("urls", nargs="+", metavar="URL")
+                                          "and print counts, bytes, keys per sample and corrupt members. With "
+                                          "--config, print the run's sources instead: weight, expected share of "
+                                          "every batch, samples, epochs over the run, what happens at the end.")
+    inspect.add_argument("items", nargs="*", metavar="URL | KEY=VALUE",
+                         help="shard URLs; with --config, dotted overrides of the config")
+    inspect.add_argument("--config", help="a run config: show the expected share of each of its data sources")
     inspect.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run shell commands)")
     inspect.set_defaults(func=cmd_data_inspect)
 
@@ -284,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("run_dir", metavar="RUN_DIR")
     watch.add_argument("--config", help="run config (default: the one in the newest checkpoint)")
     watch.add_argument("--once", action="store_true", help="evaluate what is pending, then exit")
+    watch.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="dotted overrides of the run config, e.g. eval.sets=[zeroshot_heldout] eval.every_k=2")
     watch.set_defaults(func=cmd_watch)
 
     run = sub.add_parser("run", help="the whole pipeline: data if missing, train, eval, report",

@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import fsspec
 import yaml
@@ -45,8 +45,19 @@ class SynthConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a mixture (`data.sources`): its shards, its share of every batch, how it ends."""
+    name: str = ""                         # names its scalars (data/<name>/...) and its position in the state
+    urls: list[str] = field(default_factory=list)
+    weight: float = 1.0                    # share of every global batch: weight / sum of the weights
+    resampled: Optional[bool] = None       # None: data.resampled
+    on_end: Literal["restart", "stop"] = "restart"   # after an epoch: the next one, or the data stream ends
+
+
+@dataclass
 class DataConfig:
     train_urls: list[str] = field(default_factory=list)
+    sources: list[SourceConfig] = field(default_factory=list)   # a weighted mixture, instead of train_urls
     eval_dir: Optional[str] = None         # folder of evaluation sets (classnames.txt, templates, shards)
     image_size: int = 64                   # model input side, pixels
     context_length: int = 77
@@ -65,6 +76,7 @@ class TowerConfig:
     hf_path: Optional[str] = None          # local Hugging Face model directory for a pretrained tower
     lock: bool = False                     # freeze the tower (LiT)
     unlock_last: int = 0                   # with lock: train the last n blocks
+    patch_dropout: float = 0.0             # image only: training drops this fraction of the patches (FLIP)
 
 
 @dataclass
@@ -109,6 +121,7 @@ class LossConfig:
     beta: Optional[float] = _hyper()           # hcl
     tau_plus: Optional[float] = _hyper()       # hcl
     cross_uniformity: Optional[bool] = _hyper()  # clip_gap
+    duplicates: Literal["mask", "off"] = "mask"  # mask: pairs with identical captions are not each other's negatives
 
     def hyper(self) -> dict[str, Any]:
         """The hyper-parameters explicitly set, as keyword arguments for `get_loss`."""
@@ -131,6 +144,7 @@ class TrainConfig:
     resume: Literal["auto", "never"] = "auto"
     allow_loss_change: bool = False        # resume a run under another loss.name on purpose
     log_every: int = 10
+    compile: bool = False                  # torch.compile the towers (inductor; on CPU it needs a C++ compiler)
 
 
 @dataclass
@@ -261,12 +275,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), valid
     return cfg
 
 
-def config_from_dict(data: dict[str, Any], origin: str = "dict", validate: bool = True) -> Config:
-    """Rebuild a config from `to_dict()` output (a run's manifest, a checkpoint)."""
+def config_from_dict(data: dict[str, Any], origin: str = "dict", validate: bool = True,
+                     overrides: Sequence[str] = ()) -> Config:
+    """Rebuild a config from `to_dict()` output (a run's manifest, a checkpoint), then `key=value` overrides."""
     cfg = Config()
     sources: dict[str, str] = {}
     for key, value in _flatten(data):
         _set(cfg, key, value, origin, sources)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set(cfg, key, value, COMMAND_LINE, sources)
     object.__setattr__(cfg, "_sources", sources)
     if validate:
         validate_config(cfg)
@@ -411,6 +429,8 @@ def _coerce(key: str, value: Any, hint: Any, origin: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise fail(f"a list of {item_t.__name__}")
         return [_coerce(f"{key}[{i}]", v, item_t, origin) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):                # an item of a list of sections (data.sources)
+        return _coerce_section(key, value, hint, origin)
     if hint is bool:
         if not isinstance(value, bool):
             raise fail("true or false")
@@ -437,6 +457,20 @@ def _coerce(key: str, value: Any, hint: Any, origin: str) -> Any:
     if hint is Any:
         return value
     raise fail(str(hint))
+
+
+def _coerce_section(key: str, value: Any, cls: type, origin: str) -> Any:
+    """A mapping → the dataclass `cls`, every key checked and coerced like a top-level one."""
+    if isinstance(value, cls):
+        return value
+    names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(value, dict):
+        raise ConfigError(f"{origin}: {key} = {value!r}; expected a mapping with keys {', '.join(names)}")
+    unknown = [k for k in value if k not in names]
+    if unknown:
+        raise ConfigError(f"{origin}: unknown key {key}.{unknown[0]}; valid keys of {key}: {', '.join(names)}")
+    hints = _hints(cls)
+    return cls(**{k: _coerce(f"{key}.{k}", v, hints[k], origin) for k, v in value.items()})
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -497,6 +531,8 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("model.dropout", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     ("model.image.unlock_last", _at_least(0), "0 or more blocks"),
     ("model.text.unlock_last", _at_least(0), "0 or more blocks"),
+    ("model.image.patch_dropout", lambda v: 0 <= v < 1, "a fraction of the patches in [0, 1), e.g. 0.5"),
+    ("model.text.patch_dropout", lambda v: v == 0, "0: patches are an image tower's (set model.image.patch_dropout)"),
     ("loss.tile_size", _at_least(1), "at least 1"),
     ("loss.init_temperature", _positive, "a positive temperature (CLIP starts at 0.07)"),
     ("train.steps", _at_least(1), "at least 1"),

@@ -96,21 +96,25 @@ def locked_towers(model: nn.Module) -> frozenset[str]:
 # ---------------------------------------------------------------------------------- the step
 def forward_backward(model: nn.Module, images: Tensor, texts: Tensor, loss_fn: Callable[..., Tensor], *,
                      labels: Optional[Tensor] = None, chunk_size: int = 0, text_chunk_size: int = 0,
-                     weights_from: Optional[str] = None, backward: Optional[Backward] = None) -> StepOutput:
+                     weights_from: Optional[str] = None, backward: Optional[Backward] = None,
+                     caption_ids: Optional[Tensor] = None) -> StepOutput:
     """Forward and backward of one step over this rank's batch; the caller then steps the optimizer.
 
     `model` is a dual encoder (plain, DDP, or a DeepSpeed engine with its `backward`) called as
     `model(image=..., text=...) -> {"image", "text", "logit_scale", "logit_bias"}`. `chunk_size` is
     the image chunk of the gradient cache, `text_chunk_size` the text one (0: the same); 0, or chunks
     covering the whole batch, is one plain forward and backward. `weights_from` ("image" or "text")
-    passes that tower's detached embeddings to the loss (cwcl). The parameter gradients equal those
-    of a plain backward over the batch, dropout included (the cache replays each call's RNG).
+    passes that tower's detached embeddings to the loss (cwcl); `caption_ids` go to the loss as they
+    are (its duplicate mask). The parameter gradients equal those of a plain backward over the batch,
+    dropout included (the cache replays each call's RNG).
     """
     n = _check_batch(images, texts, labels, chunk_size, text_chunk_size, weights_from)
+    if caption_ids is not None and len(caption_ids) != n:
+        raise ValueError(f"forward_backward: expected {n} caption ids (one per pair), got {len(caption_ids)}")
     image_chunk = chunk_size or n
     text_chunk = text_chunk_size or image_chunk
     backward = backward or backward_strategy(model)
-    loss = _Loss(loss_fn, labels, weights_from)
+    loss = _Loss(loss_fn, labels, weights_from, caption_ids)
     if image_chunk >= n and text_chunk >= n:
         return _plain_step(model, images, texts, loss, backward)
     locked = locked_towers(model)
@@ -233,16 +237,18 @@ class RngState:
 
 @dataclass
 class _Loss:
-    """The loss call of a step: fp32 inputs whatever the towers' dtype, labels and weights bound."""
+    """The loss call of a step: fp32 inputs whatever the towers' dtype, labels, weights and caption ids bound."""
     fn: Callable[..., Tensor]
     labels: Optional[Tensor]
     weights_from: Optional[str]
+    caption_ids: Optional[Tensor] = None
 
     def __call__(self, image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
         image, text = image.float(), text.float()
         weights = {"image": image, "text": text}[self.weights_from].detach() if self.weights_from else None
+        extra = {} if self.caption_ids is None else {"caption_ids": self.caption_ids}
         return self.fn(image, text, logit_scale=scale.float(), logit_bias=None if bias is None else bias.float(),
-                       labels=self.labels, weights_from=weights)
+                       labels=self.labels, weights_from=weights, **extra)
 
 
 def _check_batch(images: Tensor, texts: Tensor, labels: Optional[Tensor], chunk_size: int,

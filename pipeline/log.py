@@ -1,9 +1,14 @@
-"""One logging setup for the whole package: quiet by default, the rank in every worker line."""
+"""One logging setup for the whole package: quiet by default, the rank in every worker line; and the
+start-up timeline a run reports (where the seconds before its first step went)."""
 from __future__ import annotations
 
 import logging
 import os
 import sys
+import time
+from typing import Optional
+
+import psutil
 
 _FORMAT = "%(asctime)s %(levelname).1s %(rank)s%(name)s: %(message)s"
 
@@ -36,3 +41,43 @@ def setup_logging(level: str | int = "info", rank: int | None = None) -> None:
 def get_logger(name: str) -> logging.Logger:
     """A logger under the package's root (`pipeline.<name>`)."""
     return logging.getLogger(name if name.startswith("pipeline") else f"pipeline.{name}")
+
+
+def process_start_time() -> float:
+    """When this process started (seconds since the epoch): the origin of a start-up timeline."""
+    return psutil.Process().create_time()
+
+
+class Timeline:
+    """Named moments of one start-up, in order: `summary()` says how long each phase took.
+
+    A phase ends at its mark and began at the previous one (the first at `origin`, by default this
+    process's start). Moments are wall-clock seconds since the epoch, so a timeline begun in the
+    driver can be continued in a worker process (`to_dict` / `from_dict`).
+    """
+
+    def __init__(self, origin: Optional[float] = None, marks: tuple[tuple[str, float], ...] = ()):
+        self.origin = process_start_time() if origin is None else origin
+        self.marks: list[tuple[str, float]] = [(name, float(at)) for name, at in marks]
+
+    def mark(self, phase: str, at: Optional[float] = None) -> None:
+        """`phase` ended now (or at `at`)."""
+        self.marks.append((phase, time.time() if at is None else at))
+
+    def elapsed(self) -> float:
+        return (self.marks[-1][1] if self.marks else self.origin) - self.origin
+
+    def summary(self) -> str:
+        """`12.3 s (phase 1.0, phase 2.1, ...)`: the total, then each phase's own duration."""
+        parts, last = [], self.origin
+        for name, at in self.marks:
+            parts.append(f"{name} {at - last:.1f}")
+            last = at
+        return f"{self.elapsed():.1f} s ({', '.join(parts)})"
+
+    def to_dict(self) -> dict:
+        return {"origin": self.origin, "marks": [list(m) for m in self.marks]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Timeline:
+        return cls(data["origin"], tuple((name, at) for name, at in data["marks"]))

@@ -9,6 +9,7 @@ import copy
 import os
 import secrets
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -20,16 +21,26 @@ from pipeline.config import Config, ConfigError
 from pipeline.data import layout_world_sizes, open_train_stream, run_streams, world_sizes
 from pipeline.eval.scheduler import start_eval_actor
 from pipeline.layout import RAY, parse_step
-from pipeline.log import get_logger
+from pipeline.log import Timeline, get_logger
 from pipeline.models import check_source, run_tokenizer
 from pipeline.train import interrupts
 from pipeline.train.checkpoint import find_resume, latest_checkpoint, progress_key, refuse_existing
 from pipeline.train.lease import Lease, hold
-from pipeline.train.loop import train_worker
+from pipeline.train.loop import launched_worker
 
 log = get_logger(__name__)
 
-LOCAL_OBJECT_STORE_BYTES = 256 * 2**20     # the data never goes through Ray's object store
+LOCAL_OBJECT_STORE_BYTES = 256 * 2**20     # the data never goes through it; pages never touched cost no memory
+# A local Ray runs on one machine for one job, started and stopped by this driver: no node is ever
+# drained (Ray Train's preemption watcher is an actor polling for nothing), no dashboard reads Ray
+# Train's metrics, and the workers Ray would prestart for the driver's environment never serve Ray
+# Train's actors (they get their own). Each is a process, or CPU seconds taken from the start-up of
+# a 2-core machine. Set any of these in the environment to override.
+LOCAL_RAY_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+    "RAY_prestart_worker_first_driver": "0",
+}
 
 
 class TrainingError(RuntimeError):
@@ -61,18 +72,23 @@ def train(cfg: Config) -> Trained:
     are raised here, before anything starts (`preflight`). The first SIGINT or SIGTERM, to the driver
     or to a worker, has the workers checkpoint their next step (within `checkpoint.grace_s`), then the
     run stops cleanly (`TrainingInterrupted`, Ray shut down); resuming is rerunning. A second one stops
-    at once.
+    at once. The start-up timeline begun here is continued by the workers; rank 0 logs it at its first
+    step.
     """
+    startup = Timeline()
+    startup.mark("python, imports, config")
     cfg = absolute_paths(cfg)
     with hold(cfg.run_dir, cfg.cluster.lease_ttl_s, "contrast train") as lease, Interrupts() as signals:
         progress = Progress(cfg.run_dir)
         try:
             preflight(cfg)
-            connect(cfg)
+            startup.mark("preflight")
+            started_here = connect(cfg)
+            startup.mark("ray start")
             signals.arm()                                 # ray.init installs its own SIGTERM handler
             interrupts.clear(cfg.run_dir)
             progress.start()
-            trained = _fit(cfg, lease)
+            trained = _fit(cfg, lease, startup, started_here)
             stopped = interrupts.stopped_at(cfg.run_dir)  # a worker had the signal and stopped after a checkpoint
             if stopped is not None:
                 _bounded(_shutdown_ray, timeout_s=20)
@@ -87,14 +103,14 @@ def train(cfg: Config) -> Trained:
             progress.stop()
 
 
-def _fit(cfg: Config, lease: Lease) -> Trained:
+def _fit(cfg: Config, lease: Lease, startup: Timeline, started_here: bool) -> Trained:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     c = cfg.cluster
     resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.use_gpu else {})}
     sizes = world_sizes(cfg, cfg.data.streams)
-    trainer = _trainer_class(sizes)(
-        train_worker, train_loop_config=cfg.to_dict(),
+    trainer = _trainer_class(sizes, local=started_here)(
+        launched_worker, train_loop_config={"config": cfg.to_dict(), "startup": startup.to_dict()},
         scaling_config=ScalingConfig(num_workers=(sizes[0], sizes[-1]) if c.elastic else c.num_workers,
                                      use_gpu=c.use_gpu, resources_per_worker=resources,
                                      placement_strategy=c.placement_strategy),
@@ -139,8 +155,9 @@ def _refuse_lost(lease: Lease) -> None:
                             "write into one run_dir; this one stops")
 
 
-def _trainer_class(sizes: list[int]) -> type:
-    """Ray Train's TorchTrainer; with an elastic worker range, it starts or resizes the group only to
+def _trainer_class(sizes: list[int], local: bool) -> type:
+    """Ray Train's TorchTrainer (`local`: without the helpers a Ray this driver started does not need,
+    `local_trainer_class`); with an elastic worker range, it starts or resizes the group only to
     counts the data layout allows (`sizes`): the largest that the free resources of the nodes not being
     drained hold (Ray's own count includes draining nodes, where no new worker can start, and would wait
     for them until the group's start times out)."""
@@ -155,7 +172,7 @@ def _trainer_class(sizes: list[int]) -> type:
             possible = super()._count_possible_workers(usable)
             return max((n for n in sizes if n <= possible), default=0)
 
-    class ContrastTrainer(TorchTrainer):
+    class ContrastTrainer(local_trainer_class() if local else TorchTrainer):
         def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
             if self.scaling_config.elasticity_enabled:
                 kwargs["scaling_policy"] = LayoutScalingPolicy(self.scaling_config)
@@ -281,11 +298,13 @@ def latest_step(run_dir: str) -> Optional[int]:
 def absolute_paths(cfg: Config) -> Config:
     """A copy of `cfg` with its local relative paths made absolute: Ray workers run in other folders."""
     def fix(url: str) -> str:
-        return url if "://" in url else os.path.abspath(url)
+        return url if "://" in url or url.startswith("pipe:") else os.path.abspath(url)
 
     cfg = copy.deepcopy(cfg)
     cfg.run_dir = fix(cfg.run_dir)
     cfg.data.train_urls = [fix(u) for u in cfg.data.train_urls]
+    for source in cfg.data.sources:
+        source.urls = [fix(u) for u in source.urls]
     cfg.data.eval_dir = cfg.data.eval_dir and fix(cfg.data.eval_dir)
     cfg.data.tokenizer = cfg.data.tokenizer and fix(cfg.data.tokenizer)
     cfg.model.init_from = cfg.model.init_from and fix(cfg.model.init_from)
@@ -304,6 +323,7 @@ def preflight(cfg: Config) -> None:
     Fixes `data.streams` (S) in `cfg` for the workers: every group of an elastic run, whatever its
     size, then reads the same S virtual streams, so the batches do not depend on the sizes it gets."""
     check_source(cfg)
+    storage.makedirs(cfg.run_dir)                  # an object store's bucket must exist (no silent new bucket)
     if cfg.train.resume == "never":
         refuse_existing(cfg)
     resume = find_resume(cfg, hashes=False)            # sizes only: the workers' rank 0 reads every sha256
@@ -319,8 +339,9 @@ def preflight(cfg: Config) -> None:
         resume.check_tokenizer(stream.tokenizer)
 
 
-def connect(cfg: Config) -> None:
-    """Join the Ray cluster at `cluster.address`, or start a new local one (never another session's).
+def connect(cfg: Config) -> bool:
+    """Join the Ray cluster at `cluster.address`, or start a new local one (never another session's);
+    True when it started one.
 
     Every run uses Ray's token authentication unless `cluster.auth` is "disabled": a local Ray gets a
     fresh random token (in the environment of its processes only, never printed), and a cluster's
@@ -329,6 +350,9 @@ def connect(cfg: Config) -> None:
     when it is imported, so this runs before anything imports it. A Ray already initialised in this
     process (a test's, a notebook's) is used as it is.
     """
+    already = sys.modules.get("ray")
+    if already is not None and already.is_initialized():
+        return False
     local = not cfg.cluster.address
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["RAY_AUTH_MODE"] = cfg.cluster.auth
@@ -338,25 +362,25 @@ def connect(cfg: Config) -> None:
         raise ConfigError(f"cluster.address = {cfg.cluster.address} with cluster.auth = token: give the cluster's "
                           "token in RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (or ~/.ray/auth_token); README 'Security' "
                           "says how the launch files pass it. cluster.auth=disabled turns authentication off")
-    else:
+    elif cfg.cluster.auth == "disabled":
         log.warning("cluster.auth = disabled: anyone who can reach the Ray ports can run code in this cluster")
     if local:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"    # Ray's single-machine mode: loopback only
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")        # gloo's own sockets on loopback too
+        for key, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(key, value)
     import ray
-    if ray.is_initialized():
-        return
     if not local:
         ray.init(address=cfg.cluster.address, log_to_driver=True)
-        return
+        return False
     eval_cpus = cfg.eval.cpus if cfg.eval.schedule != "off" else 0
     needed = cfg.cluster.max_workers * cfg.cluster.cpus_per_worker + eval_cpus
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=False,
-             object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-             runtime_env={"worker_process_setup_hook": "pipeline.orchestrate.quiet_local_ray"})
+             object_store_memory=LOCAL_OBJECT_STORE_BYTES)
     if ray.util.get_node_ip_address() != "127.0.0.1":
         log.warning("Ray was imported before contrast chose its single-machine mode: the local Ray's servers "
                     "listen on every interface (token authentication still guards them)")
+    return True
 
 
 def _cluster_token_given() -> bool:
@@ -402,11 +426,36 @@ def _backend(local: bool) -> type:
     return ContrastBackend
 
 
-def quiet_local_ray() -> None:
-    """Without a dashboard Ray Train's placement-group cleaner cannot query actor state and warns about
-    it every few seconds; that says nothing about the run, so a local Ray keeps it to errors."""
-    import logging
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+def local_trainer_class() -> type:
+    """`TorchTrainer` without three helper actors that a Ray started by this driver does not need, each a
+    Python process (about 200 MB and 2 CPU-seconds to start): the dataset manager, made for Ray Data
+    datasets even when there are none (the workers stream their shards themselves); the placement-group
+    cleaner, which frees the workers' resources should the controller die while the cluster lives on
+    (a local Ray ends with its driver); and the autoscaling coordinator that a fixed worker group asks
+    for its resources (one node, no autoscaler: the controller waits seconds for it to start). These
+    are Ray Train 2.60's own hooks (the version setup.cfg pins); every other callback stays."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+
+    class LocalFixedScalingPolicy(FixedScalingPolicy):
+        def after_controller_start(self, train_run_context: Any) -> None:
+            """No resource request: nothing autoscales a local Ray."""
+
+        def _maybe_send_resource_request(self) -> None:
+            """As above."""
+
+    class LocalTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list:
+            unneeded = (DatasetsCallback, PlacementGroupCleanerCallback)
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, unneeded)]
+
+        def _initialize_and_run_controller(self, *, scaling_policy: Any, **kwargs: Any) -> Any:
+            if type(scaling_policy) is FixedScalingPolicy:
+                scaling_policy = LocalFixedScalingPolicy(scaling_policy.scaling_config)
+            return super()._initialize_and_run_controller(scaling_policy=scaling_policy, **kwargs)
+    return LocalTorchTrainer
 
 
 def ray_storage(run_dir: str) -> dict[str, Any]:

@@ -95,7 +95,8 @@ def config(tmp_path_factory, data_dir, cluster) -> Callable[[str], Path]:
             "gradcache": {"chunk_size": 4},
             "deepspeed": {"zero_optimization": {"stage": 1}},
             "cluster": {"address": cluster.address, "num_workers": 2, "cpus_per_worker": 1,
-                        "placement_strategy": "SPREAD", "max_failures": 2},
+                        "placement_strategy": "SPREAD", "max_failures": 2,
+                        "auth": "disabled"},              # the test cluster runs without tokens (conftest)
             "checkpoint": {"every_steps": EVERY, "keep": 2},
             "eval": {"schedule": "off"},
             "logging": {"progress": False},

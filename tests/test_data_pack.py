@@ -261,3 +261,16 @@ def test_pack_clip_benchmark_refusals_are_named(tmp_path, args, message, capsys)
 def test_templates_need_clip_benchmark(tmp_path, capsys):
     assert main(["-q", "data", "pack", "--folder", str(tmp_path), "--templates", "t.txt", "--out", "x"]) == 1
     assert "add --clip-benchmark" in capsys.readouterr().err
+
+
+def test_img2dataset_keys_with_slashes_and_dots_are_sanitised_not_fatal(tmp_path):
+    """Keys such as `a/b` or `../x` used to stop the pack and discard every shard already written."""
+    src = tmp_path / "i2d"
+    src.mkdir()
+    keys = ["00000001", "sub/00000002", "../00000003", "x/../00000004", "00000005", "sub_00000002"]
+    make_shard(src / "00000.tar", [(k, {"jpg": image_bytes((0, 90, 0)), "txt": f"photo {i}".encode()})
+                                   for i, k in enumerate(keys)])
+    summary = pack(img2dataset_items(str(src)), str(tmp_path / "out"), shard_size=2, progress=False)
+    written = {name.rsplit(".", 1)[0] for name in shard_members(tmp_path / "out")}
+    assert summary.written == 5 and dict(summary.skipped) == {"duplicate_key": 1}     # sub/… and sub_… collide
+    assert all("/" not in k and "." not in k for k in written) and "sub_00000002" in written

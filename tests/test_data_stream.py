@@ -1,7 +1,6 @@
 """The streaming reader: world-size and worker independence, exact resume, epochs, bad data, URLs."""
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 
@@ -9,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import DataError, StreamOptions, merge_states, open_stream, synthesize, train_tokenizer
+from pipeline.data import DataError, merge_states, synthesize, train_tokenizer
 from pipeline.data.transforms import centre_box, decode_image, draft_box
 from tests.helpers.data import image_bytes, make_shard
+from tests.helpers.stream import assert_same, global_batches, open_, take
 
 G = 16
 
@@ -20,41 +20,6 @@ G = 16
 def data(synth) -> str:
     """8 shards of 25 samples (200 samples), 32x32 images."""
     return str(synth(200, eval_samples=20, shard_size=25, seed=5) / "train")
-
-
-OPTIONS = {f.name for f in dataclasses.fields(StreamOptions)}
-
-
-def open_(url, **kw):
-    """`open_stream` with this module's defaults; StreamOptions fields may be given as keywords."""
-    options = dict(image_size=32, context_length=16, shuffle_buffer=20)
-    options.update({k: kw.pop(k) for k in list(kw) if k in OPTIONS})
-    kw.setdefault("global_batch", G)
-    kw.setdefault("seed", 3)
-    return open_stream(url, options=StreamOptions(**options), **kw)
-
-
-def take(stream, n):
-    it = iter(stream)
-    return [next(it) for _ in range(n)]
-
-
-def global_batches(url, world_size, steps, num_workers=0, state=None, **kw):
-    """The rank-major concatenation of all ranks' batches, step by step, plus each rank's final state."""
-    ranks = [open_(url, rank=r, world_size=world_size, num_workers=num_workers, state=state, **kw)
-             for r in range(world_size)]
-    per_rank = [take(s, steps) for s in ranks]
-    batches = [{"key": sum((p[t]["key"] for p in per_rank), []),
-                "image": torch.cat([p[t]["image"] for p in per_rank]),
-                "text": torch.cat([p[t]["text"] for p in per_rank])} for t in range(steps)]
-    return batches, [s.state_dict() for s in ranks]
-
-
-def assert_same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x["key"] == y["key"]
-        assert torch.equal(x["image"], y["image"]) and torch.equal(x["text"], y["text"])
 
 
 def test_batch_contents(data):
@@ -128,8 +93,6 @@ def test_seed_changes_the_order(data):
 def test_resampled_mode_handles_fewer_shards_than_streams(tmp_path):
     out = tmp_path / "few"
     synthesize(str(out), 40, eval_samples=4, image_size=32, shard_size=20, progress=False)  # 2 shards
-    with pytest.raises(DataError, match="2 shards for 8 virtual streams.*resampled"):
-        open_(str(out / "train"))
     stream = open_(str(out / "train"), resampled=True)
     batches = take(stream, 10)                           # 160 rows from 40 samples: no epochs, no hang
     keys = [k for b in batches for k in b["key"]]
@@ -259,3 +222,136 @@ def test_draft_decoding_matches_full_decoding():
     img = Image.open(io.BytesIO(out.getvalue()))
     box = draft_box(img, centre_box(512, 512), 64)
     assert img.size == (64, 64) and box == (0, 0, 64, 64)           # decoded at 1/8 scale
+
+
+# --------------------------------------------------------------------- any number of shards
+def test_one_shard_with_eight_streams(synth):
+    """One shard of 64 samples split among 8 streams at sample granularity: each epoch (4 batches of 16)
+    holds every sample once, on any world size, and a resume continues exactly."""
+    data = str(synth(64, shard_size=64, seed=11) / "train")
+    full, _ = global_batches(data, 1, 12)
+    assert global_batches(data, 1, 1)[1][0]["num_streams"] == 8
+    for epoch in range(3):
+        keys = [k for b in full[4 * epoch:4 * epoch + 4] for k in b["key"]]
+        assert len(keys) == 64 == len(set(keys))
+    assert [k for b in full[:4] for k in b["key"]] != [k for b in full[4:8] for k in b["key"]]   # reshuffled
+    for w in (2, 4):
+        assert_same(global_batches(data, w, 12)[0], full)
+    _, states = global_batches(data, 2, 5)
+    assert_same(global_batches(data, 4, 7, state=merge_states(states))[0], full[5:])
+
+
+def test_a_hundred_tiny_shards_with_eight_streams(tmp_path):
+    """100 shards of 3 samples (no manifest: counted) and 8 streams: no sample twice before every stream
+    has read its part of the epoch, all of them by then, the same batches on any world size or number
+    of loader processes, and an exact resume."""
+    for s in range(100):
+        make_shard(tmp_path / f"{s:03d}.tar",
+                   [(f"s{s:03d}_{i}", {"jpg": image_bytes((s, 40 * i, 90)), "txt": f"shard {s} sample {i}".encode()})
+                    for i in range(3)])
+    train_tokenizer(["shard sample"], vocab_size=300).save(str(tmp_path / "tokenizer.json"))
+    url = str(tmp_path / "{000..099}.tar")
+    full, _ = global_batches(url, 1, 20)                 # each stream's part is 37 or 38 samples, 2 per batch
+    keys = [k for b in full for k in b["key"]]
+    assert len(set(keys[:18 * 16])) == 18 * 16           # 36 per stream: nothing repeats
+    assert len(set(keys[:19 * 16])) == 300               # 38 per stream: every part read
+    for world, workers in ((2, 0), (4, 0), (2, 2)):
+        assert_same(global_batches(url, world, 20, num_workers=workers)[0], full)
+    _, states = global_batches(url, 4, 9)
+    assert_same(global_batches(url, 1, 11, state=merge_states(states))[0], full[9:])
+
+
+def test_too_little_data_for_one_global_batch_is_a_clear_error(tmp_path):
+    make_shard(tmp_path / "a.tar", [(f"k{i}", {"jpg": image_bytes(), "txt": b"a red square"}) for i in range(10)])
+    train_tokenizer(["a red square"], vocab_size=300).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(DataError, match="holds 10 samples.*fewer than one global batch of 16"):
+        open_(str(tmp_path / "a.tar"))
+    with pytest.raises(DataError, match="10 samples, fewer than the 16 virtual streams.*resampled"):
+        open_(str(tmp_path / "a.tar"), global_batch=32, streams=16)
+    assert len(take(open_(str(tmp_path / "a.tar"), global_batch=8), 3)[2]["key"]) == 8
+
+
+def test_a_manifest_counting_more_samples_than_a_shard_holds_counts_them_lost(data, tmp_path):
+    """A stale manifest (a shard rewritten shorter): the missing positions are counted as bad, not a hang."""
+    import shutil
+    shutil.copytree(data, tmp_path / "d")
+    manifest = json.loads((tmp_path / "d/manifest.json").read_text())
+    manifest["shards"][0]["samples"] += 5
+    (tmp_path / "d/manifest.json").write_text(json.dumps(manifest))
+    stream = open_(str(tmp_path / "d"), max_bad_fraction=1.0)
+    take(stream, 20)                                      # 320 rows: past one epoch of 205 positions
+    assert stream.stats()["bad"] == {"short_shard": 5}
+
+
+# -------------------------------------------------------------------------- bad-sample budget
+def test_bad_samples_count_when_consumed_like_good_ones(tmp_path):
+    """Regression (issue 17, item 4): 1% bad samples spread over a shard read in one window of 800 must
+    not look like 4% after 200 rows (all of the window's bad ones counted at once, good ones as taken)."""
+    samples = [(f"k{i:04d}", {"jpg": image_bytes((i % 250, 20, 20))} if i % 100 == 50 else
+                {"jpg": image_bytes((i % 250, 20, 20)), "txt": f"sample {i}".encode()}) for i in range(800)]
+    make_shard(tmp_path / "a.tar", samples)
+    train_tokenizer(["sample"], vocab_size=300).save(str(tmp_path / "tokenizer.json"))
+    stream = open_(str(tmp_path / "a.tar"), global_batch=8, streams=1, shuffle_buffer=800, max_bad_fraction=0.03)
+    take(stream, 25)                                      # 200 rows of the window of 800 (8 bad ones in it)
+    stats = stream.stats()
+    assert stats["ok"] == 200
+    assert stats["bad"] == {"missing_caption": stats["bad_total"]} and stats["bad_total"] < 6
+    assert stats["bad_fraction"] < 0.03
+
+
+# --------------------------------------------------------------------------- caption ids
+def test_caption_ids_identify_identical_captions(data):
+    from pipeline.data.samples import caption_id
+    assert caption_id("A white  star.") == caption_id("a white star.") == caption_id(" a WHITE star.\n")
+    assert caption_id("a white star.") != caption_id("a white star")
+    (batch,) = take(open_(data, global_batch=64), 1)
+    ids, texts = batch["caption_id"].tolist(), batch["text"]
+    for i in range(64):
+        for j in range(64):
+            assert (ids[i] == ids[j]) == torch.equal(texts[i], texts[j]), (i, j)
+
+
+# ------------------------------------------------------------------------- loader processes
+LOADER_SCRIPT = """
+import os, sys, time, psutil
+from pipeline.data import StreamOptions, open_stream
+stream = open_stream(sys.argv[1], global_batch=16, num_workers=2, options=StreamOptions(image_size=32,
+                     context_length=16, shuffle_buffer=20))
+batches = iter(stream)
+next(batches)
+print(" ".join(str(p.pid) for p in psutil.Process().children()), flush=True)
+time.sleep(600)
+"""
+
+
+def test_loader_processes_die_with_a_sigkilled_parent(data, tmp_path):
+    """SIGKILL the process reading with 2 loader processes: they are gone within 2 s (torch's own check
+    of the parent would take up to 5 s; without it they would live on)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    script = tmp_path / "reader.py"
+    script.write_text(LOADER_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), data], stdout=subprocess.PIPE, text=True)
+    try:
+        loaders = [psutil.Process(int(p)) for p in proc.stdout.readline().split()]
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert len(loaders) == 2
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline and any(_alive(p) for p in loaders):
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in loaders), "a loader process outlived its parent"
+
+
+def _alive(p) -> bool:
+    import psutil
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

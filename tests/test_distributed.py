@@ -176,3 +176,24 @@ def test_ranks_that_disagree_on_labels_do_not_hang():
         assert sum(r[name] for r in ranks) / 2 == pytest.approx(whole, rel=RTOL), name
     tolerance = float(embedding_metrics(u, v, MIXED)["tolerance"])
     assert ranks[0]["tolerance"] == ranks[1]["tolerance"] == pytest.approx(tolerance, rel=RTOL)
+
+
+def stuck_collective(rank: int, world: int) -> str:
+    """Rank 0 enters an all-reduce that rank 1 never joins, in a group whose timeout is 3 s."""
+    import datetime
+    import time
+    group = torch.distributed.new_group(timeout=datetime.timedelta(seconds=3))
+    if rank == 1:
+        time.sleep(8)
+        return ""
+    try:
+        with D.named_timeouts("step 7"):
+            torch.distributed.all_reduce(torch.ones(1), group=group)
+    except D.CollectiveTimeout as e:
+        return str(e)
+    return "no error"
+
+
+def test_a_stuck_collective_fails_naming_the_rank_and_the_step():
+    message = run_world(stuck_collective, 2, timeout_s=120)[0]
+    assert message.startswith("rank 0 of 2: a collective timed out at step 7 (cluster.collective_timeout_s)"), message

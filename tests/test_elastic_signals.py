@@ -27,12 +27,11 @@ def test_a_worker_signal_while_training_asks_for_a_stop_and_otherwise_goes_to_ra
     seen: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))   # stands for Ray's
     try:
-        interrupts._previous.pop(signal.SIGTERM, None)
         interrupts.install_signal_handlers()
         with interrupts.training():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.05)
-            assert interrupts._signalled == [signal.SIGTERM] and seen == []
+            assert interrupts.pending_signal() == signal.SIGTERM and seen == []
             verdict = interrupts.Boundary("unused", notices=False).check(step=3, loss=1.0, grad_norm=1.0)
             assert verdict.stop == signal.SIGTERM and not verdict.notice
         os.kill(os.getpid(), signal.SIGTERM)              # no training running: Ray stopping its worker
@@ -41,7 +40,6 @@ def test_a_worker_signal_while_training_asks_for_a_stop_and_otherwise_goes_to_ra
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        interrupts._previous.clear()
 
 
 def test_a_non_finite_step_stops_every_rank_unsaved():

@@ -190,3 +190,15 @@ def test_watcher_and_report_on_an_s3_run_dir(data, tmp_path, s3_server):
     assert report == f"{run_dir}/report.html"
     assert "Final metrics (step 8)" in storage.read_bytes(report).decode()
     assert "eval.png" in storage.listdir(f"{run_dir}/report")
+
+
+def test_an_explicit_watch_evaluates_a_run_trained_without_evaluation(data, tmp_path):
+    """`contrast watch RUN_DIR` on a run with eval.schedule=off used to evaluate nothing and wait forever;
+    overrides given on the command line apply to the checkpoint's run config."""
+    from pipeline.eval.scheduler import watch
+    cfg = eval_config(data, tmp_path, schedule="off")
+    publish(cfg, 5)
+    publish(cfg, 10)
+    outcome = watch(str(tmp_path), once=True, overrides=["eval.sets=[retrieval]"])
+    assert outcome.evaluated == [5, 10]
+    assert all(set(k.split("/")[0] for k in r["metrics"]) == {"retrieval"} for r in results(tmp_path).values())

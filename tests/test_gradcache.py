@@ -11,6 +11,7 @@ can match it.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import weakref
 from typing import Callable, Optional
@@ -197,6 +198,17 @@ def test_labels_reach_the_loss():
     assert max_abs_diff(got, ref) <= TOL
 
 
+def test_caption_ids_reach_the_loss():
+    """The duplicate mask through the cache: the loss sees the ids once, as a plain backward would."""
+    images, texts, _ = batch(12)
+    ids = torch.tensor([0, 1, 2, 0, 3, 4, 2, 5, 6, 0, 7, 8])
+    model = ToyDual()
+    _, ref = reference_step(copy.deepcopy(model), images, texts, functools.partial(clip_loss, caption_ids=ids))
+    _, unmasked = reference_step(copy.deepcopy(model), images, texts, clip_loss)
+    _, got = cached_step(model, images, texts, clip_loss, caption_ids=ids, chunk_size=5)
+    assert max_abs_diff(got, ref) <= TOL < 100 * max_abs_diff(unmasked, ref)
+
+
 def test_weights_from_a_locked_tower():
     """cwcl weighted by the frozen text tower's embeddings (the LiT setting it was made for)."""
     images, texts, _ = batch(12)
@@ -273,6 +285,21 @@ def test_real_dual_encoder_with_dropout_and_checkpointing():
     images = torch.randn(10, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     texts = torch.randint(1, 64, (10, 8), generator=torch.Generator().manual_seed(1))
     _, ref = reference_step(copy.deepcopy(model), images, texts, clip_loss, calls=CALLS_10_4_3, seed=7)
+    _, got = cached_step(model, images, texts, clip_loss, seed=7, chunk_size=4, text_chunk_size=3)
+    assert max_abs_diff(got, ref) <= TOL
+
+
+def test_real_dual_encoder_with_patch_dropout():
+    """The cache's replay keeps the patches pass 1 kept: the cached step equals the plain one."""
+    from pipeline.config import ModelConfig, TowerConfig
+    from pipeline.models import build_model
+    model = build_model(ModelConfig(name="tiny", image=TowerConfig(patch_dropout=0.5)),
+                        image_size=16, context_length=8, vocab_size=64)
+    images = torch.randn(10, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    texts = torch.randint(1, 64, (10, 8), generator=torch.Generator().manual_seed(1))
+    _, ref = reference_step(copy.deepcopy(model), images, texts, clip_loss, calls=CALLS_10_4_3, seed=7)
+    _, other_patches = reference_step(copy.deepcopy(model), images, texts, clip_loss, calls=CALLS_10_4_3, seed=8)
+    assert max_abs_diff(other_patches, ref) > 100 * TOL                # the kept patches matter at this tolerance
     _, got = cached_step(model, images, texts, clip_loss, seed=7, chunk_size=4, text_chunk_size=3)
     assert max_abs_diff(got, ref) <= TOL
 

@@ -30,15 +30,19 @@ CONFIGS = {
     "zero3-plain": dict(wrap="deepspeed", stage=3, chunks=dict(chunk_size=0)),
     "zero3-tiny-model": dict(wrap="deepspeed", stage=3, model="tiny", dropout=0.1),
     **{f"zero{s}-bf16": dict(wrap="deepspeed", stage=s, bf16=True, steps=5) for s in range(4)},
+    # train.compile: the towers compiled (inductor), dropout and patch dropout replayed through the compiled graphs
+    **{f"zero{s}-compiled": dict(wrap="deepspeed", stage=s, model="tiny", dropout=0.1, patch_dropout=0.5, compile=True)
+       for s in range(4)},
 }
 
 
 def make_model(cfg: dict) -> torch.nn.Module:
     if cfg.get("model") == "tiny":
-        from pipeline.config import ModelConfig
+        from pipeline.config import ModelConfig, TowerConfig
         from pipeline.models import build_model
         torch.manual_seed(0)
-        return build_model(ModelConfig(name="tiny", dropout=cfg.get("dropout", 0.0), grad_checkpointing=True),
+        return build_model(ModelConfig(name="tiny", dropout=cfg.get("dropout", 0.0), grad_checkpointing=True,
+                                       image=TowerConfig(patch_dropout=cfg.get("patch_dropout", 0.0))),
                            image_size=16, context_length=8, vocab_size=64)
     return ToyDual(dropout=cfg.get("dropout", 0.0), bias=cfg.get("bias", False))
 
@@ -73,6 +77,8 @@ def _run(rank: int, cfg: dict) -> dict:
     model = make_model(cfg)
     images, texts = (x[rank * LOCAL:(rank + 1) * LOCAL] for x in global_batch(cfg))
     wrapped, step, read_params, backward = _wrap(model, cfg)
+    if cfg.get("compile"):
+        model.compile_towers()                            # as the Engine does: after DeepSpeed's hooks
     first, losses, comms = None, [], []
     if cfg["wrap"] == "ddp":
         wrapped.register_comm_hook(comms, _counting_allreduce)

@@ -387,3 +387,15 @@ def test_slurm_script_then_submit_on_a_fake_two_node_allocation(tmp_path):
             time.sleep(wait)
         import shutil
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_every_launch_file_turns_token_authentication_on():
+    """README 'Security': no launch path starts a Ray cluster that accepts requests without the token."""
+    cluster = _yaml(LAUNCH / "ray-cluster.yaml")
+    assert "--env=RAY_AUTH_MODE=token" in cluster["docker"]["run_options"]
+    assert cluster["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    for name, service in _yaml(DOCKER / "compose.yaml")["services"].items():
+        env = service["environment"]
+        assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?"), name
+    assert "mode: token" in (LAUNCH / "rayjob.yaml").read_text()
+    assert "export RAY_AUTH_MODE=token" in (LAUNCH / "slurm.sbatch").read_text()

@@ -354,3 +354,156 @@ def test_tolerance_against_pair_loop():
     assert metrics["tolerance"].item() == pytest.approx(expected, abs=1e-6)
     assert metrics["uniformity_image"].item() == pytest.approx(log_mean_gaussian(x, x, torch.arange(7)).item())
     assert "tolerance" not in embedding_metrics(x, y, torch.arange(7))   # no pair shares a label
+
+
+# ---- duplicate captions ------------------------------------------------------------------------------
+# Caption ids of a 9-pair batch: pairs 0, 3, 7 share a caption, so do 2 and 5; the rest are unique.
+DUP_IDS = torch.tensor([10, 11, 12, 10, 13, 12, 14, 10, 15])
+DUP_LABELS = torch.tensor([0, 1, 0, 2, 1, 0, 2, 0, 1])        # pair 0 and 7 share a label too
+
+
+def reference_loss(name: str, hyper: dict, u, v, s, b, ids, labels):
+    """LOSSES.md written out densely in float64, each pair of another pair with the same caption taken out
+    of the negatives (a positive by label stays a positive). Independent of the library's code."""
+    n = len(u)
+    dup = (ids[:, None] == ids[None, :]) & ~torch.eye(n, dtype=torch.bool)
+    if name in ("clip", "clip_gap"):
+        logits = (s * u @ v.T).masked_fill(dup, -math.inf)
+        pos = logits.diagonal()
+        return 0.5 * ((logits.logsumexp(1) - pos).mean() + (logits.logsumexp(0) - pos).mean())
+    if name == "siglip":
+        x = s * u @ v.T + b
+        z = 2 * torch.eye(n, dtype=F64) - 1
+        return F.softplus(-z * x).masked_fill(dup, 0).sum() / n
+    z = torch.cat([u, v])
+    pair = torch.arange(2 * n) % n
+    dup2 = dup[pair][:, pair]
+    d = z @ z.T
+    me = torch.eye(2 * n, dtype=torch.bool)
+    partner = pair[:, None] == pair[None, :]
+    if name in ("supcon", "tcl"):
+        y = torch.cat([labels, labels])
+        same = y[:, None] == y[None, :]
+        positives = same & ~me
+        allowed = ~me & ~(dup2 & ~same)
+        if name == "supcon":
+            log_den = (s * d).masked_fill(~allowed, -math.inf).logsumexp(1)
+        else:
+            k1, k2 = hyper["k1"], hyper["k2"]
+            terms = torch.where(same, torch.logaddexp(s * d, math.log(k1) - d), math.log(k2) + s * d)
+            log_den = terms.masked_fill(~allowed, -math.inf).logsumexp(1)
+        per = [-(s * d[a][positives[a]] - log_den[a]).mean() for a in range(2 * n) if positives[a].any()]
+        return torch.stack(per).mean()
+    negatives = ~partner & ~dup2
+    positive = s * (z * torch.cat([v, u])).sum(1)
+    if name in ("dcl", "dclw"):
+        w = torch.ones(n, dtype=F64)
+        if name == "dclw":
+            w = 2 - n * torch.softmax((u * v).sum(1).detach() / hyper["sigma"], 0)
+        return ((s * d).masked_fill(~negatives, -math.inf).logsumexp(1) - w.repeat(2) * positive).mean()
+    if name == "hcl":
+        beta, tau = hyper["beta"], hyper["tau_plus"]
+        m = negatives.sum(1).to(F64)
+        x = (s * d).masked_fill(~negatives, -math.inf)
+        omega = torch.softmax(beta * x, 1)
+        reweighted = (omega * x.exp()).sum(1)
+        ng = torch.maximum(m / (1 - tau) * (reweighted - tau * positive.exp()), m * math.exp(-s))
+        return (-(positive - torch.log(positive.exp() + ng))).mean()
+    raise KeyError(name)
+
+
+MASKED = [n for n in sorted(SETUPS) if n != "cwcl"]
+
+
+def dup_batch():
+    u, v = random_pairs(9, 4, seed=8)
+    v[7] = v[0]                           # a duplicate caption is also an identical text embedding
+    return u, v
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["dense", "tiled"])
+@pytest.mark.parametrize("name", MASKED)
+def test_duplicate_mask_matches_a_float64_reference(name, tiled):
+    hyper, scale = SETUPS[name]
+    u, v = dup_batch()
+    s, b = torch.tensor(scale, dtype=F64), torch.tensor(-3.0, dtype=F64)
+    labels = DUP_LABELS if name in ("supcon", "tcl") else None
+    a, t = u.clone().requires_grad_(), v.clone().requires_grad_()
+    want = reference_loss(name, hyper, a, t, s, b, DUP_IDS, labels if labels is not None else torch.arange(9))
+    if name == "clip_gap":                # the geometry terms are not negatives: added as they are
+        plain = get_loss("clip_gap", **hyper)(a, t, logit_scale=s) - get_loss("clip")(a, t, logit_scale=s)
+        want = want + plain
+    want_grads = torch.autograd.grad(want, (a, t))
+    a, t = u.clone().requires_grad_(), v.clone().requires_grad_()
+    kwargs = dict(logit_scale=s, labels=labels, caption_ids=DUP_IDS)
+    if uses_bias(name):
+        kwargs["logit_bias"] = b
+    got = get_loss(name, tiled=tiled, tile_size=4, **hyper)(a, t, **kwargs)
+    assert got.item() == pytest.approx(want.item(), abs=1e-10)
+    unmasked = get_loss(name, **hyper)(u, v, **{k: x for k, x in kwargs.items() if k != "caption_ids"})
+    assert abs(unmasked.item() - got.item()) > 1e-3                 # the planted duplicates matter
+    for g, w in zip(torch.autograd.grad(got, (a, t)), want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["dense", "tiled"])
+@pytest.mark.parametrize("name", sorted(SETUPS))
+def test_distinct_captions_leave_every_loss_unchanged(name, tiled):
+    hyper, scale = SETUPS[name]
+    u, v = random_pairs(9, 4, seed=8)
+    kwargs = call_args(name, 9, scale)
+    loss = get_loss(name, tiled=tiled, tile_size=4, **hyper)
+    values = []
+    for ids in (None, torch.arange(100, 109)):
+        a, t = u.clone().requires_grad_(), v.clone().requires_grad_()
+        value = loss(a, t, **kwargs, **({} if ids is None else {"caption_ids": ids}))
+        values.append((value.detach(), *torch.autograd.grad(value, (a, t))))
+    for x, y in zip(*values):
+        assert torch.equal(x, y)
+
+
+def test_cwcl_takes_no_duplicate_mask():
+    """cwcl's weights already treat pairs with like references as positives: the ids change nothing."""
+    u, v = dup_batch()
+    kwargs = call_args("cwcl", 9, 1 / 0.07)
+    loss = get_loss("cwcl")
+    assert torch.equal(loss(u, v, **kwargs), loss(u, v, **kwargs, caption_ids=DUP_IDS))
+
+
+def test_bad_caption_ids_are_named():
+    u, v = dup_batch()
+    with pytest.raises(ValueError, match=r"caption_ids must be an integer tensor of shape \(9,\)"):
+        get_loss("clip")(u, v, logit_scale=1.0, caption_ids=DUP_IDS[:5])
+
+
+def masked_rank_results(rank: int, world: int) -> dict:
+    """Every masked loss on this rank's rows of the duplicate batch (9 → 8 pairs: 4 per rank at W = 2;
+    duplicates across the two ranks)."""
+    u, v = dup_batch()
+    n = 8 // world
+    rows = slice(rank * n, (rank + 1) * n)
+    out = {}
+    for name in MASKED:
+        hyper, scale = SETUPS[name]
+        for tiled in (False, True):
+            a, t = u[:8][rows].clone().requires_grad_(), v[:8][rows].clone().requires_grad_()
+            kwargs = dict(logit_scale=torch.tensor(scale, dtype=F64), labels=DUP_LABELS[:8][rows],
+                          caption_ids=DUP_IDS[:8][rows])
+            if uses_bias(name):
+                kwargs["logit_bias"] = torch.tensor(-3.0, dtype=F64)
+            value = get_loss(name, tiled=tiled, tile_size=3, **hyper)(a, t, **kwargs)
+            out[name, tiled] = (value.detach(), *torch.autograd.grad(value, (a, t)))
+    return out
+
+
+@pytest.mark.slow
+def test_duplicate_mask_gives_equal_gradients_with_one_and_two_ranks():
+    """Mean over 2 ranks of the values, and the rows' gradients (each rank's own, scaled by 1/W as the
+    parameter averaging of DDP / DeepSpeed does), equal the single-process ones."""
+    from tests.helpers.dist import run_world
+    single = masked_rank_results(0, 1)
+    ranks = run_world(masked_rank_results, 2)
+    for key, (value, gu, gv) in single.items():
+        torch.testing.assert_close(torch.stack([r[key][0] for r in ranks]).mean(), value, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(torch.cat([r[key][1] for r in ranks]) / 2, gu, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(torch.cat([r[key][2] for r in ranks]) / 2, gv, rtol=1e-9, atol=1e-12)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from pipeline.config import ModelConfig, TowerConfig
 from pipeline.models import MODEL_NAMES, DualEncoder, ModelSpec, TextSpec, ViTSpec, build_model, count_parameters
+from pipeline.models.towers import PatchDropout
 
 SMALL_SPEC = ModelSpec(32, ViTSpec(width=48, layers=2, heads=3, patch_size=8), TextSpec(width=32, layers=2, heads=2))
 VOCAB, CONTEXT, SIZE = 100, 12, 32
@@ -135,6 +136,52 @@ def test_dropout_is_active_in_training_only():
     assert not torch.allclose(model.encode_image(images), model.encode_image(images))
     model.eval()
     assert torch.equal(model.encode_text(tokens), model.encode_text(tokens))
+
+
+# ------------------------------------------------------------------------------ patch dropout
+@pytest.mark.parametrize("p", [0.5, 0.75])
+def test_patch_dropout_keeps_a_random_fraction_of_each_images_patches(p):
+    """Token i carries the value i: the output shows which patches each image kept."""
+    images, length, width = 4000, 16, 2
+    x = torch.arange(length + 1, dtype=torch.float32).view(1, -1, 1).expand(images, -1, width).contiguous()
+    torch.manual_seed(0)
+    kept = PatchDropout(p).train()(x)[..., 0].long()
+    keep = int(length * (1 - p))
+    assert kept.shape == (images, 1 + keep)
+    assert (kept[:, 0] == 0).all()                                      # the class token stays, first
+    patches = kept[:, 1:]
+    assert ((patches >= 1) & (patches <= length)).all()
+    assert all(len(set(row.tolist())) == keep for row in patches[:50])  # no patch twice
+    assert len({tuple(sorted(row.tolist())) for row in patches[:50]}) > 40     # each image draws its own
+    frequency = torch.bincount(patches.flatten(), minlength=length + 1)[1:] / images
+    assert (frequency - (1 - p)).abs().max() < 0.04, frequency          # every patch kept with probability 1 - p
+
+
+def test_patch_dropout_is_off_in_eval_and_at_zero():
+    x = torch.randn(3, 17, 8)
+    assert torch.equal(PatchDropout(0.75).eval()(x), x)
+    assert torch.equal(PatchDropout(0.0).train()(x), x)
+    with pytest.raises(ValueError, match="expected a fraction in \\[0, 1\\)"):
+        PatchDropout(1.0)
+
+
+def test_patch_dropout_changes_training_only():
+    plain, dropping = (build_model(ModelConfig(name="tiny", image=TowerConfig(patch_dropout=p)), image_size=SIZE,
+                                   context_length=CONTEXT, vocab_size=VOCAB) for p in (0.0, 0.5))
+    dropping.load_state_dict(plain.state_dict())                        # the same weights
+    images, _ = tiny_batch()
+    assert not torch.allclose(plain.train().encode_image(images), dropping.train().encode_image(images))
+    assert torch.equal(plain.eval().encode_image(images), dropping.eval().encode_image(images))
+
+
+def test_patch_dropout_only_where_there_are_patches():
+    from pipeline.config import load_config
+    with pytest.raises(ValueError, match="model.image.patch_dropout = 1.0 .*expected a fraction"):
+        load_config(None, ["model.image.patch_dropout=1.0"])
+    with pytest.raises(ValueError, match="model.text.patch_dropout = 0.5 .*set model.image.patch_dropout"):
+        load_config(None, ["model.text.patch_dropout=0.5"])
+    with pytest.raises(ValueError, match="model.image.patch_dropout = 0.5 .*only the built-in ViT"):
+        load_config(None, ["model.image.patch_dropout=0.5", "model.image.hf_path=/some/vit"])
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -148,3 +148,70 @@ def test_resume_continues_exactly_and_ignores_unfinished_checkpoints(dropout_run
     assert latest_checkpoint(run) == checkpoint_url(run, 8)
     logged = Counter(step for step, _ in scalars(storage.join(run, "tensorboard"))["train/loss"])
     assert logged == Counter(range(1, 9)), "every step exactly once across both runs' event files"
+
+
+# ------------------------------------------------------------------------ hardening (issue 17)
+ONE_WORKER = ("checkpoint.every_steps=5", "cluster.num_workers=1", "deepspeed.zero_optimization.stage=0")
+
+
+def copy_run(source: str, tmp_path) -> str:
+    run = str(tmp_path / "copy")
+    shutil.copytree(source, run)
+    return run
+
+
+def test_extending_a_finished_run_continues_the_cosine_over_the_new_length(one_worker, dataset, tmp_path):
+    """train.steps 10 → 14: step 11 used to run at the old schedule's end value (lr 0)."""
+    from pipeline.train.engine import lr_factor
+    run = copy_run(one_worker.run_dir, tmp_path)
+    train(run, dataset, "train.steps=14", *ONE_WORKER)
+    lr = dict(scalars(storage.join(run, "tensorboard"))["train/lr"])
+    expected = 2e-3 * lr_factor(10, warmup=2, total=14, min_ratio=0.0)       # optimizer step 10 is step 11
+    assert expected > 1e-4 and lr[11] == pytest.approx(expected, rel=1e-6)
+    assert lr[14] < lr[11]
+
+
+def test_a_non_finite_step_stops_the_run_and_keeps_the_good_checkpoints(one_worker, dataset, tmp_path):
+    """An absurd lr on resume: the weights blow up, the first non-finite step stops every rank, nothing
+    of it is checkpointed and the last good checkpoints (keep=2) are not pruned."""
+    from pipeline.orchestrate import TrainingError
+    from pipeline.train.checkpoint import complete_steps
+    run = copy_run(one_worker.run_dir, tmp_path)
+    with pytest.raises(TrainingError, match="is not finite .*stopped without checkpointing this step"):
+        train(run, dataset, "train.steps=20", "train.lr=1e38", *ONE_WORKER)
+    assert complete_steps(run) == [5, 10]
+    assert not storage.exists(checkpoint_url(run, 15)) and not storage.is_complete(published_url(run, 15))
+
+
+def test_a_half_published_step_is_published_on_resume(one_worker, dataset, tmp_path):
+    """A kill between a checkpoint and its published copy left published/step_N without COMPLETE for ever."""
+    from pipeline.models import load_published
+    run = copy_run(one_worker.run_dir, tmp_path)
+    reference = published(run, 10)
+    storage.remove(storage.join(published_url(run, 10), storage.COMPLETE))
+    storage.remove(storage.join(published_url(run, 10), "model.safetensors"))
+    train(run, dataset, "train.steps=10", *ONE_WORKER)
+    assert storage.is_complete(published_url(run, 10))
+    assert max_abs_diff(load_published(published_url(run, 10)).model.state_dict(), reference) == 0
+
+
+def test_resume_refuses_another_tokenizer_or_loss(one_worker, dataset, tmp_path):
+    """Checked by the driver before Ray starts: other token ids, or another objective, are not a resume."""
+    from pipeline.config import ConfigError
+    from pipeline.data import train_tokenizer
+    from pipeline.orchestrate import absolute_paths, preflight
+    run = copy_run(one_worker.run_dir, tmp_path)
+    base = load_config(None, [f"run_dir={run}", f"data.train_urls=[{dataset}]", "data.image_size=32",
+                              "data.context_length=32", "data.shuffle_buffer=64", f"train.global_batch={GLOBAL_BATCH}",
+                              "train.steps=12", "train.warmup_steps=2", *ONE_WORKER])
+    preflight(absolute_paths(base))                                         # the same settings resume
+    with pytest.raises(ConfigError, match="loss.name = 'clip'.*train.allow_loss_change=true"):
+        preflight(absolute_paths(load_config(None, [f"run_dir={run}", f"data.train_urls=[{dataset}]",
+                                                    "data.image_size=32", "data.context_length=32",
+                                                    "data.shuffle_buffer=64", f"train.global_batch={GLOBAL_BATCH}",
+                                                    "loss.name=dcl", *ONE_WORKER])))
+    other = tmp_path / "other-tokenizer.json"
+    train_tokenizer(["entirely different words here"], vocab_size=300).save(str(other))
+    base.data.tokenizer = str(other)
+    with pytest.raises(ConfigError, match="was trained with another tokenizer"):
+        preflight(absolute_paths(base))

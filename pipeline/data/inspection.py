@@ -1,4 +1,5 @@
-"""`contrast data inspect`: counts, bytes, sample layouts and corrupt members of shards at any URL."""
+"""`contrast data inspect`: counts, bytes, sample layouts and corrupt members of shards at any URL,
+and, for a run config, each source's expected share of the batches."""
 from __future__ import annotations
 
 from collections import Counter
@@ -6,8 +7,12 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from pipeline import storage
+from pipeline.config import Config
+from pipeline.data.mixture import MixturePlan, config_sources, expected_epochs, stop_step
+from pipeline.data.order import SourceSpec
 from pipeline.data.samples import BadSample, validate_sample
 from pipeline.data.shards import Lost, iter_raw, resolve_shards
+from pipeline.data.stream import StreamOptions, resolve_source
 from pipeline.data.transforms import decode_image
 
 
@@ -67,4 +72,61 @@ def format_reports(reports: Sequence[ShardReport], max_problems: int = 20) -> st
             lines.append(f"  … and {len(problems) - max_problems} more")
     else:
         lines.append("no corrupt members")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- mixtures
+PLANNED_BATCHES = 1000                     # batches of the mixture plan counted for the planned shares
+
+
+@dataclass
+class SourceShare:
+    """What a run's mixture does with one source."""
+    source: SourceSpec
+    share: float                           # weight / sum of weights: the expected share of every batch
+    planned: float                         # its share of the rows the plan assigns in the first batches
+    per_batch: float                       # expected rows per global batch
+    epochs: float                          # passes over the source in the run (until the data ends)
+
+
+def inspect_mixture(cfg: Config) -> list[SourceShare]:
+    """The expected share of each source of a run config's data (`data.sources` or `data.train_urls`),
+    what the mixture plan gives over the first batches, and how often the run reads each source."""
+    options = StreamOptions.from_config(cfg.data)
+    sources = [resolve_source(s, options) for s in config_sources(cfg.data)]
+    plan = MixturePlan([s.weight for s in sources], cfg.seed)
+    g = cfg.train.global_batch
+    batches = min(cfg.train.steps, PLANNED_BATCHES)
+    planned = sum(plan.counts(t * g, g) for t in range(batches)) / (batches * g)
+    steps = run_steps(sources, plan.shares, g, cfg.train.steps)
+    return [SourceShare(s, share, float(p), share * g, expected_epochs(s, share, g, steps))
+            for s, share, p in zip(sources, plan.shares, planned)]
+
+
+def run_steps(sources: Sequence[SourceSpec], shares: Sequence[float], global_batch: int, steps: int) -> int:
+    """The steps a run gets before a source with `on_end: stop` ends the data (at most `steps`)."""
+    stops = [stop_step(s, share, global_batch) for s, share in zip(sources, shares) if s.on_end == "stop"]
+    return min([steps, *stops])
+
+
+def format_mixture(shares: Sequence[SourceShare], cfg: Config) -> str:
+    g, steps = cfg.train.global_batch, cfg.train.steps
+    ends = run_steps([s.source for s in shares], [s.share for s in shares], g, steps)
+    width = max([len(s.source.name) for s in shares] + [6])
+    lines = [f"mixture of {len(shares)} source(s); global batch {g}, {steps} steps, seed {cfg.seed}",
+             f"{'source':<{width}}  {'weight':>7}  {'share':>7}  {'planned':>7}  {'rows/batch':>10}  {'shards':>7}  "
+             f"{'samples':>9}  {'epochs in run':>13}  reading"]
+    for s in shares:
+        src = s.source
+        if src.resampled:
+            reading = "resampled (endless)"
+        elif src.on_end == "stop":
+            reading = f"epochs, stop: the data ends after ~{stop_step(src, s.share, g)} steps"
+        else:
+            reading = "epochs, restart"
+        lines.append(f"{src.name:<{width}}  {src.weight:>7g}  {s.share:>7.1%}  {s.planned:>7.1%}  "
+                     f"{s.per_batch:>10.1f}  {len(src.shards):>7}  {src.total:>9}  {s.epochs:>13.2f}  {reading}")
+    lines.append(f"planned: the share of the rows in the first {min(steps, PLANNED_BATCHES)} batches of the plan")
+    if ends < steps:
+        lines.append(f"the data ends after about {ends} of the {steps} steps (a source with on_end: stop)")
     return "\n".join(lines)

@@ -302,7 +302,8 @@ def _write_checked(items: Iterator[Item], writer: ShardWriter, summary: PackSumm
     seen: set[str] = set()
     captions: list[str] = []
     for item in tqdm(items, desc="pack", unit="sample", disable=not progress):
-        reason = item.error or ("duplicate_key" if item.key in seen else "")
+        key = safe_key(item.key)                   # sources' keys may hold '/', '.' or '..'
+        reason = item.error or ("bad_key" if not key.strip("_") else "") or ("duplicate_key" if key in seen else "")
         caption, image, ext = None, None, ""
         if not reason:
             caption, reason = check_caption(item.caption)
@@ -312,13 +313,13 @@ def _write_checked(items: Iterator[Item], writer: ShardWriter, summary: PackSumm
         if reason:
             summary.skip(reason, item.source)
             continue
-        seen.add(item.key)
+        seen.add(key)
         members = {ext: image, "txt": caption.encode("utf-8")}
         if item.meta is not None:
             members["json"] = json.dumps(item.meta).encode("utf-8")
         if item.label is not None:
             members["cls"] = encode_label(item.label)
-        writer.write(item.key, members)
+        writer.write(key, members)
         if len(captions) < TOKENIZER_CAPTIONS:
             captions.append(caption)
     if not seen:

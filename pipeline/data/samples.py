@@ -10,7 +10,9 @@ a `BadSample` whose `reason` is the name it is counted under.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import unicodedata
 from dataclasses import dataclass
 from typing import Optional
 
@@ -127,3 +129,10 @@ def validate_sample(key: str, members: dict[str, bytes], shard: str, caption_req
 
 def shard_name(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def caption_id(text: str) -> int:
+    """A signed 64-bit id of a caption: equal for captions equal after NFKC, case folding and collapsing
+    whitespace (what the tokenizer's normaliser does too), so equal ids mean the same text input."""
+    canonical = " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    return int.from_bytes(hashlib.blake2b(canonical.encode("utf-8"), digest_size=8).digest(), "little", signed=True)

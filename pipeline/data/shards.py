@@ -14,7 +14,8 @@ import os
 import posixpath
 import tarfile
 import tempfile
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import braceexpand
@@ -164,6 +165,37 @@ def resolve_shards(urls: str | Sequence[str], allow_pipe: bool = False) -> list[
     return shards
 
 
+COUNT_THREADS = 16                         # shards counted at once (the work is mostly waiting for bytes)
+
+
+def with_counts(shards: Sequence[Shard]) -> list[Shard]:
+    """`shards` with every sample count known: the manifest's, else counted by reading the shard once.
+
+    A broken shard counts the samples before the break plus one, so that a reader meets the break
+    and counts it as lost. Counting reads whole tars: give a manifest.json for large remote data.
+    """
+    missing = [s for s in shards if s.samples is None]
+    if not missing:
+        return list(shards)
+    log.info("counting the samples of %d shards without a manifest (a manifest.json beside them avoids this)",
+             len(missing))
+    _tar_reader()                                      # imported here: a first import in several threads races
+    with ThreadPoolExecutor(min(COUNT_THREADS, len(missing))) as pool:
+        counted = dict(zip([s.url for s in missing], pool.map(count_samples, [s.url for s in missing])))
+    return [s if s.samples is not None else replace(s, samples=counted[s.url]) for s in shards]
+
+
+def count_samples(url: str) -> int:
+    """Samples in one tar as the reader sees them; a break counts as one more."""
+    n = 0
+    try:
+        for _ in read_shard(url):
+            n += 1
+    except Exception:                                  # unreadable or truncated: the reader will find it
+        return n + 1
+    return n
+
+
 def _from_manifest(url: str) -> list[Shard]:
     manifest = storage.read_json(url)
     base = url[: -len(MANIFEST)].rstrip("/")
@@ -226,10 +258,7 @@ class RawSample:
 
 def read_shard(url: str) -> Iterator[RawSample]:
     """The samples of one tar, in order. Raises on an unreadable or truncated tar (after the good part)."""
-    from webdataset.gopen import gopen
-    from webdataset.tariterators import base_plus_ext, tar_file_iterator
-
-    storage.register_webdataset_opener()
+    gopen, base_plus_ext, tar_file_iterator = _tar_reader()
     stream = _TailReader(gopen(url, "rb"))
     try:
         current: Optional[RawSample] = None
@@ -247,6 +276,14 @@ def read_shard(url: str) -> Iterator[RawSample]:
             yield current
     finally:
         stream.close()
+
+
+def _tar_reader() -> tuple[Any, Any, Any]:
+    """webdataset's opener (with fsspec registered in it), name splitter and tar iterator."""
+    from webdataset.gopen import gopen
+    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+    storage.register_webdataset_opener()
+    return gopen, base_plus_ext, tar_file_iterator
 
 
 @dataclass

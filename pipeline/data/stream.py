@@ -1,44 +1,53 @@
-"""The streaming reader: deterministic, world-size- and worker-independent, exactly resumable.
+"""The streaming reader: deterministic, world-size- and worker-independent, exactly resumable, mixed.
 
-Design — S virtual streams:
+Design — S virtual streams over K sources:
 * The data is read by S *virtual streams* (S fixed for a run: `data.streams`, or chosen from the
-  global batch G alone). Stream s walks an infinite sequence of shards: in epoch e it reads
-  shards perm_e[s], perm_e[s+S], … of a permutation seeded by (seed, e) — or, in resampled mode, a
-  shard drawn by (seed, s, k) for its k-th shard. Streams keep their own epoch count.
-* Each stream shuffles in *windows*: it reads the next `shuffle_buffer` raw samples (crossing shard
-  boundaries, not epoch boundaries), permutes the usable ones by (seed, s, window), and emits them
-  in that order. Within a stream, every sample of an epoch comes out once before the next epoch.
-* Global batch t is the concatenation, in stream order, of the next G/S samples of every stream.
-  Rank r of W owns the contiguous block of streams [r·S/W, (r+1)·S/W): the rank-major
+  global batch G alone). Global batch t is the concatenation, in stream order, of G/S rows from
+  every stream; row j of stream s is row r = t·G + s·G/S + j of the run, and the mixture plan
+  (`mixture.MixturePlan`) says which source row r comes from.
+* Stream s reads each source through its own `SourceStream`: the source's rounds (`order`: epochs
+  split among the streams at sample granularity, or resampled rounds), shuffled in *windows* of
+  `shuffle_buffer` × the source's share raw positions (crossing shard boundaries, not round
+  boundaries) permuted by (seed, source, s, window): a stream holds about `shuffle_buffer` samples
+  whatever the number of sources, and each source's window lasts about as many steps. Within an
+  epoch every sample of the stream's part comes once.
+* Rank r of W owns the contiguous block of streams [r·S/W, (r+1)·S/W): the rank-major
   concatenation of all ranks' rows is exactly that batch, whatever W (W must divide S). Loader
   processes split a rank's block into contiguous sub-blocks and return one chunk per step each,
-  in order, so the number of workers changes nothing either.
-* A stream's position is (window w, the raw position where w starts, samples taken from w). On
-  resume the window is re-read from its start (raw bytes, no decoding) and the taken ones skipped,
-  so the state is a few numbers per stream plus the bad-sample counts: JSON of a few kilobytes.
-* Augmentation randomness is seeded by (seed, s, w, index in window): decoded pixels depend on the
-  sample's place in the sequence, not on who decodes it.
+  in order, so the number of loader processes changes nothing either.
+* A source stream's position is (round, window, the window's start and end offsets, entries taken). On
+  resume the window is re-read (raw bytes, no decoding) and the taken entries skipped: the
+  state is a few numbers per stream and source plus the bad-sample counts, a few kilobytes of JSON.
+* Augmentation randomness is seeded by (seed, source, s, window, index in window): decoded pixels
+  depend on the sample's place in the sequence, not on who decodes it.
 
-Corrupt samples and broken shards are skipped and counted by reason; past `max_bad_fraction` the
-stream raises DataError naming the worst shards. A stream whose shards yield nothing for a whole
-epoch raises too, so bad data never turns into a hang.
+Corrupt samples and broken shards are skipped and counted by reason, good and bad alike when they
+are consumed (so the bad fraction is that of what was read); past `max_bad_fraction` the stream
+raises DataError naming the worst shards. A source stream that finds no usable sample in a whole
+round raises too, so bad data never turns into a hang.
 """
 from __future__ import annotations
 
-import hashlib
+import ctypes
+import functools
+import os
 import random
+import signal
+import sys
+import weakref
 from collections import Counter
-from dataclasses import dataclass, replace
-from functools import lru_cache
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from pipeline import storage
-from pipeline.config import Config, DataConfig, register_check
-from pipeline.data.samples import BadSample, Sample, shard_name, validate_sample
-from pipeline.data.shards import DataError, Lost, RawSample, Shard, dataset_dir, iter_raw, resolve_shards
+from pipeline.config import Config, DataConfig, SourceConfig, register_check
+from pipeline.data.mixture import DEFAULT_SOURCE, MixturePlan, config_sources, source_problems
+from pipeline.data.order import RoundReader, SourceSpec, check_sizes, round_of
+from pipeline.data.samples import BadSample, Sample, caption_id, shard_name, validate_sample
+from pipeline.data.shards import DataError, Lost, dataset_dir, resolve_shards, with_counts
 from pipeline.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_url
 from pipeline.data.transforms import decode_image, to_tensor
 from pipeline.distributed import all_gather_objects
@@ -46,55 +55,25 @@ from pipeline.log import get_logger
 
 log = get_logger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 MAX_AUTO_STREAMS = 8
 MIN_SAMPLES_FOR_FRACTION = 100            # the bad fraction is judged once this many samples were seen
-MAX_BAD_SHARDS_KEPT = 20                  # per stream, in the state
+MAX_BAD_SHARDS_KEPT = 20                  # per stream and source, in the state
+PR_SET_PDEATHSIG = 1                      # prctl(2) option: a signal for this process when its parent dies
 
 
 # ------------------------------------------------------------------------------------ the plan
 @dataclass(frozen=True)
 class StreamSpec:
-    """Everything that fixes the sequence of samples: the data, the seed, S, the window, the mode."""
-    shards: tuple[Shard, ...]
+    """Everything that fixes the sequence of samples: the sources, the seed, S, the window."""
+    sources: tuple[SourceSpec, ...]
     seed: int
     num_streams: int
     buffer: int
-    resampled: bool
 
-    @property
-    def fingerprint(self) -> str:
-        text = "\n".join(f"{s.name}:{s.samples}" for s in self.shards)
-        return hashlib.sha1(text.encode()).hexdigest()[:16]
-
-    def shards_per_epoch(self, sid: int) -> int:
-        return len(range(sid, len(self.shards), self.num_streams))
-
-    def shard_of(self, sid: int, k: int) -> Shard:
-        """The k-th shard of stream `sid`'s infinite sequence."""
-        n = len(self.shards)
-        if self.resampled:
-            return self.shards[random.Random(f"{self.seed}/resampled/{sid}/{k}").randrange(n)]
-        epoch, i = divmod(k, self.shards_per_epoch(sid))
-        return self.shards[_permutation(self.seed, n, epoch)[sid + i * self.num_streams]]
-
-    def epoch_end(self, sid: int, k: int) -> Optional[int]:
-        """The index of the first shard of the next epoch after stream `sid`'s k-th shard (None: no epochs)."""
-        if self.resampled:
-            return None
-        n = self.shards_per_epoch(sid)
-        return (k // n + 1) * n
-
-    def dry_limit(self, sid: int) -> int:
-        """Shards read in a row with no usable sample before the stream gives up (a whole epoch)."""
-        return 2 * len(self.shards) + 8 if self.resampled else self.shards_per_epoch(sid)
-
-
-@lru_cache(maxsize=8)
-def _permutation(seed: int, n: int, epoch: int) -> tuple[int, ...]:
-    order = list(range(n))
-    random.Random(f"{seed}/epoch/{epoch}").shuffle(order)
-    return tuple(order)
+    @functools.cached_property
+    def plan(self) -> MixturePlan:
+        return MixturePlan([s.weight for s in self.sources], self.seed)
 
 
 def run_streams(cfg: Config, state: Optional[dict] = None) -> int:
@@ -150,132 +129,125 @@ class Row:
     caption: str                           # as stored (several lines where a sample has several captions)
     text: str                              # the line that is tokenised
     meta: Optional[dict]
+    label: int = -1                        # its class (KEY.cls or the JSON's "label"); −1: none
+    source: str = DEFAULT_SOURCE
 
 
 def decode_row(sample: Sample, size: int, rng: random.Random) -> Row:
-    """Decode with the train transform and pick one caption line at random."""
+    """The one seam from a validated sample to a row: decode with the train transform, pick one
+    caption line at random."""
     return Row(sample.key, decode_image(sample.image, size, rng), sample.caption,
-               rng.choice(sample.caption_lines()), sample.meta)
+               rng.choice(sample.caption_lines()), sample.meta, -1 if sample.label is None else sample.label)
+
+
+@dataclass
+class Bad:
+    """Raw positions of a window that cannot be used, counted when the window reaches them."""
+    reason: str
+    shard: str
+    count: int = 1
 
 
 # -------------------------------------------------------------------------------------- reading
-class RawReader:
-    """Raw samples of a stream from a position (its k-th shard, offset), losses as `Lost` items."""
+class SourceStream:
+    """One source as one virtual stream reads it: rounds, windows, position, usable and bad counts."""
 
-    def __init__(self, spec: StreamSpec, sid: int, k: int, offset: int):
-        self.spec, self.sid, self.k, self.offset = spec, sid, k, offset
-        self._it: Optional[Iterator[Union[RawSample, Lost]]] = None
-        self._empty_in_a_row = 0
-        self._last_error = ""
-
-    def next(self, stop: Optional[int] = None) -> Union[RawSample, Lost, None]:
-        """The next item, or None at shard index `stop` (the end of an epoch)."""
-        while True:
-            if stop is not None and self.k >= stop:
-                return None
-            if self._it is None:
-                self._it = iter_raw(self.spec.shard_of(self.sid, self.k), self.offset)
-            item = next(self._it, None)
-            if item is None:                           # end of this shard
-                self._empty_in_a_row = self._empty_in_a_row + 1 if self.offset == 0 else 0
-                if self._empty_in_a_row > self.spec.dry_limit(self.sid):
-                    raise DataError(f"virtual stream {self.sid}: {self._empty_in_a_row} shards in a row gave no "
-                                    f"samples, empty or unreadable (last: {self.spec.shard_of(self.sid, self.k).url}"
-                                    f"{'; ' + self._last_error if self._last_error else ''}); expected readable tars "
-                                    "of samples KEY.jpg + KEY.txt")
-                self._next_shard()
-                continue
-            if isinstance(item, RawSample):
-                self.offset += 1
-                self._empty_in_a_row = 0
-            else:
-                self._last_error = item.error
-            return item
-
-    def _next_shard(self) -> None:
-        self.close()
-        self.k += 1
-        self.offset = 0
-
-    def close(self) -> None:
-        if self._it is not None:
-            self._it.close()
-            self._it = None
-
-
-class VirtualStream:
-    """One virtual stream: its shard sequence, window shuffle, decoding, position and bad counts."""
-
-    def __init__(self, spec: StreamSpec, sid: int, image_size: int, state: Optional[dict] = None):
-        self.spec, self.sid, self.image_size = spec, sid, image_size
-        state = state or {"window": -1, "start": [0, 0], "taken": 0, "ok": 0, "bad": {}, "bad_shards": {}}
-        self.window_index = int(state["window"])
-        self.start = list(state["start"])
-        self.taken = int(state["taken"])
+    def __init__(self, spec: StreamSpec, source: SourceSpec, sid: int, image_size: int,
+                 state: Optional[dict] = None):
+        self.spec, self.source, self.sid, self.image_size = spec, source, sid, image_size
+        state = state or {"round": 0, "window": -1, "start": 0, "end": 0, "taken": 0, "ok": 0, "bad": {},
+                          "bad_shards": {}}
+        self.round, self.window_index = int(state["round"]), int(state["window"])
+        self.start, self.end, self.taken = int(state["start"]), int(state["end"]), int(state["taken"])
+        self.window_size = max(1, round(spec.buffer * source.weight / sum(s.weight for s in spec.sources)))
         self.ok = int(state["ok"])
         self.bad = Counter(state["bad"])
         self.bad_shards = Counter(state["bad_shards"])
-        self._window: list[Sample] = []
-        self._reader: Optional[RawReader] = None
-        self._shard_of_last_good = self.start[0]
-        if self.window_index >= 0:                     # resume: rebuild the current window, counted before
-            self._reader = RawReader(spec, sid, *self.start)
-            self._window = self._read_window(count=False)
+        self._window: list[Union[Sample, Bad]] = []
+        self._reader: Optional[RoundReader] = None
+        self._dry_rounds = 0                           # rounds ended since the last usable sample
+        self._last_error = ""
+        if self.window_index >= 0:                     # resume: rebuild the current window (counted before)
+            self._reader = self._open(self.round, self.start)
+            self._window = self._read_window(self.end - self.start)
 
     def state(self) -> dict:
-        return {"window": self.window_index, "start": list(self.start), "taken": self.taken, "ok": self.ok,
-                "bad": dict(self.bad), "bad_shards": dict(self.bad_shards.most_common(MAX_BAD_SHARDS_KEPT))}
+        return {"round": self.round, "window": self.window_index, "start": self.start, "end": self.end,
+                "taken": self.taken,
+                "ok": self.ok, "bad": dict(self.bad),
+                "bad_shards": dict(self.bad_shards.most_common(MAX_BAD_SHARDS_KEPT))}
 
-    def take(self, n: int) -> list[Row]:
-        """The next n usable samples of this stream, decoded."""
-        out: list[Row] = []
-        while len(out) < n:
+    def take(self) -> Row:
+        """The next usable sample, decoded; bad entries on the way are counted as they are consumed."""
+        while True:
             if self.taken >= len(self._window):
                 self._next_window()
                 continue
-            sample = self._window[self.taken]
-            rng = random.Random(f"{self.spec.seed}/aug/{self.sid}/{self.window_index}/{self.taken}")
+            entry, index = self._window[self.taken], self.taken
             self.taken += 1
+            if isinstance(entry, Bad):
+                self._count_bad(entry.reason, entry.shard, entry.count)
+                continue
+            rng = random.Random(f"{self.spec.seed}/aug/{self.source.name}/{self.sid}/{self.window_index}/{index}")
             try:
-                out.append(decode_row(sample, self.image_size, rng))
+                row = decode_row(entry, self.image_size, rng)
             except BadSample as e:
-                self._count_bad(e.reason, sample.shard)
+                self._count_bad(e.reason, entry.shard)
                 continue
             self.ok += 1
-            self._shard_of_last_good = self._reader.k
-        return out
+            self._dry_rounds = 0
+            row.source = self.source.name
+            return row
+
+    def _open(self, k: int, offset: int) -> RoundReader:
+        return RoundReader(self.source, round_of(self.source, self.spec.seed, self.sid, self.spec.num_streams, k),
+                           offset)
 
     def _next_window(self) -> None:
         if self._reader is None:
-            self._reader = RawReader(self.spec, self.sid, *self.start)
-        elif self._reader.k - self._shard_of_last_good > self.spec.dry_limit(self.sid):
-            dry = self._reader.k - self._shard_of_last_good
-            raise DataError(f"virtual stream {self.sid}: no usable sample in {dry} "
-                            f"shards in a row (a whole epoch); bad samples so far: {dict(self.bad)}; "
-                            f"shards: {', '.join(self.bad_shards)}")
+            self._reader = self._open(self.round, self.start)
+        if self._reader.offset >= self._reader.round.length:       # the round is read: the next one
+            self._reader.close()
+            self.round += 1
+            self._dry_rounds += 1
+            self._check_dry()
+            self._reader = self._open(self.round, 0)
         self.window_index += 1
-        self.start = [self._reader.k, self._reader.offset]
+        self.start = self._reader.offset
         self.taken = 0
-        self._window = self._read_window(count=True)
+        self._window = self._read_window(self.window_size)
+        self.end = self._reader.offset
 
-    def _read_window(self, count: bool) -> list[Sample]:
-        """Read `buffer` raw positions from `start` (not past the epoch's end), permute the usable ones."""
-        entries: list[Sample] = []
-        stop = self.spec.epoch_end(self.sid, self.start[0])
-        for _ in range(self.spec.buffer):
-            item = self._reader.next(stop)
+    def _check_dry(self) -> None:
+        """A whole round (a whole epoch's part; S rounds when resampled) without a usable sample."""
+        limit = self.spec.num_streams if self.source.resampled else 1
+        if self._dry_rounds > limit:
+            raise DataError(f"source {self.source.name!r}, virtual stream {self.sid}: no usable sample in a whole "
+                            f"{'round' if self.source.resampled else 'epoch'} of its shards; bad samples so far: "
+                            f"{dict(self.bad)}; shards: {', '.join(self.bad_shards)}"
+                            f"{'; last error: ' + self._last_error if self._last_error else ''}. Expected readable "
+                            "tars of samples KEY.jpg + KEY.txt")
+
+    def _read_window(self, size: int) -> list[Union[Sample, Bad]]:
+        """`size` raw positions (or a few more, a broken shard's) from the reader, not past the round's end,
+        permuted."""
+        entries: list[Union[Sample, Bad]] = []
+        covered = 0
+        while covered < size:
+            item = self._reader.next()
             if item is None:
                 break
             if isinstance(item, Lost):
-                if count:
-                    self._count_bad(item.reason, item.shard, item.count)
+                entries.append(Bad(item.reason, item.shard, item.count))
+                covered += item.count
+                self._last_error = item.error
                 continue
+            covered += 1
             try:
                 entries.append(validate_sample(item.key, item.members, item.shard))
             except BadSample as e:
-                if count:
-                    self._count_bad(e.reason, shard_name(item.shard))
-        random.Random(f"{self.spec.seed}/window/{self.sid}/{self.window_index}").shuffle(entries)
+                entries.append(Bad(e.reason, shard_name(item.shard)))
+        random.Random(f"{self.spec.seed}/window/{self.source.name}/{self.sid}/{self.window_index}").shuffle(entries)
         return entries
 
     def _count_bad(self, reason: str, shard: str, n: int = 1) -> None:
@@ -287,28 +259,46 @@ class VirtualStream:
             self._reader.close()
 
 
+class VirtualStream:
+    """One virtual stream: its rows of each global batch, each from the source the mixture plan names."""
+
+    def __init__(self, spec: StreamSpec, sid: int, rows: int, image_size: int, state: Optional[dict] = None):
+        self.spec, self.sid, self.rows = spec, sid, rows
+        self.plan = spec.plan
+        state = state or {}
+        self.sources = [SourceStream(spec, s, sid, image_size, state.get(s.name)) for s in spec.sources]
+
+    def take(self, step: int) -> list[Row]:
+        """This stream's rows of global batch `step` (0-based)."""
+        first = step * self.rows * self.spec.num_streams + self.sid * self.rows
+        return [self.sources[i].take() for i in self.plan.sources(first, self.rows)]
+
+    def state(self) -> dict:
+        return {s.source.name: s.state() for s in self.sources}
+
+    def close(self) -> None:
+        for s in self.sources:
+            s.close()
+
+
 # -------------------------------------------------------------------------------------- batches
-def collate(samples: Sequence[Row], tokenizer: Tokenizer) -> dict[str, Any]:
-    """Rows → the batch dict: key, image, text, caption, and label / meta when the shards carry them."""
+def collate(rows: Sequence[Row], tokenizer: Tokenizer) -> dict[str, Any]:
+    """Rows → the batch dict: key, image, text, caption, caption_id (equal ids: identical captions),
+    source, and label / meta when the shards carry them."""
     batch: dict[str, Any] = {
-        "key": [s.key for s in samples],
-        "image": to_tensor([s.image for s in samples]),
-        "text": tokenizer([s.text for s in samples]),
-        "caption": [s.caption for s in samples],
+        "key": [r.key for r in rows],
+        "image": to_tensor([r.image for r in rows]),
+        "text": tokenizer([r.text for r in rows]),
+        "caption": [r.caption for r in rows],
+        "caption_id": torch.tensor([caption_id(r.text) for r in rows], dtype=torch.long),
+        "source": [r.source for r in rows],
     }
-    metas = [s.meta for s in samples]
+    metas = [r.meta for r in rows]
     if any(m is not None for m in metas):
         batch["meta"] = metas
-        labels = [class_label(m) for m in metas]
-        if any(y >= 0 for y in labels):
-            batch["label"] = torch.tensor(labels, dtype=torch.long)     # −1: a row without a label
+    if any(r.label >= 0 for r in rows):
+        batch["label"] = torch.tensor([r.label for r in rows], dtype=torch.long)     # −1: a row without a label
     return batch
-
-
-def class_label(meta: Optional[dict]) -> int:
-    """A sample's class (`{"label": k}`, k ≥ 0 in its .json), or −1 when it has none."""
-    y = meta.get("label") if isinstance(meta, dict) else None
-    return y if isinstance(y, int) and not isinstance(y, bool) and y >= 0 else -1
 
 
 def concat(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -328,15 +318,15 @@ def _absent(name: str, rows: int) -> Any:
 
 
 class _Producer(torch.utils.data.IterableDataset):
-    """Yields, per step, one chunk per loader process: its block of streams, G/S samples each.
+    """Yields, per step, one chunk per loader process: its block of streams, G/S rows each.
 
     With loader processes, each takes a contiguous sub-block of the rank's streams; torch's
     DataLoader returns their chunks round-robin, i.e. in block order, one per process per step.
     """
 
-    def __init__(self, spec: StreamSpec, blocks: list[list[int]], states: dict[int, Optional[dict]],
+    def __init__(self, spec: StreamSpec, blocks: list[list[int]], states: dict[int, Optional[dict]], step: int,
                  rows_per_stream: int, image_size: int, tokenizer_json: str, context_length: int):
-        self.spec, self.blocks, self.states = spec, blocks, states
+        self.spec, self.blocks, self.states, self.step = spec, blocks, states, step
         self.rows, self.image_size = rows_per_stream, image_size
         self.tokenizer_json, self.context_length = tokenizer_json, context_length
 
@@ -345,18 +335,54 @@ class _Producer(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         block = self.blocks[info.id if info is not None else 0]
         tokenizer = Tokenizer(HFTokenizer.from_str(self.tokenizer_json), self.context_length)
-        streams = [VirtualStream(self.spec, sid, self.image_size, self.states.get(sid)) for sid in block]
+        streams = [VirtualStream(self.spec, sid, self.rows, self.image_size, self.states.get(sid)) for sid in block]
+        step = self.step
         try:
             while True:
-                samples = [s for vs in streams for s in vs.take(self.rows)]
-                yield collate(samples, tokenizer), {vs.sid: vs.state() for vs in streams}
+                rows = [r for vs in streams for r in vs.take(step)]
+                yield collate(rows, tokenizer), {vs.sid: vs.state() for vs in streams}
+                step += 1
         finally:
             for vs in streams:
                 vs.close()
 
 
+def die_with_parent(parent: int, worker_id: int) -> None:
+    """In a loader process: be killed when the process that started it dies, however it dies (SIGKILL
+    included), so no loader outlives its training worker. Linux only; elsewhere torch's own check of
+    the parent (every few seconds) remains."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:                         # the parent died before the request took effect
+        os._exit(0)
+
+
+@dataclass
+class Exhausted:
+    """Why the stream ended: a source with `on_end: stop` had been read once."""
+    source: str
+    step: int
+    drawn: int
+    total: int
+
+    def __str__(self) -> str:
+        return (f"source {self.source!r} (on_end: stop) ends the data after {self.step} global batches: "
+                f"{self.drawn} of its {self.total} samples drawn, the next batch would pass them")
+
+
+@dataclass
+class _Position:
+    """The parts of a rank's position that are not per stream: the step and the planned draws per source."""
+    step: int = 0
+    drawn: dict[str, int] = field(default_factory=dict)
+
+
 class Stream:
-    """The batches of one rank; iterate for batches, `state_dict()` for the position after the last one."""
+    """The batches of one rank; iterate for batches, `state_dict()` for the position after the last one.
+
+    Endless unless a source with `on_end: stop` runs out: iteration then ends (`exhausted` says why)
+    at the same step on every rank.
+    """
 
     def __init__(self, spec: StreamSpec, *, global_batch: int, rank: int, world_size: int, num_workers: int,
                  image_size: int, tokenizer: Tokenizer, max_bad_fraction: float, state: Optional[dict]):
@@ -368,29 +394,72 @@ class Stream:
         if num_workers > per_rank:
             log.warning("data.num_workers = %d but rank %d owns %d virtual streams: using %d loader processes "
                         "(raise data.streams for more)", num_workers, rank, per_rank, per_rank)
-        self.step = int(state["step"]) if state else 0
+        self.position = _Position(int(state["step"]), dict(state["drawn"])) if state else _Position()
         self._states: dict[int, Optional[dict]] = {
             sid: (state["streams"][str(sid)] if state else None) for sid in self.stream_ids}
+        self.exhausted: Optional[Exhausted] = None
+        # the iteration in progress, weakly: a strong reference would make a cycle (it refers to the
+        # stream), freed only by the cyclic collector, possibly inside a forked loader process
+        self._active: Optional[weakref.ref] = None
+
+    @property
+    def step(self) -> int:
+        return self.position.step
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Batches from the current position on (a new iterator continues after the last batch taken)."""
+        self.close()
+        batches = self._batches()
+        self._active = weakref.ref(batches)
+        return batches
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         loaders = max(self.num_workers, 1)
         blocks = [self.stream_ids[i * len(self.stream_ids) // loaders:(i + 1) * len(self.stream_ids) // loaders]
                   for i in range(loaders)]
-        producer = _Producer(self.spec, blocks, dict(self._states), self.global_batch // self.spec.num_streams,
-                             self.image_size, self.tokenizer.to_json(), self.tokenizer.context_length)
+        producer = _Producer(self.spec, blocks, dict(self._states), self.step,
+                             self.global_batch // self.spec.num_streams, self.image_size, self.tokenizer.to_json(),
+                             self.tokenizer.context_length)
         if self.num_workers == 0:
             chunks = iter(producer)
         else:
-            chunks = iter(torch.utils.data.DataLoader(producer, batch_size=None, num_workers=self.num_workers,
-                                                      prefetch_factor=2))
-        while True:
-            parts = [next(chunks) for _ in range(loaders)]
-            for _, states in parts:
-                self._states.update(states)
-            self.step += 1
-            self._check_bad()
-            yield concat([batch for batch, _ in parts])
+            chunks = iter(torch.utils.data.DataLoader(
+                producer, batch_size=None, num_workers=self.num_workers, prefetch_factor=2,
+                worker_init_fn=functools.partial(die_with_parent, os.getpid())))
+        try:
+            while not self._runs_out():
+                parts = [next(chunks) for _ in range(loaders)]
+                for _, states in parts:
+                    self._states.update(states)
+                self._advance()
+                self._check_bad()
+                yield concat([batch for batch, _ in parts])
+        finally:
+            del chunks                                 # shuts the loader processes down now
+
+    def close(self) -> None:
+        """Stop the loader processes of the current iteration (a later `iter` starts new ones)."""
+        batches = self._active() if self._active is not None else None
+        if batches is not None:
+            batches.close()
+        self._active = None
+
+    def _runs_out(self) -> bool:
+        """Whether the next batch would draw a `stop` source past one pass over it (the same on every rank)."""
+        counts = self.spec.plan.counts(self.step * self.global_batch, self.global_batch)
+        for source, n in zip(self.spec.sources, counts):
+            drawn = self.position.drawn.get(source.name, 0)
+            if source.on_end == "stop" and drawn + n > source.total:
+                self.exhausted = Exhausted(source.name, self.step, drawn, source.total)
+                log.info("%s", self.exhausted)
+                return True
+        return False
+
+    def _advance(self) -> None:
+        counts = self.spec.plan.counts(self.step * self.global_batch, self.global_batch)
+        for source, n in zip(self.spec.sources, counts):
+            self.position.drawn[source.name] = self.position.drawn.get(source.name, 0) + int(n)
+        self.position.step += 1
 
     def state_dict(self) -> dict[str, Any]:
         """Position after the last batch taken: JSON-serialisable, this rank's streams only.
@@ -399,21 +468,28 @@ class Stream:
         the states of all ranks merged (`merge_states`, or `gather_state` under torch.distributed).
         """
         return {"version": STATE_VERSION, "step": self.step, "seed": self.spec.seed,
-                "global_batch": self.global_batch, "num_streams": self.spec.num_streams,
-                "buffer": self.spec.buffer, "resampled": self.spec.resampled, "data": self.spec.fingerprint,
+                "global_batch": self.global_batch, "num_streams": self.spec.num_streams, "buffer": self.spec.buffer,
+                "sources": [{"name": s.name, "data": s.fingerprint, "resampled": s.resampled, "weight": s.weight,
+                             "on_end": s.on_end} for s in self.spec.sources],        # a list: JSON keys get sorted
+                "drawn": dict(self.position.drawn),
                 "streams": {str(sid): st for sid, st in self._states.items() if st is not None}}
 
     def stats(self) -> dict[str, Any]:
-        """Usable and bad samples of this rank so far, bad ones by reason and by shard."""
+        """Usable and bad samples of this rank so far: in all, bad ones by reason and by shard, and per
+        source ("sources": name → {"ok", "bad": {reason: n}})."""
         ok, bad, shards = 0, Counter(), Counter()
+        per_source = {s.name: {"ok": 0, "bad": Counter()} for s in self.spec.sources}
         for st in self._states.values():
-            if st is not None:
-                ok += st["ok"]
-                bad.update(st["bad"])
-                shards.update(st["bad_shards"])
+            for name, sub in (st or {}).items():
+                ok += sub["ok"]
+                bad.update(sub["bad"])
+                shards.update(sub["bad_shards"])
+                per_source[name]["ok"] += sub["ok"]
+                per_source[name]["bad"].update(sub["bad"])
         total_bad = sum(bad.values())
         return {"ok": ok, "bad": dict(bad), "bad_total": total_bad,
-                "bad_fraction": total_bad / max(ok + total_bad, 1), "bad_shards": dict(shards.most_common(10))}
+                "bad_fraction": total_bad / max(ok + total_bad, 1), "bad_shards": dict(shards.most_common(10)),
+                "sources": {k: {"ok": v["ok"], "bad": dict(v["bad"])} for k, v in per_source.items()}}
 
     def _check_bad(self) -> None:
         s = self.stats()
@@ -446,15 +522,31 @@ def gather_state(stream: Stream) -> dict[str, Any]:
 
 
 def _check_state(state: dict[str, Any], spec: StreamSpec, global_batch: int, needed: Sequence[int]) -> None:
-    expected = {"version": STATE_VERSION, "seed": spec.seed, "global_batch": global_batch,
-                "num_streams": spec.num_streams, "buffer": spec.buffer, "resampled": spec.resampled,
-                "data": spec.fingerprint}
-    names = {"seed": "seed", "global_batch": "train.global_batch", "buffer": "data.shuffle_buffer",
-             "resampled": "data.resampled", "num_streams": "data.streams", "data": "the shard list (names, counts)"}
-    wrong = [f"{names.get(k, k)}: saved {state.get(k)!r}, now {v!r}" for k, v in expected.items() if state.get(k) != v]
+    if state.get("version") != STATE_VERSION:
+        raise DataError(f"cannot resume the data stream: its state has version {state.get('version')!r}, this reader "
+                        f"writes version {STATE_VERSION} (the sample order changed with it); start the run anew "
+                        "(train.resume=never, or another run_dir)")
+    expected = {"seed": spec.seed, "global_batch": global_batch, "num_streams": spec.num_streams,
+                "buffer": spec.buffer, "sources": [s.name for s in spec.sources]}
+    saved_sources = {s["name"]: s for s in state["sources"]}
+    saved = dict(state, sources=list(saved_sources))
+    names = {"global_batch": "train.global_batch", "buffer": "data.shuffle_buffer", "num_streams": "data.streams",
+             "sources": "the source names, in order"}
+    wrong = [f"{names.get(k, k)}: saved {saved.get(k)!r}, now {v!r}" for k, v in expected.items() if saved.get(k) != v]
+    for s in spec.sources:
+        old = saved_sources.get(s.name, {})
+        if old.get("data") != s.fingerprint:
+            wrong.append(f"the shard list (names, counts) of source {s.name!r} changed")
+        if old.get("resampled") != s.resampled:
+            wrong.append(f"resampled of source {s.name!r}: saved {old.get('resampled')!r}, now {s.resampled!r}")
     if wrong:
         raise DataError("cannot resume the data stream: the state was saved with other settings (" + "; ".join(wrong)
                         + "); resume with the same ones")
+    changed = [f"{s.name} {saved_sources[s.name]['weight']} → {s.weight}" for s in spec.sources
+               if saved_sources[s.name]["weight"] != s.weight]
+    if changed:
+        log.warning("the mixture's weights changed since the state was saved (%s): every source resumes where it "
+                    "was, and the batches from here on follow the new weights", ", ".join(changed))
     missing = [sid for sid in needed if str(sid) not in state["streams"]]
     if missing and state["step"] > 0:
         raise DataError(f"cannot resume the data stream: the state has no position for virtual streams {missing}; "
@@ -470,7 +562,7 @@ class StreamOptions:
     context_length: int = 77
     tokenizer: Tokenizer | str | None = None   # a Tokenizer, a tokenizer.json URL, or None: beside the data
     shuffle_buffer: int = 1000
-    resampled: bool = False
+    resampled: bool = False                    # the default of every source that does not say
     max_bad_fraction: float = 0.01
     allow_pipe: bool = False
     streams: int = 0                           # virtual streams S; 0: chosen from the global batch
@@ -482,32 +574,40 @@ class StreamOptions:
                    allow_pipe=d.allow_pipe, streams=d.streams)
 
 
-def open_stream(urls: str | Sequence[str], *, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                num_workers: int = 0, state: Optional[dict | Sequence[dict]] = None,
+Urls = Union[str, Sequence[str]]
+
+
+def open_stream(urls: Urls | Sequence[SourceConfig], *, global_batch: int, rank: int = 0, world_size: int = 1,
+                seed: int = 0, num_workers: int = 0, state: Optional[dict | Sequence[dict]] = None,
                 options: StreamOptions = StreamOptions()) -> Stream:
-    """The endless, shuffled, augmented, resumable batches of rank `rank` of `world_size` over the shards
-    at `urls`: local batches of global_batch / world_size rows (see the module docstring)."""
+    """The shuffled, augmented, resumable batches of rank `rank` of `world_size`: local batches of
+    global_batch / world_size rows (see the module docstring).
+
+    `urls` are the shards of one source (a URL, brace pattern, dataset folder, manifest.json, or a
+    list of these), or a list of `SourceConfig` for a weighted mixture.
+    """
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is not in [0, world_size = {world_size})")
     o = options
-    shards = tuple(resolve_shards(urls, allow_pipe=o.allow_pipe))
-    tok = _tokenizer(o.tokenizer, urls, o.context_length)
-    if isinstance(state, (list, tuple)):
-        state = merge_states(state)
+    if o.shuffle_buffer < 1:
+        raise DataError(f"shuffle_buffer = {o.shuffle_buffer}: expected at least 1 (1 means no shuffling)")
     if o.streams < 0:
         raise DataError(f"data.streams = {o.streams}: expected 0 (chosen from the global batch) or a positive count")
+    sources = as_sources(urls)
+    problems = source_problems(sources, o.resampled)
+    if problems:
+        raise DataError("; ".join(problems))
+    specs = tuple(resolve_source(s, o) for s in sources)
+    tok = _tokenizer(o.tokenizer, sources[0].urls, o.context_length)
+    if isinstance(state, (list, tuple)):
+        state = merge_states(state)
     num_streams = o.streams or (state["num_streams"] if state else choose_num_streams(global_batch, world_size))
     if num_streams % world_size or global_batch % num_streams:
         raise DataError(f"{num_streams} virtual streams (data.streams), global_batch {global_batch}, world_size "
                         f"{world_size}: the world size must divide the streams and the streams the global batch; "
-                        f"compatible world sizes: {[w for w in range(1, num_streams + 1) if num_streams % w == 0]}")
-    if not o.resampled and len(shards) < num_streams:
-        raise DataError(f"{len(shards)} shards for {num_streams} virtual streams: each stream reads whole shards, so "
-                        f"some would get none. Use data.resampled=true, fewer streams (data.streams), or more shards "
-                        f"(contrast data pack --shard-size smaller)")
-    if o.shuffle_buffer < 1:
-        raise DataError(f"shuffle_buffer = {o.shuffle_buffer}: expected at least 1 (1 means no shuffling)")
-    spec = StreamSpec(shards, seed, num_streams, o.shuffle_buffer, o.resampled)
+                        f"compatible world sizes: {layout_world_sizes(num_streams)}")
+    check_sizes(specs, num_streams, global_batch)
+    spec = StreamSpec(specs, seed, num_streams, o.shuffle_buffer)
     per_rank = num_streams // world_size
     if state is not None:
         _check_state(state, spec, global_batch, range(rank * per_rank, (rank + 1) * per_rank))
@@ -519,15 +619,34 @@ def open_stream(urls: str | Sequence[str], *, global_batch: int, rank: int = 0, 
 
 def open_train_stream(cfg: Config, *, rank: int = 0, world_size: int = 1, state: Optional[dict] = None,
                       tokenizer: Optional[Tokenizer] = None) -> Stream:
-    """`open_stream` with every setting from a run config; `tokenizer` (an imported model's) replaces the data's."""
+    """`open_stream` with every setting from a run config (`data.sources`, or `data.train_urls`);
+    `tokenizer` (an imported model's) replaces the data's."""
     options = StreamOptions.from_config(cfg.data)
     if tokenizer is not None:
         options = replace(options, tokenizer=tokenizer)
-    return open_stream(cfg.data.train_urls, global_batch=cfg.train.global_batch, rank=rank, world_size=world_size,
-                       seed=cfg.seed, num_workers=cfg.data.num_workers, state=state, options=options)
+    return open_stream(config_sources(cfg.data), global_batch=cfg.train.global_batch, rank=rank,
+                       world_size=world_size, seed=cfg.seed, num_workers=cfg.data.num_workers, state=state,
+                       options=options)
 
 
-def _tokenizer(tokenizer: Tokenizer | str | None, urls: str | Sequence[str], context_length: int) -> Tokenizer:
+def as_sources(urls: Urls | Sequence[SourceConfig]) -> list[SourceConfig]:
+    """Sources as given, or the URLs of one source as the source named "train"."""
+    items = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
+    if items and all(isinstance(u, SourceConfig) for u in items):
+        return items
+    if any(isinstance(u, SourceConfig) for u in items):
+        raise DataError("open_stream: expected URLs or a list of SourceConfig, not both")
+    return [SourceConfig(DEFAULT_SOURCE, [str(u) for u in items])]
+
+
+def resolve_source(source: SourceConfig, options: StreamOptions) -> SourceSpec:
+    """A source's shards, with their sample counts, and its reading mode."""
+    shards = with_counts(resolve_shards(source.urls, allow_pipe=options.allow_pipe))
+    resampled = options.resampled if source.resampled is None else source.resampled
+    return SourceSpec(source.name, tuple(shards), source.weight, resampled, source.on_end)
+
+
+def _tokenizer(tokenizer: Tokenizer | str | None, urls: Urls, context_length: int) -> Tokenizer:
     if isinstance(tokenizer, Tokenizer):
         return tokenizer
     if tokenizer is None:

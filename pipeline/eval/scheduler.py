@@ -15,9 +15,10 @@ last checkpoint whatever the policy, so a run always ends with a final result.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from pipeline import storage
 from pipeline.config import Config, config_from_dict
@@ -149,22 +150,28 @@ class Watcher:
 
 
 def watch(run_dir: str, cfg: Optional[Config] = None, once: bool = False,
-          stop: Optional[threading.Event] = None) -> Outcome:
+          stop: Optional[threading.Event] = None, overrides: Sequence[str] = ()) -> Outcome:
     """`contrast watch`: evaluate new checkpoints until interrupted (or one pass with `once`).
 
-    Without `cfg`, the run config stored in the newest published checkpoint is used (waiting for
-    the first one to appear unless `once`).
+    Without `cfg`, the run config stored in the newest published checkpoint is used, with `overrides`
+    (waiting for the first checkpoint to appear unless `once`). Watching explicitly means evaluating:
+    a run trained with `eval.schedule: off` is evaluated with `every`.
     """
     stop = stop or threading.Event()
     while cfg is None:
         checkpoints = published_checkpoints(run_dir)
         if checkpoints:
-            cfg = config_from_dict(read_manifest(checkpoints[-1].url)["config"], origin=f"{checkpoints[-1].url}")
+            cfg = config_from_dict(read_manifest(checkpoints[-1].url)["config"], origin=f"{checkpoints[-1].url}",
+                                   overrides=overrides)
         elif once:
             log.info("no published checkpoint in %s yet: nothing to evaluate", run_dir)
             return Outcome()
         else:
             stop.wait(Config().eval.poll_s)
+    if cfg.eval.schedule == "off":
+        log.info("eval.schedule is off for this run; an explicit watch evaluates every checkpoint (eval.schedule="
+                 "every; set eval.schedule=latest to take only the newest)")
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, schedule="every"))
     watcher = Watcher(run_dir, cfg)
     if once:
         watcher.poll()

@@ -3,6 +3,12 @@
 A loss subclasses `ContrastiveLoss` and writes `compute(pairs)`, its formula over this rank's rows
 (`pairs.u`, `pairs.v`) against every rank's rows (`pairs.U`, `pairs.V`, gathered with gradient).
 It returns a value whose mean over ranks is the loss of the global batch.
+
+Duplicate captions: given `caption_ids` (equal ids = identical captions), the ids of the whole
+global batch are gathered once, and `Pairs.duplicates(cols)` / `Views.duplicates(cols)` give, for
+one tile of columns, where a column is *another* pair with the row's caption. Every loss leaves
+those entries out of its negatives inside its pairwise term (−inf in a log-sum-exp, 0 in a sum), so
+the dense and tiled forms, and the gradient cache (which calls the loss once), mask alike.
 """
 from __future__ import annotations
 
@@ -38,6 +44,12 @@ class Pairs:
     all_labels: Tensor          # (N,)
     weights: Optional[Tensor]   # (n, D') `weights_from` rows, detached
     all_weights: Optional[Tensor]
+    ids: Optional[Tensor] = None        # (n,) caption id of each local pair, when duplicates are masked
+    all_ids: Optional[Tensor] = None    # (N,)
+
+    def duplicates(self, cols: slice) -> Optional[Tensor]:
+        """(n × cols) True where global pair j in `cols` is another pair with local pair i's caption."""
+        return duplicate_mask(self.ids, self.rows, self.all_ids, cols, self.U.shape[0])
 
 
 @dataclass
@@ -49,13 +61,23 @@ class Views:
     partner: Tensor             # (2n,) index in Z of its other view (u_i <-> v_i)
     labels: Tensor              # (2n,)
     all_labels: Tensor          # (2N,)
+    ids: Optional[Tensor] = None
+    all_ids: Optional[Tensor] = None
 
     @staticmethod
     def of(p: Pairs) -> Views:
         n = p.U.shape[0]
+        twice = (lambda x: None if x is None else torch.cat([x, x]))  # noqa: E731
         return Views(z=torch.cat([p.u, p.v]), Z=torch.cat([p.U, p.V]),
                      me=torch.cat([p.rows, p.rows + n]), partner=torch.cat([p.rows + n, p.rows]),
-                     labels=torch.cat([p.labels, p.labels]), all_labels=torch.cat([p.all_labels, p.all_labels]))
+                     labels=torch.cat([p.labels, p.labels]), all_labels=torch.cat([p.all_labels, p.all_labels]),
+                     ids=twice(p.ids), all_ids=twice(p.all_ids))
+
+    def duplicates(self, cols: slice) -> Optional[Tensor]:
+        """(2n × cols) True where anchor column c in `cols` is a view of another pair with the caption of
+        the row anchor's pair (both views of a duplicate pair are left out; the anchor's own pair never)."""
+        n = self.Z.shape[0] // 2
+        return duplicate_mask(self.ids, self.me % n, self.all_ids, cols, n)
 
     @property
     def partner_z(self) -> Tensor:
@@ -68,6 +90,27 @@ def gather_rows(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     if not is_distributed():
         return u, v
     return all_gather_with_grad(torch.cat([u, v], 1)).split(u.shape[1], 1)
+
+
+def duplicate_mask(ids: Optional[Tensor], pair: Tensor, all_ids: Optional[Tensor], cols: slice,
+                   pairs: int) -> Optional[Tensor]:
+    """(rows × cols) True where column j (a global index in `cols`, belonging to pair j mod `pairs`) has
+    the row's caption id but is not the row's own pair `pair`; None when no ids are given."""
+    if ids is None:
+        return None
+    col_ids = torch.arange(cols.start, cols.stop, device=pair.device)
+    return (ids.unsqueeze(1) == all_ids[cols].unsqueeze(0)) & (pair.unsqueeze(1) != (col_ids % pairs).unsqueeze(0))
+
+
+def caption_counts(ids: Tensor, all_ids: Tensor) -> Tensor:
+    """How many pairs of the global batch (`all_ids`) have each of `ids` as their caption id."""
+    unique, counts = torch.unique(all_ids, return_counts=True)
+    return counts[torch.searchsorted(unique, ids)]
+
+
+def mask(t: Tensor, where: Optional[Tensor], value: float = -math.inf) -> Tensor:
+    """t with `value` where `where` is True (−inf leaves a pair out of a log-sum-exp, 0 out of a sum)."""
+    return t if where is None else t.masked_fill(where, value)
 
 
 def leave_out(t: Tensor, cols: slice, *index: Tensor) -> Tensor:
@@ -106,6 +149,7 @@ class ContrastiveLoss(nn.Module):
     default_temperature = 0.1   # τ = 1/s the model starts from for this loss
     uses_bias = False           # siglip: the model learns a logit bias and must pass it
     uses_weights = False        # cwcl: `weights_from` is required
+    masks_duplicates = True     # whether `caption_ids` take duplicate captions out of the negatives
 
     def __init__(self, tiled: bool = False, tile_size: int = 1024) -> None:
         super().__init__()
@@ -125,13 +169,15 @@ class ContrastiveLoss(nn.Module):
 
     def forward(self, image: Tensor, text: Tensor, *, logit_scale: Tensor | float,
                 logit_bias: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                weights_from: Optional[Tensor] = None) -> Tensor:
-        return self.compute(self._pairs(image, text, logit_scale, logit_bias, labels, weights_from))
+                weights_from: Optional[Tensor] = None, caption_ids: Optional[Tensor] = None) -> Tensor:
+        """The loss; with `caption_ids` (one integer per pair, equal for identical captions) pairs with the
+        same caption are not each other's negatives. Pass them on every rank or on none."""
+        return self.compute(self._pairs(image, text, logit_scale, logit_bias, labels, weights_from, caption_ids))
 
     def compute(self, p: Pairs) -> Tensor:
         raise NotImplementedError
 
-    def _pairs(self, image, text, logit_scale, logit_bias, labels, weights_from) -> Pairs:
+    def _pairs(self, image, text, logit_scale, logit_bias, labels, weights_from, caption_ids) -> Pairs:
         """Check the call, cast to the compute dtype and gather all ranks' rows."""
         name = f"loss {self.name!r}"
         if image.ndim != 2 or image.shape != text.shape:
@@ -160,6 +206,9 @@ class ContrastiveLoss(nn.Module):
             raise ValueError(f"{name}: {need} weights_from")
         if weights_from is not None and (weights_from.ndim != 2 or weights_from.shape[0] != n):
             raise ValueError(f"{name}: weights_from must be ({n}, D'), got {tuple(weights_from.shape)}")
+        if caption_ids is not None and (caption_ids.shape != (n,) or caption_ids.is_floating_point()):
+            raise ValueError(f"{name}: caption_ids must be an integer tensor of shape ({n},), "
+                             f"got {caption_ids.dtype} {tuple(caption_ids.shape)}")
 
         u, v = image.to(dtype), text.to(dtype)
         U, V = gather_rows(u, v)
@@ -172,6 +221,11 @@ class ContrastiveLoss(nn.Module):
         if weights_from is not None:
             weights = weights_from.detach().to(dtype)
             all_weights = all_gather(weights)
+        ids = all_ids = None
+        if caption_ids is not None and self.masks_duplicates:
+            ids = caption_ids.to(image.device)
+            all_ids = all_gather(ids)
         return Pairs(u=u, v=v, U=U, V=V, rows=rows,
                      scale=scale.reshape(()), bias=None if bias is None else bias.reshape(()),
-                     labels=labels, all_labels=all_labels, weights=weights, all_weights=all_weights)
+                     labels=labels, all_labels=all_labels, weights=weights, all_weights=all_weights,
+                     ids=ids, all_ids=all_ids)

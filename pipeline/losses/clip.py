@@ -13,16 +13,14 @@ from __future__ import annotations
 from torch import Tensor
 
 from pipeline.distributed import all_reduce_logsumexp
-from pipeline.losses.base import ContrastiveLoss, Pairs
-
-
-def logits(x: Tensor, cols: slice) -> Tensor:
-    """Every pair's logit (s·u_i)·v_j, as it is."""
-    return x
+from pipeline.losses.base import ContrastiveLoss, Pairs, mask
 
 
 def infonce_lse(loss: ContrastiveLoss, p: Pairs) -> tuple[Tensor, Tensor]:
-    """(LSE_j s·u_i·v_j for this rank's images, LSE_j s·v_i·u_j for this rank's texts), over the global batch."""
+    """(LSE_j s·u_i·v_j for this rank's images, LSE_j s·v_i·u_j for this rank's texts), over the global
+    batch; the pairs of another pair with the same caption are left out (when `p` carries caption ids)."""
+    def logits(x: Tensor, cols: slice) -> Tensor:
+        return mask(x, p.duplicates(cols))
     image_to_text, text_partial = loss.pairwise(p.scale * p.u, p.V, logits, row="lse", col="lse")
     text_to_image = all_reduce_logsumexp(text_partial)[p.rows]
     return image_to_text, text_to_image

@@ -31,6 +31,7 @@ class CwclLoss(ContrastiveLoss):
     name = "cwcl"
     default_temperature = 0.07
     uses_weights = True
+    masks_duplicates = False     # its weights already count pairs with like references as positives
     factors = staticmethod(weight_factors)
 
     def compute(self, p: Pairs) -> Tensor:

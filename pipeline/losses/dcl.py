@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from pipeline.distributed import all_reduce_logsumexp
-from pipeline.losses.base import ContrastiveLoss, Pairs, Views, leave_out
+from pipeline.losses.base import ContrastiveLoss, Pairs, Views, leave_out, mask
 
 
 class DclLoss(ContrastiveLoss):
@@ -29,7 +29,7 @@ class DclLoss(ContrastiveLoss):
         views = Views.of(p)
 
         def negatives(x: Tensor, cols: slice) -> Tensor:
-            return leave_out(x, cols, views.me, views.partner)
+            return mask(leave_out(x, cols, views.me, views.partner), views.duplicates(cols))
         log_negatives, _ = self.pairwise(p.scale * views.z, views.Z, negatives)
         weights = self.positive_weights(p).repeat(2)
         positive = p.scale * (views.z * views.partner_z).sum(1)

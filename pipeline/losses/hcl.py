@@ -1,7 +1,8 @@
 """hcl — contrastive learning with hard negative samples (Robinson et al. 2021, arXiv 2010.04592).
 
 Over the 2N anchors Z = [u; v] with t = 1/s, positive z_i⁺ (the other view) and the M = 2N − 2
-other anchors as negatives, importance weights ω_ij = softmax_j(β·z_i·z_j/t) give
+other anchors as negatives (with caption ids, less both views of every other pair with the same
+caption: M_i per anchor), importance weights ω_ij = softmax_j(β·z_i·z_j/t) give
     Ng_i = max( M/(1−τ⁺) · (Σ_j ω_ij e^{z_i·z_j/t} − τ⁺·e^{z_i·z_i⁺/t}),  M·e^{−1/t} ),
     L = mean_i −log( e^{z_i·z_i⁺/t} / (e^{z_i·z_i⁺/t} + Ng_i) ).
 In log space: log Σ_j ω_ij e^{x_ij} = LSE_j((β+1)·x_ij) − LSE_j(β·x_ij) with x = s·z_i·z_j, and the
@@ -15,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from pipeline.losses.base import ContrastiveLoss, Pairs, Views, leave_out
+from pipeline.losses.base import ContrastiveLoss, Pairs, Views, caption_counts, leave_out, mask
 
 
 class HclLoss(ContrastiveLoss):
@@ -37,17 +38,25 @@ class HclLoss(ContrastiveLoss):
         views = Views.of(p)
 
         def negatives(x: Tensor, cols: slice) -> Tensor:
-            return leave_out(x, cols, views.me, views.partner)
+            return mask(leave_out(x, cols, views.me, views.partner), views.duplicates(cols))
 
         def negatives_lse(factor: float) -> Tensor:                 # LSE_j factor·x_ij over the negatives
             return self.pairwise(factor * p.scale * views.z, views.Z, negatives)[0]
 
-        m = views.Z.shape[0] - 2
+        log_m = self._log_negative_counts(p).repeat(2)
         positive = p.scale * (views.z * views.partner_z).sum(1)
         log_reweighted = negatives_lse(self.beta + 1) - negatives_lse(self.beta)   # log Σ_j ω_ij e^{x_ij}
-        log_negatives = torch.maximum(math.log(m) - p.scale,
-                                      math.log(m / (1 - self.tau_plus)) + self._log_debiased(log_reweighted, positive))
+        log_negatives = torch.maximum(log_m - p.scale, log_m - math.log(1 - self.tau_plus)
+                                      + self._log_debiased(log_reweighted, positive))
         return (torch.logaddexp(positive, log_negatives) - positive).mean()
+
+    @staticmethod
+    def _log_negative_counts(p: Pairs) -> Tensor:
+        """log M_i per local pair: M = 2N − 2, less the two views of every other pair with its caption."""
+        m = torch.full_like(p.u[:, 0], 2.0 * p.U.shape[0] - 2)
+        if p.ids is not None:
+            m = m - 2 * (caption_counts(p.ids, p.all_ids) - 1)
+        return m.log()
 
     def _log_debiased(self, a: Tensor, positive: Tensor) -> Tensor:
         """log(e^a − τ⁺·e^positive), or −inf where that is not positive."""

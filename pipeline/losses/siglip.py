@@ -10,12 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.losses.base import ContrastiveLoss, Pairs
-
-
-def softplus_logits(x: Tensor, cols: slice, bias: Tensor) -> Tensor:
-    """softplus(t·u_i·v_j + b), with x = (t·u_i)·v_j."""
-    return F.softplus(x + bias)
+from pipeline.losses.base import ContrastiveLoss, Pairs, mask
 
 
 class SiglipLoss(ContrastiveLoss):
@@ -24,6 +19,9 @@ class SiglipLoss(ContrastiveLoss):
     uses_bias = True
 
     def compute(self, p: Pairs) -> Tensor:
+        def softplus_logits(x: Tensor, cols: slice, bias: Tensor) -> Tensor:
+            """softplus(t·u_i·v_j + b), with x = (t·u_i)·v_j; 0 for another pair with the same caption."""
+            return mask(F.softplus(x + bias), p.duplicates(cols), 0.0)
         negatives_and_positive, _ = self.pairwise(p.scale * p.u, p.V, softplus_logits, p.bias, row="sum")
         positive = p.scale * (p.u * p.v).sum(1) + p.bias
         return (negatives_and_positive - positive).mean()

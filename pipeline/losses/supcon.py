@@ -14,11 +14,19 @@ positive term costs O(N·D) and needs no pairwise matrix.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from pipeline.losses.base import ContrastiveLoss, Pairs, Views, global_mean, leave_out
+from pipeline.losses.base import ContrastiveLoss, Pairs, Views, global_mean, leave_out, mask
+
+
+def duplicate_negatives(views: Views, cols: slice) -> Optional[Tensor]:
+    """Anchors of another pair with the same caption and another label: false negatives, left out.
+    (With the same label they are positives already.)"""
+    dup = views.duplicates(cols)
+    return None if dup is None else dup & (views.labels.unsqueeze(1) != views.all_labels[cols].unsqueeze(0))
 
 
 def positive_sums(views: Views) -> tuple[Tensor, Tensor]:
@@ -38,7 +46,7 @@ class SupConLoss(ContrastiveLoss):
     def log_denominator(self, views: Views, scale: Tensor) -> Tensor:
         """LSE_{a≠i} s·z_i·z_a over all ranks' anchors."""
         def others(x: Tensor, cols: slice) -> Tensor:
-            return leave_out(x, cols, views.me)
+            return mask(leave_out(x, cols, views.me), duplicate_negatives(views, cols))
         return self.pairwise(scale * views.z, views.Z, others)[0]
 
     def compute(self, p: Pairs) -> Tensor:
@@ -67,5 +75,6 @@ class TclLoss(SupConLoss):
         def term(dots: Tensor, cols: slice, s: Tensor) -> Tensor:
             same = views.labels.unsqueeze(1) == views.all_labels[cols].unsqueeze(0)
             positive = torch.logaddexp(s * dots, log_k1 - dots)
-            return leave_out(torch.where(same, positive, log_k2 + s * dots), cols, views.me)
+            terms = leave_out(torch.where(same, positive, log_k2 + s * dots), cols, views.me)
+            return mask(terms, duplicate_negatives(views, cols))
         return self.pairwise(views.z, views.Z, term, scale)[0]

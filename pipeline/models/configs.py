@@ -118,7 +118,8 @@ def named_spec(name: str) -> ModelSpec:
 
 @register_check
 def check_model_config(cfg: Config) -> list[str]:
-    """`model.name` exists, and the image fits the built-in ViT's patches (unless the image tower is imported)."""
+    """`model.name` exists, the image fits the built-in ViT's patches (unless the image tower is imported),
+    which alone can be dropped."""
     m = cfg.model
     if m.name not in NAMED_SPECS:
         return [cfg.problem("model.name", "one of " + ", ".join(MODEL_NAMES))]
@@ -128,4 +129,7 @@ def check_model_config(cfg: Config) -> list[str]:
     if not m.image.hf_path and not imported and cfg.data.image_size % patch:
         problems.append(cfg.problem("data.image_size", f"a multiple of {m.name}'s patch size {patch} "
                                     f"(e.g. {max(patch, cfg.data.image_size // patch * patch)})"))
+    if m.image.patch_dropout and m.image.hf_path:
+        problems.append(cfg.problem("model.image.patch_dropout", "0 with model.image.hf_path: only the built-in "
+                                    "ViT drops patches"))
     return problems

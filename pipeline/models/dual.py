@@ -35,7 +35,7 @@ class DualEncoder(nn.Module):
 
     def __init__(self, spec: ModelSpec, *, image_size: int, context_length: int, vocab_size: int,
                  dropout: float = 0.0, init_temperature: float = 0.07, init_bias: Optional[float] = None,
-                 learn_temperature: bool = True):
+                 learn_temperature: bool = True, patch_dropout: float = 0.0):
         super().__init__()
         self.spec = spec
         self.image_size = image_size
@@ -43,7 +43,7 @@ class DualEncoder(nn.Module):
         self.vocab_size = vocab_size
         sizes = dict(image_size=image_size, context_length=context_length, vocab_size=vocab_size,
                      embed_dim=spec.embed_dim, dropout=dropout)
-        self.image_tower = build_tower(spec.image, "image", **sizes)
+        self.image_tower = build_tower(spec.image, "image", patch_dropout=patch_dropout, **sizes)
         self.text_tower = build_tower(spec.text, "text", **sizes)
         # shape (1,), not (): DeepSpeed cannot broadcast 0-dim parameters (forward returns scalars)
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)),
@@ -135,6 +135,19 @@ class DualEncoder(nn.Module):
             else:
                 tower.set_grad_checkpointing(enabled)
 
+    def compile_towers(self, **options: Any) -> None:
+        """`torch.compile` each tower in place (`nn.Module.compile`: parameter names unchanged, so
+        checkpoints and published weights are those of the plain model). `options` go to torch.compile.
+
+        Random operators (dropout, patch dropout) keep eager mode's kernels (inductor's
+        `fallback_random`): drawn from the default generator as in eager mode, so the gradient cache's
+        RNG replay gives its second pass the masks of the first, and a compiled step equals an eager one.
+        """
+        import torch._inductor.config as inductor
+        inductor.fallback_random = True
+        for tower in (self.image_tower, self.text_tower):
+            tower.compile(**options)
+
     def describe(self) -> dict[str, Any]:
         """What rebuilds this model: the spec, the data-dependent sizes, the scale/bias setup."""
         return {"spec": self.spec.to_dict(), "image_size": self.image_size, "context_length": self.context_length,
@@ -182,7 +195,7 @@ def build_model(cfg_model: ModelConfig, *, image_size: int, context_length: int,
     tau, bias = logit_init(loss_name, init_temperature)
     model = DualEncoder(spec, image_size=image_size, context_length=context_length, vocab_size=vocab_size,
                         dropout=cfg_model.dropout, init_temperature=tau, init_bias=bias,
-                        learn_temperature=learn_temperature)
+                        learn_temperature=learn_temperature, patch_dropout=cfg_model.image.patch_dropout)
     for name, tower_cfg in (("image", cfg_model.image), ("text", cfg_model.text)):
         if tower_cfg.hf_path and load_pretrained:
             model.tower(name).load_pretrained(tower_cfg.hf_path)

@@ -13,8 +13,35 @@ from pipeline.models.configs import HFSpec, TextSpec, TowerSpec, ViTSpec
 from pipeline.models.transformer import AttentionPool, LayerNorm, Transformer
 
 
+class PatchDropout(nn.Module):
+    """In training, keep a random (1 − p) of each image's patch tokens (FLIP: Li et al. 2023, "Scaling
+    Language-Image Pre-training via Masking"); the first `keep_first` tokens (the class token) always stay.
+
+    The kept patches are drawn per image from the default generator of the tokens' device: the one
+    whose state the gradient cache saves before each call and restores for its replay, so the replay
+    keeps the same patches. The identity in eval mode and at p = 0.
+    """
+
+    def __init__(self, p: float, keep_first: int = 1):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"patch dropout p = {p}: expected a fraction in [0, 1)")
+        self.p, self.keep_first = p, keep_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, F + L, D) first tokens and patches → (N, F + max(1, int(L (1 − p))), D)."""
+        if not self.training or self.p == 0.0:
+            return x
+        first, (n, length, width) = self.keep_first, x.shape
+        length -= first
+        keep = max(1, int(length * (1.0 - self.p)))
+        kept = torch.rand(n, length, device=x.device).topk(keep, dim=1).indices + first
+        return torch.cat([x[:, :first], x.gather(1, kept.unsqueeze(-1).expand(-1, -1, width))], dim=1)
+
+
 class VisionTower(nn.Module):
-    """Patches (+ class token) + positions → pre-norm → blocks → norm → pool → projection (CLIP's ViT).
+    """Patches (+ class token) + positions → patch dropout (training) → pre-norm → blocks → norm → pool →
+    projection (CLIP's ViT).
 
     The spec's variants (`ViTSpec`) switch parts off or swap them: no class token / pre-norm /
     projection, a patch bias, fixed sin-cos positions (a buffer, saved with the weights), mean or
@@ -23,7 +50,8 @@ class VisionTower(nn.Module):
 
     stem = ("patch_embed", "cls_token", "pos_embed", "norm_pre")
 
-    def __init__(self, spec: ViTSpec, image_size: int, embed_dim: int, dropout: float = 0.0):
+    def __init__(self, spec: ViTSpec, image_size: int, embed_dim: int, dropout: float = 0.0,
+                 patch_dropout: float = 0.0):
         super().__init__()
         if image_size % spec.patch_size:
             raise ValueError(f"image size {image_size} is not a multiple of the patch size {spec.patch_size}")
@@ -40,6 +68,7 @@ class VisionTower(nn.Module):
             self.register_buffer("pos_embed", sincos_positions(spec.width, grid, spec.class_token))
         else:
             self.pos_embed = nn.Parameter(scale * torch.randn(tokens, spec.width))
+        self.patch_dropout = PatchDropout(patch_dropout, keep_first=int(spec.class_token))
         self.norm_pre = LayerNorm(spec.width, eps=spec.eps) if spec.norm_pre else nn.Identity()
         self.transformer = Transformer(spec.width, spec.layers, spec.heads, spec.mlp_ratio, dropout,
                                        act=spec.act, eps=spec.eps)
@@ -56,7 +85,7 @@ class VisionTower(nn.Module):
         x = self.patch_embed(images.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
-        x = self.norm_pre(x + self.pos_embed.to(x.dtype))
+        x = self.norm_pre(self.patch_dropout(x + self.pos_embed.to(x.dtype)))
         x = self.norm_post(self.transformer(x))
         if self.pool == "map":
             pooled = self.attn_pool(x)
@@ -207,7 +236,11 @@ def block_prefix(tower: nn.Module) -> str:
 
 
 def build_tower(spec: TowerSpec, modality: str, *, image_size: int, context_length: int, vocab_size: int,
-                embed_dim: int, dropout: float) -> nn.Module:
+                embed_dim: int, dropout: float, patch_dropout: float = 0.0) -> nn.Module:
+    """The tower of `spec` for `modality`; `patch_dropout` applies to the built-in ViT only."""
+    if patch_dropout and not (modality == "image" and isinstance(spec, ViTSpec)):
+        raise ValueError(f"patch dropout {patch_dropout}: only the built-in ViT image tower drops patches, "
+                         f"not a {spec.kind!r} {modality} tower")
     if isinstance(spec, HFSpec):
         tower_vocab = spec.config.get("vocab_size")
         if modality == "text" and tower_vocab is not None and vocab_size > tower_vocab:
@@ -215,7 +248,7 @@ def build_tower(spec: TowerSpec, modality: str, *, image_size: int, context_leng
                              f"knows {tower_vocab}: set data.tokenizer to that model's tokenizer.json")
         return HFTower(spec, embed_dim, modality)
     if modality == "image" and isinstance(spec, ViTSpec):
-        return VisionTower(spec, image_size, embed_dim, dropout)
+        return VisionTower(spec, image_size, embed_dim, dropout, patch_dropout)
     if modality == "text" and isinstance(spec, TextSpec):
         return TextTower(spec, context_length, vocab_size, embed_dim, dropout)
     raise ValueError(f"a {spec.kind!r} tower cannot encode {modality}")

@@ -85,7 +85,10 @@ def save_checkpoint(engine: Engine, cfg: Config, state: TrainState, data_state: 
         storage.remove(url)                  # the leftovers of an interrupted attempt at this step
     barrier()
     with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-        engine.save(tmp)
+        needed = engine.checkpoint_bytes()
+        storage.require_space(tmp, needed)
+        with storage.space_named(tmp, needed):
+            engine.save(tmp)
         storage.write_json(str(Path(tmp, rng_file(rank))), rng_state())
         files = file_digests(tmp)
         storage.upload_dir(tmp, url)

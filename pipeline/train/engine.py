@@ -16,18 +16,32 @@ These traps of DeepSpeed 0.19 are handled here, once:
 * Loading a universal checkpoint under ZeRO-3 gives every parameter group the hyper-parameters of the
   first one (weight decay on the undecayed group) and one `step` tensor shared by all of them (Adam's
   bias correction then advances once per group per step): both are put right after the load.
+
+Three of its start-up costs are avoided (`contrast train` logs the start-up phases):
+* its ZeRO optimizer check imports its Muon optimizer, whose module runs `torch.compile` at import:
+  1.5–2.5 s of inductor imports per worker for an optimizer we never use (`_without_muon`);
+* on CPU it builds and loads a C++ shared-memory all-reduce (35–73 s to build, then a ninja and
+  compiler check at every start) that only its inference tensor parallelism calls: not built
+  (`_without_inference_allreduce`);
+* the ops it does build at run time (CPU Adam for optimizer offload, ...) go to torch's extensions
+  folder, shared by default by every environment of the user, where each venv's build replaces the
+  other's: a venv keeps its own (`_extensions_in_venv`).
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+import pickle
+import sys
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from pipeline.config import Config, ConfigError, register_check
+from pipeline.distributed import get_world_size as dist_world_size
 from pipeline.gradcache import Backward, StepOutput, forward_backward
 from pipeline.layout import DEEPSPEED, UNIVERSAL
 from pipeline.log import get_logger
@@ -153,14 +167,21 @@ class Engine:
     """
 
     def __init__(self, cfg: Config, model: DualEncoder, world_size: int, universal: bool = False):
+        _extensions_in_venv()
+        _without_inference_allreduce()
         import deepspeed
-        self.ds, _, _, self._scheduler = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
-            config=deepspeed_config(cfg, world_size, load_universal=universal), lr_scheduler=warmup_cosine(cfg))
+        with _without_muon():
+            self.ds, _, _, self._scheduler = deepspeed.initialize(
+                model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
+                config=deepspeed_config(cfg, world_size, load_universal=universal), lr_scheduler=warmup_cosine(cfg))
         self._group_settings = [{k: g[k] for k in ("weight_decay", "betas", "eps")}
                                 for g in self.ds.optimizer.param_groups]
+        if cfg.train.compile:
+            self.module.compile_towers()          # after DeepSpeed's hooks (ZeRO-3) are in place
         self.zero_stage = self.ds.zero_optimization_stage()
+        self._peak_lr = cfg.train.lr
         self.chunks = (cfg.gradcache.chunk_size, cfg.gradcache.text_chunk_size)
+        self.mask_duplicates = cfg.loss.duplicates == "mask"    # the same on every rank: the mask's gather
         self.lr = 0.0                                    # the learning rate of the last step taken
         # DeepSpeed leaves the global gradient norm unset at stage 0 in fp32: measured here then.
         self._measure_grad_norm = self.zero_stage == 0 and not self.ds.bfloat16_enabled()
@@ -175,11 +196,16 @@ class Engine:
 
     def forward_backward(self, batch: dict[str, Any], loss_fn: Callable[..., torch.Tensor],
                          weights_from: Optional[str] = None) -> StepOutput:
-        """Forward and backward of this rank's batch through the gradient cache (`gradcache.chunk_size`)."""
+        """Forward and backward of this rank's batch through the gradient cache (`gradcache.chunk_size`);
+        with `loss.duplicates: mask`, the batch's caption ids take duplicate captions out of the negatives."""
         chunk, text_chunk = self.chunks
+        if self.mask_duplicates and "caption_id" not in batch:
+            raise ValueError("loss.duplicates = 'mask' needs the batch's 'caption_id' (one id per row, as the data "
+                             "stream gives); pass it, or set loss.duplicates=off")
         return forward_backward(self.ds, batch["image"], batch["text"], loss_fn, labels=batch.get("label"),
                                 chunk_size=chunk, text_chunk_size=text_chunk, weights_from=weights_from,
-                                backward=DeepSpeedBackward(self.ds))
+                                backward=DeepSpeedBackward(self.ds),
+                                caption_ids=batch["caption_id"] if self.mask_duplicates else None)
 
     def step(self) -> float:
         """Optimizer step (clipping, schedule), then the logit-scale clamp; returns the pre-clip grad norm."""
@@ -208,6 +234,13 @@ class Engine:
         """Name → shape of every parameter, as the model defines it (ZeRO-3's partitioning undone)."""
         return {n: list(getattr(p, "ds_shape", p.shape)) for n, p in self.module.named_parameters()}
 
+    def checkpoint_bytes(self) -> int:
+        """About what `save` writes on this rank: the weights, and this rank's share of the fp32 master
+        copy and AdamW's two moments (partitioned over the ranks from ZeRO 1 on)."""
+        numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in self.module.parameters())
+        shards = dist_world_size() if self.zero_stage >= 1 else 1
+        return numel * 4 + numel * 12 // shards
+
     def save(self, local_dir: str) -> None:
         """DeepSpeed's checkpoint (module, optimizer, scheduler) of this rank into `local_dir/deepspeed/`."""
         self.ds.save_checkpoint(local_dir, tag=DEEPSPEED, save_latest=False)
@@ -216,8 +249,13 @@ class Engine:
         """Load what `save` wrote (every rank's files under `local_dir/deepspeed/`), weights-only; with
         `universal`, the universal form under `local_dir/universal/` (the engine built with `universal`)."""
         tag = UNIVERSAL if universal else DEEPSPEED
-        with _weights_only_loading():
-            path, _ = self.ds.load_checkpoint(local_dir, tag=tag, load_module_strict=True)
+        try:
+            with _weights_only_loading():
+                path, _ = self.ds.load_checkpoint(local_dir, tag=tag, load_module_strict=True)
+        except pickle.UnpicklingError:
+            raise UnsafeCheckpoint(f"{_unsafe_file(local_dir)}: refused: it holds Python objects that loading would "
+                                   "run, not only tensors and DeepSpeed's plain values. contrast never writes such "
+                                   "files: the checkpoint was replaced or tampered with") from None
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {local_dir}/{tag}")
         if universal:
@@ -235,10 +273,12 @@ class Engine:
                 state["step"] = state["step"].clone()
 
     def _follow_schedule(self) -> None:
-        """After a load, the next step's lr comes from this run's schedule at the restored step, not
-        the saved one: a run extended past its old `train.steps` continues the cosine over the new
-        length instead of taking a step at the old schedule's end value (0 for min_lr = 0)."""
+        """After a load, the next step's lr comes from this run's schedule (`train.lr`, `min_lr`,
+        `warmup_steps`, `steps` as configured now) at the restored step, not from the saved one: a run
+        extended past its old `train.steps` continues the cosine over the new length instead of taking
+        a step at the old schedule's end value (0 for min_lr = 0)."""
         sched = self._scheduler
+        sched.base_lrs = [self._peak_lr] * len(sched.optimizer.param_groups)
         for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
             group["lr"] = base * factor(sched.last_epoch)
 
@@ -314,6 +354,55 @@ def quiet_deepspeed(level: str) -> None:
     """DeepSpeed's own logger at warnings (debug when the run logs debug): our logger reports."""
     from deepspeed.utils import logger as ds_logger
     ds_logger.setLevel("DEBUG" if level == "debug" else "WARNING")
+
+
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+@contextlib.contextmanager
+def _without_muon() -> Iterator[None]:
+    """Inside, importing DeepSpeed's Muon optimizer module fails the way Python's import system lets a
+    module be made unavailable (None in `sys.modules`); DeepSpeed's ZeRO check then takes Muon for
+    not installed, as it is written to. Our optimizer is AdamW; a module already imported is left be."""
+    if MUON_MODULE in sys.modules:
+        yield
+        return
+    sys.modules[MUON_MODULE] = None
+    try:
+        yield
+    finally:
+        if sys.modules.get(MUON_MODULE, "") is None:
+            del sys.modules[MUON_MODULE]
+
+
+def _without_inference_allreduce() -> None:
+    """Mark DeepSpeed's shared-memory all-reduce op unavailable (its table of compatible ops is meant to
+    be edited: it is probed once and kept). Its only caller is `inference_all_reduce`, inference tensor
+    parallelism; training's collectives go through torch.distributed whether it is built or not."""
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _extensions_in_venv() -> None:
+    """Point torch's extensions folder (DeepSpeed's op builds) into the running venv, as `make` does:
+    an op built against another venv's torch has another build hash and would be rebuilt. Left alone
+    when `TORCH_EXTENSIONS_DIR` is set, outside a venv, or when the venv is not writable."""
+    if "TORCH_EXTENSIONS_DIR" in os.environ or sys.prefix == sys.base_prefix or not os.access(sys.prefix, os.W_OK):
+        return
+    os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")
+class UnsafeCheckpoint(pickle.UnpicklingError):
+    """A checkpoint file whose unpickling would run code: refused, naming the file."""
+
+
+def _unsafe_file(local_dir: str) -> str:
+    """The first file of a DeepSpeed checkpoint that weights-only loading refuses."""
+    with _weights_only_loading():
+        for path in sorted(Path(local_dir, DEEPSPEED).glob("*.pt")):
+            try:
+                torch.load(path, map_location="cpu")
+            except pickle.UnpicklingError:
+                return str(path)
+    return f"{local_dir}/{DEEPSPEED}"
 
 
 def _gathered(params: list[nn.Parameter]) -> Any:

@@ -52,8 +52,15 @@ def install_signal_handlers() -> None:
     checkpoint at the next step boundary and a clean stop, and a second one ends the process at once;
     outside it (Ray stopping its worker) Ray's own handler runs."""
     for s in (signal.SIGTERM, signal.SIGINT):
-        _previous.setdefault(s, signal.getsignal(s))
+        current = signal.getsignal(s)
+        if current is not _record:                # installed twice: keep the handler from before
+            _previous[s] = current
         signal.signal(s, _record)
+
+
+def pending_signal() -> int:
+    """The first signal this worker received while training (a stop request), else 0."""
+    return _signalled[0] if _signalled else 0
 
 
 @contextlib.contextmanager
@@ -170,8 +177,8 @@ class Boundary:
         return Verdict(stop=signum, notice=notice)
 
     def _local_stop(self) -> int:
-        if _signalled:
-            return _signalled[0]
+        if pending_signal():
+            return pending_signal()
         if get_rank() == 0 and self._due("stop", STOP_POLL_S):
             return _stop_requested(self.run_dir)
         return 0

@@ -11,7 +11,8 @@ import torch
 from pipeline.config import Config, config_from_dict
 from pipeline.data import Tokenizer, gather_state, open_train_stream
 from pipeline.distributed import get_rank, get_world_size, named_timeouts
-from pipeline.log import get_logger, setup_logging
+from pipeline.gradcache import StepOutput
+from pipeline.log import Timeline, get_logger, process_start_time, setup_logging
 from pipeline.losses import get_loss
 from pipeline.models import DualEncoder, build_run_model, run_tokenizer
 from pipeline.train.checkpoint import (
@@ -23,48 +24,89 @@ from pipeline.train.checkpoint import (
     save_checkpoint,
 )
 from pipeline.train.engine import Engine, quiet_deepspeed
-from pipeline.train.interrupts import Boundary, report_stopped, training, wait_for_restart
+from pipeline.train.interrupts import Boundary, Verdict, report_stopped, training, wait_for_restart
 from pipeline.train.metrics import Meter, TrainLogger, step_scalars
 
 log = get_logger(__name__)
 
 
-def train_worker(config: Config | dict[str, Any]) -> None:
+def launched_worker(payload: dict[str, Any]) -> None:
+    """The Ray Train entry point of `pipeline.orchestrate.train`: `payload` holds the run config
+    (`config`) and the driver's start-up timeline (`startup`), which this worker continues."""
+    startup = Timeline.from_dict(payload["startup"])
+    startup.mark("ray train", at=process_start_time())        # controller, helper actors, this process
+    train_worker(payload["config"], startup)
+
+
+def train_worker(config: Config | dict[str, Any], startup: Optional[Timeline] = None) -> None:
     """Train `config` from its newest checkpoint (or from scratch) up to `train.steps`, on this rank of a
-    Ray Train worker group; a stop request or a preemption notice checkpoints the step just finished."""
+    Ray Train worker group; a stop request or a preemption notice checkpoints the step just finished.
+
+    `startup` (default: one from this process's start) gets a mark per start-up phase; rank 0 logs
+    it once the first step is done.
+    """
+    startup = startup or Timeline()
+    startup.mark("worker start")                               # imports, the process group
     cfg = config if isinstance(config, Config) else config_from_dict(config, origin="train_worker")
     rank, world = setup_worker(cfg)
     resume = agreed_resume(cfg)
     stream = open_train_stream(cfg, rank=rank, world_size=world, state=resume.data_state if resume else None,
                                tokenizer=run_tokenizer(cfg))
-    engine = Engine(cfg, new_model(cfg, stream.tokenizer), world, universal=bool(resume and resume.resharded(world)))
+    model = new_model(cfg, stream.tokenizer)
+    startup.mark("data, model")
+    engine = Engine(cfg, model, world, universal=bool(resume and resume.resharded(world)))
     state = resume.restore(engine, stream.tokenizer) if resume else TrainState()
     loss_fn, weights_from = make_loss(cfg)
     logger, meter, boundary = TrainLogger(cfg, rank), Meter(cfg.train.global_batch), Boundary(cfg.run_dir)
     if resume:
         publish(engine, stream.tokenizer, cfg, state)     # if a crash came between its checkpoint and publication
         logger.resumed(state.step, skipped_damaged=len(resume.damaged))
+    startup.mark("deepspeed")                             # its engine, and the checkpoint when resuming
     batches = meter.timed(stream)
-    with training():                               # a SIGTERM/SIGINT now asks for a checkpoint, then a stop
-        while state.step < cfg.train.steps:
-            with named_timeouts(f"step {state.step + 1}"):        # a stuck collective fails, naming the step
-                batch = to_device(next(batches), engine.device)
-                out = engine.forward_backward(batch, loss_fn, weights_from)    # the gradient cache's two passes
-                grad_norm = engine.step()              # AdamW, lr schedule, clipping, logit-scale clamp
-                state.advance(cfg.train.global_batch)
-                verdict = boundary.check(state.step, float(out.loss), grad_norm)   # non-finite: stops unsaved
-                report_progress(cfg.run_dir, state.step)
-                if logger.due(state.step):
-                    logger.log(state.step, step_scalars(out, batch.get("label"), lr=engine.lr, grad_norm=grad_norm,
-                                                        bad=stream.stats()["bad"], meter=meter))
-                if verdict or state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.steps:
-                    logger.sync()                      # the curves reach the checkpoint before a resume starts there
-                    checkpoint(engine, stream, cfg, state, loss=float(out.loss))
-            if verdict.stop:
-                return stop(cfg, logger, verdict.stop, state.step)
-            if verdict.notice:
-                wait_for_restart(verdict.notice, state.step)
+    saved = state.step
+    try:
+        with training():                           # a SIGTERM/SIGINT now asks for a checkpoint, then a stop
+            while state.step < cfg.train.steps:
+                batch = next(batches, None)
+                if batch is None:                  # a source with `on_end: stop` ran out, on every rank alike
+                    log.info("training ends at step %d of %d: %s", state.step, cfg.train.steps, stream.exhausted)
+                    break
+                with named_timeouts(f"step {state.step + 1}"):    # a stuck collective fails, naming the step
+                    out, grad_norm, verdict = train_step(engine, to_device(batch, engine.device), loss_fn,
+                                                         weights_from, state, cfg, boundary)
+                    if startup is not None:        # the first step of this attempt
+                        first_step_done(startup)
+                        startup = None
+                    if logger.due(state.step):
+                        logger.log(state.step, step_scalars(out, batch, lr=engine.lr, grad_norm=grad_norm,
+                                                            data=stream.stats(), meter=meter))
+                    if verdict or state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.steps:
+                        logger.sync()              # the curves reach the checkpoint before a resume can start there
+                        checkpoint(engine, stream, cfg, state, loss=float(out.loss))
+                        saved = state.step
+                if verdict.stop:
+                    return stop(cfg, logger, verdict.stop, state.step)
+                if verdict.notice:
+                    wait_for_restart(verdict.notice, state.step)
+            if saved < state.step:                 # the data ended between checkpoints: keep where it ended
+                logger.sync()
+                checkpoint(engine, stream, cfg, state, loss=float(out.loss))
+    finally:
+        stream.close()                             # its loader processes end with the loop
     logger.close()
+
+
+def train_step(engine: Engine, batch: dict[str, Any], loss_fn: torch.nn.Module, weights_from: Optional[str],
+               state: TrainState, cfg: Config, boundary: Boundary) -> tuple[StepOutput, float, Verdict]:
+    """One optimizer step: the gradient cache's two passes, then AdamW (schedule, clipping, scale clamp),
+    then the boundary every rank agrees on: a non-finite step stops every rank before anything of it is
+    logged or saved (`NonFiniteError`); a stop request or a preemption notice asks for a checkpoint."""
+    out = engine.forward_backward(batch, loss_fn, weights_from)
+    grad_norm = engine.step()
+    state.advance(cfg.train.global_batch)
+    verdict = boundary.check(state.step, float(out.loss), grad_norm)
+    report_progress(cfg.run_dir, state.step)
+    return out, grad_norm, verdict
 
 
 def checkpoint(engine: Engine, stream: Any, cfg: Config, state: TrainState, loss: float) -> None:
@@ -83,6 +125,13 @@ def stop(cfg: Config, logger: TrainLogger, signum: int, step: int) -> None:
 
 
 # ------------------------------------------------------------------------------------ pieces
+def first_step_done(startup: Timeline) -> None:
+    """Close the start-up timeline at the first step of this attempt; rank 0 logs where the time went."""
+    startup.mark("first step")
+    if get_rank() == 0:
+        log.info("start-up: first step done %s after launch", startup.summary())
+
+
 def setup_worker(cfg: Config) -> tuple[int, int]:
     """Logging with the rank, DeepSpeed quiet, generators seeded alike for the model's initialisation."""
     rank, world = get_rank(), get_world_size()

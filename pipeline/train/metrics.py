@@ -4,7 +4,8 @@ Scalars (global over ranks, at every `train.log_every`-th step and the last):
     train/  loss, lr, logit_scale, temperature, logit_bias, grad_norm,
             alignment, uniformity_image, uniformity_text, tolerance (with labels)
     perf/   samples_per_s, step_time_s, data_wait_fraction, peak_memory_gb
-    data/   bad_samples, bad/<reason>
+    data/   bad_samples, bad/<reason>, duplicate_rate (rows of the global batch whose caption another
+            row has too), and per source <source>/samples, <source>/bad_samples (read so far)
     checkpoint/damaged_skipped   at a resume step: damaged newer checkpoints skipped for the one resumed
 Event files go to `run_dir/tensorboard/`, directly when it is local, else written locally and
 uploaded (at most every `SYNC_EVERY_S`, before each checkpoint and at the end). A resumed run first
@@ -16,14 +17,15 @@ from __future__ import annotations
 import resource
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator
 
 import torch
 
 from pipeline import storage
 from pipeline.config import Config
-from pipeline.distributed import all_gather_objects, all_reduce_max, all_reduce_sum, get_world_size
+from pipeline.distributed import all_gather, all_gather_objects, all_reduce_max, all_reduce_sum, get_world_size
 from pipeline.gradcache import StepOutput
 from pipeline.layout import tensorboard_dir
 from pipeline.log import get_logger
@@ -48,7 +50,10 @@ class Meter:
         it = iter(batches)
         while True:
             t = time.perf_counter()
-            batch = next(it)
+            try:
+                batch = next(it)
+            except StopIteration:                   # finite data (a source with on_end: stop)
+                return
             self._wait += time.perf_counter() - t
             self._steps += 1
             yield batch
@@ -70,12 +75,14 @@ def peak_memory_gb() -> float:
 
 
 # ------------------------------------------------------------------------------------ scalars
-def step_scalars(out: StepOutput, labels: Optional[torch.Tensor], *, lr: float, grad_norm: float,
-                 bad: dict[str, int], meter: Meter) -> dict[str, float]:
+def step_scalars(out: StepOutput, batch: dict[str, Any], *, lr: float, grad_norm: float,
+                 data: dict[str, Any], meter: Meter) -> dict[str, float]:
     """The scalars of one logged step, reduced over ranks (a collective: every rank calls it).
 
-    `out` is the gradient cache's step output; `bad` this rank's bad-sample counts by reason.
+    `out` is the gradient cache's step output, `batch` this rank's batch (its labels and caption ids),
+    `data` this rank's stream statistics (`Stream.stats()`).
     """
+    labels = batch.get("label")
     scale = float(out.logit_scale)
     scalars = {"train/loss": float(all_reduce_sum(out.loss.detach().float())) / get_world_size(),
                "train/lr": lr, "train/grad_norm": grad_norm,
@@ -85,18 +92,34 @@ def step_scalars(out: StepOutput, labels: Optional[torch.Tensor], *, lr: float, 
     scalars.update({f"train/{k}": float(v) for k, v in embedding_metrics(out.image, out.text, labels).items()})
     scalars.update(meter.window())
     scalars["perf/peak_memory_gb"] = float(all_reduce_max(torch.tensor(peak_memory_gb())))
-    counts = _sum_over_ranks(bad)
-    scalars["data/bad_samples"] = float(sum(counts.values()))
-    scalars.update({f"data/bad/{reason}": float(n) for reason, n in sorted(counts.items())})
+    scalars.update(data_scalars(data))
+    scalars["data/duplicate_rate"] = duplicate_rate(batch["caption_id"])
     return scalars
 
 
-def _sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for c in all_gather_objects(counts):
-        for k, v in c.items():
-            total[k] = total.get(k, 0) + v
-    return total
+def data_scalars(stats: dict[str, Any]) -> dict[str, float]:
+    """Bad samples by reason, and usable and bad samples per source, summed over ranks (a collective)."""
+    bad: Counter = Counter()
+    ok: Counter = Counter()
+    bad_by_source: Counter = Counter()
+    for rank_stats in all_gather_objects({"bad": stats["bad"], "sources": stats["sources"]}):
+        bad.update(rank_stats["bad"])
+        for name, s in rank_stats["sources"].items():
+            ok[name] += s["ok"]
+            bad_by_source[name] += sum(s["bad"].values())
+    scalars = {"data/bad_samples": float(sum(bad.values()))}
+    scalars.update({f"data/bad/{reason}": float(n) for reason, n in sorted(bad.items())})
+    for name in sorted(ok):
+        scalars[f"data/{name}/samples"] = float(ok[name])
+        scalars[f"data/{name}/bad_samples"] = float(bad_by_source[name])
+    return scalars
+
+
+def duplicate_rate(caption_ids: torch.Tensor) -> float:
+    """The fraction of the global batch's rows whose caption id another row has too (a collective)."""
+    ids = all_gather(caption_ids)
+    _, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+    return float((counts[inverse] > 1).float().mean())
 
 
 def console_line(step: int, total: int, s: dict[str, float]) -> str:

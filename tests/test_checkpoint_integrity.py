@@ -4,9 +4,7 @@ checkpoints RUN_DIR` lists every checkpoint's state. (Checkpoint folders written
 `save_checkpoint` lays them out; the real writer and reader run end to end in test_elastic_resize.)"""
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -16,9 +14,9 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.layout import checkpoint_url
 from pipeline.train.checkpoint import checkpoint_statuses, find_resume
-from pipeline.train.integrity import DamagedCheckpoint, file_digests, manifest, problems
-
-SHARD = "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+from pipeline.train.integrity import DamagedCheckpoint, problems
+from tests.helpers.checkpoints import SHARD
+from tests.helpers.checkpoints import write_checkpoint as write_checkpoints_folder
 
 
 def cfg_of(run: str):
@@ -27,22 +25,7 @@ def cfg_of(run: str):
 
 
 def write_checkpoint(run: str, step: int, with_manifest: bool = True) -> Path:
-    """A complete checkpoint folder as `save_checkpoint` lays it out: DeepSpeed files of two ranks, RNG
-    states, data state, meta; then its manifest (sizes and sha256 of every file) and COMPLETE."""
-    folder = Path(checkpoint_url(run, step))
-    files = {"deepspeed/mp_rank_00_model_states.pt": os.urandom(3000), SHARD: os.urandom(5000),
-             "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt": os.urandom(5000),
-             "rng/rank_00000.json": b'{"torch": []}', "rng/rank_00001.json": b'{"torch": []}',
-             "data_state.json": json.dumps({"step": step}).encode(),
-             "meta.json": json.dumps({"step": step, "samples_seen": 32 * step, "world_size": 2, "zero_stage": 2,
-                                      "params": {}, "config": cfg_of(run).to_dict()}).encode()}
-    for rel, data in files.items():
-        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        (folder / rel).write_bytes(data)
-    if with_manifest:
-        (folder / "manifest.json").write_text(json.dumps(manifest(step, file_digests(folder))))
-    (folder / "COMPLETE").write_text(json.dumps({"step": step}))
-    return folder
+    return write_checkpoints_folder(run, step, cfg_of(run), with_manifest=with_manifest)
 
 
 @pytest.fixture

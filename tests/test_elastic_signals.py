@@ -16,7 +16,7 @@ import pytest
 from pipeline import storage
 from pipeline.layout import checkpoint_url
 from pipeline.train import interrupts
-from tests.helpers.driver import Driver, alive, logged_steps
+from tests.helpers.driver import Driver, alive, logged_steps, titles
 from tests.helpers.tensorboard import scalars
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def test_sigterm_to_the_driver_then_to_a_worker_checkpoints_the_next_step_and_re
         assert m and m.group(1) == m.group(2), driver.output[-3000:]
         assert "Traceback" not in driver.output.split("interrupted at step")[-1]
         time.sleep(3)
-        assert alive(tree) == [], "no process of the stopped run is left"
+        assert alive(tree) == [], f"no process of the stopped run is left: {titles(alive(tree))}"
         return int(m.group(1))
 
     first = interrupted(Driver(*args), "driver", after_step=5)

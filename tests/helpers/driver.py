@@ -103,6 +103,11 @@ def alive(pids: list[int]) -> list[int]:
     return out
 
 
+def titles(pids: list[int]) -> list[str]:
+    """The command lines of `pids` (for a failure message: which processes were left)."""
+    return [f"{p}: {_title(p)[:120]}" for p in pids]
+
+
 def logged_steps(output: str) -> Counter:
     """How often each training step's console line appears in a driver's output (rank 0 logs every step
     with train.log_every=1): a step done twice appears twice."""

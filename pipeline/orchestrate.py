@@ -5,6 +5,7 @@ cluster at `cluster.address`; the tests, the demo and a multi-node run all come 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import secrets
@@ -15,6 +16,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
+
+import psutil
 
 from pipeline import storage
 from pipeline.config import Config, ConfigError
@@ -208,11 +211,20 @@ class Interrupts:
     @staticmethod
     def _again(signum: int, frame: Any) -> None:
         os.write(2, f"contrast: {signal.Signals(signum).name} again: stopping now\n".encode())
+        _kill_descendants()
         os._exit(128 + signum)
 
     def __exit__(self, *exc: Any) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+def _kill_descendants() -> None:
+    """SIGKILL every process this driver started (a local Ray's servers, agents and workers, loader
+    processes): stopping at once leaves none of them behind (Ray's agents outlive a vanished driver)."""
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.kill()
 
 
 def _shutdown_ray() -> None:

@@ -16,7 +16,7 @@ import pytest
 from pipeline import storage
 from pipeline.layout import checkpoint_url
 from pipeline.train import interrupts
-from tests.helpers.driver import Driver, alive, logged_steps, titles
+from tests.helpers.driver import Driver, left_after, logged_steps, titles
 from tests.helpers.tensorboard import scalars
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,8 +68,8 @@ def test_sigterm_to_the_driver_then_to_a_worker_checkpoints_the_next_step_and_re
                       r"from step (\d+)", driver.output)
         assert m and m.group(1) == m.group(2), driver.output[-3000:]
         assert "Traceback" not in driver.output.split("interrupted at step")[-1]
-        time.sleep(3)
-        assert alive(tree) == [], f"no process of the stopped run is left: {titles(alive(tree))}"
+        left = left_after(tree)
+        assert left == [], f"no process of the stopped run is left: {titles(left)}"
         return int(m.group(1))
 
     first = interrupted(Driver(*args), "driver", after_step=5)
@@ -88,3 +88,23 @@ def test_sigterm_to_the_driver_then_to_a_worker_checkpoints_the_next_step_and_re
     assert logged_steps("".join(outputs)) == Counter(range(1, STEPS + 1)), "no step trained twice, none skipped"
     logged = Counter(step for step, _ in scalars(storage.join(str(run), "tensorboard"))["train/loss"])
     assert logged == Counter(range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_a_second_signal_to_the_driver_stops_at_once(synth, tmp_path):
+    data = synth(512, shard_size=64) / "train"
+    driver = Driver("train", str(REPO / "configs/demo.yaml"), f"run_dir={tmp_path / 'run'}",
+                    f"data.train_urls=[{data}]", "data.image_size=32", "data.context_length=32", "train.steps=400",
+                    "train.global_batch=32", "cluster.num_workers=2", "eval.schedule=off", "train.log_every=1",
+                    "gradcache.chunk_size=8", "checkpoint.grace_s=120")
+    driver.wait_for(r"step 3/400")
+    tree = driver.tree()
+    os.kill(driver.proc.pid, signal.SIGTERM)
+    time.sleep(0.3)                                # well inside the grace period: the workers still train
+    again = time.monotonic()
+    os.kill(driver.proc.pid, signal.SIGTERM)
+    assert driver.finish(timeout_s=60) == 128 + signal.SIGTERM, driver.output[-3000:]
+    assert time.monotonic() - again < 5, "the second signal does not wait for the grace period"
+    assert "contrast: SIGTERM again: stopping now" in driver.output
+    left = left_after(tree)
+    assert left == [], f"no process of the stopped run is left: {titles(left)}"

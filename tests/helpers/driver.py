@@ -103,6 +103,14 @@ def alive(pids: list[int]) -> list[int]:
     return out
 
 
+def left_after(pids: list[int], timeout_s: float = 15) -> list[int]:
+    """Those of `pids` still running after up to `timeout_s` (a stopped run's processes end within it)."""
+    deadline = time.monotonic() + timeout_s
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return alive(pids)
+
+
 def titles(pids: list[int]) -> list[str]:
     """The command lines of `pids` (for a failure message: which processes were left)."""
     return [f"{p}: {_title(p)[:120]}" for p in pids]

@@ -84,3 +84,13 @@ def test_a_changed_source_list_is_refused(resumable, synth, capsys):
 def test_what_may_change_on_resume_passes(resumable, change):
     _, settings = resumable
     preflight(load_config(str(REPO / "configs/demo.yaml"), [*settings, *change]))
+
+
+def test_contrast_config_shows_the_world_sizes_the_data_layout_allows(capsys):
+    """6 virtual streams split over 1, 2, 3 or 6 workers; of the range [1, 4], 4 cannot read them."""
+    settings = ["data.streams=6", "train.global_batch=12", "gradcache.chunk_size=3"]
+    assert main(["config", str(REPO / "configs/demo.yaml"), *settings, "cluster.num_workers=[1,4]"]) == 0
+    assert ("# worker counts the data layout allows (6 virtual streams, data.streams): 1, 2, 3, 6; a resume may "
+            "change to any of them; cluster.num_workers = [1, 4] trains on 1, 2, 3 workers") in capsys.readouterr().out
+    assert main(["config", str(REPO / "configs/demo.yaml"), *settings, "cluster.num_workers=4"]) == 1
+    assert "Worker counts this data layout allows: [1, 2, 3, 6]" in capsys.readouterr().err

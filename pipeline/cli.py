@@ -7,7 +7,7 @@ import sys
 from typing import Sequence
 
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.data import DataError, load_tokenizer, synthesize
+from pipeline.data import DataError, layout_world_sizes, load_tokenizer, run_streams, synthesize, world_sizes
 from pipeline.data.evalsets import read_lines
 from pipeline.data.inspection import format_mixture, format_reports, inspect_mixture, inspect_shards
 from pipeline.data.pack import folder_items, img2dataset_items, pack, pack_zeroshot_set, table_items
@@ -26,7 +26,10 @@ from pipeline.models.export_st import export_text, is_text_checkpoint
 from pipeline.orchestrate import TrainingError, TrainingInterrupted, train
 from pipeline.run import run_pipeline
 from pipeline.storage import OutOfSpace
-from pipeline.train.checkpoint import latest_checkpoint
+from pipeline.train.checkpoint import checkpoint_statuses, latest_checkpoint
+from pipeline.train.integrity import DamagedCheckpoint
+from pipeline.train.lease import LeaseHeld
+from pipeline.train.lease import holder as lease_holder
 
 log = get_logger("cli")
 
@@ -109,9 +112,20 @@ def cmd_config(args: argparse.Namespace) -> int:
     check_source(cfg)
     print(cfg.to_yaml(), end="")
     print(_parameter_line(cfg))
+    print(_worker_counts_line(cfg))
     for what, source in weight_sources(cfg).items():
         print(f"# {what}: {source}")
     return 0
+
+
+def _worker_counts_line(cfg: Config) -> str:
+    """The worker counts the data layout allows: those a run (or a resume, or an elastic range) may use."""
+    streams = run_streams(cfg)
+    sizes = world_sizes(cfg, streams)
+    used = (f"cluster.num_workers = {cfg.cluster.num_workers} trains on {', '.join(map(str, sizes))} workers"
+            if cfg.cluster.elastic else f"cluster.num_workers = {cfg.cluster.num_workers}")
+    return (f"# worker counts the data layout allows ({streams} virtual streams, data.streams): "
+            f"{', '.join(map(str, layout_world_sizes(streams)))}; a resume may change to any of them; {used}")
 
 
 def _parameter_line(cfg: Config) -> str:
@@ -148,6 +162,28 @@ def cmd_watch(args: argparse.Namespace) -> int:
     for step, error in sorted(outcome.failed.items()):
         print(f"step {step} failed (retried later): {error}", file=sys.stderr)
     return 1 if outcome.failed else 0
+
+
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    run_dir = args.run_dir
+    holder = lease_holder(run_dir)
+    if holder is None:
+        print(f"run_dir {run_dir}: no trainer holds it")
+    else:
+        print(f"run_dir {run_dir}: {'held by' if holder.alive() else 'stale lease of'} {holder.describe()}")
+    rows = checkpoint_statuses(run_dir)
+    if not rows:
+        print("no resume checkpoints")
+        return 0
+    print(f"{'step':>8}  {'state':<11}  {'workers':>7}  {'ZeRO':>4}  {'size':>9}  notes")
+    for r in rows:
+        notes = "; ".join(n for n in (r.detail, "universal form kept" if r.universal else "") if n)
+        print(f"{r.step:>8}  {r.state:<11}  {r.world_size if r.world_size else '-':>7}  "
+              f"{r.zero_stage if r.zero_stage is not None else '-':>4}  {r.bytes / 2**20:>7.1f} MB  {notes}")
+    usable = [r.step for r in rows if r.state == "complete"]
+    print(f"a resume starts from step {usable[-1]}" if usable else "no usable checkpoint: a resume would be refused"
+          if any(r.state == "damaged" for r in rows) else "no complete checkpoint: training would start from step 0")
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -188,7 +224,7 @@ def _positive_int(text: str) -> int:
 # Errors that are the user's to fix (config, data, checkpoints, eval sets, training refusals):
 # printed as one message, never a traceback.
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ConversionError, EvalSetError, TrainingError,
-               FileNotFoundError, PermissionError, OutOfSpace)
+               FileNotFoundError, PermissionError, OutOfSpace, DamagedCheckpoint, LeaseHeld)
 
 
 # ------------------------------------------------------------------------------------- parser
@@ -307,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=["open_clip", "hf", "safetensors", "sentence_transformers"])
     export.add_argument("--out", required=True, help="output folder")
     export.set_defaults(func=cmd_export)
+
+    ckpts = sub.add_parser("checkpoints", help="list a run's resume checkpoints: complete, damaged, in progress",
+                           description="List the resume checkpoints of RUN_DIR with their state (every file checked "
+                                       "against its manifest: sizes and sha256), and who trains into it now.")
+    ckpts.add_argument("run_dir", metavar="RUN_DIR")
+    ckpts.set_defaults(func=cmd_checkpoints)
 
     report = sub.add_parser("report", help="write run_dir/report.html with training and eval plots",
                             description="Plots of training curves and eval metrics vs step, into report.html.")

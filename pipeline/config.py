@@ -163,7 +163,7 @@ class GradCacheConfig:
 @dataclass
 class ClusterConfig:
     address: Optional[str] = None          # Ray address; None starts a local Ray
-    num_workers: int = 1
+    num_workers: int | list[int] = 1       # a count, or [min, max]: as many as the cluster offers (elastic)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
@@ -171,6 +171,20 @@ class ClusterConfig:
     max_failures: int = 0
     auth: Literal["token", "disabled"] = "token"   # Ray's token authentication (README "Security")
     collective_timeout_s: float = 600.0    # a collective waiting longer fails the step, naming it (no hang)
+    lease_ttl_s: float = 60.0              # a run_dir lease not renewed for this long is taken to be abandoned
+
+    @property
+    def elastic(self) -> bool:
+        """True when `num_workers` is a range [min, max]."""
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[-1] if self.elastic else self.num_workers
 
 
 @dataclass
@@ -178,6 +192,7 @@ class CheckpointConfig:
     every_steps: int = 50
     keep: int = 2                          # resume checkpoints kept; published ones are all kept
     publish_initial: bool = False          # publish the starting weights as step 0 (evaluate the "before")
+    grace_s: float = 60.0                  # on SIGTERM/SIGINT: time to checkpoint at the next step before stopping
 
 
 @dataclass
@@ -218,7 +233,8 @@ class Config:
 
     @property
     def local_batch(self) -> int:
-        return self.train.global_batch // self.cluster.num_workers
+        """Rows per rank; with an elastic worker range, on its largest count (the smallest local batch)."""
+        return self.train.global_batch // self.cluster.max_workers
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -401,8 +417,13 @@ def _coerce(key: str, value: Any, hint: Any, origin: str) -> Any:
     if origin_t in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0], origin)
+        expected = []
+        for option in (a for a in args if a is not type(None)):     # the first type that takes the value
+            try:
+                return _coerce(key, value, option, origin)
+            except ConfigError as e:
+                expected.append(str(e).rsplit("; expected ", 1)[-1])
+        raise fail(" or ".join(expected))
     if origin_t is Literal:
         if isinstance(value, bool) and ("on" if value else "off") in args:
             value = "on" if value else "off"          # YAML 1.1 reads a bare off/on as a boolean
@@ -535,13 +556,16 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("train.log_every", _at_least(1), "at least 1"),
     ("gradcache.chunk_size", _at_least(0), "0 (off) or a positive chunk size"),
     ("gradcache.text_chunk_size", _at_least(0), "0 (same as chunk_size) or a positive chunk size"),
-    ("cluster.num_workers", _at_least(1), "at least 1"),
+    ("cluster.num_workers", lambda v: v >= 1 if isinstance(v, int) else len(v) == 2 and 1 <= v[0] <= v[1],
+     "at least 1, or a range [min, max] with 1 <= min <= max"),
     ("cluster.cpus_per_worker", _positive, "a positive number of CPUs"),
     ("cluster.gpus_per_worker", _positive, "a positive number of GPUs"),
     ("cluster.max_failures", _at_least(-1), "-1 (unlimited) or a count >= 0"),
     ("cluster.collective_timeout_s", _positive, "a positive number of seconds"),
+    ("cluster.lease_ttl_s", _positive, "a positive number of seconds"),
     ("checkpoint.every_steps", _at_least(1), "at least 1"),
     ("checkpoint.keep", _at_least(1), "at least 1"),
+    ("checkpoint.grace_s", _at_least(0), "0 (stop at once) or more seconds"),
     ("eval.every_k", _at_least(1), "at least 1"),
     ("eval.batch_size", _at_least(1), "at least 1"),
     ("eval.linear_probe_train_fraction", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
@@ -580,19 +604,23 @@ def _combinations(cfg: Config) -> list[str]:
     stage = _get_dict(cfg.deepspeed, "zero_optimization.stage")
     if stage is not None and (isinstance(stage, bool) or stage not in (0, 1, 2, 3)):
         problems.append(cfg.problem("deepspeed.zero_optimization.stage", "a ZeRO stage: 0, 1, 2 or 3"))
-    if t.global_batch % c.num_workers:
+    counts = [w for w in range(c.min_workers, c.max_workers + 1) if t.global_batch % w == 0]
+    if not counts:
+        which = (f"any worker count in cluster.num_workers = {c.num_workers}" if c.elastic
+                 else f"cluster.num_workers = {c.num_workers}")
         problems.append(
             f"train.global_batch = {t.global_batch} (from {cfg.origin('train.global_batch')}) is not divisible by "
-            f"cluster.num_workers = {c.num_workers} (from {cfg.origin('cluster.num_workers')}): every rank needs "
-            f"the same local batch; pick a multiple of {c.num_workers}")
+            f"{which} (from {cfg.origin('cluster.num_workers')}): every rank needs the same local batch; pick a "
+            f"multiple of {c.min_workers}")
     else:
-        local = cfg.local_batch
+        local = t.global_batch // counts[-1]
         for key in ("gradcache.chunk_size", "gradcache.text_chunk_size"):
             size = _get(cfg, key)
             if size > local:
                 problems.append(
                     f"{key} = {size} (from {cfg.origin(key)}) is larger than the local batch {local} "
-                    f"(train.global_batch {t.global_batch} / cluster.num_workers {c.num_workers}); use at most {local}")
+                    f"(train.global_batch {t.global_batch} / {counts[-1]} workers, cluster.num_workers "
+                    f"{c.num_workers}); use at most {local}")
     if not c.use_gpu and _get_dict(cfg.deepspeed, "fp16.enabled"):
         problems.append(f"deepspeed.fp16.enabled = true (from {cfg.origin('deepspeed.fp16')}): DeepSpeed refuses fp16 "
                         "on CPU; use train.precision=bf16 or fp32, or cluster.use_gpu=true")

@@ -8,13 +8,16 @@ The stages talk only through these artifacts, so their names are defined once, h
             data_state.json            the data stream's position, all ranks merged
             rng/rank_{r:05d}.json      each rank's generator states
             meta.json                  step, samples, world size, ZeRO stage, shapes, the run config
+            manifest.json              every file above with its size and sha256
             COMPLETE                   written last
+            universal/                 DeepSpeed's universal form, made when resuming on another world size
         published/step_{N:08d}/        what evaluation and export read
             model.safetensors, tokenizer.json, manifest.json, then COMPLETE
         eval/step_{N:08d}.json         one evaluation result
         eval/claims/                   who evaluates what (exactly-once claims)
         tensorboard/                   training scalars; tensorboard/eval/ the eval stage's own
         ray/                           Ray Train's records
+        lease/{generation:08d}.json    who trains into this run_dir now (one writer at a time)
         report.html
 
     dataset/                           written by `contrast data pack` (or synth's train/)
@@ -47,6 +50,7 @@ WEIGHTS = "model.safetensors"
 META = "meta.json"
 DATA_STATE = "data_state.json"
 DEEPSPEED = "deepspeed"
+UNIVERSAL = "universal"                    # a checkpoint's optimizer state re-shardable to any world size
 RNG = "rng"
 CLASSNAMES = "classnames.txt"
 TEMPLATES = "zeroshot_classification_templates.txt"
@@ -64,6 +68,7 @@ EVAL = "eval"
 CLAIMS = "claims"
 TENSORBOARD = "tensorboard"
 RAY = "ray"
+LEASE = "lease"
 
 # ------------------------------------------------- a synthesised dataset's folders (`contrast data synth`)
 DATASET_TRAIN = "train"
@@ -139,6 +144,21 @@ def tensorboard_dir(run_dir: str) -> str:
 def eval_tensorboard_dir(run_dir: str) -> str:
     """The eval stage's event files, apart from training's (no training rank writes there)."""
     return _join(run_dir, TENSORBOARD, EVAL)
+
+
+def lease_dir(run_dir: str) -> str:
+    return _join(run_dir, LEASE)
+
+
+def lease_file(generation: int) -> str:
+    """A lease generation's file name: ``00000003.json``."""
+    return f"{generation:08d}.json"
+
+
+def parse_lease_file(name: str) -> Optional[int]:
+    """The generation of a `lease_file` name, or None for any other name."""
+    m = re.match(r"^(\d{8})\.json$", name)
+    return int(m.group(1)) if m else None
 
 
 def rng_file(rank: int) -> str:

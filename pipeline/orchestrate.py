@@ -5,6 +5,7 @@ cluster at `cluster.address`; the tests, the demo and a multi-node run all come 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import secrets
@@ -16,14 +17,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+import psutil
+
 from pipeline import storage
 from pipeline.config import Config, ConfigError
-from pipeline.data import open_train_stream
+from pipeline.data import layout_world_sizes, open_train_stream, run_streams, world_sizes
 from pipeline.eval.scheduler import start_eval_actor
 from pipeline.layout import RAY, parse_step
 from pipeline.log import Timeline, get_logger
 from pipeline.models import check_source, run_tokenizer
+from pipeline.train import interrupts
 from pipeline.train.checkpoint import find_resume, latest_checkpoint, progress_key, refuse_existing
+from pipeline.train.lease import Lease, hold
 from pipeline.train.loop import launched_worker
 
 log = get_logger(__name__)
@@ -64,25 +69,34 @@ class Trained:
 
 
 def train(cfg: Config) -> Trained:
-    """Train `cfg` on `cluster.num_workers` Ray workers.
+    """Train `cfg` on `cluster.num_workers` Ray workers (a count, or a range [min, max]: elastic).
 
-    Refusals that need no worker are raised here, before anything starts (`preflight`). SIGINT and
-    SIGTERM stop the run cleanly (`TrainingInterrupted`, Ray shut down); resuming is rerunning. The
-    start-up timeline begun here is continued by the workers; rank 0 logs it at its first step.
+    Holds the run_dir lease while it runs (a second trainer is refused). Refusals that need no worker
+    are raised here, before anything starts (`preflight`). The first SIGINT or SIGTERM, to the driver
+    or to a worker, has the workers checkpoint their next step (within `checkpoint.grace_s`), then the
+    run stops cleanly (`TrainingInterrupted`, Ray shut down); resuming is rerunning. A second one stops
+    at once. The start-up timeline begun here is continued by the workers; rank 0 logs it at its first
+    step.
     """
     startup = Timeline()
     startup.mark("python, imports, config")
-    progress = Progress(cfg.run_dir)
-    with Interrupts() as interrupts:
+    cfg = absolute_paths(cfg)
+    with hold(cfg.run_dir, cfg.cluster.lease_ttl_s, "contrast train") as lease, Interrupts() as signals:
+        progress = Progress(cfg.run_dir)
         try:
-            cfg = absolute_paths(cfg)
             preflight(cfg)
             startup.mark("preflight")
             started_here = connect(cfg)
             startup.mark("ray start")
-            interrupts.arm()                              # ray.init installs its own SIGTERM handler
+            signals.arm()                                 # ray.init installs its own SIGTERM handler
+            interrupts.clear(cfg.run_dir)
             progress.start()
-            return _fit(cfg, startup, started_here)
+            trained = _fit(cfg, lease, startup, started_here)
+            stopped = interrupts.stopped_at(cfg.run_dir)  # a worker had the signal and stopped after a checkpoint
+            if stopped is not None:
+                _bounded(_shutdown_ray, timeout_s=20)
+                raise TrainingInterrupted(stopped[0], stopped[1], latest_step(cfg.run_dir))
+            return trained
         except _Signal as e:
             _bounded(progress.read, timeout_s=3)          # the newest step, if Ray still answers
             _bounded(_shutdown_ray, timeout_s=20)         # Ray's own processes may have had the signal too
@@ -92,33 +106,81 @@ def train(cfg: Config) -> Trained:
             progress.stop()
 
 
-def _fit(cfg: Config, startup: Timeline, started_here: bool) -> Trained:
+def _fit(cfg: Config, lease: Lease, startup: Timeline, started_here: bool) -> Trained:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     c = cfg.cluster
     resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.use_gpu else {})}
-    trainer = (local_trainer_class() if started_here else TorchTrainer)(
+    sizes = world_sizes(cfg, cfg.data.streams)
+    trainer = _trainer_class(sizes, local=started_here)(
         launched_worker, train_loop_config={"config": cfg.to_dict(), "startup": startup.to_dict()},
-        scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources,
+        scaling_config=ScalingConfig(num_workers=(sizes[0], sizes[-1]) if c.elastic else c.num_workers,
+                                     use_gpu=c.use_gpu, resources_per_worker=resources,
                                      placement_strategy=c.placement_strategy),
         torch_config=torch_config(cfg),
         run_config=RunConfig(name=time.strftime("train-%Y%m%d-%H%M%S"), **ray_storage(cfg.run_dir),
                              failure_config=FailureConfig(max_failures=c.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)))
     evaluator = start_eval_actor(cfg) if cfg.eval.schedule != "off" else None
+    fit = Background(trainer.fit)
     try:
-        result = in_thread(trainer.fit)
-    except _Signal:
+        result = fit.wait(check=lambda: _refuse_lost(lease))
+    except _Signal as e:
         if evaluator is not None:                 # an interrupt evaluates nothing more (`contrast watch` can)
             _bounded(evaluator.stop, timeout_s=10)
+        _checkpoint_then_stop(cfg, fit, e.signum)
         raise
     except Exception as e:
         if evaluator is not None:
             evaluator.finish(timeout_s=cfg.eval.claim_ttl_s)
-        raise TrainingError(failure_summary(e)) from e
+        raise e if isinstance(e, TrainingError) else TrainingError(failure_summary(e)) from e
     outcome = evaluator.finish(timeout_s=cfg.eval.claim_ttl_s) if evaluator is not None else {}
     return Trained(result, outcome.get("evaluated", []), outcome.get("failed", {}))
+
+
+def _checkpoint_then_stop(cfg: Config, fit: Background, signum: int) -> None:
+    """After a signal to the driver: ask the workers to checkpoint their next step and stop, and wait for
+    them up to `checkpoint.grace_s` (less if Ray stops answering: its processes may have had it too)."""
+    if cfg.checkpoint.grace_s <= 0:
+        return
+    log.warning("%s: the workers checkpoint their next step, then stop (up to checkpoint.grace_s = %g s; "
+                "the same signal again stops at once)", signal.Signals(signum).name, cfg.checkpoint.grace_s)
+    try:
+        interrupts.request_stop(cfg.run_dir, signum)
+        fit.wait(timeout_s=cfg.checkpoint.grace_s, check=lambda: interrupts.stopped_at(cfg.run_dir))
+    except Exception as e:                        # Ray gone, or training failed meanwhile: stop now
+        log.warning("stopping without waiting for a checkpoint: %s: %s", type(e).__name__, e)
+
+
+def _refuse_lost(lease: Lease) -> None:
+    if lease.lost:
+        raise TrainingError(f"another driver took over the run_dir lease ({lease.lost}): two trainers must not "
+                            "write into one run_dir; this one stops")
+
+
+def _trainer_class(sizes: list[int], local: bool) -> type:
+    """Ray Train's TorchTrainer (`local`: without the helpers a Ray this driver started does not need,
+    `local_trainer_class`); with an elastic worker range, it starts or resizes the group only to
+    counts the data layout allows (`sizes`): the largest that the free resources of the nodes not being
+    drained hold (Ray's own count includes draining nodes, where no new worker can start, and would wait
+    for them until the group's start times out)."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
+
+    class LayoutScalingPolicy(ElasticScalingPolicy):
+        def _count_possible_workers(self, reserved_resources: Any) -> int:
+            import ray
+            draining = ray._private.state.state.get_draining_nodes() or {}
+            usable = {node: r for node, r in reserved_resources.items() if node not in draining}
+            possible = super()._count_possible_workers(usable)
+            return max((n for n in sizes if n <= possible), default=0)
+
+    class ContrastTrainer(local_trainer_class() if local else TorchTrainer):
+        def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
+            if self.scaling_config.elasticity_enabled:
+                kwargs["scaling_policy"] = LayoutScalingPolicy(self.scaling_config)
+            return super()._initialize_and_run_controller(**kwargs)
+    return ContrastTrainer
 
 
 class _Signal(BaseException):
@@ -149,11 +211,20 @@ class Interrupts:
     @staticmethod
     def _again(signum: int, frame: Any) -> None:
         os.write(2, f"contrast: {signal.Signals(signum).name} again: stopping now\n".encode())
+        _kill_descendants()
         os._exit(128 + signum)
 
     def __exit__(self, *exc: Any) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+def _kill_descendants() -> None:
+    """SIGKILL every process this driver started (a local Ray's servers, agents and workers, loader
+    processes): stopping at once leaves none of them behind (Ray's agents outlive a vanished driver)."""
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.kill()
 
 
 def _shutdown_ray() -> None:
@@ -191,24 +262,37 @@ class Progress:
                 return
 
 
-def in_thread(fn: Callable[[], Any]) -> Any:
+class Background:
     """`fn()` in a helper thread while the main thread waits in Python, where a signal handler can always
     run and raise (in Ray's C++ waits it cannot raise safely, and Ray Train would replace the SIGINT
-    handler in the main thread). Returns its result or raises its exception."""
-    box: dict[str, Any] = {}
+    handler in the main thread). It waits on an Event, not `Thread.join`: a signal raising inside
+    `join` makes Python 3.11 take the thread for finished (bpo-45274's clean-up)."""
 
-    def run() -> None:
+    def __init__(self, fn: Callable[[], Any]):
+        self._box: dict[str, Any] = {}
+        self._done = threading.Event()
+        threading.Thread(target=self._run, args=(fn,), name="contrast-fit", daemon=True).start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
         try:
-            box["result"] = fn()
+            self._box["result"] = fn()
         except BaseException as e:                    # handed to the caller, in the main thread
-            box["error"] = e
-    thread = threading.Thread(target=run, name="contrast-fit", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.2)
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
+            self._box["error"] = e
+        finally:
+            self._done.set()
+
+    def wait(self, timeout_s: Optional[float] = None, check: Callable[[], Any] = lambda: None) -> Any:
+        """`fn`'s result, or its exception raised; `check()` runs between waits (it may raise). With
+        `timeout_s`, returns None once it has passed or once `check()` returns a true value."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self._done.wait(0.2):
+            done = check()
+            if deadline is not None and (done or time.monotonic() > deadline):
+                self._done.wait(2.0)                  # a moment for what was just answered
+                break
+        if "error" in self._box:
+            raise self._box["error"]
+        return self._box.get("result")
 
 
 def _bounded(fn: Any, timeout_s: float) -> None:
@@ -245,17 +329,26 @@ def absolute_paths(cfg: Config) -> Config:
 
 def preflight(cfg: Config) -> None:
     """What the workers would refuse, refused once in the driver: a run_dir of another model,
-    a `model.init_from` that does not fit the data, `train.resume=never` over existing checkpoints, an
-    impossible world-size change, missing shards or
-    tokenizer, shards too few for the data stream. (A worker error would cost a Ray start, and
-    `cluster.max_failures` restarts of something that cannot succeed.)"""
+    a `model.init_from` that does not fit the data, `train.resume=never` over existing checkpoints, a
+    world size the data layout cannot split, missing shards or tokenizer, shards too few for the data
+    stream, every checkpoint damaged. (A worker error would cost a Ray start, and `cluster.max_failures`
+    restarts of something that cannot succeed.)
+
+    Fixes `data.streams` (S) in `cfg` for the workers: every group of an elastic run, whatever its
+    size, then reads the same S virtual streams, so the batches do not depend on the sizes it gets."""
     check_source(cfg)
     storage.makedirs(cfg.run_dir)                  # an object store's bucket must exist (no silent new bucket)
     if cfg.train.resume == "never":
         refuse_existing(cfg)
-    resume = find_resume(cfg, cfg.cluster.num_workers)
-    stream = open_train_stream(cfg, rank=0, world_size=cfg.cluster.num_workers,
-                               state=resume.data_state if resume else None, tokenizer=run_tokenizer(cfg))
+    resume = find_resume(cfg, hashes=False)            # sizes only: the workers' rank 0 reads every sha256
+    cfg.data.streams = run_streams(cfg, resume.data_state if resume else None)
+    sizes = world_sizes(cfg, cfg.data.streams)
+    if not sizes:
+        raise ConfigError(f"cluster.num_workers = {cfg.cluster.num_workers}: no worker count there divides the "
+                          f"{cfg.data.streams} virtual streams of this run (data.streams, or the checkpoint's); "
+                          f"worker counts it allows: {layout_world_sizes(cfg.data.streams)}")
+    stream = open_train_stream(cfg, rank=0, world_size=sizes[-1], state=resume.data_state if resume else None,
+                               tokenizer=run_tokenizer(cfg))
     if resume:
         resume.check_tokenizer(stream.tokenizer)
 
@@ -295,7 +388,7 @@ def connect(cfg: Config) -> bool:
         ray.init(address=cfg.cluster.address, log_to_driver=True)
         return False
     eval_cpus = cfg.eval.cpus if cfg.eval.schedule != "off" else 0
-    needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + eval_cpus
+    needed = cfg.cluster.max_workers * cfg.cluster.cpus_per_worker + eval_cpus
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=False,
              object_store_memory=LOCAL_OBJECT_STORE_BYTES)
     if ray.util.get_node_ip_address() != "127.0.0.1":
@@ -312,33 +405,39 @@ def _cluster_token_given() -> bool:
 def torch_config(cfg: Config) -> Any:
     """How the workers' process group forms: NCCL on GPUs, else gloo; collectives that wait longer than
     `cluster.collective_timeout_s` fail instead of hanging. A local run rendezvous through a file, so no
-    TCP port opens (torch's TCP rendezvous store listens on every interface)."""
+    TCP port opens (torch's TCP rendezvous store listens on every interface). Every worker process first
+    takes SIGTERM/SIGINT as a request to checkpoint and stop (`interrupts.install_signal_handlers`)."""
     from ray.train.torch import TorchConfig
+    backend = _backend(local=not cfg.cluster.address)
 
-    class LoopbackTorchConfig(TorchConfig):
+    class ContrastTorchConfig(TorchConfig):
         @property
         def backend_cls(self) -> type:
-            return _file_rendezvous_backend()
+            return backend
 
-    kind = TorchConfig if cfg.cluster.address else LoopbackTorchConfig
-    return kind(backend="nccl" if cfg.cluster.use_gpu else "gloo", timeout_s=int(cfg.cluster.collective_timeout_s))
+    return ContrastTorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo",
+                               timeout_s=int(cfg.cluster.collective_timeout_s))
 
 
-def _file_rendezvous_backend() -> type:
+def _backend(local: bool) -> type:
     from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
 
-    class FileRendezvous(_TorchBackend):
-        """Ray Train's torch backend with a FileStore rendezvous (one machine: a local run)."""
+    class ContrastBackend(_TorchBackend):
+        """Ray Train's torch backend: the workers' signal handlers (installed in each worker's main thread,
+        where Ray runs actor calls), then the process group; a local run's through a FileStore."""
 
         def on_start(self, worker_group: Any, backend_config: Any) -> None:
             import ray
+            worker_group.execute(interrupts.install_signal_handlers)
+            if not local:
+                return super().on_start(worker_group, backend_config)
             worker_group.execute(_set_torch_distributed_env_vars)
             url = "file://" + os.path.join(tempfile.gettempdir(), f"contrast-rendezvous-{secrets.token_hex(8)}")
             ray.get([worker_group.execute_single_async(i, _setup_torch_process_group, backend=backend_config.backend,
                                                        world_rank=i, world_size=len(worker_group), init_method=url,
                                                        timeout_s=backend_config.timeout_s)
                      for i in range(len(worker_group))])
-    return FileRendezvous
+    return ContrastBackend
 
 
 def local_trainer_class() -> type:

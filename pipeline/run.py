@@ -26,6 +26,7 @@ from pipeline.eval.sets import is_eval_set
 from pipeline.layout import DATASET_EVAL, DATASET_TRAIN, MANIFEST
 from pipeline.log import get_logger
 from pipeline.orchestrate import absolute_paths, train
+from pipeline.train.lease import hold
 
 log = get_logger(__name__)
 
@@ -79,12 +80,13 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     when step 0 was evaluated (`checkpoint.publish_initial`), the initial ones."""
     started = time.perf_counter()
     cfg = absolute_paths(cfg)
-    ensure_data(cfg)
-    train(cfg)
-    if cfg.eval.schedule != "off":
-        outcome = Watcher(cfg.run_dir, cfg).drain()
-        if outcome.evaluated:
-            log.info("evaluated after training: steps %s", outcome.evaluated)
+    with hold(cfg.run_dir, cfg.cluster.lease_ttl_s, "contrast run"):    # refused at once if another trains there
+        ensure_data(cfg)
+        train(cfg)
+        if cfg.eval.schedule != "off":
+            outcome = Watcher(cfg.run_dir, cfg).drain()
+            if outcome.evaluated:
+                log.info("evaluated after training: steps %s", outcome.evaluated)
     report = write_report(cfg.run_dir)
     results = read_results(cfg.run_dir)
     initial = [r for r in results[:1] if r["step"] == 0 and len(results) > 1]

@@ -145,7 +145,7 @@ def test_a_checkpoint_without_complete_does_not_exist(tmp_path):
     assert complete_steps(run) == [2]
     assert latest_checkpoint(run) == checkpoint_url(run, 2)
     resume = find_resume(cfg_of(f"run_dir={run}", "cluster.num_workers=2", "train.global_batch=32",
-                                "deepspeed.zero_optimization.stage=2"), world_size=2)
+                                "deepspeed.zero_optimization.stage=2"))
     assert resume.url == checkpoint_url(run, 2) and resume.data_state == {"step": 2}
 
 
@@ -166,23 +166,24 @@ def test_resume_refuses_another_model(tmp_path):
     _fake_checkpoint(run, 2, config=other)
     with pytest.raises(ConfigError) as e:
         find_resume(cfg_of(f"run_dir={run}", "deepspeed.zero_optimization.stage=2", "cluster.num_workers=2",
-                           "train.global_batch=32"), world_size=2)
+                           "train.global_batch=32"))
     assert "model.name: 'small' in the checkpoint, 'tiny' now" in str(e.value)
     assert "data.image_size: 32 in the checkpoint, 64 now" in str(e.value)
 
 
-def test_world_size_change_only_where_deepspeed_can_load_it(tmp_path):
+def test_any_world_size_resumes_but_not_another_zero_stage(tmp_path):
     staged = str(tmp_path / "stage2")
     _fake_checkpoint(staged, 2, world_size=2, stage=2)
-    with pytest.raises(ConfigError, match="cluster.num_workers=2"):
-        find_resume(cfg_of(f"run_dir={staged}", "deepspeed.zero_optimization.stage=2", "cluster.num_workers=4",
-                           "train.global_batch=32"), world_size=4)
+    resume = find_resume(cfg_of(f"run_dir={staged}", "deepspeed.zero_optimization.stage=2", "cluster.num_workers=4",
+                                "train.global_batch=32"))
+    assert resume.resharded(4) and resume.resharded(1) and not resume.resharded(2)
     plain = str(tmp_path / "stage0")
     _fake_checkpoint(plain, 2, world_size=2, stage=0)
-    assert find_resume(cfg_of(f"run_dir={plain}", "cluster.num_workers=4", "train.global_batch=32"), 4) is not None
+    resume = find_resume(cfg_of(f"run_dir={plain}", "cluster.num_workers=4", "train.global_batch=32"))
+    assert not resume.resharded(4)                        # nothing partitioned: DeepSpeed's own files load
     with pytest.raises(ConfigError, match="ZeRO stage 0"):
         find_resume(cfg_of(f"run_dir={plain}", "deepspeed.zero_optimization.stage=1", "cluster.num_workers=2",
-                           "train.global_batch=32"), 2)
+                           "train.global_batch=32"))
 
 
 def test_resume_never_refuses_a_run_dir_with_checkpoints(tmp_path):

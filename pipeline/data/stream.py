@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from pipeline import storage
-from pipeline.config import Config, DataConfig, SourceConfig
+from pipeline.config import Config, DataConfig, SourceConfig, register_check
 from pipeline.data.mixture import DEFAULT_SOURCE, MixturePlan, config_sources, source_problems
 from pipeline.data.order import RoundReader, SourceSpec, check_sizes, round_of
 from pipeline.data.samples import BadSample, Sample, caption_id, shard_name, validate_sample
@@ -77,6 +77,39 @@ class StreamSpec:
     @functools.cached_property
     def plan(self) -> MixturePlan:
         return MixturePlan([s.weight for s in self.sources], self.seed)
+
+
+def run_streams(cfg: Config, state: Optional[dict] = None) -> int:
+    """S of a run: `data.streams`, else a resumed stream's, else chosen from the global batch and the
+    largest worker count of `cluster.num_workers` that divides it (0 when none does)."""
+    if cfg.data.streams or state:
+        return cfg.data.streams or state["num_streams"]
+    c, g = cfg.cluster, cfg.train.global_batch
+    counts = [w for w in range(c.min_workers, c.max_workers + 1) if g % w == 0]
+    return choose_num_streams(g, counts[-1]) if counts else 0
+
+
+def world_sizes(cfg: Config, num_streams: int) -> list[int]:
+    """The worker counts of `cluster.num_workers` that can read `num_streams` streams (W divides S):
+    the sizes an elastic run trains on, and the one a fixed run asks for when it fits."""
+    c = cfg.cluster
+    return [w for w in range(c.min_workers, c.max_workers + 1) if num_streams and num_streams % w == 0]
+
+
+def layout_world_sizes(num_streams: int) -> list[int]:
+    """Every worker count that can read `num_streams` virtual streams: its divisors."""
+    return [w for w in range(1, num_streams + 1) if num_streams % w == 0]
+
+
+@register_check
+def check_worker_counts(cfg: Config) -> list[str]:
+    """`cluster.num_workers` that the data layout cannot split (every rank reads whole virtual streams)."""
+    s = run_streams(cfg)
+    if not s or world_sizes(cfg, s):
+        return []                          # no divisor at all: the config's own batch check says so
+    return [f"cluster.num_workers = {cfg.cluster.num_workers} (from {cfg.origin('cluster.num_workers')}): no worker "
+            f"count there divides data.streams = {s}; each rank reads whole virtual streams. Worker counts this "
+            f"data layout allows: {layout_world_sizes(s)}"]
 
 
 def choose_num_streams(global_batch: int, world_size: int) -> int:
@@ -608,7 +641,7 @@ def open_stream(urls: Urls | Sequence[SourceConfig], *, global_batch: int, rank:
     if num_streams % world_size or global_batch % num_streams:
         raise DataError(f"{num_streams} virtual streams (data.streams), global_batch {global_batch}, world_size "
                         f"{world_size}: the world size must divide the streams and the streams the global batch; "
-                        f"compatible world sizes: {[w for w in range(1, num_streams + 1) if num_streams % w == 0]}")
+                        f"compatible world sizes: {layout_world_sizes(num_streams)}")
     check_sizes(specs, num_streams, global_batch)
     spec = StreamSpec(specs, seed, num_streams, o.shuffle_buffer)
     per_rank = num_streams // world_size

@@ -2,12 +2,15 @@
 
 A resume checkpoint (`pipeline.layout` names its files) holds DeepSpeed's files (each rank uploads
 its own), the data stream's position with all ranks merged (any world size resumes from it), each
-rank's generator states, and `meta.json` (step, samples seen, world size, ZeRO stage, parameter
-shapes, the run config); `COMPLETE` is written last.
+rank's generator states, `meta.json` (step, samples seen, world size, ZeRO stage, parameter shapes,
+the run config) and `manifest.json` (every file's size and sha256, `integrity`); `COMPLETE` is last.
 
-Each rank saves locally, uploads through fsspec (any `run_dir` URL), then rank 0 writes the marker
-and keeps the newest `checkpoint.keep`. Resume takes the newest complete folder, refuses one from a
-different model, and restores every piece, so a resumed run continues bit for bit (same world size).
+Each rank saves locally, uploads through fsspec (any `run_dir` URL), then rank 0 writes the manifest
+and the marker and keeps the newest `checkpoint.keep`. Resume takes the newest complete folder whose
+files match its manifest (a damaged one is named, logged and skipped for the one before), refuses one
+from a different model, and restores every piece: on the same world size bit for bit; on another one
+through DeepSpeed's universal checkpoint, which re-shards the ZeRO optimizer state (made once, kept in
+the checkpoint's `universal/`).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import hashlib
 import random
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -26,12 +29,14 @@ import torch
 from pipeline import storage
 from pipeline.config import Config, ConfigError
 from pipeline.data import Tokenizer
-from pipeline.distributed import barrier, broadcast_from_rank0, get_rank, get_world_size
+from pipeline.distributed import all_gather_objects, barrier, broadcast_from_rank0, get_rank, get_world_size
 from pipeline.layout import (
     COMPLETE,
     DATA_STATE,
     DEEPSPEED,
+    MANIFEST,
     META,
+    UNIVERSAL,
     checkpoint_url,
     checkpoints_dir,
     parse_step,
@@ -41,7 +46,9 @@ from pipeline.layout import (
 )
 from pipeline.log import get_logger
 from pipeline.models import save_published
-from pipeline.train.engine import Engine
+from pipeline.train.engine import Engine, convert_to_universal
+from pipeline.train.integrity import DamagedCheckpoint, digest, dumps, file_digests, manifest, problems
+from pipeline.train.lease import holder as lease_holder
 
 log = get_logger(__name__)
 
@@ -83,14 +90,19 @@ def save_checkpoint(engine: Engine, cfg: Config, state: TrainState, data_state: 
         with storage.space_named(tmp, needed):
             engine.save(tmp)
         storage.write_json(str(Path(tmp, rng_file(rank))), rng_state())
+        files = file_digests(tmp)
         storage.upload_dir(tmp, url)
-    barrier()
+    everyone = all_gather_objects(files)      # also waits until every rank's files are uploaded
     if rank == 0:
-        storage.write_json(storage.join(url, DATA_STATE), data_state)
-        storage.write_json(storage.join(url, META), {
-            "step": state.step, "samples_seen": state.samples_seen, "world_size": get_world_size(),
-            "zero_stage": engine.zero_stage, "params": engine.param_shapes(), "config": cfg.to_dict(),
-            "tokenizer_sha256": tokenizer_sha256(tokenizer)})
+        files = {rel: entry for ranks_files in everyone for rel, entry in ranks_files.items()}
+        meta = {"step": state.step, "samples_seen": state.samples_seen, "world_size": get_world_size(),
+                "zero_stage": engine.zero_stage, "params": engine.param_shapes(), "config": cfg.to_dict(),
+                "tokenizer_sha256": tokenizer_sha256(tokenizer)}
+        for name, obj in ((DATA_STATE, data_state), (META, meta)):
+            data = dumps(obj)
+            storage.write_bytes(storage.join(url, name), data)
+            files[name] = digest(data)
+        storage.write_bytes(storage.join(url, MANIFEST), dumps(manifest(state.step, files)))
         storage.write_json(storage.join(url, COMPLETE), {"step": state.step})
         prune(cfg.run_dir, cfg.checkpoint.keep)
     barrier()
@@ -150,13 +162,59 @@ def report_to_ray(url: str, state: TrainState, metrics: dict[str, float]) -> Non
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=step_name(state.step))
 
 
+# ---------------------------------------------------------------------------------- inventory
+@dataclass
+class CheckpointStatus:
+    """One resume checkpoint folder as `contrast checkpoints` shows it."""
+    step: int
+    url: str
+    state: str                       # complete | damaged | in progress | unfinished
+    detail: str = ""                 # what is wrong (damaged), or what an unfinished folder is
+    world_size: Optional[int] = None
+    zero_stage: Optional[int] = None
+    bytes: int = 0
+    universal: bool = False          # DeepSpeed's universal form kept beside it
+
+
+def checkpoint_statuses(run_dir: str, hashes: bool = True) -> list[CheckpointStatus]:
+    """Every resume checkpoint folder of `run_dir`, ascending: complete (every file matches its manifest),
+    damaged (what is wrong), in progress (no `COMPLETE` yet while a driver holds the run_dir's lease),
+    unfinished (no `COMPLETE`, nobody training: its writer stopped; ignored, then replaced or pruned)."""
+    holder = lease_holder(run_dir)
+    out = []
+    for name in storage.listdir(checkpoints_dir(run_dir)):
+        step = parse_step(name)
+        if step is None:
+            continue
+        url = checkpoint_url(run_dir, step)
+        status = CheckpointStatus(step, url, "in progress" if holder is not None and holder.alive() else "unfinished",
+                                  bytes=folder_bytes(url), universal=storage.is_complete(storage.join(url, UNIVERSAL)))
+        if storage.is_complete(url):
+            wrong = problems(url, hashes)
+            status.state, status.detail = ("damaged", "; ".join(wrong)) if wrong else ("complete", "")
+            if not wrong:
+                meta = storage.read_json(storage.join(url, META))
+                status.world_size, status.zero_stage = meta["world_size"], meta["zero_stage"]
+        elif status.state == "unfinished":
+            status.detail = "its writer stopped before COMPLETE: not used"
+        out.append(status)
+    return out
+
+
+def folder_bytes(url: str) -> int:
+    fs, path = storage.fresh(url)
+    return sum(int(info.get("size") or 0) for info in fs.find(path, detail=True).values()) if fs.exists(path) else 0
+
+
 # ----------------------------------------------------------------------------------- resuming
 @dataclass
 class Resume:
-    """A checkpoint chosen for resuming, its JSON parts read (the DeepSpeed part loads in `restore`)."""
+    """A checkpoint chosen for resuming, its JSON parts read (the DeepSpeed part loads in `restore`);
+    `damaged`: the newer complete checkpoints skipped because their files do not match their manifest."""
     url: str
     meta: dict[str, Any]
     data_state: dict[str, Any]
+    damaged: list[str] = field(default_factory=list)
 
     def check_tokenizer(self, tokenizer: Tokenizer) -> None:
         """The run continues with the tokenizer it was trained with: other ids would mean other tokens."""
@@ -166,32 +224,76 @@ class Resume:
                               f"{tokenizer_sha256(tokenizer)[:12]}…): the same ids would mean other tokens. Resume "
                               "with the tokenizer of that run (data.tokenizer), or use a new run_dir")
 
+    def resharded(self, world_size: int) -> bool:
+        """Whether resuming on `world_size` workers re-shards ZeRO-partitioned optimizer state."""
+        return self.meta["world_size"] != world_size and self.meta["zero_stage"] > 0
+
     def restore(self, engine: Engine, tokenizer: Tokenizer) -> TrainState:
-        """Load model, optimizer, scheduler and this rank's RNG; returns the counters to continue from."""
+        """Load model, optimizer, scheduler and (same world size) this rank's RNG; returns the counters to
+        continue from. `engine` must have been built for DeepSpeed's universal form when `resharded`."""
         self.check_tokenizer(tokenizer)
         check_same_model(self.meta, engine, self.url)
-        same_world = self.meta["world_size"] == get_world_size()
-        with _local_copy(self.url, get_rank() if same_world else None) as local:
-            engine.load(local)
-        if same_world:
+        world, saved = get_world_size(), self.meta["world_size"]
+        if self.resharded(world):
+            with _universal_copy(self.url, self.meta["step"]) as local:
+                engine.load(local, universal=True)
+        else:
+            with _local_copy(self.url, get_rank() if saved == world else None) as local:
+                engine.load(local)
+        if saved == world:
             set_rng_state(storage.read_json(storage.join(self.url, rng_file(get_rank()))))
-        log.info("resumed from %s (step %d)", self.url, self.meta["step"])
+        how = "" if saved == world else f", written by {saved} workers, continued on {world}"
+        log.info("resumed from %s (step %d)%s", self.url, self.meta["step"], how)
         return TrainState(self.meta["step"], self.meta["samples_seen"])
 
 
-def find_resume(cfg: Config, world_size: int) -> Optional[Resume]:
-    """The checkpoint to continue from (the newest complete one) or None; refuses what cannot continue.
+def find_resume(cfg: Config, hashes: bool = True) -> Optional[Resume]:
+    """The checkpoint to continue from (the newest complete one whose files match its manifest) or None;
+    refuses what cannot continue.
 
+    A damaged checkpoint is named with what is wrong, logged and skipped: the one before it is used
+    (`Resume.damaged` lists the skipped ones). When every complete checkpoint is damaged, nothing is
+    silently restarted: `DamagedCheckpoint` says so. `hashes` False checks sizes only (a quick look).
     Workers always continue what is there: `train.resume=never` is enforced by the driver before the
     run starts (`refuse_existing`), so a worker restarted after a failure resumes its own run.
     """
-    url = latest_checkpoint(cfg.run_dir)
-    if url is None:
-        return None
-    meta = storage.read_json(storage.join(url, META))
-    check_same_config(meta, cfg, url)
-    check_same_layout(meta, cfg, world_size, url)
-    return Resume(url, meta, storage.read_json(storage.join(url, DATA_STATE)))
+    damaged: list[tuple[str, list[str]]] = []
+    for step in reversed(complete_steps(cfg.run_dir)):
+        url = checkpoint_url(cfg.run_dir, step)
+        wrong = problems(url, hashes)
+        if wrong:
+            log.warning("checkpoint %s is damaged, skipped: %s", url, "; ".join(wrong))
+            damaged.append((url, wrong))
+            continue
+        meta = storage.read_json(storage.join(url, META))
+        check_same_config(meta, cfg, url)
+        check_same_layout(meta, cfg, url)
+        if damaged:
+            log.warning("resuming from %s, the newest undamaged checkpoint (skipped: %s)", url,
+                        ", ".join(u for u, _ in damaged))
+        return Resume(url, meta, storage.read_json(storage.join(url, DATA_STATE)), [u for u, _ in damaged])
+    if damaged:
+        raise DamagedCheckpoint(
+            f"no usable checkpoint in {cfg.run_dir}: every complete one is damaged:\n"
+            + "\n".join(f"  - {u}: {'; '.join(w)}" for u, w in damaged)
+            + "\nrestore them from a copy, or move them away to start the run again (`contrast checkpoints "
+            f"{cfg.run_dir}` lists them)")
+    return None
+
+
+def agreed_resume(cfg: Config) -> Optional[Resume]:
+    """`find_resume` on rank 0 (every file's sha256 read once), its answer or its refusal on every rank:
+    all ranks load the same checkpoint (a collective)."""
+    outcome: Any = None
+    if get_rank() == 0:
+        try:
+            outcome = find_resume(cfg)
+        except (ConfigError, DamagedCheckpoint) as e:
+            outcome = e
+    outcome = broadcast_from_rank0(outcome)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
 
 def refuse_existing(cfg: Config) -> None:
@@ -234,21 +336,15 @@ def check_same_model(meta: dict[str, Any], engine: Engine, url: str) -> None:
                           + "). Was the tokenizer (vocabulary) or the loss (logit bias) changed?")
 
 
-def check_same_layout(meta: dict[str, Any], cfg: Config, world_size: int, url: str) -> None:
-    """Same ZeRO stage; a new world size only at stage 0. (The data stream continues the same batches
-    on any world size dividing its virtual streams; ZeRO 1–3 partition the optimizer state by rank
-    and DeepSpeed cannot re-partition it.)"""
+def check_same_layout(meta: dict[str, Any], cfg: Config, url: str) -> None:
+    """Same ZeRO stage (any world size: a change re-shards the optimizer state through DeepSpeed's
+    universal checkpoint; the data stream continues the same batches on any world size dividing its
+    virtual streams, which the stream checks when it opens)."""
     stage = int((cfg.deepspeed.get("zero_optimization") or {}).get("stage", 0))
     if meta["zero_stage"] != stage:
         raise ConfigError(f"checkpoint {url} was written under ZeRO stage {meta['zero_stage']}, this run uses "
                           f"stage {stage}: DeepSpeed cannot load one into the other. Resume with "
                           f"deepspeed.zero_optimization.stage={meta['zero_stage']}")
-    saved = meta["world_size"]
-    if saved != world_size and stage != 0:
-        raise ConfigError(
-            f"checkpoint {url} was written by {saved} workers under ZeRO stage {stage}, whose optimizer state is "
-            f"partitioned by rank; DeepSpeed cannot load it into {world_size} workers. Resume with "
-            f"cluster.num_workers={saved} (stage-0 checkpoints resume on any number of workers)")
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -264,7 +360,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 @contextlib.contextmanager
 def _local_copy(url: str, rank: Optional[int]) -> Iterator[str]:
     """The checkpoint as a local folder: itself when local, else a download of the DeepSpeed files this
-    rank needs (`rank` None: every rank's ZeRO files, for a world-size change)."""
+    rank needs (`rank` None: every rank's ZeRO files)."""
     if storage.is_local(url):
         yield storage.local_path(url)
         return
@@ -275,6 +371,29 @@ def _local_copy(url: str, rank: Optional[int]) -> Iterator[str]:
             owner = re.search(r"zero_pp_rank_(\d+)_", name)
             if rank is None or owner is None or int(owner.group(1)) == rank:
                 Path(tmp, DEEPSPEED, name).write_bytes(storage.read_bytes(storage.join(src, name)))
+        yield tmp
+
+
+@contextlib.contextmanager
+def _universal_copy(url: str, step: int) -> Iterator[str]:
+    """A local folder holding the checkpoint's universal form in `universal/` (a collective).
+
+    Rank 0 converts the checkpoint once and publishes the result beside its files, with its own
+    manifest in the `COMPLETE` marker; a later resize reuses it after checking it."""
+    target = storage.join(url, UNIVERSAL)
+    if get_rank() == 0 and not (storage.is_complete(target) and not problems(target, listing=COMPLETE)):
+        with _local_copy(url, None) as local, tempfile.TemporaryDirectory(prefix="universal-") as out:
+            convert_to_universal(local, out)
+            storage.remove(target)
+            done = Path(out, UNIVERSAL)
+            storage.publish_dir(done, target, marker=manifest(step, file_digests(done)))
+        log.info("converted %s to DeepSpeed's universal form (%s)", url, target)
+    barrier()
+    if storage.is_local(url):
+        yield storage.local_path(url)
+        return
+    with tempfile.TemporaryDirectory(prefix="resume-universal-") as tmp:
+        storage.download_dir(target, Path(tmp, UNIVERSAL))
         yield tmp
 
 

@@ -3,15 +3,19 @@
 This is the only module that knows DeepSpeed. The train loop sees `Engine`: `forward_backward(batch)`
 (the gradient-cache step), `step()` (optimizer step, schedule, logit-scale clamp, gradient norm),
 `device`, `consolidated_state()` (full weights, gathered under ZeRO-3), `param_shapes()` and
-`save`/`load` of DeepSpeed's native checkpoint.
+`save`/`load` of DeepSpeed's native checkpoint, or of its universal form (`convert_to_universal`), which
+loads on any world size under every ZeRO stage.
 
-Three traps of DeepSpeed 0.19 are handled here, once:
+These traps of DeepSpeed 0.19 are handled here, once:
 * It keeps an fp32 master copy of the parameters under bf16 and ZeRO: a clamp of the module's θ
   alone would be undone by the next step. `clamp_logit_scale` clamps θ and every master copy.
 * ZeRO-3 keeps stale gradient partitions for parameters whose first gradient of a step comes in a
   later backward (the gradient cache's text tower): they are cleared after each step.
 * It loads its checkpoints with `torch.load(weights_only=False)`; `load` forces weights-only
   unpickling, allowing only the few DeepSpeed value classes its checkpoints hold.
+* Loading a universal checkpoint under ZeRO-3 gives every parameter group the hyper-parameters of the
+  first one (weight decay on the undecayed group) and one `step` tensor shared by all of them (Adam's
+  bias correction then advances once per group per step): both are put right after the load.
 
 Three of its start-up costs are avoided (`contrast train` logs the start-up phases):
 * its ZeRO optimizers import its Muon optimizer's module (at start-up and in every gradient reduction)
@@ -41,7 +45,7 @@ from torch import nn
 from pipeline.config import Config, ConfigError, register_check
 from pipeline.distributed import get_world_size as dist_world_size
 from pipeline.gradcache import Backward, StepOutput, forward_backward
-from pipeline.layout import DEEPSPEED
+from pipeline.layout import DEEPSPEED, UNIVERSAL
 from pipeline.log import get_logger
 from pipeline.models import LOGIT_SCALE_BOUNDS, DualEncoder
 
@@ -61,11 +65,12 @@ def resolve_precision(cfg: Config) -> str:
     return "bf16" if gpu_bf16 else "fp32"
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict[str, Any]:
     """DeepSpeed's config: ours from the run config, then the `deepspeed.*` keys passed through.
 
     One optimizer step per global batch: the gradient cache accumulates its chunks inside a step,
-    so DeepSpeed's own accumulation stays at 1 and the micro batch is the local batch.
+    so DeepSpeed's own accumulation stays at 1 and the micro batch is the local batch. `load_universal`:
+    the engine will load a universal checkpoint (DeepSpeed must know it when the engine is built).
     """
     t = cfg.train
     precision = resolve_precision(cfg)
@@ -81,6 +86,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "zero_optimization": {"stage": 0},
         "steps_per_print": 2**31 - 1,               # our logger reports; DeepSpeed stays quiet
     }
+    if load_universal:
+        ours["checkpoint"] = {"load_universal": True}
     merged = _merge(ours, cfg.deepspeed)
     fixed = {"train_batch_size": t.global_batch, "gradient_accumulation_steps": 1,
              "train_micro_batch_size_per_gpu": t.global_batch // world_size}
@@ -97,10 +104,12 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
 @register_check
 def check_deepspeed_settings(cfg: Config) -> list[str]:
     """The `deepspeed.*` keys that contradict the run config, found before any worker starts."""
-    if cfg.cluster.num_workers < 1 or cfg.train.global_batch % cfg.cluster.num_workers:
+    c = cfg.cluster
+    counts = [w for w in range(max(c.min_workers, 1), c.max_workers + 1) if cfg.train.global_batch % w == 0]
+    if not counts:
         return []                          # reported by the config's own checks
     try:
-        deepspeed_config(cfg, cfg.cluster.num_workers)
+        deepspeed_config(cfg, counts[0])
     except ConfigError as e:
         return [str(e)]
     return []
@@ -159,15 +168,17 @@ class Engine:
     uses only the methods below.
     """
 
-    def __init__(self, cfg: Config, model: DualEncoder, world_size: int):
+    def __init__(self, cfg: Config, model: DualEncoder, world_size: int, universal: bool = False):
         _extensions_in_venv()
         _without_inference_allreduce()
         import deepspeed
-        config = deepspeed_config(cfg, world_size)
+        config = deepspeed_config(cfg, world_size, load_universal=universal)
         _without_muon(config)
         self.ds, _, _, self._scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
             config=config, lr_scheduler=warmup_cosine(cfg))
+        self._group_settings = [{k: g[k] for k in ("weight_decay", "betas", "eps")}
+                                for g in self.ds.optimizer.param_groups]
         if cfg.train.compile:
             self.module.compile_towers()          # after DeepSpeed's hooks (ZeRO-3) are in place
         self.zero_stage = self.ds.zero_optimization_stage()
@@ -240,18 +251,32 @@ class Engine:
         """DeepSpeed's checkpoint (module, optimizer, scheduler) of this rank into `local_dir/deepspeed/`."""
         self.ds.save_checkpoint(local_dir, tag=DEEPSPEED, save_latest=False)
 
-    def load(self, local_dir: str) -> None:
-        """Load what `save` wrote (every rank's files under `local_dir/deepspeed/`), weights-only."""
+    def load(self, local_dir: str, universal: bool = False) -> None:
+        """Load what `save` wrote (every rank's files under `local_dir/deepspeed/`), weights-only; with
+        `universal`, the universal form under `local_dir/universal/` (the engine built with `universal`)."""
+        tag = UNIVERSAL if universal else DEEPSPEED
         try:
             with _weights_only_loading():
-                path, _ = self.ds.load_checkpoint(local_dir, tag=DEEPSPEED, load_module_strict=True)
+                path, _ = self.ds.load_checkpoint(local_dir, tag=tag, load_module_strict=True)
         except pickle.UnpicklingError:
             raise UnsafeCheckpoint(f"{_unsafe_file(local_dir)}: refused: it holds Python objects that loading would "
                                    "run, not only tensors and DeepSpeed's plain values. contrast never writes such "
                                    "files: the checkpoint was replaced or tampered with") from None
         if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {local_dir}/{DEEPSPEED}")
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {local_dir}/{tag}")
+        if universal:
+            self._repair_universal_load()
         self._follow_schedule()
+
+    def _repair_universal_load(self) -> None:
+        """Undo what DeepSpeed's universal loading gets wrong (module docstring): each group's own
+        hyper-parameters again, and one Adam step counter per optimizer state, not one for all."""
+        for group, settings in zip(self.ds.optimizer.param_groups, self._group_settings):
+            group.update(settings)
+        base = getattr(self.ds.optimizer, "optimizer", self.ds.optimizer)
+        for state in base.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
     def _follow_schedule(self) -> None:
         """After a load, the next step's lr comes from this run's schedule (`train.lr`, `min_lr`,
@@ -262,6 +287,24 @@ class Engine:
         sched.base_lrs = [self._peak_lr] * len(sched.optimizer.param_groups)
         for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
             group["lr"] = base * factor(sched.last_epoch)
+
+
+def convert_to_universal(checkpoint_dir: str, out_dir: str) -> None:
+    """DeepSpeed's universal form of the native checkpoint in `checkpoint_dir/deepspeed/` (every rank's
+    files), written to `out_dir/universal/`: each parameter's fp32 weights and Adam moments whole, so
+    any number of ranks re-shards them on load under any ZeRO stage. Runs in this process (no pool);
+    DeepSpeed's progress output goes to the debug log; its files are unpickled weights-only."""
+    import argparse
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+    args = argparse.Namespace(input_folder=os.path.join(checkpoint_dir, DEEPSPEED),
+                              output_folder=os.path.join(out_dir, UNIVERSAL), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    chatter = io.StringIO()
+    with _weights_only_loading(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        ds_to_universal.main(args)
+    log.debug("ds_to_universal: %s", chatter.getvalue()[-2000:])
 
 
 class DeepSpeedBackward(Backward):

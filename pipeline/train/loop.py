@@ -1,8 +1,8 @@
 """The training loop of one Ray Train worker: stream → gradient-cache step → engine step → log → checkpoint."""
 from __future__ import annotations
 
-import math
 import random
+import signal
 from typing import Any, Optional
 
 import numpy as np
@@ -10,13 +10,21 @@ import torch
 
 from pipeline.config import Config, config_from_dict
 from pipeline.data import Tokenizer, gather_state, open_train_stream
-from pipeline.distributed import all_reduce_max, get_rank, get_world_size, named_timeouts
+from pipeline.distributed import get_rank, get_world_size, named_timeouts
 from pipeline.gradcache import StepOutput
 from pipeline.log import Timeline, get_logger, process_start_time, setup_logging
 from pipeline.losses import get_loss
 from pipeline.models import DualEncoder, TextDualEncoder, build_run_model, run_tokenizer
-from pipeline.train.checkpoint import TrainState, find_resume, publish, report_progress, report_to_ray, save_checkpoint
+from pipeline.train.checkpoint import (
+    TrainState,
+    agreed_resume,
+    publish,
+    report_progress,
+    report_to_ray,
+    save_checkpoint,
+)
 from pipeline.train.engine import Engine, quiet_deepspeed
+from pipeline.train.interrupts import Boundary, Verdict, report_stopped, training, wait_for_restart
 from pipeline.train.metrics import Meter, TrainLogger, step_scalars
 
 log = get_logger(__name__)
@@ -31,7 +39,8 @@ def launched_worker(payload: dict[str, Any]) -> None:
 
 
 def train_worker(config: Config | dict[str, Any], startup: Optional[Timeline] = None) -> None:
-    """Train `config` from its newest checkpoint (or from scratch) up to `train.steps`, on this rank.
+    """Train `config` from its newest checkpoint (or from scratch) up to `train.steps`, on this rank of a
+    Ray Train worker group; a stop request or a preemption notice checkpoints the step just finished.
 
     `startup` (default: one from this process's start) gets a mark per start-up phase; rank 0 logs
     it once the first step is done.
@@ -40,58 +49,66 @@ def train_worker(config: Config | dict[str, Any], startup: Optional[Timeline] = 
     startup.mark("worker start")                               # imports, the process group
     cfg = config if isinstance(config, Config) else config_from_dict(config, origin="train_worker")
     rank, world = setup_worker(cfg)
-    resume = find_resume(cfg, world)
+    resume = agreed_resume(cfg)
     stream = open_train_stream(cfg, rank=rank, world_size=world, state=resume.data_state if resume else None,
                                tokenizer=run_tokenizer(cfg))
     model = new_model(cfg, stream.tokenizer)
     startup.mark("data, model")
-    engine = Engine(cfg, model, world)
+    engine = Engine(cfg, model, world, universal=bool(resume and resume.resharded(world)))
     state = resume.restore(engine, stream.tokenizer) if resume else TrainState()
+    loss_fn, weights_from = make_loss(cfg)
+    logger, meter, boundary = TrainLogger(cfg, rank), Meter(cfg.train.global_batch), Boundary(cfg.run_dir)
     if resume:
         publish(engine, stream.tokenizer, cfg, state)     # if a crash came between its checkpoint and publication
+        logger.resumed(state.step, skipped_damaged=len(resume.damaged))
     startup.mark("deepspeed")                             # its engine, and the checkpoint when resuming
-    loss_fn, weights_from = make_loss(cfg)
-    logger, meter = TrainLogger(cfg, rank), Meter(cfg.train.global_batch)
     batches = meter.timed(stream)
     if cfg.checkpoint.publish_initial and state.step == 0:
         publish(engine, stream.tokenizer, cfg, state)      # step 0: what fine-tuning starts from
     saved = state.step
     try:
-        while state.step < cfg.train.steps:
-            batch = next(batches, None)
-            if batch is None:                      # a source with `on_end: stop` ran out, on every rank alike
-                log.info("training ends at step %d of %d: %s", state.step, cfg.train.steps, stream.exhausted)
-                break
-            with named_timeouts(f"step {state.step + 1}"):    # a stuck collective fails, naming the step
-                out, grad_norm = train_step(engine, to_device(batch, engine.device), loss_fn, weights_from, state, cfg)
-                if startup is not None:            # the first step of this attempt
-                    first_step_done(startup)
-                    startup = None
-                if logger.due(state.step):
-                    logger.log(state.step, step_scalars(out, batch, lr=engine.lr, grad_norm=grad_norm,
-                                                        data=stream.stats(), meter=meter))
-                if state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.steps:
-                    logger.sync()                  # the curves reach the checkpoint before a resume can start there
-                    checkpoint(engine, stream, cfg, state, loss=float(out.loss))
-                    saved = state.step
-        if saved < state.step:                     # the data ended between checkpoints: keep where it ended
-            logger.sync()
-            checkpoint(engine, stream, cfg, state, loss=float(out.loss))
+        with training():                           # a SIGTERM/SIGINT now asks for a checkpoint, then a stop
+            while state.step < cfg.train.steps:
+                batch = next(batches, None)
+                if batch is None:                  # a source with `on_end: stop` ran out, on every rank alike
+                    log.info("training ends at step %d of %d: %s", state.step, cfg.train.steps, stream.exhausted)
+                    break
+                with named_timeouts(f"step {state.step + 1}"):    # a stuck collective fails, naming the step
+                    out, grad_norm, verdict = train_step(engine, to_device(batch, engine.device), loss_fn,
+                                                         weights_from, state, cfg, boundary)
+                    if startup is not None:        # the first step of this attempt
+                        first_step_done(startup)
+                        startup = None
+                    if logger.due(state.step):
+                        logger.log(state.step, step_scalars(out, batch, lr=engine.lr, grad_norm=grad_norm,
+                                                            data=stream.stats(), meter=meter))
+                    if verdict or state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.steps:
+                        logger.sync()              # the curves reach the checkpoint before a resume can start there
+                        checkpoint(engine, stream, cfg, state, loss=float(out.loss))
+                        saved = state.step
+                if verdict.stop:
+                    return stop(cfg, logger, verdict.stop, state.step)
+                if verdict.notice:
+                    wait_for_restart(verdict.notice, state.step)
+            if saved < state.step:                 # the data ended between checkpoints: keep where it ended
+                logger.sync()
+                checkpoint(engine, stream, cfg, state, loss=float(out.loss))
     finally:
         stream.close()                             # its loader processes end with the loop
     logger.close()
 
 
 def train_step(engine: Engine, batch: dict[str, Any], loss_fn: torch.nn.Module, weights_from: Optional[str],
-               state: TrainState, cfg: Config) -> tuple[StepOutput, float]:
-    """One optimizer step: the gradient cache's two passes, then AdamW (schedule, clipping, scale clamp).
-    A non-finite step stops every rank before anything of it is logged or saved."""
+               state: TrainState, cfg: Config, boundary: Boundary) -> tuple[StepOutput, float, Verdict]:
+    """One optimizer step: the gradient cache's two passes, then AdamW (schedule, clipping, scale clamp),
+    then the boundary every rank agrees on: a non-finite step stops every rank before anything of it is
+    logged or saved (`NonFiniteError`); a stop request or a preemption notice asks for a checkpoint."""
     out = engine.forward_backward(batch, loss_fn, weights_from)
     grad_norm = engine.step()
     state.advance(cfg.train.global_batch)
-    stop_if_not_finite(state.step, float(out.loss), grad_norm)
+    verdict = boundary.check(state.step, float(out.loss), grad_norm)
     report_progress(cfg.run_dir, state.step)
-    return out, grad_norm
+    return out, grad_norm, verdict
 
 
 def checkpoint(engine: Engine, stream: Any, cfg: Config, state: TrainState, loss: float) -> None:
@@ -99,6 +116,14 @@ def checkpoint(engine: Engine, stream: Any, cfg: Config, state: TrainState, loss
     url = save_checkpoint(engine, cfg, state, gather_state(stream), stream.tokenizer)
     publish(engine, stream.tokenizer, cfg, state)
     report_to_ray(url, state, {"loss": loss})
+
+
+def stop(cfg: Config, logger: TrainLogger, signum: int, step: int) -> None:
+    """After the checkpoint of `step`: end this worker cleanly, telling the driver why (rank 0)."""
+    logger.close()
+    if get_rank() == 0:
+        report_stopped(cfg.run_dir, signum, step)
+        log.warning("stopped by %s after checkpointing step %d", signal.Signals(signum).name, step)
 
 
 # ------------------------------------------------------------------------------------ pieces
@@ -139,21 +164,6 @@ def make_loss(cfg: Config) -> tuple[torch.nn.Module, Optional[str]]:
     fn = get_loss(cfg.loss.name, tiled=cfg.loss.tiled, tile_size=cfg.loss.tile_size,
                   matryoshka_dims=cfg.loss.matryoshka_dims, **cfg.loss.hyper())
     return fn, (cfg.model.frozen_towers()[0] if fn.uses_weights else None)
-
-
-class NonFiniteError(RuntimeError):
-    """The loss or the gradient norm of a step is NaN or infinite: the run stops at that step."""
-
-
-def stop_if_not_finite(step: int, loss: float, grad_norm: float) -> None:
-    """Stop every rank at the first step whose loss (on any rank) or gradient norm is not finite. That
-    step is never checkpointed, so the last good checkpoints stay (none is pruned because of it)."""
-    bad = not (math.isfinite(loss) and math.isfinite(grad_norm))
-    if all_reduce_max(torch.tensor(float(bad))) > 0:                  # every rank stops at the same step
-        raise NonFiniteError(f"step {step}: the loss or the gradient norm is not finite (on rank {get_rank()}: "
-                             f"loss {loss}, gradient norm {grad_norm}); stopped without checkpointing this step. "
-                             "The newest checkpoint is the last good one: lower train.lr (or raise "
-                             "train.warmup_steps), check the data, then rerun to resume from it")
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -6,6 +6,7 @@ Scalars (global over ranks, at every `train.log_every`-th step and the last):
     perf/   samples_per_s, step_time_s, data_wait_fraction, peak_memory_gb
     data/   bad_samples, bad/<reason>, duplicate_rate (rows of the global batch whose caption another
             row has too), and per source <source>/samples, <source>/bad_samples (read so far)
+    checkpoint/damaged_skipped   at a resume step: damaged newer checkpoints skipped for the one resumed
 Event files go to `run_dir/tensorboard/`, directly when it is local, else written locally and
 uploaded (at most every `SYNC_EVERY_S`, before each checkpoint and at the end). A resumed run first
 reads the last step of each scalar already logged there and logs none of them again: replayed steps
@@ -33,7 +34,7 @@ from pipeline.losses.base import duplicate_groups
 
 log = get_logger(__name__)
 
-OWN_PREFIXES = ("train/", "perf/", "data/")     # the eval stage may log eval/* into the same folder
+OWN_PREFIXES = ("train/", "perf/", "data/", "checkpoint/")     # the eval stage may log eval/* into the same folder
 SYNC_EVERY_S = 60.0
 
 
@@ -164,6 +165,11 @@ class TrainLogger:
                 self.writer.add_scalar(tag, value, step)
         if self.remote and time.monotonic() - self._synced > SYNC_EVERY_S:
             self.sync()
+
+    def resumed(self, step: int, skipped_damaged: int) -> None:
+        """Count, at the resume step, the damaged checkpoints skipped for the one resumed from (when any)."""
+        if self.writer is not None and skipped_damaged:
+            self.writer.add_scalar("checkpoint/damaged_skipped", skipped_damaged, step)
 
     def sync(self) -> None:
         """Flush, and upload the event files when `run_dir` is remote."""

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -37,6 +37,16 @@ def synth(tmp_path_factory) -> Callable[..., Path]:
             made[key] = out
         return made[key]
     return make
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """One local Ray for a test module, on loopback, with room for 4 one-CPU workers."""
+    import ray
+    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=256 * 2**20,
+             _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

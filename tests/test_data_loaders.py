@@ -38,14 +38,10 @@ def sources(synth) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def raylet():
-    """A local Ray for the module; yields its raylet's pid (every worker process descends from it)."""
-    import ray
+def raylet(local_ray) -> int:
+    """The module's local Ray's raylet pid (every worker process descends from it)."""
     from ray._private import worker
-    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=256 * 2**20,
-             _node_ip_address="127.0.0.1")
-    yield worker._global_node.all_processes["raylet"][0].process.pid
-    ray.shutdown()
+    return worker._global_node.all_processes["raylet"][0].process.pid
 
 
 class Watcher(threading.Thread):

@@ -32,16 +32,6 @@ def dataset(synth) -> str:
     return str(synth(512, shard_size=64) / "train")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray with room for 4 one-CPU workers."""
-    import ray
-    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=256 * 2**20,
-             _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
-
-
 def train(run_dir: str, dataset: str, stage: int, workers: int):
     from pipeline.orchestrate import train as run
     cfg = load_config(None, [

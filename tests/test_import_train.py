@@ -32,22 +32,13 @@ def fine_tune(run_dir: str, dataset: str, source: str, *overrides: str) -> None:
         "checkpoint.every_steps=4", "eval.schedule='off'", *overrides]))
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=256 * 2**20,
-             _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture
 def source(tmp_path):
     open_clip_folder(tmp_path / "oc", OC_CFG)
     return tmp_path / "oc"
 
 
-def test_an_imported_model_fine_tunes_resumes_exactly_and_exports(ray_local, synth, source, tmp_path):
+def test_an_imported_model_fine_tunes_resumes_exactly_and_exports(local_ray, synth, source, tmp_path):
     dataset = str(synth(256, image_size=SIZE, shard_size=32) / "train")
     run = str(tmp_path / "run")
     fine_tune(run, dataset, str(source))
@@ -72,7 +63,7 @@ def test_an_imported_model_fine_tunes_resumes_exactly_and_exports(ray_local, syn
     assert not torch.equal(start.image_tower.proj, final.model.image_tower.proj), "training changed the weights"
 
 
-def test_lit_on_an_imported_image_tower(ray_local, synth, source, tmp_path):
+def test_lit_on_an_imported_image_tower(local_ray, synth, source, tmp_path):
     """1 worker, ZeRO 1, 4 steps: the locked imported image tower ends as imported; the new text tower trains on
     the data's tokenizer."""
     dataset = str(synth(256, image_size=SIZE, shard_size=32) / "train")

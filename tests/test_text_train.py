@@ -39,15 +39,6 @@ def setup(tmp_path_factory):
     return root, bert
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=256 * 2**20,
-             _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
-
-
 def run(setup, run_dir: Path, *overrides: str):
     root, bert = setup
     cfg = load_config(None, [
@@ -63,7 +54,7 @@ def run(setup, run_dir: Path, *overrides: str):
     return cfg
 
 
-def test_trains_evaluates_beside_and_resumes_exactly(ray_cluster, setup, tmp_path):
+def test_trains_evaluates_beside_and_resumes_exactly(local_ray, setup, tmp_path):
     whole = tmp_path / "whole"
     run(setup, whole, "eval.schedule=every", "eval.poll_s=0.5")
     steps = [r["step"] for r in read_results(str(whole))]

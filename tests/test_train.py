@@ -33,13 +33,8 @@ def dataset(synth) -> str:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(s3_server):
-    """One local Ray for the module, started after the S3 server so its workers see the endpoint."""
-    import ray
-    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=256 * 2**20,
-             _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
+def ray_cluster(s3_server, local_ray):
+    """The module's local Ray, started after the S3 server so its workers see the endpoint."""
 
 
 def train(run_dir: str, dataset: str, *overrides: str):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.models import DualEncoder, ModelSpec, TextSpec, ViTSpec
-from pipeline.train.engine import clamp_logit_scale
+from pipeline.train.engine import clamp_logit_scale, prepare_deepspeed
 from tests.helpers.dist import run_world
 
 SPEC = ModelSpec(16, ViTSpec(width=16, layers=1, heads=2, patch_size=8), TextSpec(width=16, layers=1, heads=2))
@@ -34,6 +34,7 @@ def clamp_once(stage: int, bf16: bool) -> list[float]:
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
               "zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16},
               "zero_allow_untested_optimizer": True}
+    prepare_deepspeed(config)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                                       config=config)
     tokens = torch.tensor([[1, 2, 19, 0, 0, 0, 0, 0]] * 2)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.gradcache import forward_backward
-from pipeline.train.engine import DeepSpeedBackward
+from pipeline.train.engine import DeepSpeedBackward, prepare_deepspeed
 from tests.helpers.compare import max_abs_diff
 from tests.helpers.dist import run_world
 from tests.test_gradcache import LR, TOL, ToyDual, batch, clip_loss, params, reference_step, siglip_loss
@@ -102,10 +102,11 @@ def _wrap(model, cfg):
         return torch.nn.parallel.DistributedDataParallel(model), ddp_step, lambda: params(model), None
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
-    engine, *_ = deepspeed.initialize(model=model, optimizer=sgd, config={
-        "train_micro_batch_size_per_gpu": LOCAL, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
-        "zero_optimization": {"stage": cfg["stage"]}, "bf16": {"enabled": cfg.get("bf16", False)},
-        "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9})
+    config = {"train_micro_batch_size_per_gpu": LOCAL, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+              "zero_optimization": {"stage": cfg["stage"]}, "bf16": {"enabled": cfg.get("bf16", False)},
+              "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
+    prepare_deepspeed(config)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=sgd, config=config)
 
     def full_params():                                     # collective under ZeRO-3: every rank calls it
         out = {}

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pipeline.gradcache import forward_backward
 from pipeline.losses import LOSS_NAMES, get_loss, uses_bias
 from pipeline.models import build_model
-from pipeline.train.engine import DeepSpeedBackward
+from pipeline.train.engine import DeepSpeedBackward, prepare_deepspeed
 from tests.helpers.compare import max_abs_diff
 from tests.helpers.dist import run_world
 from tests.helpers.text import text_config, tiny_bert
@@ -78,9 +78,10 @@ def _worker(rank: int, world: int, bert: str, configs: dict) -> dict:
 def _engine(model, stage: int, local: int):
     import deepspeed
     sgd = torch.optim.SGD(model.parameters(), lr=1.0)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=sgd, config={
-        "train_micro_batch_size_per_gpu": local, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
-        "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9})
+    config = {"train_micro_batch_size_per_gpu": local, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
+    prepare_deepspeed(config)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=sgd, config=config)
 
     def read(engine):                                     # a collective under ZeRO-3: every rank calls it
         from deepspeed.utils import safe_get_full_fp32_param

@@ -169,11 +169,9 @@ class Engine:
     """
 
     def __init__(self, cfg: Config, model: DualEncoder, world_size: int, universal: bool = False):
-        _extensions_in_venv()
-        _without_inference_allreduce()
         import deepspeed
         config = deepspeed_config(cfg, world_size, load_universal=universal)
-        _without_muon(config)
+        prepare_deepspeed(config)
         self.ds, _, _, self._scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
             config=config, lr_scheduler=warmup_cosine(cfg))
@@ -365,11 +363,19 @@ def quiet_deepspeed(level: str) -> None:
 MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
 
 
+def prepare_deepspeed(config: dict[str, Any]) -> None:
+    """What this process needs before `deepspeed.initialize(config=config)` (the module docstring's start-up
+    costs): run-time builds in this venv, no shared-memory all-reduce op, no Muon import."""
+    _extensions_in_venv()
+    _without_inference_allreduce()
+    _without_muon(config)
+
+
 def _without_muon(config: dict[str, Any]) -> None:
     """Unless the optimizer is DeepSpeed's Muon, stand a module in for its Muon optimizer's: its
     `MuonWithAuxAdam` is a class of its own, so DeepSpeed's `isinstance` checks answer False without
     the import. A module already imported is left as it is."""
-    if "muon" in str(config["optimizer"].get("type", "")).lower() or MUON_MODULE in sys.modules:
+    if "muon" in str(config.get("optimizer", {}).get("type", "")).lower() or MUON_MODULE in sys.modules:
         return
     stand_in = types.ModuleType(MUON_MODULE, "Stand-in: this process's optimizer is not Muon.")
     stand_in.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {"__module__": MUON_MODULE})

@@ -8,7 +8,8 @@ on S3, `storage.create_exclusive`), so of two drivers racing for it exactly one 
 renewed for `cluster.lease_ttl_s` belongs to a driver that died (SIGKILL, a lost machine): the next
 driver takes it over by creating the next generation; its holder, were it alive after all, sees the
 newer generation at its next renewal and stops. Renewal times are the hosts' wall clocks: they must
-agree to well within the ttl.
+agree to well within the ttl. A holder that ran in this very machine and pid namespace (same boot id and
+namespace) and whose process is gone is known dead at once: a rerun after a SIGKILL need not wait the ttl.
 """
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Iterator, Optional
+
+import psutil
 
 from pipeline import storage
 from pipeline.layout import lease_dir, lease_file, parse_lease_file
@@ -42,12 +46,24 @@ class Holder:
     renewed: float                # Unix time of the last renewal
     ttl_s: float
     command: str
+    machine: Optional[str] = None  # boot id and pid namespace (`this_machine`); None: unknown
 
     def age_s(self) -> float:
         return time.time() - self.renewed
 
     def alive(self) -> bool:
-        return self.age_s() < self.ttl_s
+        return self.age_s() < self.ttl_s and not self.gone()
+
+    def gone(self) -> bool:
+        """Its process is known to have ended: it ran here (same machine and pid namespace) and its pid is
+        free, or taken by a process started after the lease was (a reused pid)."""
+        if self.machine is None or self.machine != this_machine():
+            return False
+        try:
+            created = psutil.Process(self.pid).create_time()
+        except psutil.NoSuchProcess:
+            return True
+        return created > datetime.datetime.fromisoformat(self.started).timestamp() + 1.0
 
     def describe(self) -> str:
         return (f"{self.command} on host {self.host}, pid {self.pid}, started {self.started}, lease renewed "
@@ -62,7 +78,7 @@ class Lease:
         self.run_dir = run_dir
         self.me = Holder(socket.gethostname(), os.getpid(),
                          datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), 0.0, ttl_s,
-                         command)
+                         command, this_machine())
         self.generation: Optional[int] = None
         self.lost: Optional[str] = None           # set when another driver took the lease over
         self._stop = threading.Event()
@@ -79,7 +95,8 @@ class Lease:
                                 f"another run_dir (a lease not renewed for cluster.lease_ttl_s = {holder.ttl_s:g} s "
                                 "is taken over)")
             was = holder.describe() if holder is not None else "an unreadable lease"
-            log.warning("taking over the run_dir lease of %s: not renewed for longer than its ttl", was)
+            why = "its process has ended" if holder is not None and holder.gone() else "not renewed within its ttl"
+            log.warning("taking over the run_dir lease of %s: %s", was, why)
         generation = (newest[0] if newest else 0) + 1
         self.me.renewed = time.time()
         if not storage.create_exclusive(self._url(generation), dumps(asdict(self.me))):
@@ -123,6 +140,16 @@ class Lease:
             return
         self.me.renewed = time.time()
         storage.write_bytes(self._url(self.generation), dumps(asdict(self.me)))
+
+
+def this_machine() -> Optional[str]:
+    """This kernel's boot id and this process's pid namespace: equal only for processes that see each other's
+    pids. None where Linux's /proc does not say (then only the ttl tells a dead holder)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
 
 
 def current(run_dir: str) -> Optional[tuple[int, Optional[Holder]]]:

@@ -30,11 +30,11 @@ from typing import Callable, Optional
 import psutil
 import pytest
 import torch
-import yaml
 from safetensors.torch import load as load_safetensors
 
 from pipeline import storage
 from pipeline.models import load_published
+from tests.helpers.cluster import cluster_job, two_node_cluster, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -62,13 +62,8 @@ def credentials(s3_server):
 
 @pytest.fixture(scope="module")
 def cluster(credentials):
-    """A head without CPUs (drivers and Ray's own actors only) and two nodes of NODE_CPUS each."""
-    from ray.cluster_utils import Cluster
-    small = dict(object_store_memory=128 * 2**20)
-    c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, include_dashboard=False, **small))
-    for _ in range(2):
-        c.add_node(num_cpus=NODE_CPUS, **small)
-    c.wait_for_nodes()
+    """Two nodes of NODE_CPUS each, started with the credentials in their environment."""
+    c = two_node_cluster(NODE_CPUS)
     yield c
     c.shutdown()
 
@@ -85,25 +80,9 @@ def config(tmp_path_factory, data_dir, cluster) -> Callable[[str], Path]:
     folder = tmp_path_factory.mktemp("configs")
 
     def make(run_dir: str) -> Path:
-        cfg = {
-            "run_dir": run_dir, "seed": 7,
-            "data": {"train_urls": [str(data_dir / "train")], "image_size": 32, "context_length": 16,
-                     "shuffle_buffer": 64},
-            "model": {"name": "tiny"},
-            "train": {"steps": STEPS, "global_batch": 16, "lr": 1e-3, "warmup_steps": 2, "log_every": 1,
-                      "precision": "fp32"},
-            "gradcache": {"chunk_size": 4},
-            "deepspeed": {"zero_optimization": {"stage": 1}},
-            "cluster": {"address": cluster.address, "num_workers": 2, "cpus_per_worker": 1,
-                        "placement_strategy": "SPREAD", "max_failures": 2,
-                        "auth": "disabled"},              # the test cluster runs without tokens (conftest)
-            "checkpoint": {"every_steps": EVERY, "keep": 2},
-            "eval": {"schedule": "off"},
-            "logging": {"progress": False},
-        }
-        path = folder / f"run-{len(list(folder.iterdir()))}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return path
+        return write_config(folder, cluster_job(run_dir, data_dir / "train", cluster.address, steps=STEPS,
+                                                every=EVERY, lr=1e-3, keep=2, num_workers=2,
+                                                placement_strategy="SPREAD", max_failures=2))
     return make
 
 

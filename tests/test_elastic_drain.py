@@ -18,10 +18,10 @@ from typing import Callable
 import psutil
 import pytest
 import torch
-import yaml
 
 from pipeline import storage
 from pipeline.layout import checkpoint_url, published_url
+from tests.helpers.cluster import cluster_job, two_node_cluster, write_config
 from tests.helpers.compare import max_abs_diff
 from tests.helpers.driver import Driver, logged_steps
 from tests.helpers.tensorboard import scalars
@@ -38,13 +38,8 @@ FAST_NOTICE = {"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"}    # Ray Train's dra
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head without CPUs (drivers and Ray's own actors only) and two nodes of one CPU each: one worker per node."""
-    from ray.cluster_utils import Cluster
-    small = dict(object_store_memory=128 * 2**20)
-    c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, include_dashboard=False, **small))
-    for _ in range(2):
-        c.add_node(num_cpus=1, **small)
-    c.wait_for_nodes()
+    """Two nodes of one CPU each: one worker per node."""
+    c = two_node_cluster(cpus_per_node=1)
     yield c
     c.shutdown()
 
@@ -55,23 +50,8 @@ def config(tmp_path_factory, synth, cluster) -> Callable[..., Path]:
     folder = tmp_path_factory.mktemp("configs")
 
     def make(run_dir: str, num_workers) -> Path:
-        cfg = {
-            "run_dir": run_dir, "seed": 7,
-            "data": {"train_urls": [str(data)], "image_size": 32, "context_length": 16, "shuffle_buffer": 64},
-            "model": {"name": "tiny"},
-            "train": {"steps": STEPS, "global_batch": 16, "lr": LR, "warmup_steps": 2, "log_every": 1,
-                      "precision": "fp32"},
-            "gradcache": {"chunk_size": 4},
-            "deepspeed": {"zero_optimization": {"stage": 1}},
-            "cluster": {"address": cluster.address, "num_workers": num_workers, "cpus_per_worker": 1,
-                        "auth": "disabled"},
-            "checkpoint": {"every_steps": EVERY, "keep": 3},
-            "eval": {"schedule": "off"},
-            "logging": {"progress": False},
-        }
-        path = folder / f"run-{len(list(folder.iterdir()))}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return path
+        return write_config(folder, cluster_job(run_dir, data, cluster.address, steps=STEPS, every=EVERY, lr=LR,
+                                                keep=3, num_workers=num_workers))
     return make
 
 

@@ -177,8 +177,8 @@ class Boundary:
         return Verdict(stop=signum, notice=notice)
 
     def _local_stop(self) -> int:
-        if pending_signal():
-            return pending_signal()
+        if signum := pending_signal():
+            return signum
         if get_rank() == 0 and self._due("stop", STOP_POLL_S):
             return _stop_requested(self.run_dir)
         return 0

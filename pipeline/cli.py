@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import sys
+import threading
 from typing import Sequence
 
 from pipeline.config import Config, ConfigError, load_config
@@ -379,5 +381,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The `contrast` command: `main`, then Python's exit without its last part. Its threads are joined and
+    its exit handlers run (logging's, Ray's) as usual; only the teardown of every imported module (torch,
+    Ray, DeepSpeed: 1-1.5 s here) is skipped, once everything is written and closed."""
+    code = main()
+    threading._shutdown()                 # what Python's exit does first: wait for the non-daemon threads
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

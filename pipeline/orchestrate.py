@@ -37,10 +37,12 @@ LOCAL_OBJECT_STORE_BYTES = 256 * 2**20     # the data never goes through it; pag
 # A local Ray runs on one machine for one job, started and stopped by this driver: no node is ever
 # drained (Ray Train's preemption watcher is an actor polling for nothing), no dashboard reads Ray
 # Train's metrics, and the workers Ray would prestart for the driver's environment never serve Ray
-# Train's actors (they get their own). Each is a process, or CPU seconds taken from the start-up of
-# a 2-core machine. Set any of these in the environment to override.
+# Train's actors (they get their own): each is a process, or CPU seconds taken from the start-up of a
+# 2-core machine. Polling the workers of one machine every 0.25 s (not 2 s) costs nothing and ends the
+# run sooner. Set any of these in the environment to override.
 LOCAL_RAY_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
     "RAY_TRAIN_METRICS_ENABLED": "0",
     "RAY_prestart_worker_first_driver": "0",
 }
@@ -82,7 +84,7 @@ def train(cfg: Config) -> Trained:
     startup.mark("python, imports, config")
     cfg = absolute_paths(cfg)
     with hold(cfg.run_dir, cfg.cluster.lease_ttl_s, "contrast train") as lease, Interrupts() as signals:
-        progress = Progress(cfg.run_dir)
+        progress, started_here = Progress(cfg.run_dir), False
         try:
             preflight(cfg)
             startup.mark("preflight")
@@ -94,16 +96,18 @@ def train(cfg: Config) -> Trained:
             trained = _fit(cfg, lease, startup, started_here)
             stopped = interrupts.stopped_at(cfg.run_dir)  # a worker had the signal and stopped after a checkpoint
             if stopped is not None:
-                _bounded(_shutdown_ray, timeout_s=20)
+                _bounded(lambda: stop_ray(started_here), timeout_s=20)
                 raise TrainingInterrupted(stopped[0], stopped[1], latest_step(cfg.run_dir))
             return trained
         except _Signal as e:
             _bounded(progress.read, timeout_s=3)          # the newest step, if Ray still answers
-            _bounded(_shutdown_ray, timeout_s=20)         # Ray's own processes may have had the signal too
+            _bounded(lambda: stop_ray(started_here), timeout_s=20)    # its processes may have had the signal too
             resume = latest_step(cfg.run_dir)
             raise TrainingInterrupted(e.signum, max(progress.step or 0, resume or 0), resume) from None
         finally:
             progress.stop()
+            if started_here:                              # nothing of the run is left in it
+                _bounded(lambda: stop_ray(started_here), timeout_s=20)
 
 
 def _fit(cfg: Config, lease: Lease, startup: Timeline, started_here: bool) -> Trained:
@@ -159,13 +163,21 @@ def _refuse_lost(lease: Lease) -> None:
 
 
 def _trainer_class(sizes: list[int], local: bool) -> type:
-    """Ray Train's TorchTrainer (`local`: without the helpers a Ray this driver started does not need,
-    `local_trainer_class`); with an elastic worker range, it starts or resizes the group only to
-    counts the data layout allows (`sizes`): the largest that the free resources of the nodes not being
-    drained hold (Ray's own count includes draining nodes, where no new worker can start, and would wait
-    for them until the group's start times out)."""
+    """Ray Train's TorchTrainer, its controller run in this driver (`run_controller_here`), without the
+    helper actors a run of ours does not need: the dataset manager, made for Ray Data datasets (the
+    workers stream their shards themselves), and the placement-group cleaner, which frees the workers'
+    resources should the controller's actor die while the driver lives on (here they are the driver's
+    own, freed by Ray when it ends). A local Ray (`local`) also goes without the autoscaling coordinator
+    a fixed worker group asks for its resources (one node: nothing to autoscale; the controller waits
+    seconds for it to start). With an elastic worker range, the group starts or resizes only to counts
+    the data layout allows (`sizes`): the largest that the free resources of the nodes not being drained
+    hold (Ray's own count includes draining nodes, where no new worker can start, and would wait for
+    them until the group's start times out). These are Ray Train 2.60's own hooks (setup.cfg pins it)."""
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
 
     class LayoutScalingPolicy(ElasticScalingPolicy):
         def _count_possible_workers(self, reserved_resources: Any) -> int:
@@ -175,12 +187,55 @@ def _trainer_class(sizes: list[int], local: bool) -> type:
             possible = super()._count_possible_workers(usable)
             return max((n for n in sizes if n <= possible), default=0)
 
-    class ContrastTrainer(local_trainer_class() if local else TorchTrainer):
-        def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
+    class LocalFixedScalingPolicy(FixedScalingPolicy):
+        def after_controller_start(self, train_run_context: Any) -> None:
+            """No resource request: nothing autoscales a local Ray."""
+
+        def _maybe_send_resource_request(self) -> None:
+            """As above."""
+
+    class ContrastTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list:
+            unneeded = (DatasetsCallback, PlacementGroupCleanerCallback)
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, unneeded)]
+
+        def _initialize_and_run_controller(self, *, scaling_policy: Any, **kwargs: Any) -> Any:
             if self.scaling_config.elasticity_enabled:
-                kwargs["scaling_policy"] = LayoutScalingPolicy(self.scaling_config)
-            return super()._initialize_and_run_controller(**kwargs)
+                scaling_policy = LayoutScalingPolicy(self.scaling_config)
+            elif local and type(scaling_policy) is FixedScalingPolicy:
+                scaling_policy = LocalFixedScalingPolicy(scaling_policy.scaling_config)
+            return run_controller_here(scaling_policy=scaling_policy, **kwargs)
     return ContrastTrainer
+
+
+def run_controller_here(**controller_args: Any) -> Any:
+    """Ray Train's controller loop in this driver, not in an actor of its own: that actor is one more
+    process importing Ray Train and torch (2-3 CPU-seconds before any worker starts, 400 MB) to run a
+    loop that polls the workers. It runs where Ray Train would place it anyway (the driver's node), and
+    it ends with the driver as its actor did. The workers get no handle to it: it serves only
+    `ray.train.get_all_reported_checkpoints`, which nothing here calls."""
+    import asyncio
+
+    import ray
+    from ray.train.v2._internal.execution.controller import TrainController
+    from ray.train.v2._internal.execution.worker_group import WorkerGroup
+
+    class DriverWorkerGroup(WorkerGroup):
+        def _init_train_context_on_workers(self, workers: list, sync_actor: Any, train_context_args: dict) -> None:
+            ray.get([worker.actor.init_train_context.remote(
+                train_run_context=self._train_run_context, distributed_context=worker.distributed_context,
+                synchronization_actor=sync_actor, storage_context=self._storage_context,
+                worker_callbacks=self._worker_callbacks_to_propagate, controller_actor=None,
+                **{arg: values[i] for arg, values in train_context_args.items()})
+                for i, worker in enumerate(workers)])
+            self._decorate_worker_log_file_paths(workers)
+
+    class DriverController(TrainController):
+        worker_group_cls = DriverWorkerGroup
+
+    controller = DriverController(**controller_args)
+    asyncio.run(controller.run())
+    return controller.get_result()
 
 
 class _Signal(BaseException):
@@ -222,15 +277,39 @@ class Interrupts:
 def _kill_descendants() -> None:
     """SIGKILL every process this driver started (a local Ray's servers, agents and workers, loader
     processes): stopping at once leaves none of them behind (Ray's agents outlive a vanished driver)."""
-    for child in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            child.kill()
+    _kill(psutil.Process().children(recursive=True))
 
 
-def _shutdown_ray() -> None:
+def stop_ray(started_here: bool) -> None:
+    """Leave Ray. A local Ray this driver started (`started_here`) is stopped with every process it
+    started, all at once: its job is done or abandoned, and Ray's own stop gives each of its servers
+    in turn a second to end (about 2 s); a Ray joined or started by someone else is only left."""
     import ray
+    from ray._private import worker
+    node = worker._global_node if started_here else None
+    if node is not None:
+        worker._global_node = None                    # so that ray.shutdown() only disconnects
     if ray.is_initialized():
         ray.shutdown()
+    if node is not None:
+        servers = [psutil.Process(info.process.pid) for infos in node.all_processes.values() for info in infos
+                   if info.process.poll() is None]
+        _kill([p for server in servers for p in _with_children(server)])
+        psutil.wait_procs(servers, timeout=5)         # reaped: they are this process's children
+        node.destroy_external_storage()
+
+
+def _with_children(process: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [process, *process.children(recursive=True)]
+    except psutil.Error:
+        return [process]
+
+
+def _kill(processes: list[psutil.Process]) -> None:
+    for p in processes:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
 
 
 class Progress:
@@ -438,38 +517,6 @@ def _backend(local: bool) -> type:
                                                        timeout_s=backend_config.timeout_s)
                      for i in range(len(worker_group))])
     return ContrastBackend
-
-
-def local_trainer_class() -> type:
-    """`TorchTrainer` without three helper actors that a Ray started by this driver does not need, each a
-    Python process (about 200 MB and 2 CPU-seconds to start): the dataset manager, made for Ray Data
-    datasets even when there are none (the workers stream their shards themselves); the placement-group
-    cleaner, which frees the workers' resources should the controller die while the cluster lives on
-    (a local Ray ends with its driver); and the autoscaling coordinator that a fixed worker group asks
-    for its resources (one node, no autoscaler: the controller waits seconds for it to start). These
-    are Ray Train 2.60's own hooks (the version setup.cfg pins); every other callback stays."""
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
-
-    class LocalFixedScalingPolicy(FixedScalingPolicy):
-        def after_controller_start(self, train_run_context: Any) -> None:
-            """No resource request: nothing autoscales a local Ray."""
-
-        def _maybe_send_resource_request(self) -> None:
-            """As above."""
-
-    class LocalTorchTrainer(TorchTrainer):
-        def _create_default_callbacks(self) -> list:
-            unneeded = (DatasetsCallback, PlacementGroupCleanerCallback)
-            return [c for c in super()._create_default_callbacks() if not isinstance(c, unneeded)]
-
-        def _initialize_and_run_controller(self, *, scaling_policy: Any, **kwargs: Any) -> Any:
-            if type(scaling_policy) is FixedScalingPolicy:
-                scaling_policy = LocalFixedScalingPolicy(scaling_policy.scaling_config)
-            return super()._initialize_and_run_controller(scaling_policy=scaling_policy, **kwargs)
-    return LocalTorchTrainer
 
 
 def ray_storage(run_dir: str) -> dict[str, Any]:

@@ -181,7 +181,7 @@ def test_every_launcher_runs_contrast_train_on_a_config_shipped_in_the_image():
 
     for launcher, argv in _train_entry_points().items():
         assert argv[:2] == ["contrast", "train"], (launcher, argv)
-        assert console.get("contrast") == "pipeline.cli:main"
+        assert console.get("contrast") == "pipeline.cli:entry"
         args = build_parser().parse_args(argv[1:])           # the real CLI accepts the command line
         assert args.command == "train"
         config = args.config.removeprefix(IMAGE_WORKDIR + "/")

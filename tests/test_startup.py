@@ -15,9 +15,9 @@ from pipeline.log import Timeline
 
 PHASES = ["python, imports, config", "preflight", "ray start", "ray train", "worker start", "data, model",
           "deepspeed", "first step"]
-NEEDED = {"ray::TrainController", "ray::SynchronizationActor", "ray::RayTrainWorker"}
-NOT_NEEDED = {"ray::DatasetManager", "ray::PlacementGroupCleaner", "ray::_AutoscalingCoordinatorActor",
-              "ray::PreemptionWatcher"}
+NEEDED = {"ray::SynchronizationActor", "ray::RayTrainWorker"}
+NOT_NEEDED = {"ray::TrainController", "ray::DatasetManager", "ray::PlacementGroupCleaner",    # the first runs in
+              "ray::_AutoscalingCoordinatorActor", "ray::PreemptionWatcher"}                  # the driver
 
 
 def test_timeline_phases_add_up():

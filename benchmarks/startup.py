@@ -1,6 +1,7 @@
-"""Start-up, teardown and memory of `contrast train` vs a plain torchrun + DDP loop of the same job.
+"""Start-up, teardown and memory of `contrast train` vs a plain torchrun + DDP loop of the same job,
+and, when open_clip's side venv exists, vs open_clip's own trainer.
 
-Both sides train the same model on the same shards with the same step, 2 processes on CPU:
+The sides train the same model on the same shards with the same step, 2 processes on CPU:
 
   ours   `contrast train CONFIG`: a local Ray, Ray Train's TorchTrainer, 2 workers running the train
          loop (DeepSpeed ZeRO 2, the gradient cache, TensorBoard every step, a resume checkpoint and
@@ -8,20 +9,32 @@ Both sides train the same model on the same shards with the same step, 2 process
   plain  `torchrun --nproc_per_node 2 benchmarks/startup.py --plain-worker CONFIG`: a gloo group,
          the same dual encoder wrapped in DDP, torch AdamW, the same data stream and gradient-cache
          step (`forward_backward` with DDP's no_sync), rank 0 saving the weights at the end.
+  open_clip  (optional) `torchrun --standalone --nproc_per_node 2 benchmarks/startup_open_clip.py ...` in
+         the side venv of `../shared/tools/make-open-clip-venv.sh` (`--open-clip-venv`): open_clip's
+         trainer (`open_clip_train.main`) with gloo on CPU, fp32, an open_clip model config of our
+         "tiny" (same widths, layers, heads, patch, embedding; 64 px, context 32, our vocabulary) and
+         our tokenizer (the shards' tokenizer.json, as an HF tokenizer folder), `--accum-freq 4` of
+         micro-batches of 32 (its gradient cache: 128 per process), lr 1e-3, warmup 2, 1 epoch of
+         exactly --steps steps, a log line every step and its checkpoint at the end. Skipped, with a
+         line saying why, when the venv's python is missing or cannot import tv_shim_hook, open_clip_train.
+         Not identical jobs: open_clip reads the shards with its own webdataset pipeline, shuffle
+         buffers and train transforms, all-reduces at every micro-batch's backward (no no_sync), and
+         its checkpoint holds the optimizer state too; only start-up, teardown and memory are compared.
 
 Per run, measured from outside (the launch is t = 0):
   first step   when step 1 ended: the wall time of the first `train/loss` event in TensorBoard
-               (ours), the time the plain loop prints (plain)
+               (ours), the time the plain loop prints (plain), the end of the first optimizer step
+               as the open_clip wrapper's step hook recorded it (open_clip)
   teardown     from the end of the last step to the exit of the launched command
   peak RSS     of the whole process tree (the launcher, Ray's processes, every worker), sampled
                every 0.2 s with psutil; also the peak PSS (shared pages split between the
                processes that map them, so shared libraries count once), sampled every 2 s only:
                reading it costs ~15 ms of CPU per process
   CPU          user + system seconds of every process of the tree (last sample of each)
-Runs alternate ours / plain (a shared machine's load drifts); medians and ratios are printed.
+Runs alternate ours / plain / open_clip (a shared machine's load drifts); medians and ratios are printed.
 One untimed run of each side comes first (DeepSpeed's C++ op may need building once).
 
-    python benchmarks/startup.py [--repeats 3] [--steps 5] [--data DIR]
+    python benchmarks/startup.py [--repeats 3] [--steps 5] [--data DIR] [--open-clip-venv DIR]
 """
 from __future__ import annotations
 
@@ -42,6 +55,9 @@ import psutil
 
 ENV = {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0"}
 PLAIN_MARK = "plain-loop-marks "
+OPEN_CLIP_MARK = "open-clip-marks "              # printed by benchmarks/startup_open_clip.py
+OPEN_CLIP_WORKER = Path(__file__).with_name("startup_open_clip.py")
+OPEN_CLIP_MODEL = "contrast-tiny"                # the name of the model config JSON written for open_clip
 BIN = Path(sys.executable).parent
 
 
@@ -97,6 +113,82 @@ def plain_worker(config_path: str) -> None:
                   os.path.join(cfg.run_dir, "model.safetensors"))
         print(PLAIN_MARK + json.dumps({"first": marks[0], "last": marks[-1]}), flush=True)
     dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------- open_clip's trainer
+def open_clip_env() -> dict[str, str]:
+    """The side venv's environment: ours, less PYTHONPATH (the project's packages stay out of it)."""
+    return {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **ENV}
+
+
+def open_clip_unusable(venv: Path) -> str | None:
+    """Why open_clip's side venv at `venv` cannot run the open_clip side, or None when it can."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        return f"no {python} (build it with ../shared/tools/make-open-clip-venv.sh)"
+    if not (venv / "bin" / "torchrun").exists():
+        return f"no {venv / 'bin' / 'torchrun'}"
+    check = subprocess.run([str(python), "-c", "import tv_shim_hook, open_clip_train"], capture_output=True,
+                           text=True, env=open_clip_env())
+    if check.returncode != 0:
+        last = (check.stderr.strip().splitlines() or ["?"])[-1]
+        return f"`import tv_shim_hook, open_clip_train` fails there: {last}"
+    return None
+
+
+def open_clip_job(data: str, run_dir: str, steps: int) -> list[str]:
+    """Arguments of the open_clip worker for the job of `job_config`: the folder of our "tiny" as an
+    open_clip model config and the file of open_clip's command line (a JSON list), written under
+    `run_dir` with the shards' tokenizer as an HF tokenizer folder.
+
+    open_clip's `--batch-size` is the micro-batch of its gradient accumulation (which, like our gradient
+    cache, re-runs each micro-batch's forward against the cached features of the others): 32 x
+    `--accum-freq 4` = 128 per process, 256 global, so `--train-num-samples` 256 x steps is exactly
+    `steps` optimizer steps in its 1 epoch."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from pipeline.data import Tokenizer
+    from pipeline.models.configs import NAMED_SPECS
+    from pipeline.models.convert import Architecture, open_clip_model_cfg
+
+    job = job_config(data, run_dir, steps)
+    image_size, context_length = job["data"]["image_size"], job["data"]["context_length"]
+    processes, global_batch = job["cluster"]["num_workers"], job["train"]["global_batch"]
+    chunk = job["gradcache"]["chunk_size"]
+    tok_dir, config_dir = Path(run_dir, "tokenizer"), Path(run_dir, "model_configs")
+    tok_dir.mkdir()
+    config_dir.mkdir()
+    hf_tok = HFTokenizer.from_file(str(Path(data, "tokenizer.json")))
+    tok = Tokenizer(hf_tok, context_length)
+    hf_tok.save(str(tok_dir / "tokenizer.json"))
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(        # as `contrast export --format open_clip`
+        {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length,
+         "pad_token": hf_tok.id_to_token(tok.pad_id), "eos_token": hf_tok.id_to_token(tok.eot_id)}))
+    model_cfg = open_clip_model_cfg(Architecture(NAMED_SPECS[job["model"]["name"]], image_size, context_length,
+                                                 tok.vocab_size), hf_tokenizer=True)
+    model_cfg["text_cfg"]["hf_tokenizer_name"] = str(tok_dir)
+    (config_dir / f"{OPEN_CLIP_MODEL}.json").write_text(json.dumps(model_cfg, indent=1))
+    shards = sorted(str(s) for s in Path(data).glob("*.tar"))
+    args = ["--model", OPEN_CLIP_MODEL, "--train-data", "::".join(shards), "--dataset-type", "webdataset",
+            "--train-num-samples", str(global_batch * steps), "--batch-size", str(chunk),
+            "--accum-freq", str(global_batch // processes // chunk), "--epochs", "1",
+            "--lr", str(job["train"]["lr"]), "--warmup", str(job["train"]["warmup_steps"]),
+            "--wd", "0.2",                                                # our train.weight_decay's default
+            "--seed", str(job["seed"]), "--precision", "fp32", "--workers", "0",
+            "--device", "cpu", "--dist-backend", "gloo", "--log-every-n-steps", "1", "--save-frequency", "1",
+            "--report-to", "", "--logs", str(Path(run_dir, "logs")), "--name", "run"]
+    args_file = Path(run_dir, "open_clip_args.json")
+    args_file.write_text(json.dumps(args, indent=1))
+    return [str(config_dir), str(args_file)]
+
+
+def open_clip_marks(output: str) -> tuple[float, float]:
+    """The end of the first and last optimizer steps, as the open_clip worker printed them."""
+    found = re.search(re.escape(OPEN_CLIP_MARK) + r"(\{[^{}]*\})", output)   # rank 1's logs share the pipe
+    if found is None:
+        raise RuntimeError(f"no {OPEN_CLIP_MARK!r} line in the open_clip side's output:\n{output[-3000:]}")
+    marks = json.loads(found.group(1))
+    return marks["first"], marks["last"]
 
 
 # ---------------------------------------------------------------------------- measuring a run
@@ -164,15 +256,23 @@ def tensorboard_marks(run_dir: str):
 
 
 def plain_marks(output: str) -> tuple[float, float]:
+    """The end of the first and last steps, as the plain loop printed them."""
     line = next(x for x in output.splitlines() if x.startswith(PLAIN_MARK))
     marks = json.loads(line[len(PLAIN_MARK):])
     return marks["first"], marks["last"]
 
 
-def run_side(side: str, data: str, tmp: str, steps: int, index: int) -> tuple[dict[str, float], str]:
+def run_side(side: str, data: str, tmp: str, steps: int, index: int,
+             open_clip_venv: Path | None = None) -> tuple[dict[str, float], str]:
+    """One measured run of `side` (ours, plain, open_clip) in a fresh run folder under `tmp`."""
     import yaml
     run_dir = os.path.join(tmp, f"{side}-{index}")
     os.makedirs(run_dir)
+    if side == "open_clip":
+        assert open_clip_venv is not None
+        return measure([str(open_clip_venv / "bin" / "torchrun"), "--standalone", "--nproc_per_node", "2",
+                        str(OPEN_CLIP_WORKER), *open_clip_job(data, run_dir, steps)],
+                       open_clip_env(), open_clip_marks)
     config = os.path.join(run_dir, "config.yaml")
     Path(config).write_text(yaml.safe_dump(job_config(data, run_dir, steps)))
     env = {**os.environ, **ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent.parent),
@@ -191,42 +291,60 @@ ROWS = [("first_step_s", "launch → end of step 1", "s"), ("teardown_s", "end o
 
 
 def main() -> None:
+    """Measure the sides (ours, plain, open_clip when its venv works) alternately and print the medians."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--data", help="a synthetic dataset's train folder (default: synthesise 4096 samples)")
     p.add_argument("--json", help="also write the medians here")
+    p.add_argument("--open-clip-venv", type=Path, default=Path.home() / ".cache" / "open-clip-venv",
+                   help="open_clip's side venv (../shared/tools/make-open-clip-venv.sh; default %(default)s); "
+                        "the open_clip column appears only when it works")
     p.add_argument("--plain-worker", metavar="CONFIG", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.plain_worker:
         plain_worker(args.plain_worker)
         return
+    sides = ["ours", "plain"]
+    why_not = open_clip_unusable(args.open_clip_venv)
+    if why_not is None:
+        sides.append("open_clip")
+    else:
+        print(f"open_clip column skipped: {why_not}", flush=True)
     with tempfile.TemporaryDirectory(prefix="startup-bench-") as tmp:
         data = args.data
         if data is None:
             from pipeline.data import synthesize
             synthesize(tmp + "/synth", 4096, eval_samples=8, image_size=64, shard_size=512, progress=False)
             data = tmp + "/synth/train"
-        for side in ("ours", "plain"):
-            run_side(side, data, tmp, args.steps, -1)                # warm-up: builds, page cache
-        results: dict[str, list[dict[str, float]]] = {"ours": [], "plain": []}
+        for side in sides:
+            run_side(side, data, tmp, args.steps, -1, args.open_clip_venv)     # warm-up: builds, page cache
+        results: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
         lines = []
         for i in range(args.repeats):
-            for side in ("ours", "plain"):
-                figures, output = run_side(side, data, tmp, args.steps, i)
+            for side in sides:
+                figures, output = run_side(side, data, tmp, args.steps, i, args.open_clip_venv)
                 results[side].append(figures)
-                lines += re.findall(r"start-up: .*", output)
-                print(f"  run {i} {side:5s} " + "  ".join(f"{k} {v:.2f}" for k, v in figures.items()), flush=True)
+                if side == "ours":
+                    lines += re.findall(r"start-up: .*", output)
+                print(f"  run {i} {side:9s} " + "  ".join(f"{k} {v:.2f}" for k, v in figures.items()), flush=True)
     med = {side: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for side, runs in results.items()}
     print(f"\n2 processes, tiny model, global batch 256, gradient cache chunk 32, {args.steps} steps, CPU; "
           f"medians of {args.repeats}")
-    print(f"{'':34s} {'ours':>8s} {'plain':>8s} {'ratio':>7s}")
+    open_clip = "open_clip" in med
+    header = f"{'':34s} {'ours':>8s} {'plain':>8s} {'ours/pl' if open_clip else 'ratio':>7s}"
+    print(header + (f" {'open_clip':>9s} {'ours/oc':>7s}" if open_clip else ""))
     for key, label, unit in ROWS:
         ours, plain = med["ours"][key], med["plain"][key]
-        print(f"{label + ' (' + unit + ')':34s} {ours:8.2f} {plain:8.2f} {ours / plain:7.2f}")
+        row = f"{label + ' (' + unit + ')':34s} {ours:8.2f} {plain:8.2f} {ours / plain:7.2f}"
+        if open_clip:
+            oc = med["open_clip"][key]
+            row += f" {oc:9.2f} {ours / oc:7.2f}"
+        print(row)
     print("\nour start-up, as the last run logged it:\n  " + (lines[-1] if lines else "(no start-up line)"))
     if args.json:
-        Path(args.json).write_text(json.dumps({"medians": med, "runs": results, "startup_lines": lines}, indent=1))
+        Path(args.json).write_text(json.dumps({"medians": med, "runs": results, "startup_lines": lines,
+                                               "open_clip_skipped": why_not}, indent=1))
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ def main() -> None:
     from ray.train.torch import TorchTrainer
 
     from pipeline import storage
-    from pipeline.orchestrate import connect
+    from pipeline.cluster import connect
     with tempfile.TemporaryDirectory(prefix="train-overhead-") as tmp:
         data = args.data
         if data is None:

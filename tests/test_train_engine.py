@@ -26,7 +26,7 @@ from pipeline.train.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from pipeline.train.engine import MUON_MODULE, deepspeed_config, lr_factor, param_groups, warmup_cosine
+from pipeline.train.engine import deepspeed_config, lr_factor, param_groups, warmup_cosine
 from pipeline.train.metrics import logged_steps
 
 LN100 = math.log(100.0)
@@ -277,8 +277,8 @@ def _engine_checks(rank: int, world_size: int, tmp: str) -> dict:
             except pickle.UnpicklingError as e:
                 results["exploit_loaded"] = False
                 results["refusal"] = str(e)
-    muon = sys.modules.get(MUON_MODULE)
-    results["muon_compiled"] = getattr(muon, "__file__", None) is not None    # the real module was imported
+    results["muon_compiled"] = [name for name, module in sys.modules.items()      # real Muon modules imported
+                                if name.startswith("deepspeed.runtime.zero.muon.") and hasattr(module, "__file__")]
     return results
 
 
@@ -301,7 +301,7 @@ def test_engine_clamps_the_fp32_master_and_consolidates_the_weights(tmp_path):
     assert res["exploit_loaded"] is False
     assert "mp_rank_00_model_states.pt: refused" in res["refusal"] and "weights_only=False" not in res["refusal"]
     assert not os.path.exists("/tmp/contrast-train-exploit")
-    assert res["muon_compiled"] is False            # ZeRO 2 and 3 stepped without DeepSpeed's Muon module
+    assert res["muon_compiled"] == []               # ZeRO 2 and 3 stepped without DeepSpeed's Muon modules
 
 
 @pytest.mark.slow

@@ -18,9 +18,10 @@ These traps of DeepSpeed 0.19 are handled here, once:
   bias correction then advances once per group per step): both are put right after the load.
 
 Three of its start-up costs are avoided (`contrast train` logs the start-up phases):
-* its ZeRO optimizers import its Muon optimizer's module (at start-up and in every gradient reduction)
-  only to ask `isinstance(optimizer, MuonWithAuxAdam)`; the module runs `torch.compile` at import: about
-  2 s of inductor imports per worker for an optimizer we never use (`_without_muon`);
+* its ZeRO optimizers import its Muon optimizer's modules (at start-up and in every gradient reduction)
+  only to ask `isinstance(optimizer, MuonWithAuxAdam)` or to find a Muon update they call for Muon
+  only; the modules run `torch.compile` at import: about 2 s of inductor imports per worker, in its first
+  step, for an optimizer we never use (`_without_muon`);
 * on CPU it builds and loads a C++ shared-memory all-reduce (35–73 s to build, then a ninja and
   compiler check at every start) that only its inference tensor parallelism calls: not built
   (`_without_inference_allreduce`);
@@ -360,7 +361,8 @@ def quiet_deepspeed(level: str) -> None:
     ds_logger.setLevel("DEBUG" if level == "debug" else "WARNING")
 
 
-MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+# DeepSpeed's Muon optimizer, and the module of its updates (imported by every ZeRO gradient reduction)
+MUON_MODULES = ("deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.runtime.zero.muon.original_muon")
 
 
 def prepare_deepspeed(config: dict[str, Any]) -> None:
@@ -372,14 +374,23 @@ def prepare_deepspeed(config: dict[str, Any]) -> None:
 
 
 def _without_muon(config: dict[str, Any]) -> None:
-    """Unless the optimizer is DeepSpeed's Muon, stand a module in for its Muon optimizer's: its
+    """Unless the optimizer is DeepSpeed's Muon, stand modules in for its Muon modules: their
     `MuonWithAuxAdam` is a class of its own, so DeepSpeed's `isinstance` checks answer False without
-    the import. A module already imported is left as it is."""
-    if "muon" in str(config.get("optimizer", {}).get("type", "")).lower() or MUON_MODULE in sys.modules:
+    the import, and their updates (which DeepSpeed calls only for a Muon optimizer) refuse to run.
+    Modules already imported are left as they are."""
+    if "muon" in str(config.get("optimizer", {}).get("type", "")).lower() or \
+            any(name in sys.modules for name in MUON_MODULES):
         return
-    stand_in = types.ModuleType(MUON_MODULE, "Stand-in: this process's optimizer is not Muon.")
-    stand_in.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {"__module__": MUON_MODULE})
-    sys.modules[MUON_MODULE] = stand_in
+    for name in MUON_MODULES:
+        stand_in = types.ModuleType(name, "Stand-in: this process's optimizer is not Muon.")
+        stand_in.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {"__module__": name})
+        stand_in.muon_update = stand_in.adam_update = _not_muon
+        sys.modules[name] = stand_in
+
+
+def _not_muon(*args: Any, **kwargs: Any) -> None:
+    raise RuntimeError("DeepSpeed called a Muon update, but this process's optimizer is not Muon: its Muon modules "
+                       "are stand-ins (pipeline.train.engine.prepare_deepspeed)")
 
 
 def _without_inference_allreduce() -> None:

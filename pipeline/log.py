@@ -61,8 +61,10 @@ class Timeline:
         self.marks: list[tuple[str, float]] = [(name, float(at)) for name, at in marks]
 
     def mark(self, phase: str, at: Optional[float] = None) -> None:
-        """`phase` ended now (or at `at`)."""
-        self.marks.append((phase, time.time() if at is None else at))
+        """`phase` ended now, or at `at` but not before the previous phase (a worker process Ray started
+        ahead of its use took no time of the start-up to start)."""
+        at = time.time() if at is None else max(at, self.marks[-1][1] if self.marks else self.origin)
+        self.marks.append((phase, at))
 
     def elapsed(self) -> float:
         return (self.marks[-1][1] if self.marks else self.origin) - self.origin

@@ -29,6 +29,8 @@ def test_timeline_phases_add_up():
     again = Timeline.from_dict(t.to_dict())
     again.mark("c", at=104.5)
     assert again.summary() == "4.5 s (a 1.5, b 2.5, c 0.5)" and t.elapsed() == 4.0
+    again.mark("d", at=103.0)                                   # began before "c" ended: took no time of its own
+    assert again.summary() == "4.5 s (a 1.5, b 2.5, c 0.5, d 0.0)"
 
 
 def process_titles(pid: int, titles: set[str], done: threading.Event) -> None:

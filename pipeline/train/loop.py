@@ -34,7 +34,7 @@ def launched_worker(payload: dict[str, Any]) -> None:
     """The Ray Train entry point of `pipeline.orchestrate.train`: `payload` holds the run config
     (`config`) and the driver's start-up timeline (`startup`), which this worker continues."""
     startup = Timeline.from_dict(payload["startup"])
-    startup.mark("ray train", at=process_start_time())        # controller, helper actors, this process
+    startup.mark("ray train", at=process_start_time())        # the worker group, this process
     train_worker(payload["config"], startup)
 
 

@@ -7,6 +7,7 @@ such a job uses: no autoscaler monitor (nothing autoscales one machine) and no d
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import sys
@@ -72,8 +73,10 @@ def connect(cfg: Config) -> bool:
     eval_cpus = cfg.eval.cpus if cfg.eval.schedule != "off" else 0
     needed = cfg.cluster.max_workers * cfg.cluster.cpus_per_worker + eval_cpus
     global _local_node
-    _local_node = _start_local_node(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)))
-    ray.init(address=_local_node.address, log_to_driver=True)
+    num_cpus = max(os.cpu_count() or 1, int(needed + 0.999))
+    _local_node = _start_local_node(num_cpus)
+    ray.init(address=_local_node.address, log_to_driver=True, logging_level=logging.WARNING)   # not "existing"
+    log.info("started a local Ray: %d CPUs, its servers on 127.0.0.1 (GCS %s)", num_cpus, _local_node.address)
     if ray.util.get_node_ip_address() != "127.0.0.1":
         log.warning("Ray was imported before contrast chose its single-machine mode: the local Ray's servers "
                     "listen on every interface (token authentication still guards them)")

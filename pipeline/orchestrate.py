@@ -1,7 +1,8 @@
 """The Ray driver: training as a Ray Train `TorchTrainer` of `train_worker`s, the eval actor beside it.
 
-One code path for every scale: a local Ray on a laptop (dashboard off, bound to 127.0.0.1) or a
-cluster at `cluster.address`; the tests, the demo and a multi-node run all come through `train`.
+One code path for every scale: a local Ray on a laptop or a cluster at `cluster.address` (`pipeline.cluster`);
+the tests, the demo and a multi-node run all come through `train`. Ray Train's controller loop runs here,
+in the driver.
 """
 from __future__ import annotations
 

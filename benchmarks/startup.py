@@ -150,6 +150,7 @@ def open_clip_job(data: str, run_dir: str, steps: int) -> list[str]:
     from pipeline.data import Tokenizer
     from pipeline.models.configs import NAMED_SPECS
     from pipeline.models.convert import Architecture, open_clip_model_cfg
+    from pipeline.models.export import write_hf_tokenizer_config
 
     job = job_config(data, run_dir, steps)
     image_size, context_length = job["data"]["image_size"], job["data"]["context_length"]
@@ -161,9 +162,7 @@ def open_clip_job(data: str, run_dir: str, steps: int) -> list[str]:
     hf_tok = HFTokenizer.from_file(str(Path(data, "tokenizer.json")))
     tok = Tokenizer(hf_tok, context_length)
     hf_tok.save(str(tok_dir / "tokenizer.json"))
-    (tok_dir / "tokenizer_config.json").write_text(json.dumps(        # as `contrast export --format open_clip`
-        {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length,
-         "pad_token": hf_tok.id_to_token(tok.pad_id), "eos_token": hf_tok.id_to_token(tok.eot_id)}))
+    write_hf_tokenizer_config(tok, context_length, tok_dir)         # as `contrast export --format open_clip`
     model_cfg = open_clip_model_cfg(Architecture(NAMED_SPECS[job["model"]["name"]], image_size, context_length,
                                                  tok.vocab_size), hf_tokenizer=True)
     model_cfg["text_cfg"]["hf_tokenizer_name"] = str(tok_dir)

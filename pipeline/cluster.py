@@ -110,8 +110,8 @@ def stop_ray(started_here: bool) -> None:
     global _local_node
     if ray.is_initialized():
         ray.shutdown()
-    node, _local_node = (_local_node, None) if started_here else (None, _local_node)
-    if node is not None:
+    if started_here and _local_node is not None:
+        node, _local_node = _local_node, None
         servers = [psutil.Process(info.process.pid) for infos in node.all_processes.values() for info in infos
                    if info.process.poll() is None]
         _kill([p for server in servers for p in _with_children(server)])

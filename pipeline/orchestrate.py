@@ -68,7 +68,7 @@ def train(cfg: Config) -> Trained:
     startup.mark("python, imports, config")
     cfg = absolute_paths(cfg)
     with hold(cfg.run_dir, cfg.cluster.lease_ttl_s, "contrast train") as lease, Interrupts() as signals:
-        progress, started_here = Progress(cfg.run_dir), False
+        progress, started_here, interrupted = Progress(cfg.run_dir), False, False
         try:
             preflight(cfg)
             startup.mark("preflight")
@@ -80,18 +80,18 @@ def train(cfg: Config) -> Trained:
             trained = _fit(cfg, lease, startup, started_here)
             stopped = interrupts.stopped_at(cfg.run_dir)  # a worker had the signal and stopped after a checkpoint
             if stopped is not None:
-                _bounded(lambda: stop_ray(started_here), timeout_s=20)
+                interrupted = True
                 raise TrainingInterrupted(stopped[0], stopped[1], latest_step(cfg.run_dir))
             return trained
         except _Signal as e:
+            interrupted = True
             _bounded(progress.read, timeout_s=3)          # the newest step, if Ray still answers
-            _bounded(lambda: stop_ray(started_here), timeout_s=20)    # its processes may have had the signal too
             resume = latest_step(cfg.run_dir)
             raise TrainingInterrupted(e.signum, max(progress.step or 0, resume or 0), resume) from None
         finally:
             progress.stop()
-            if started_here:                              # nothing of the run is left in it
-                _bounded(lambda: stop_ray(started_here), timeout_s=20)
+            if started_here or interrupted:               # a local Ray ends with its run; an interrupt leaves any
+                _bounded(lambda: stop_ray(started_here), timeout_s=20)   # (its processes may have had the signal)
 
 
 def _fit(cfg: Config, lease: Lease, startup: Timeline, started_here: bool) -> Trained:

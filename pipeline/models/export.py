@@ -147,10 +147,14 @@ def _write_hf(published: Published, out: Path) -> str:
 
 
 def _write_hf_tokenizer_config(published: Published, out: Path) -> None:
-    """tokenizer_config.json: `AutoTokenizer` (and open_clip's HFTokenizer) load tokenizer.json as a fast tokenizer."""
-    tok, model = published.tokenizer, published.model
+    write_hf_tokenizer_config(published.tokenizer, published.model.context_length, out)
+
+
+def write_hf_tokenizer_config(tok: Any, context_length: int, out: Path) -> None:
+    """tokenizer_config.json for our tokenizer `tok` (`pipeline.data.Tokenizer`): `AutoTokenizer` (and
+    open_clip's HFTokenizer) load the folder's tokenizer.json as a fast tokenizer."""
     names = HFTokenizer.from_str(tok.to_json())
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.context_length,
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length,
               "pad_token": names.id_to_token(tok.pad_id), "eos_token": names.id_to_token(tok.eot_id)}
     (out / HF_TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
 

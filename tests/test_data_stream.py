@@ -355,3 +355,20 @@ def _alive(p) -> bool:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_tar_urls_listed_one_by_one_take_their_counts_from_the_folders_manifest(data, tmp_path, caplog):
+    from pipeline.data.shards import resolve_shards, with_counts
+    with open(f"{data}/manifest.json") as f:
+        manifest = json.load(f)
+    tars = [f"{data}/{s['name']}" for s in manifest["shards"]]
+    listed = resolve_shards(tars[:3] + [f"{data}/{{00003..00004}}.tar"])
+    assert [s.samples for s in listed] == [s["samples"] for s in manifest["shards"][:5]]
+    with caplog.at_level("INFO", logger="pipeline"):
+        with_counts(listed)
+    assert "without a manifest" not in caplog.text                  # nothing read to count
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    make_shard(lone / "a.tar", [("k0", {"txt": b"a red circle", "png": image_bytes()})])
+    (no_manifest,) = resolve_shards([str(lone / "a.tar")])
+    assert no_manifest.samples is None                               # counted by reading, as before

@@ -162,7 +162,18 @@ def resolve_shards(urls: str | Sequence[str], allow_pipe: bool = False) -> list[
             shards.extend(Shard(u) for u in braceexpand.braceexpand(item))
         else:
             shards.extend(_from_folder(item.rstrip("/")))
-    return shards
+    return _counts_from_manifests(shards)
+
+
+def _counts_from_manifests(shards: list[Shard]) -> list[Shard]:
+    """Shards named one by one (tar URLs, brace patterns) take their sample counts from the manifest.json
+    of their folder when it lists them: one read per folder instead of reading every tar to count it."""
+    folders = {posixpath.dirname(s.url) for s in shards if s.samples is None and not s.url.startswith("pipe:")}
+    counts: dict[str, int] = {}
+    for folder in folders:
+        if storage.exists(storage.join(folder, MANIFEST)):
+            counts.update((s.url, s.samples) for s in _from_manifest(storage.join(folder, MANIFEST)))
+    return [replace(s, samples=counts[s.url]) if s.samples is None and s.url in counts else s for s in shards]
 
 
 COUNT_THREADS = 16                         # shards counted at once (the work is mostly waiting for bytes)

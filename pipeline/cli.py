@@ -194,7 +194,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    out = run_pipeline(load_config(args.config, args.overrides))
+    out = run_pipeline(_run_config(args))
     print(f"report: {out['report']}")
     print(f"final metrics (step {out['step']}; {out['seconds']:.0f} s in all):")
     print(format_metrics(out["metrics"]))
@@ -205,7 +205,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = _run_config(args)
     trained = train(cfg)
     print(f"trained to step {cfg.train.steps}; resume checkpoint: {latest_checkpoint(cfg.run_dir)}")
     if trained.evaluated:
@@ -214,6 +214,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"evaluation of step {step} failed: {error} (retry with `contrast watch {cfg.run_dir} --once`)",
               file=sys.stderr)
     return 0
+
+
+def _run_config(args: argparse.Namespace) -> Config:
+    """The run config of `train`/`run`: `-v` and `-q` set the workers' `logging.level` too."""
+    level = ["logging.level=debug"] if args.verbose else ["logging.level=warning"] if args.quiet else []
+    return load_config(args.config, [*args.overrides, *level])
 
 
 def _positive_int(text: str) -> int:
@@ -236,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distributed contrastive image-text pretraining: data → train → eval → report.",
         epilog="Overrides are dotted keys with YAML values, e.g. train.global_batch=4096 loss.name=siglip. "
                "`contrast config CONFIG` prints the resolved config.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging, in the workers too (with Ray's, Ray Train's and DeepSpeed's own lines)")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

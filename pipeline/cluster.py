@@ -52,6 +52,8 @@ def connect(cfg: Config) -> bool:
         return False
     local = not cfg.cluster.address
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if cfg.logging.level != "debug":              # our lines name their rank or stage; -v keeps Ray's "(pid=…)"
+        os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
     os.environ["RAY_AUTH_MODE"] = cfg.cluster.auth
     if cfg.cluster.auth == "token" and local:
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)

@@ -16,7 +16,9 @@ The stages talk only through these artifacts, so their names are defined once, h
         eval/step_{N:08d}.json         one evaluation result
         eval/claims/                   who evaluates what (exactly-once claims)
         tensorboard/                   training scalars; tensorboard/eval/ the eval stage's own
-        ray/                           Ray Train's records
+        progress.json                  the newest logged step: loss, samples/s, ETA, data read per source
+        events/{ms}-{kind}.json        attempts started, failures, stops (what `contrast status` lists)
+        ray/                           Ray Train's own storage: its check that every node sees run_dir
         lease/{generation:08d}.json    who trains into this run_dir now (one writer at a time)
         report.html
 
@@ -69,6 +71,8 @@ CLAIMS = "claims"
 TENSORBOARD = "tensorboard"
 RAY = "ray"
 LEASE = "lease"
+PROGRESS = "progress.json"
+EVENTS = "events"
 
 # ------------------------------------------------- a synthesised dataset's folders (`contrast data synth`)
 DATASET_TRAIN = "train"
@@ -144,6 +148,14 @@ def tensorboard_dir(run_dir: str) -> str:
 def eval_tensorboard_dir(run_dir: str) -> str:
     """The eval stage's event files, apart from training's (no training rank writes there)."""
     return _join(run_dir, TENSORBOARD, EVAL)
+
+
+def progress_url(run_dir: str) -> str:
+    return _join(run_dir, PROGRESS)
+
+
+def events_dir(run_dir: str) -> str:
+    return _join(run_dir, EVENTS)
 
 
 def lease_dir(run_dir: str) -> str:

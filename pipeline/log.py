@@ -10,16 +10,22 @@ from typing import Optional
 
 import psutil
 
-_FORMAT = "%(asctime)s %(levelname).1s %(rank)s%(name)s: %(message)s"
+_FORMAT = "%(asctime)s %(levelname).1s %(rank)s%(where)s: %(message)s"
 
 
-class _RankFilter(logging.Filter):
-    def __init__(self, rank: int | None) -> None:
+class _Context(logging.Filter):
+    """The rank (in a worker) and where a line comes from: its stage (`train`, `eval`, `data`, …), or the
+    whole module name when logging debug."""
+
+    def __init__(self, rank: int | None, debug: bool) -> None:
         super().__init__()
         self.prefix = f"[rank {rank}] " if rank is not None else ""
+        self.debug = debug
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.rank = self.prefix
+        parts = record.name.split(".")
+        record.where = record.name if self.debug or len(parts) < 2 else parts[1]
         return True
 
 
@@ -33,7 +39,7 @@ def setup_logging(level: str | int = "info", rank: int | None = None) -> None:
         logger.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
-    handler.addFilter(_RankFilter(rank))
+    handler.addFilter(_Context(rank, debug=logger.level <= logging.DEBUG))
     logger.addHandler(handler)
     logger.propagate = False
 

@@ -6,10 +6,12 @@ in the driver.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import secrets
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -28,6 +30,7 @@ from pipeline.train import interrupts
 from pipeline.train.checkpoint import find_resume, latest_checkpoint, progress_key, refuse_existing
 from pipeline.train.lease import Lease, hold
 from pipeline.train.loop import launched_worker
+from pipeline.train.progress import FAILED, record_event
 
 log = get_logger(__name__)
 
@@ -68,7 +71,7 @@ def train(cfg: Config) -> Trained:
     startup.mark("python, imports, config")
     cfg = absolute_paths(cfg)
     with hold(cfg.run_dir, cfg.cluster.lease_ttl_s, "contrast train") as lease, Interrupts() as signals:
-        progress, started_here, interrupted = Progress(cfg.run_dir), False, False
+        progress, started_here, interrupted = Progress(cfg.run_dir, bar_total=bar_total(cfg)), False, False
         try:
             preflight(cfg)
             startup.mark("preflight")
@@ -95,7 +98,7 @@ def train(cfg: Config) -> Trained:
 
 
 def _fit(cfg: Config, lease: Lease, startup: Timeline, started_here: bool) -> Trained:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
     c = cfg.cluster
     resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.use_gpu else {})}
@@ -108,7 +111,8 @@ def _fit(cfg: Config, lease: Lease, startup: Timeline, started_here: bool) -> Tr
         torch_config=torch_config(cfg),
         run_config=RunConfig(name=time.strftime("train-%Y%m%d-%H%M%S"), **ray_storage(cfg.run_dir),
                              failure_config=FailureConfig(max_failures=c.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)))
+                             callbacks=[failure_events(cfg.run_dir)],
+                             logging_config=LoggingConfig(log_level=ray_train_log_level(cfg))))
     evaluator = start_eval_actor(cfg) if cfg.eval.schedule != "off" else None
     fit = Background(trainer.fit)
     try:
@@ -258,13 +262,21 @@ class Interrupts:
             signal.signal(s, handler)
 
 
-class Progress:
-    """The last step rank 0 finished (`report_progress`), polled from Ray's key-value store every few
-    seconds, so that an interrupt can name it even when the signal also took Ray's own processes."""
+def bar_total(cfg: Config) -> Optional[int]:
+    """The steps of a progress bar, when there is one: on a terminal, unless `logging.progress` is off."""
+    return cfg.train.steps if cfg.logging.progress and sys.stderr.isatty() else None
 
-    def __init__(self, run_dir: str, every_s: float = 2.0):
-        self.key, self.every_s = progress_key(run_dir), every_s
+
+class Progress:
+    """The last step rank 0 finished (`report_progress`), polled from Ray's key-value store, so that an
+    interrupt can name it even when the signal also took Ray's own processes; with `bar_total`, drawn as
+    a progress bar from the first step on. The bar is Ray's (`tqdm_ray`): Ray clears it while it prints
+    the workers' lines, and draws it again after them."""
+
+    def __init__(self, run_dir: str, every_s: float = 2.0, bar_total: Optional[int] = None):
+        self.key, self.every_s = progress_key(run_dir), (0.5 if bar_total else every_s)
         self.step: Optional[int] = None
+        self.bar_total, self.bar = bar_total, None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="contrast-progress", daemon=True)
 
@@ -273,11 +285,25 @@ class Progress:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2 * self.every_s)
+        if self.bar is not None:
+            with contextlib.suppress(Exception):              # the last step, if Ray still answers
+                self.read()
+            self.bar.close()
 
     def read(self) -> None:
         from ray.experimental import internal_kv
         value = internal_kv._internal_kv_get(self.key)
         self.step = int(value) if value else self.step
+        if self.bar_total and self.step:
+            self._draw(self.step)
+
+    def _draw(self, step: int) -> None:
+        if self.bar is None:
+            from ray.experimental.tqdm_ray import tqdm
+            self.bar = tqdm(desc="train", total=self.bar_total, unit="step")
+        self.bar.update(step - self.bar.n)
 
     def _poll(self) -> None:
         while not self._stop.wait(self.every_s):
@@ -416,6 +442,30 @@ def _backend(local: bool) -> type:
     return ContrastBackend
 
 
+def failure_events(run_dir: str) -> Any:
+    """A Ray Train callback (it runs here, in the driver's controller) recording each failure of the worker
+    group in `run_dir/events/` with every failing worker's own error, whether Ray Train restarts the group
+    after it or gives up: `contrast status` lists them."""
+    from ray.train import UserCallback
+
+    class FailureEvents(UserCallback):
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+            errors = {str(rank): _worker_error(e) for rank, e in sorted(worker_exceptions.items())}
+            record_event(run_dir, FAILED, errors=errors)
+    return FailureEvents()
+
+
+def _worker_error(error: BaseException) -> str:
+    cause = getattr(error, "cause", None) or error
+    return f"{type(cause).__name__}: {cause}"
+
+
+def ray_train_log_level(cfg: Config) -> str:
+    """Ray Train's own console lines (its worker group's start, the process group) only at `-v`: the run
+    says what matters itself. They always reach Ray's session logs (`/tmp/ray/session_*/logs/train/`)."""
+    return "INFO" if cfg.logging.level == "debug" else "WARNING"
+
+
 def ray_storage(run_dir: str) -> dict[str, Any]:
     """Where Ray Train keeps its own records (`run_dir/ray`), through fsspec when run_dir is remote."""
     if storage.is_local(run_dir):
@@ -431,8 +481,5 @@ def failure_summary(error: BaseException) -> str:
     failures = getattr(error, "worker_failures", None)
     if not failures:
         return f"training failed: {type(error).__name__}: {error}"
-    lines = []
-    for rank, exc in sorted(failures.items()):
-        cause = getattr(exc, "cause", None) or exc
-        lines.append(f"worker {rank}: {type(cause).__name__}: {cause}")
+    lines = [f"worker {rank}: {_worker_error(exc)}" for rank, exc in sorted(failures.items())]
     return "training failed:\n  " + "\n  ".join(lines)

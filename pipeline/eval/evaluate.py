@@ -91,7 +91,7 @@ def write_result(run_dir: str, result: dict[str, Any]) -> str:
     url = eval_result_url(run_dir, result["step"])
     storage.write_json(url, result)
     headline = ", ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items() if k.endswith(HEADLINE))
-    log.info("eval step %d (%.1f s): %s; all %d metrics in %s", result["step"], result["timings"]["total_s"],
+    log.info("step %d evaluated (%.1f s): %s; all %d metrics in %s", result["step"], result["timings"]["total_s"],
              headline, len(result["metrics"]), url)
     return url
 

@@ -120,7 +120,7 @@ class Watcher:
             return False
         if storage.exists(eval_result_url(self.run_dir, ckpt.step)):   # finished by someone while we claimed
             return False
-        log.info("evaluating %s (attempt %d)", ckpt.url, claim.attempt)
+        log.debug("evaluating %s (attempt %d)", ckpt.url, claim.attempt)
         try:
             result = evaluate_checkpoint(ckpt.url, self.cfg)
         except Exception as e:
@@ -238,5 +238,5 @@ def start_eval_actor(cfg: Config) -> EvalActorHandle:
     import ray
     actor_cls = ray.remote(num_cpus=cfg.eval.cpus, max_concurrency=2)(_EvalActor)
     actor = actor_cls.remote(cfg.to_dict())
-    log.info("eval actor started: schedule %s, %.1f CPUs, watching %s", cfg.eval.schedule, cfg.eval.cpus, cfg.run_dir)
+    log.info("evaluating beside training (schedule %s, %g CPUs): %s", cfg.eval.schedule, cfg.eval.cpus, cfg.run_dir)
     return EvalActorHandle(actor)

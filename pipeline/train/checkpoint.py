@@ -42,7 +42,6 @@ from pipeline.layout import (
     parse_step,
     published_url,
     rng_file,
-    step_name,
 )
 from pipeline.log import get_logger
 from pipeline.models import save_published
@@ -135,7 +134,7 @@ def publish(engine: Engine, tokenizer: Tokenizer, cfg: Config, state: TrainState
     if get_rank() == 0:
         save_published(engine.module, tokenizer, url, state.step, samples_seen=state.samples_seen,
                        run_config=cfg, state_dict=weights)
-        log.info("published %s", url)
+        log.debug("published %s", url)
 
 
 def progress_key(run_dir: str) -> bytes:
@@ -148,18 +147,6 @@ def report_progress(run_dir: str, step: int) -> None:
     from ray.experimental import internal_kv
     if get_rank() == 0 and internal_kv._internal_kv_initialized():
         internal_kv._internal_kv_put(progress_key(run_dir), str(step).encode(), overwrite=True)
-
-
-def report_to_ray(url: str, state: TrainState, metrics: dict[str, float]) -> None:
-    """Tell Ray Train about the checkpoint (every rank calls; rank 0 attaches a pointer to `url`)."""
-    import ray.train
-    metrics = {**metrics, "step": state.step, "samples_seen": state.samples_seen}
-    with tempfile.TemporaryDirectory(prefix="ray-ckpt-") as tmp:
-        checkpoint = None
-        if get_rank() == 0:
-            storage.write_json(str(Path(tmp, "checkpoint.json")), {"url": url, "step": state.step})
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=step_name(state.step))
 
 
 # ---------------------------------------------------------------------------------- inventory

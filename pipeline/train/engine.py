@@ -37,6 +37,7 @@ import os
 import pickle
 import sys
 import types
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -355,8 +356,16 @@ def clamp_logit_scale(ds_engine: Any) -> None:
         p.ds_tensor.clamp_(lo, hi)
 
 
-def quiet_deepspeed(level: str) -> None:
-    """DeepSpeed's own logger at warnings (debug when the run logs debug): our logger reports."""
+def quiet_deepspeed(level: str, use_gpu: bool) -> None:
+    """DeepSpeed's own logger at warnings (debug when the run logs debug): our logger reports.
+
+    Without GPUs its accelerator is named (else every process warns, at import, that it found none), and
+    the deprecation warning torch gives for the collective DeepSpeed's ZeRO calls (its call, not ours:
+    `pipeline.distributed` uses the new name) is left out; any other warning still shows."""
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
     from deepspeed.utils import logger as ds_logger
     ds_logger.setLevel("DEBUG" if level == "debug" else "WARNING")
 

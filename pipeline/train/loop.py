@@ -1,8 +1,10 @@
 """The training loop of one Ray Train worker: stream → gradient-cache step → engine step → log → checkpoint."""
 from __future__ import annotations
 
+import logging
 import random
 import signal
+import time
 from typing import Any, Optional
 
 import numpy as np
@@ -20,12 +22,12 @@ from pipeline.train.checkpoint import (
     agreed_resume,
     publish,
     report_progress,
-    report_to_ray,
     save_checkpoint,
 )
 from pipeline.train.engine import Engine, quiet_deepspeed
 from pipeline.train.interrupts import Boundary, Verdict, report_stopped, training, wait_for_restart
 from pipeline.train.metrics import Meter, TrainLogger, step_scalars
+from pipeline.train.progress import DATA_ENDED, STARTED, STOPPED, record_event
 
 log = get_logger(__name__)
 
@@ -61,6 +63,7 @@ def train_worker(config: Config | dict[str, Any], startup: Optional[Timeline] = 
     if resume:
         publish(engine, stream.tokenizer, cfg, state)     # if a crash came between its checkpoint and publication
         logger.resumed(state.step, skipped_damaged=len(resume.damaged))
+    attempt_started(cfg, state.step, world, resumed=bool(resume))
     startup.mark("deepspeed")                             # its engine, and the checkpoint when resuming
     batches = meter.timed(stream)
     if cfg.checkpoint.publish_initial and state.step == 0:
@@ -71,7 +74,7 @@ def train_worker(config: Config | dict[str, Any], startup: Optional[Timeline] = 
             while state.step < cfg.train.steps:
                 batch = next(batches, None)
                 if batch is None:                  # a source with `on_end: stop` ran out, on every rank alike
-                    log.info("training ends at step %d of %d: %s", state.step, cfg.train.steps, stream.exhausted)
+                    data_ended(cfg, state.step, str(stream.exhausted))
                     break
                 with named_timeouts(f"step {state.step + 1}"):    # a stuck collective fails, naming the step
                     out, grad_norm, verdict = train_step(engine, to_device(batch, engine.device), loss_fn,
@@ -84,7 +87,7 @@ def train_worker(config: Config | dict[str, Any], startup: Optional[Timeline] = 
                                                             data=stream.stats(), meter=meter))
                     if verdict or state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.steps:
                         logger.sync()              # the curves reach the checkpoint before a resume can start there
-                        checkpoint(engine, stream, cfg, state, loss=float(out.loss))
+                        checkpoint(engine, stream, cfg, state)
                         saved = state.step
                 if verdict.stop:
                     return stop(cfg, logger, verdict.stop, state.step)
@@ -92,7 +95,7 @@ def train_worker(config: Config | dict[str, Any], startup: Optional[Timeline] = 
                     wait_for_restart(verdict.notice, state.step)
             if saved < state.step:                 # the data ended between checkpoints: keep where it ended
                 logger.sync()
-                checkpoint(engine, stream, cfg, state, loss=float(out.loss))
+                checkpoint(engine, stream, cfg, state)
     finally:
         stream.close()                             # its loader processes end with the loop
     logger.close()
@@ -111,11 +114,13 @@ def train_step(engine: Engine, batch: dict[str, Any], loss_fn: torch.nn.Module, 
     return out, grad_norm, verdict
 
 
-def checkpoint(engine: Engine, stream: Any, cfg: Config, state: TrainState, loss: float) -> None:
-    """Resume checkpoint, published weights, and the report to Ray Train (every rank calls it)."""
-    url = save_checkpoint(engine, cfg, state, gather_state(stream), stream.tokenizer)
+def checkpoint(engine: Engine, stream: Any, cfg: Config, state: TrainState) -> None:
+    """Resume checkpoint, then published weights (every rank calls it)."""
+    started = time.perf_counter()
+    save_checkpoint(engine, cfg, state, gather_state(stream), stream.tokenizer)
     publish(engine, stream.tokenizer, cfg, state)
-    report_to_ray(url, state, {"loss": loss})
+    if get_rank() == 0:
+        log.info("step %d checkpointed and published (%.1f s)", state.step, time.perf_counter() - started)
 
 
 def stop(cfg: Config, logger: TrainLogger, signum: int, step: int) -> None:
@@ -123,6 +128,7 @@ def stop(cfg: Config, logger: TrainLogger, signum: int, step: int) -> None:
     logger.close()
     if get_rank() == 0:
         report_stopped(cfg.run_dir, signum, step)
+        record_event(cfg.run_dir, STOPPED, step=step, signal=signal.Signals(signum).name)
         log.warning("stopped by %s after checkpointing step %d", signal.Signals(signum).name, step)
 
 
@@ -138,11 +144,23 @@ def setup_worker(cfg: Config) -> tuple[int, int]:
     """Logging with the rank, DeepSpeed quiet, generators seeded alike for the model's initialisation."""
     rank, world = get_rank(), get_world_size()
     setup_logging(cfg.logging.level, rank)
-    quiet_deepspeed(cfg.logging.level)
+    quiet_deepspeed(cfg.logging.level, cfg.cluster.use_gpu)
     seed_everything(cfg.seed)
-    log.info("worker %d of %d: %d torch threads, device %s", rank, world, torch.get_num_threads(),
-             "cuda" if torch.cuda.is_available() else "cpu")
+    log.log(logging.INFO if rank == 0 else logging.DEBUG, "%d workers, torch threads per worker: %d, device %s", world,
+            torch.get_num_threads(), "cuda" if torch.cuda.is_available() else "cpu")
     return rank, world
+
+
+def data_ended(cfg: Config, step: int, reason: str) -> None:
+    log.info("training ends at step %d of %d: %s", step, cfg.train.steps, reason)
+    if get_rank() == 0:
+        record_event(cfg.run_dir, DATA_ENDED, step=step, reason=reason)
+
+
+def attempt_started(cfg: Config, step: int, world: int, resumed: bool) -> None:
+    """Rank 0 records that this attempt (a first start, a restart, a resume) begins at `step`."""
+    if get_rank() == 0:
+        record_event(cfg.run_dir, STARTED, step=step, world_size=world, resumed=resumed, total=cfg.train.steps)
 
 
 def seed_everything(seed: int) -> None:

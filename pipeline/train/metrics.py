@@ -1,5 +1,8 @@
 """What a run reports while it trains: TensorBoard scalars and a console line, from rank 0.
 
+Also `progress.json` at each of those steps, and the console's progress line: step/total, loss,
+samples/s, data wait, ETA, then lr, temperature, gradient norm, memory.
+
 Scalars (global over ranks, at every `train.log_every`-th step and the last):
     train/  loss, lr, logit_scale, temperature, logit_bias, grad_norm,
             alignment, uniformity_image, uniformity_text, tolerance (with labels)
@@ -31,6 +34,7 @@ from pipeline.layout import tensorboard_dir
 from pipeline.log import get_logger
 from pipeline.losses import embedding_metrics
 from pipeline.losses.base import duplicate_groups
+from pipeline.train.progress import Eta, format_duration, write_progress
 
 log = get_logger(__name__)
 
@@ -124,21 +128,33 @@ def duplicate_rate(caption_ids: torch.Tensor) -> float:
     return float((counts[inverse] > 1).float().mean())
 
 
-def console_line(step: int, total: int, s: dict[str, float]) -> str:
-    line = (f"step {step}/{total}  loss {s['train/loss']:.4f}  lr {s['train/lr']:.2e}  "
-            f"temp {s['train/temperature']:.4f}  grad {s['train/grad_norm']:.3f}  "
-            f"{s['perf/samples_per_s']:,.0f} samples/s  data {s['perf/data_wait_fraction']:.0%}  "
-            f"mem {s['perf/peak_memory_gb']:.2f} GB")
+def console_line(step: int, total: int, s: dict[str, float], eta_s: float) -> str:
+    """The progress line: where the run is and when it ends first, then the optimisation's numbers."""
+    line = (f"step {step}/{total} ({step / total:.0%})  loss {s['train/loss']:.4f}  "
+            f"{s['perf/samples_per_s']:,.0f} samples/s  data wait {s['perf/data_wait_fraction']:.0%}  "
+            f"ETA {format_duration(eta_s)}  |  lr {s['train/lr']:.2e}  temp {s['train/temperature']:.4f}  "
+            f"grad {s['train/grad_norm']:.3f}  mem {s['perf/peak_memory_gb']:.2f} GB")
     return line + (f"  bad samples {s['data/bad_samples']:.0f}" if s["data/bad_samples"] else "")
+
+
+def progress_record(step: int, total: int, s: dict[str, float], eta_s: float) -> dict[str, Any]:
+    """What `progress.json` holds: the console line's numbers and the samples read per source."""
+    sources = sorted({tag.split("/")[1] for tag in s if tag.startswith("data/") and tag.endswith("/samples")})
+    return {"step": step, "total": total, "loss": s["train/loss"], "samples_per_s": s["perf/samples_per_s"],
+            "step_time_s": s["perf/step_time_s"], "data_wait_fraction": s["perf/data_wait_fraction"],
+            "eta_s": eta_s, "bad_samples": s["data/bad_samples"],
+            "sources": {n: {"samples": s[f"data/{n}/samples"], "bad_samples": s[f"data/{n}/bad_samples"]}
+                        for n in sources}}
 
 
 # ------------------------------------------------------------------------------------- writer
 class TrainLogger:
-    """Rank 0's console line and TensorBoard writer; on other ranks every call does nothing."""
+    """Rank 0's console line, `progress.json` and TensorBoard writer; on other ranks every call does nothing."""
 
     def __init__(self, cfg: Config, rank: int):
-        self.every, self.total = cfg.train.log_every, cfg.train.steps
+        self.every, self.total, self.run_dir = cfg.train.log_every, cfg.train.steps, cfg.run_dir
         self.enabled = rank == 0
+        self.eta = Eta(cfg.train.steps)
         self.url = tensorboard_dir(cfg.run_dir)
         self.remote = not storage.is_local(self.url)
         self.writer = None
@@ -157,7 +173,9 @@ class TrainLogger:
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return
-        log.info(console_line(step, self.total, scalars))
+        eta_s = self.eta.seconds(step, scalars["perf/step_time_s"])
+        log.info(console_line(step, self.total, scalars, eta_s))
+        write_progress(self.run_dir, progress_record(step, self.total, scalars, eta_s))
         if self.writer is None:
             return
         for tag, value in scalars.items():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import json
 import os
 import sys
 import threading
@@ -27,6 +28,7 @@ from pipeline.models.export import export
 from pipeline.models.export_st import export_text, is_text_checkpoint
 from pipeline.orchestrate import TrainingError, TrainingInterrupted, train
 from pipeline.run import run_pipeline
+from pipeline.status import format_status, run_status, status_json
 from pipeline.storage import OutOfSpace
 from pipeline.train.checkpoint import checkpoint_statuses, latest_checkpoint
 from pipeline.train.integrity import DamagedCheckpoint
@@ -185,6 +187,12 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     usable = [r.step for r in rows if r.state == "complete"]
     print(f"a resume starts from step {usable[-1]}" if usable else "no usable checkpoint: a resume would be refused"
           if any(r.state == "damaged" for r in rows) else "no complete checkpoint: training would start from step 0")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = run_status(args.run_dir)
+    print(json.dumps(status_json(status), indent=2, default=str) if args.json else format_status(status))
     return 0
 
 
@@ -358,6 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
                                        "against its manifest: sizes and sha256), and who trains into it now.")
     ckpts.add_argument("run_dir", metavar="RUN_DIR")
     ckpts.set_defaults(func=cmd_checkpoints)
+
+    status = sub.add_parser("status", help="where a run stands: trainer, progress and ETA, checkpoints, evals, events",
+                            description="Read RUN_DIR's artifacts (local or any fsspec URL; no Ray needed): who "
+                                        "trains into it, the newest logged step with its ETA, the data read per "
+                                        "source, resume and published checkpoints, eval results and failures, and "
+                                        "every start, resume, failure and stop of the run.")
+    status.add_argument("run_dir", metavar="RUN_DIR")
+    status.add_argument("--json", action="store_true", help="print everything as one JSON object")
+    status.set_defaults(func=cmd_status)
 
     report = sub.add_parser("report", help="write run_dir/report.html with training and eval plots",
                             description="Plots of training curves and eval metrics vs step, into report.html.")

@@ -18,7 +18,7 @@ The stages talk only through these artifacts, so their names are defined once, h
         tensorboard/                   training scalars; tensorboard/eval/ the eval stage's own
         progress.json                  the newest logged step: loss, samples/s, ETA, data read per source
         events/{ms}-{kind}.json        attempts started, failures, stops (what `contrast status` lists)
-        ray/                           Ray Train's own storage: its check that every node sees run_dir
+        ray/train-{time}/              Ray Train's own storage: only its check that every node sees run_dir
         lease/{generation:08d}.json    who trains into this run_dir now (one writer at a time)
         report.html
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -122,3 +123,27 @@ def test_a_signal_stops_the_run_with_how_to_resume(data, tmp_path, signum, whom)
     time.sleep(3)
     left = [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert left == []
+    stopped_at = int(re.search(r"resume from step (\d+)", message[0]).group(1))
+    status = subprocess.run([CONTRAST, "status", str(tmp_path / "run")], capture_output=True, text=True)
+    assert status.returncode == 0, status.stderr
+    assert re.search(rf"stopped by SIG(TERM|INT) after checkpointing step {stopped_at}\n", status.stdout), status.stdout
+    assert f"a resume starts at step {stopped_at}" in status.stdout and "trainer      none" in status.stdout
+
+
+def test_the_console_shows_our_lines_only_with_progress_and_eta(data, tmp_path):
+    """What a user watches: a progress line with an ETA at every log_every, and none of Ray Train's reports,
+    checkpoint records or worker-group lines, torch's or DeepSpeed's warnings (issue 23: 42 lines → 18)."""
+    proc = start_training(tmp_path / "run", data, steps=20)
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output[-4000:]
+    for noise in ("Checkpoint successfully created", "Reporting training result", "FutureWarning",
+                  "Setting accelerator", "Started training worker group", "without a manifest", "Warning:"):
+        assert noise not in output, (noise, output)
+    progress = re.findall(r"step (\d+)/20 \((\d+)%\)  loss [\d.]+  \d+ samples/s  data wait \d+%  ETA (\d+):(\d\d)",
+                          output)
+    assert [(int(s), int(p)) for s, p, _, _ in progress] == [(10, 50), (20, 100)], output
+    assert progress[-1][2:] == ("0", "00")
+    ray_files = [p.name for p in (tmp_path / "run" / "ray").rglob("*") if p.is_file()]
+    assert set(ray_files) <= {".validate_storage_marker"}, ray_files         # Ray Train's check only
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) <= 24, "\n".join(lines)

@@ -176,6 +176,25 @@ def test_a_non_finite_step_stops_the_run_and_keeps_the_good_checkpoints(one_work
         train(run, dataset, "train.steps=20", "train.lr=1e38", *ONE_WORKER)
     assert complete_steps(run) == [5, 10]
     assert not storage.exists(checkpoint_url(run, 15)) and not storage.is_complete(published_url(run, 15))
+    from pipeline.status import format_status, run_status
+    status = run_status(run)
+    kinds = [(e["kind"], e.get("resumed")) for e in status.events]
+    assert kinds[-2:] == [("started", True), ("failed", None)], kinds
+    assert "not finite" in status.events[-1]["errors"]["0"]
+    assert "failed: worker 0: NonFiniteError" in format_status(status), format_status(status)
+
+
+def test_status_reads_a_finished_run_from_its_artifacts_on_s3(s3_two_workers):
+    """`contrast status` needs nothing but the run_dir: progress, checkpoints, published steps, events."""
+    from pipeline.status import format_status, run_status
+    status = run_status(s3_two_workers.run_dir)
+    assert status.trainer is None and status.progress["step"] == status.progress["total"] == 10
+    assert status.progress["sources"]["train"]["samples"] == 10 * GLOBAL_BATCH
+    assert [c["step"] for c in status.checkpoints if c["state"] == "complete"] == [5, 10] and status.resume_step == 10
+    assert status.published == [5, 10]
+    assert [(e["kind"], e["step"]) for e in status.events] == [("started", 0), ("finished", 10)]
+    text = format_status(status)
+    assert "step 10/10 (100%)" in text and "started at step 0 of 10 with 2 workers" in text, text
 
 
 def test_a_half_published_step_is_published_on_resume(one_worker, dataset, tmp_path):

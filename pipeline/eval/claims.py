@@ -103,6 +103,16 @@ class ClaimBook:
         return claim.status == RUNNING and claim.host == socket.gethostname() and not _pid_alive(claim.pid)
 
 
+def latest_attempts(url: str) -> dict[str, Claim]:
+    """The newest attempt of every job recorded in a claims folder (what `contrast status` shows)."""
+    pattern = re.compile(r"^(.+)\.(\d{3})\.json$")
+    newest: dict[str, tuple[int, str]] = {}
+    for name in storage.listdir(url):
+        if (m := pattern.match(name)) and int(m.group(2)) >= newest.get(m.group(1), (0, ""))[0]:
+            newest[m.group(1)] = (int(m.group(2)), name)
+    return {job: Claim(**storage.read_json(storage.join(url, name))) for job, (_, name) in sorted(newest.items())}
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

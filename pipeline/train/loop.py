@@ -27,7 +27,7 @@ from pipeline.train.checkpoint import (
 from pipeline.train.engine import Engine, quiet_deepspeed
 from pipeline.train.interrupts import Boundary, Verdict, report_stopped, training, wait_for_restart
 from pipeline.train.metrics import Meter, TrainLogger, step_scalars
-from pipeline.train.progress import DATA_ENDED, STARTED, STOPPED, record_event
+from pipeline.train.progress import DATA_ENDED, FINISHED, STARTED, STOPPED, record_event
 
 log = get_logger(__name__)
 
@@ -99,6 +99,8 @@ def train_worker(config: Config | dict[str, Any], startup: Optional[Timeline] = 
     finally:
         stream.close()                             # its loader processes end with the loop
     logger.close()
+    if get_rank() == 0:
+        record_event(cfg.run_dir, FINISHED, step=state.step)
 
 
 def train_step(engine: Engine, batch: dict[str, Any], loss_fn: torch.nn.Module, weights_from: Optional[str],

@@ -3,7 +3,8 @@
 - ``progress.json``, rewritten by rank 0 at every logged step: the step, loss, throughput, ETA and the
   samples read per data source;
 - ``events/{ms}-{kind}.json``, one small file per event (an attempt started or resumed, a failure, a
-  stop), never rewritten: an object store cannot append, and readers see each event whole or not at all.
+  stop, the data's end, the last step), never rewritten: an object store cannot append, and readers see
+  each event whole or not at all.
 
 `contrast status` reads them (with the checkpoints, the lease and the eval results); nothing else does.
 """
@@ -21,7 +22,7 @@ from pipeline.log import get_logger
 
 log = get_logger(__name__)
 
-STARTED, FAILED, STOPPED, DATA_ENDED = "started", "failed", "stopped", "data-ended"
+STARTED, FAILED, STOPPED, DATA_ENDED, FINISHED = "started", "failed", "stopped", "data-ended", "finished"
 
 
 class Eta:

@@ -1,16 +1,22 @@
-"""One logging setup for the whole package: quiet by default, the rank in every worker line; and the
-start-up timeline a run reports (where the seconds before its first step went)."""
+"""One logging setup for the whole package: quiet by default, the rank in every worker line; the progress
+bars of the commands; and the start-up timeline a run reports (where the seconds before its first step went)."""
 from __future__ import annotations
 
 import logging
 import os
 import sys
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import psutil
+from tqdm import tqdm
 
 _FORMAT = "%(asctime)s %(levelname).1s %(rank)s%(where)s: %(message)s"
+
+
+def progress_bar(iterable: Any = None, *, enabled: bool = True, **kwargs: Any) -> tqdm:
+    """A tqdm bar on stderr when it is a terminal (never in a log file: a bar there is a line of `\\r`s)."""
+    return tqdm(iterable, disable=None if enabled else True, **kwargs)
 
 
 class _Context(logging.Filter):

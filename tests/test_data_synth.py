@@ -157,3 +157,15 @@ def test_a_pretrained_towers_tokenizer_json_loads():
     assert tok.eot_id == sep and tok.pad_id == 0 == tok.token_to_id("[PAD]")
     assert ids[0, 0] == cls and ids[0, -1] == sep and ids.shape == (2, 6)
     assert ids[1, :3].tolist() == [cls, tok.token_to_id("hi"), sep] and (ids[1, 3:] == 0).all()
+
+
+def test_contrast_data_synth_draws_no_bar_into_a_log_file(tmp_path):
+    """A bar belongs on a terminal; with stderr a file (a log, CI) the command writes its result lines only."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "data", "synth", "--out", str(tmp_path / "s"),
+                           "--samples", "40", "--eval-samples", "8", "--image-size", "32", "--shard-size", "20"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr and "sample/s" not in done.stderr, done.stderr
+    assert (tmp_path / "s" / "train" / "manifest.json").exists()

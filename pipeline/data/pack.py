@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from PIL import Image
-from tqdm import tqdm
 
 from pipeline import storage
 from pipeline.data.evalsets import (
@@ -42,7 +41,7 @@ from pipeline.data.samples import (
 from pipeline.data.shards import DataError, ShardWriter, read_shard
 from pipeline.data.tokenizer import train_tokenizer
 from pipeline.layout import CLASSNAMES, EVAL_SPLITS, EVAL_TEST, NSHARDS, TEMPLATES, TOKENIZER, eval_split_url
-from pipeline.log import get_logger
+from pipeline.log import get_logger, progress_bar
 
 log = get_logger(__name__)
 
@@ -301,7 +300,7 @@ def _write_checked(items: Iterator[Item], writer: ShardWriter, summary: PackSumm
     for the tokenizer. Raises DataError when nothing was usable (the writer then removes its shards)."""
     seen: set[str] = set()
     captions: list[str] = []
-    for item in tqdm(items, desc="pack", unit="sample", disable=not progress):
+    for item in progress_bar(items, enabled=progress, desc="pack", unit="sample"):
         key = safe_key(item.key)                   # sources' keys may hold '/', '.' or '..'
         reason = item.error or ("bad_key" if not key.strip("_") else "") or ("duplicate_key" if key in seen else "")
         caption, image, ext = None, None, ""

@@ -19,7 +19,6 @@ from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from pipeline import storage
 from pipeline.data.evalsets import CLASSIFICATION, RETRIEVAL, split_writer, write_set_files
@@ -27,7 +26,7 @@ from pipeline.data.samples import encode_label
 from pipeline.data.shards import ShardWriter
 from pipeline.data.tokenizer import train_tokenizer
 from pipeline.layout import DATASET_EVAL, DATASET_TRAIN, EVAL_TEST, TOKENIZER
-from pipeline.log import get_logger
+from pipeline.log import get_logger, progress_bar
 
 log = get_logger(__name__)
 
@@ -251,7 +250,7 @@ def _write_split(writer: ShardWriter, split: str, n: int, seed: int, size: int, 
     ranges = [(i, min(i + writer.shard_size, n)) for i in range(0, n, writer.shard_size)]
     captions: list[str] = []
     extra = {"created_by": "contrast data synth", "split": split, "seed": seed, "image_size": size}
-    bar = tqdm(total=n, desc=f"synth {split}", unit="sample", disable=not progress, leave=False)
+    bar = progress_bar(total=n, enabled=progress, desc=f"synth {split}", unit="sample", leave=False)
     with writer, ProcessPoolExecutor(workers) if workers > 1 else _Inline() as pool:
         chunks = pool.map(_render_range, *zip(*[(split, seed, a, b, size) for a, b in ranges]))
         for (start, _), chunk in zip(ranges, chunks):

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
-from tqdm import tqdm
 
 from pipeline import storage
 from pipeline.data.mixture import DEFAULT_SOURCE
@@ -37,7 +36,7 @@ from pipeline.data.samples import NEGATIVES, POSITIVE, QUERY, BadSample, TextPai
 from pipeline.data.shards import DataError, ShardWriter
 from pipeline.data.tokenizer import Tokenizer, train_tokenizer
 from pipeline.layout import TOKENIZER
-from pipeline.log import get_logger
+from pipeline.log import get_logger, progress_bar
 
 log = get_logger(__name__)
 
@@ -149,7 +148,7 @@ def pack_jsonl(url: str, out: str, *, shard_size: int = 1000, vocab_size: int = 
     texts: list[str] = []
     dropped = 0
     with ShardWriter(out, shard_size) as writer:
-        for key, members, source, reason in tqdm(jsonl_pairs(url), desc="pack", unit="pair", disable=not progress):
+        for key, members, source, reason in progress_bar(jsonl_pairs(url), enabled=progress, desc="pack", unit="pair"):
             if members is None or key in seen:
                 summary.skip(reason if members is None else "duplicate_key", source)
                 continue

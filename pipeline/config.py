@@ -39,15 +39,16 @@ class SynthConfig:
     """What `contrast run` synthesises when `data.train_urls` has no shards yet."""
     samples: int = 0                       # 0: never synthesise
     eval_samples: int = 1000               # per evaluation set
-    image_size: int = 64
-    shard_size: int = 1000
-    seed: int = 0
+    image_size: int = 64               # side of the synthesised images, pixels
+    shard_size: int = 1000             # samples per synthesised shard
+    seed: int = 0                      # seed of the synthesised data (not of the run)
 
 
 @dataclass
 class SourceConfig:
     """One source of a mixture (`data.sources`): its shards, its share of every batch, how it ends."""
     name: str = ""                         # names its scalars (data/<name>/...) and its position in the state
+    # its shards: URLs, brace patterns, dataset folders or manifest.json files
     urls: list[str] = field(default_factory=list)
     weight: float = 1.0                    # share of every global batch: weight / sum of the weights
     resampled: Optional[bool] = None       # None: data.resampled
@@ -56,17 +57,18 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
+    # the one-source case (named train): shard URLs, patterns, folders, manifests
     train_urls: list[str] = field(default_factory=list)
     sources: list[SourceConfig] = field(default_factory=list)   # a weighted mixture, instead of train_urls
     eval_dir: Optional[str] = None         # folder of evaluation sets (classnames.txt, templates, shards)
     image_size: int = 64                   # model input side, pixels
-    context_length: int = 77
+    context_length: int = 77           # text tokens per caption, end token included
     tokenizer: Optional[str] = None        # tokenizer.json URL; default: the one beside the manifest
     num_workers: int = 0                   # loader processes per rank
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000         # samples each virtual stream shuffles among
     streams: int = 0                       # virtual streams S (0: from global_batch); W must divide S, S divide G
     resampled: bool = False                # stream without epochs
-    max_bad_fraction: float = 0.01
+    max_bad_fraction: float = 0.01     # over this fraction of bad samples read, the run stops
     allow_pipe: bool = False               # allow `pipe:` URLs (they run shell commands)
     format: Literal["image_text", "text_pairs"] = "image_text"   # text_pairs: KEY.query.txt, KEY.pos.txt, KEY.neg.json
     hard_negatives: int = 0                # text pairs: hard negatives per row in each batch (k)
@@ -84,14 +86,16 @@ class TowerConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny"                     # or "text": the text–text dual encoder built from model.text.hf_path
-    dropout: float = 0.0
-    grad_checkpointing: bool = False
+    # tiny, small, ViT-B-32, ViT-B-16, ViT-L-14 (the built-in dual encoders), or text: the text–text dual encoder
+    # of model.text.hf_path
+    name: str = "tiny"
+    dropout: float = 0.0               # dropout probability in the towers' blocks (training only)
+    grad_checkpointing: bool = False   # recompute the blocks' activations in backward (memory for time)
     shared_tower: bool = True              # text model: one encoder for queries and passages (false: two)
     projection_dim: int = 0                # text model: project the pooled state to this size (0: no projection)
     image: TowerConfig = field(default_factory=TowerConfig)
     text: TowerConfig = field(default_factory=TowerConfig)
-    # Start from a checkpoint (README "Start from a pretrained model"): an open_clip folder or epoch_N.pt,
+    # Start from a checkpoint (docs: Models, "Start from a pretrained model"): an open_clip folder or epoch_N.pt,
     # a Hugging Face CLIPModel/SiglipModel folder, or a published checkpoint; its architecture, not `name`'s.
     init_from: Optional[str] = None
     init_from_config: Optional[str] = None  # an open_clip checkpoint file's model config: a name or a JSON
@@ -115,17 +119,17 @@ def _hyper(default: Any = None) -> Any:
 @dataclass
 class LossConfig:
     """The loss and its hyper-parameters (LOSSES.md); a hyper left at None takes the loss default."""
-    name: str = "clip"
-    tiled: bool = False
-    tile_size: int = 1024
+    name: str = "clip"                 # clip, siglip, supcon, tcl, dcl, dclw, hcl, cwcl or clip_gap
+    tiled: bool = False                # compute the loss in column tiles (memory O(local rows × tile))
+    tile_size: int = 1024              # columns per tile with tiled
     init_temperature: Optional[float] = None   # None: the loss family's default
-    learn_temperature: bool = True
-    k1: Optional[float] = _hyper()             # tcl
-    k2: Optional[float] = _hyper()             # tcl
-    sigma: Optional[float] = _hyper()          # dclw
-    beta: Optional[float] = _hyper()           # hcl
-    tau_plus: Optional[float] = _hyper()       # hcl
-    cross_uniformity: Optional[bool] = _hyper()  # clip_gap
+    learn_temperature: bool = True     # false: the logit scale stays at its initial value
+    k1: Optional[float] = _hyper()             # tcl: weight k1 of the positives' exp(−z·z⁺) term (default 5000)
+    k2: Optional[float] = _hyper()             # tcl: weight k2 of the negatives in the denominator (default 1)
+    sigma: Optional[float] = _hyper()          # dclw: temperature σ of the positive weights (default 0.5)
+    beta: Optional[float] = _hyper()           # hcl: hardness β of the negatives' weights (default 1)
+    tau_plus: Optional[float] = _hyper()       # hcl: class prior τ⁺ of the debiasing (default 0.1)
+    cross_uniformity: Optional[bool] = _hyper()  # clip_gap: add the cross-modal uniformity term (default false)
     symmetric: Optional[bool] = _hyper()       # clip: false keeps only query→passage (image→text)
     matryoshka_dims: list[int] = field(default_factory=list)   # e.g. [384, 128, 64]: loss summed over truncations
     duplicates: Literal["mask", "off"] = "mask"  # mask: pairs with identical captions are not each other's negatives
@@ -138,19 +142,20 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    global_batch: int = 256
-    lr: float = 5e-4
-    min_lr: float = 0.0
-    warmup_steps: int = 10
-    weight_decay: float = 0.2
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
+    steps: int = 100                   # optimizer steps of the whole run (a resume continues to it)
+    global_batch: int = 256            # pairs per optimizer step over all workers: every row a negative of every other
+    lr: float = 5e-4                   # peak learning rate, after the linear warm-up
+    min_lr: float = 0.0                # where the cosine ends
+    warmup_steps: int = 10             # steps of linear warm-up from 0 to lr
+    weight_decay: float = 0.2          # AdamW decoupled weight decay (not on norms, biases, embeddings, logit scale)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # AdamW's β1, β2
+    eps: float = 1e-6                  # AdamW's ε
     grad_clip: float = 1.0                 # 0 disables clipping
     precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 where the hardware has it
+    # auto: continue from the newest complete checkpoint; never: refuse a run_dir with one
     resume: Literal["auto", "never"] = "auto"
     allow_loss_change: bool = False        # resume a run under another loss.name on purpose
-    log_every: int = 10
+    log_every: int = 10                # steps between console lines, progress.json and TensorBoard scalars
     compile: bool = False                  # torch.compile the towers (inductor; on CPU it needs a C++ compiler)
 
 
@@ -164,12 +169,14 @@ class GradCacheConfig:
 class ClusterConfig:
     address: Optional[str] = None          # Ray address; None starts a local Ray
     num_workers: int | list[int] = 1       # a count, or [min, max]: as many as the cluster offers (elastic)
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0
+    use_gpu: bool = False              # one GPU (gpus_per_worker) per worker, NCCL; false: CPU and gloo
+    cpus_per_worker: float = 1.0       # CPUs Ray reserves per worker (loader processes need one each)
+    gpus_per_worker: float = 1.0       # GPUs Ray reserves per worker with use_gpu
+    # Ray placement group strategy of the workers
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # worker-group restarts (from the newest checkpoint) before the run fails; -1: no limit
     max_failures: int = 0
-    auth: Literal["token", "disabled"] = "token"   # Ray's token authentication (README "Security")
+    auth: Literal["token", "disabled"] = "token"   # Ray's token authentication (docs: Security)
     collective_timeout_s: float = 600.0    # a collective waiting longer fails the step, naming it (no hang)
     lease_ttl_s: float = 60.0              # a run_dir lease not renewed for this long is taken to be abandoned
 
@@ -189,7 +196,7 @@ class ClusterConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 50
+    every_steps: int = 50              # steps between resume checkpoints (each also published)
     keep: int = 2                          # resume checkpoints kept; published ones are all kept
     publish_initial: bool = False          # publish the starting weights as step 0 (evaluate the "before")
     grace_s: float = 60.0                  # on SIGTERM/SIGINT: time to checkpoint at the next step before stopping
@@ -197,29 +204,31 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
+    # off, every published checkpoint (every_k), or only the latest
     schedule: Literal["off", "every", "latest"] = "every"
     every_k: int = 1                       # with `every`: evaluate every k-th published checkpoint
     sets: list[str] = field(default_factory=list)   # eval set names under data.eval_dir
-    batch_size: int = 256
-    linear_probe_train_fraction: float = 0.8
+    batch_size: int = 256              # images or texts encoded at once
+    linear_probe_train_fraction: float = 0.8  # without a train split: the share of test/ the probe is fitted on
     claim_ttl_s: float = 1800.0            # a claim older than this is taken to be abandoned
     retry_s: float = 60.0                  # wait before retrying a checkpoint whose evaluation failed
     max_attempts: int = 3                  # evaluations tried per checkpoint before giving up on it
     cpus: float = 1.0                      # resources of the eval actor beside training
-    poll_s: float = 5.0
+    poll_s: float = 5.0                # seconds between looks for new published checkpoints
 
 
 @dataclass
 class LoggingConfig:
+    # debug also shows Ray's, Ray Train's and DeepSpeed's own lines (`contrast -v`)
     level: Literal["debug", "info", "warning", "error"] = "info"
-    tensorboard: bool = True
-    progress: bool = True                  # tqdm bars in the CLI
+    tensorboard: bool = True           # write TensorBoard event files under run_dir/tensorboard
+    progress: bool = True                  # a progress bar for training when the console is a terminal
 
 
 @dataclass
 class Config:
-    run_dir: str = "runs/default"
-    seed: int = 0
+    run_dir: str = "runs/default"      # folder or URL of everything the run writes (local, s3://, gs://, …)
+    seed: int = 0                      # seeds the data order, the initial weights and dropout
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

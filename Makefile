@@ -9,6 +9,8 @@ export OMP_NUM_THREADS ?= 1
 export RAY_AUTH_MODE ?= disabled
 export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED ?= 0
+# mkdocs-material prints a banner about its successor at every build
+export NO_MKDOCS_2_WARNING ?= 1
 # DeepSpeed's run-time C++ builds, per venv: a build made against another venv's torch is rebuilt (35-73 s).
 # pipeline/train/engine.py picks the same folder when this is unset.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions

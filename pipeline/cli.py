@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch = sub.add_parser("watch", help="evaluate new published checkpoints as they appear",
                            description="Scheduled evaluation: each complete published checkpoint is evaluated "
                                        "exactly once, following eval.schedule.")
-    watch.add_argument("run_dir", metavar="RUN_DIR")
+    watch.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (local or any fsspec URL)")
     watch.add_argument("--config", help="run config (default: the one in the newest checkpoint)")
     watch.add_argument("--once", action="store_true", help="evaluate what is pending, then exit")
     watch.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -356,15 +356,18 @@ def build_parser() -> argparse.ArgumentParser:
                                            "sentence-transformers or safetensors",
                             description="Export a published checkpoint with its tokenizer (sentence_transformers: "
                                         "text–text checkpoints).")
-    export.add_argument("checkpoint", metavar="CHECKPOINT")
-    export.add_argument("--format", required=True, choices=["open_clip", "hf", "safetensors", "sentence_transformers"])
+    export.add_argument("checkpoint", metavar="CHECKPOINT",
+                        help="published checkpoint folder (run_dir/published/step_N)")
+    export.add_argument("--format", required=True, choices=["open_clip", "hf", "safetensors", "sentence_transformers"],
+                        help="open_clip: local-dir: folder; hf: AutoModel folder; sentence_transformers: "
+                             "SentenceTransformer folder; safetensors: our state dict and config")
     export.add_argument("--out", required=True, help="output folder")
     export.set_defaults(func=cmd_export)
 
     ckpts = sub.add_parser("checkpoints", help="list a run's resume checkpoints: complete, damaged, in progress",
                            description="List the resume checkpoints of RUN_DIR with their state (every file checked "
                                        "against its manifest: sizes and sha256), and who trains into it now.")
-    ckpts.add_argument("run_dir", metavar="RUN_DIR")
+    ckpts.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (local or any fsspec URL)")
     ckpts.set_defaults(func=cmd_checkpoints)
 
     status = sub.add_parser("status", help="where a run stands: trainer, progress and ETA, checkpoints, evals, events",
@@ -372,13 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
                                         "trains into it, the newest logged step with its ETA, the data read per "
                                         "source, resume and published checkpoints, eval results and failures, and "
                                         "every start, resume, failure and stop of the run.")
-    status.add_argument("run_dir", metavar="RUN_DIR")
+    status.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (local or any fsspec URL)")
     status.add_argument("--json", action="store_true", help="print everything as one JSON object")
     status.set_defaults(func=cmd_status)
 
     report = sub.add_parser("report", help="write run_dir/report.html with training and eval plots",
                             description="Plots of training curves and eval metrics vs step, into report.html.")
-    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (local or any fsspec URL)")
     report.set_defaults(func=cmd_report)
 
     cfg = sub.add_parser("config", help="print the fully resolved, validated config",
@@ -409,11 +412,14 @@ def entry() -> None:
     """The `contrast` command: `main`, then Python's exit without its last part. Its threads are joined and
     its exit handlers run (logging's, Ray's) as usual; only the teardown of every imported module (torch,
     Ray, DeepSpeed: 1-1.5 s here) is skipped, once everything is written and closed."""
-    code = main()
-    threading._shutdown()                 # what Python's exit does first: wait for the non-daemon threads
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    try:
+        code = main()
+        threading._shutdown()             # what Python's exit does first: wait for the non-daemon threads
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:               # `contrast config … | head`: the reader has what it wanted
+        code = 0
     os._exit(code)
 
 

@@ -302,7 +302,7 @@ class Progress:
     def _draw(self, step: int) -> None:
         if self.bar is None:
             from ray.experimental.tqdm_ray import tqdm
-            self.bar = tqdm(desc="train", total=self.bar_total, unit="step")
+            self.bar = tqdm(desc="train", total=self.bar_total, unit="step", flush_interval_s=0)   # we poll: draw each
         self.bar.update(step - self.bar.n)
 
     def _poll(self) -> None:

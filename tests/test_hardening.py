@@ -130,12 +130,46 @@ def test_a_signal_stops_the_run_with_how_to_resume(data, tmp_path, signum, whom)
     assert f"a resume starts at step {stopped_at}" in status.stdout and "trainer      none" in status.stdout
 
 
-def test_the_console_shows_our_lines_only_with_progress_and_eta(data, tmp_path):
-    """What a user watches: a progress line with an ETA at every log_every, and none of Ray Train's reports,
-    checkpoint records or worker-group lines, torch's or DeepSpeed's warnings (issue 23: 42 lines → 18)."""
-    proc = start_training(tmp_path / "run", data, steps=20)
-    output = proc.communicate(timeout=600)[0]
-    assert proc.returncode == 0, output[-4000:]
+def in_a_terminal(args: list[str], env: dict[str, str], timeout_s: float = 600) -> tuple[int, str]:
+    """Run a command on a pseudo-terminal of 40 × 160 (as a user's console: tqdm draws bars there, never
+    into a pipe); its exit code and everything it wrote, escape sequences removed."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True)
+    os.close(slave)
+    out, deadline = b"", time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if select.select([master], [], [], 1.0)[0]:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:                           # EIO: the terminal's other side closed
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    proc.wait(30)
+    return proc.returncode, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.decode(errors="replace"))
+
+
+def test_the_console_shows_our_lines_only_with_progress_eta_and_a_bar(data, tmp_path):
+    """What a user watches in a terminal: a progress line with an ETA at every log_every and a bar that ends
+    full, and none of Ray Train's reports, checkpoint records or worker-group lines, torch's or DeepSpeed's
+    warnings (issue 23: 42 lines → 18)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    code, output = in_a_terminal(
+        [CONTRAST, "train", str(REPO / "configs/demo.yaml"), f"run_dir={tmp_path / 'run'}", f"data.train_urls=[{data}]",
+         "data.image_size=32", "data.context_length=32", "train.steps=20", "train.global_batch=32",
+         "cluster.num_workers=2", "checkpoint.every_steps=10", "eval.schedule=off", "train.log_every=10",
+         "gradcache.chunk_size=8"], env)
+    assert code == 0, output[-4000:]
     for noise in ("Checkpoint successfully created", "Reporting training result", "FutureWarning",
                   "Setting accelerator", "Started training worker group", "without a manifest", "Warning:"):
         assert noise not in output, (noise, output)
@@ -143,7 +177,9 @@ def test_the_console_shows_our_lines_only_with_progress_and_eta(data, tmp_path):
                           output)
     assert [(int(s), int(p)) for s, p, _, _ in progress] == [(10, 50), (20, 100)], output
     assert progress[-1][2:] == ("0", "00")
+    bars = re.findall(r"train: +(\d+)%\|[^|]*\| *([\d.]+)/([\d.]+)", output)
+    assert bars and bars[-1] == ("100", "20.0", "20.0"), bars[-5:]
     ray_files = [p.name for p in (tmp_path / "run" / "ray").rglob("*") if p.is_file()]
     assert set(ray_files) <= {".validate_storage_marker"}, ray_files         # Ray Train's check only
-    lines = [line for line in output.splitlines() if line.strip()]
+    lines = [line for line in re.split(r"[\r\n]+", output) if line.strip() and not line.startswith("train:")]
     assert len(lines) <= 24, "\n".join(lines)

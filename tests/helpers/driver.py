@@ -119,4 +119,4 @@ def titles(pids: list[int]) -> list[str]:
 def logged_steps(output: str) -> Counter:
     """How often each training step's console line appears in a driver's output (rank 0 logs every step
     with train.log_every=1): a step done twice appears twice."""
-    return Counter(int(m) for m in re.findall(r"pipeline\.train\.metrics: step (\d+)/", output))
+    return Counter(int(m) for m in re.findall(r"(?:pipeline\.train\.metrics|\[rank 0\] train): step (\d+)/", output))

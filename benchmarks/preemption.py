@@ -37,7 +37,7 @@ import psutil
 ENV = {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0"}
 REPO = Path(__file__).resolve().parents[1]
 CONTRAST = str(Path(sys.executable).with_name("contrast"))
-STEP_LINE = re.compile(r"pipeline\.train\.metrics: step (\d+)/")
+STEP_LINE = re.compile(r"\[rank 0\] train: step (\d+)/")
 
 
 @dataclass

@@ -1,0 +1,663 @@
+"""How each cost of the pipeline grows with the work: shards, global batch, workers, model size, run length.
+
+For each dimension the benchmark runs the same job at growing scales, each measurement in a fresh
+process (so one scale's memory cannot hide in another's), and prints a table (scale, time, peak RSS,
+bytes), the fitted growth exponent k of each cost (cost ∝ scaleᵏ, a least-squares line in log-log over
+the scales measured), the growth the design expects, and a verdict. Log-log plots go to --out.
+
+  shards   N small shards (4 samples each, hard links of one tar) with a manifest, local and on an
+           S3-compatible server on 127.0.0.1 (moto, when installed): rank 0 of 2 opens the stream
+           (resolve the shards, plan the mixture) and takes its first batch; then 20 more batches
+           (per-step time), the stream's state (bytes of the resume record), a reopen from that state
+           and its first batch (resume), and `contrast data inspect` over the shards (local only:
+           it reads every shard, linear by design). Expected: open and resume linear at most (the plan
+           lists the shards once), per step flat, plan memory linear with a small constant.
+  batch    global batch B (tiny model, 32 px, gradient cache chunk 256, tiled CLIP loss), 2 gloo ranks:
+           CPU seconds per sample and peak RSS per rank of one cached step. Expected: time per sample
+           flat until the loss's N² term shows; peak RSS growing only with the batch's own inputs and
+           embeddings (target: peak from the smallest to the largest batch ≤ 1.3×).
+  run      a `contrast train` run of S steps (tiny model), RSS of the driver and of every worker
+           sampled every second: slope of each process's RSS in MB per 1,000 steps over the second
+           half of the run, and disk use of the run folder against `checkpoint.keep`. Expected: no
+           upward slope; disk bounded.
+
+    python benchmarks/scale.py [--quick] [--only shards,batch,run] [--out build/scale]
+
+--quick (≤ 2 minutes; tests/test_scale.py runs it) measures small scales of each dimension.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0"}
+MB = 2 ** 20
+
+
+# ------------------------------------------------------------------------------------- results
+@dataclass
+class Cost:
+    """One measured cost of a dimension: its column in the table, its expected exponent."""
+    name: str
+    unit: str
+    expected: float                       # the exponent the design allows (cost ∝ scale^expected)
+    tolerance: float = 0.25               # slack above `expected` before the verdict says it grows too fast
+
+
+@dataclass
+class Dimension:
+    name: str
+    scale: str                            # what the x axis counts
+    costs: list[Cost]
+    extras: list[str] = field(default_factory=list)              # columns shown but not fitted
+    rows: list[dict[str, Any]] = field(default_factory=list)     # {"scale": x, cost name: value, ...}
+
+    def series(self, cost: str) -> tuple[list[float], list[float]]:
+        pts = [(r["scale"], r[cost]) for r in self.rows if r.get(cost) is not None and r[cost] > 0]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def exponent(xs: list[float], ys: list[float]) -> Optional[float]:
+    """k of the least-squares fit log y = k log x + c; None with fewer than two distinct scales."""
+    if len(set(xs)) < 2:
+        return None
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = statistics.fmean(lx), statistics.fmean(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+
+
+def verdicts(dim: Dimension) -> list[dict[str, Any]]:
+    """Per cost: the fitted exponent, the expected one, and whether it grows as designed."""
+    out = []
+    for c in dim.costs:
+        k = exponent(*dim.series(c.name))
+        ok = None if k is None else k <= c.expected + c.tolerance
+        out.append({"cost": c.name, "k": k, "expected": c.expected, "ok": ok})
+    return out
+
+
+def print_dimension(dim: Dimension) -> None:
+    print(f"\n== {dim.name}: cost against {dim.scale}")
+    names = [c.name for c in dim.costs] + dim.extras
+    width = [max(11, len(n)) for n in names]
+    print(f"  {dim.scale:>12}" + "".join(f" {n:>{w}}" for n, w in zip(names, width)))
+    print(f"  {'':>12}" + "".join(f" {'(' + c.unit + ')':>{w}}" for c, w in zip(dim.costs, width)))
+    for r in dim.rows:
+        print(f"  {r['scale']:>12,}" + "".join(f" {_fmt(r.get(n)):>{w}}" for n, w in zip(names, width)))
+    v = verdicts(dim)
+    print(f"  {'growth k':>12}" + "".join(f" {_k(x['k']):>{w}}" for x, w in zip(v, width)))
+    print(f"  {'expected ≤':>12}" + "".join(f" {x['expected']:>{w}.2f}" for x, w in zip(v, width)))
+    print(f"  {'verdict':>12}" + "".join(f" {_verdict(x['ok']):>{w}}" for x, w in zip(v, width)))
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return f"{v:,}"
+
+
+def _k(k: Optional[float]) -> str:
+    return "-" if k is None else f"{k:.2f}"
+
+
+def _verdict(ok: Optional[bool]) -> str:
+    return {None: "-", True: "as designed", False: "TOO FAST"}[ok]
+
+
+def plot(dim: Dimension, out: Path) -> Path:
+    """One log-log panel per cost, the points and their fitted line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(dim.costs), figsize=(3.6 * len(dim.costs), 3.2), squeeze=False)
+    for ax, c, v in zip(axes[0], dim.costs, verdicts(dim)):
+        xs, ys = dim.series(c.name)
+        ax.loglog(xs, ys, "o-")
+        ax.set_title(f"{c.name}  k={_k(v['k'])} (≤{c.expected:g})", fontsize=9)
+        ax.set_xlabel(dim.scale, fontsize=8)
+        ax.set_ylabel(c.unit, fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(dim.name, fontsize=10)
+    fig.tight_layout()
+    path = out / f"{dim.name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------- children
+def run_child(kind: str, *args: str, env: Optional[dict[str, str]] = None, timeout_s: float = 900) -> dict:
+    """`scale.py --child KIND ARGS` in a fresh interpreter; its last stdout line, parsed as JSON."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, *args]
+    full_env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                **(env or {})}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout_s)
+    if out.returncode:
+        raise RuntimeError(f"scale.py --child {kind} {' '.join(args)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ---------------------------------------------------------------------------------------- shards
+def make_shards(folder: Path, n: int, template: Path) -> str:
+    """`n` shards in `folder` (hard links of one 4-sample tar), its manifest.json and tokenizer.json."""
+    folder.mkdir(parents=True)
+    tar = template / "train" / "00000.tar"
+    size = tar.stat().st_size
+    names = [f"{i:06d}.tar" for i in range(n)]
+    for name in names:
+        os.link(tar, folder / name)
+    shutil.copy(template / "train" / "tokenizer.json", folder / "tokenizer.json")
+    manifest = {"format": "webdataset", "shards": [{"name": s, "samples": 4, "bytes": size} for s in names]}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return str(folder)
+
+
+def upload_shards(local: str, bucket_url: str) -> str:
+    """The folder's files under `bucket_url` (s3://bucket/prefix), uploaded in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+    bucket, prefix = bucket_url[len("s3://"):].split("/", 1)
+    client = boto3.client("s3")
+    files = sorted(os.listdir(local))
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda f: client.upload_file(os.path.join(local, f), bucket, f"{prefix}/{f}"), files))
+    return bucket_url
+
+
+def child_shards(url: str, steps: int, inspect: bool) -> dict:
+    """Open rank 0 of 2, first batch, `steps` more, state, resume, and `inspect`: times and bytes."""
+    from pipeline.data import open_stream
+    from pipeline.data.stream import StreamOptions
+
+    options = StreamOptions(image_size=32, context_length=16, shuffle_buffer=16)
+    base = rss_bytes()
+    start = time.perf_counter()
+    stream = open_stream(url, global_batch=16, rank=0, world_size=2, options=options)
+    opened = time.perf_counter() - start
+    plan = rss_bytes() - base
+    batches = iter(stream)
+    next(batches)
+    first = time.perf_counter() - start
+    step_start = time.perf_counter()
+    for _ in range(steps):
+        next(batches)
+    per_step = (time.perf_counter() - step_start) / steps
+    state = stream.state_dict()
+    stream.close()
+    state_bytes = len(json.dumps(state))
+    start = time.perf_counter()
+    again = open_stream(url, global_batch=16, rank=0, world_size=2, state=state, options=options)
+    next(iter(again))
+    resume = time.perf_counter() - start
+    again.close()
+    inspect_s = None
+    if inspect:
+        from pipeline.data.inspection import inspect_shards
+        start = time.perf_counter()
+        inspect_shards(url)
+        inspect_s = time.perf_counter() - start
+    return {"inspect_s": inspect_s, "open_s": opened, "first_batch_s": first, "per_step_s": per_step,
+            "plan_mb": plan / MB, "state_kb": state_bytes / 1024, "resume_s": resume,
+            "peak_rss_mb": peak_rss_bytes() / MB}
+
+
+SHARD_COSTS = [Cost("open_s", "s", 1.0), Cost("first_batch_s", "s", 1.0), Cost("plan_mb", "MB", 1.0),
+               Cost("per_step_s", "s", 0.0), Cost("state_kb", "KiB", 0.0), Cost("resume_s", "s", 1.0),
+               Cost("inspect_s", "s", 1.0)]
+
+
+def shards_dimension(scales: list[int], where: str, tmp: Path, inspect_max: int) -> Dimension:
+    """The shards dimension on local disk or (`where` = "s3") the S3 server of $AWS_ENDPOINT_URL."""
+    from pipeline.data import synthesize
+    template = tmp / "template"
+    if not template.exists():
+        synthesize(str(template), 4, eval_samples=4, image_size=32, shard_size=4, seed=0, progress=False)
+    dim = Dimension(f"shards-{where}", "shards", SHARD_COSTS if where == "local" else SHARD_COSTS[:-1])
+    for n in scales:
+        url = make_shards(tmp / f"{where}-{n}", n, template)
+        if where == "s3":
+            url = upload_shards(url, f"s3://scale-bench/shards-{n}")
+        row = run_child("shards", url, "20", str(int(where == "local" and n <= inspect_max)))
+        dim.rows.append({"scale": n, **row})
+        print(f"  {where} {n:>7,} shards: open {row['open_s']:.3f} s, first batch {row['first_batch_s']:.3f} s, "
+              f"plan {row['plan_mb']:.1f} MB", flush=True)
+    return dim
+
+
+def s3_server() -> Optional[subprocess.Popen]:
+    """A moto S3 server on 127.0.0.1 with the bucket `scale-bench`, its endpoint in the environment; None
+    when moto is not installed."""
+    exe = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable), "moto_server")
+    if not os.path.exists(exe):
+        return None
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
+                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("moto_server did not start") from None
+            time.sleep(0.2)
+    import boto3
+    boto3.client("s3").create_bucket(Bucket="scale-bench")
+    return proc
+
+
+# ----------------------------------------------------------------------------------------- batch
+def run_ranks(kind: str, world_size: int, *args: str, timeout_s: float = 1800) -> list[dict]:
+    """`scale.py --child KIND ARGS` as the `world_size` ranks of a gloo group on 127.0.0.1; each rank's JSON."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, *args]
+    procs = []
+    for rank in range(world_size):
+        env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+               "WORLD_SIZE": str(world_size)}
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    try:
+        outs = [p.communicate(timeout=timeout_s) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for rank, (p, (_, err)) in enumerate(zip(procs, outs)):
+        if p.returncode:
+            raise RuntimeError(f"rank {rank} of scale.py --child {kind} failed ({p.returncode}):\n{err[-3000:]}")
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+
+
+def child_batch(global_batch: int, chunk: int) -> dict:
+    """One rank's cached step of the tiny model at `global_batch` rows: CPU time, peak RSS, its input's bytes,
+    and the tiled loss alone on embeddings of the same shape (the N² term)."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from pipeline.config import ModelConfig
+    from pipeline.gradcache import forward_backward
+    from pipeline.losses import get_loss
+    from pipeline.models import build_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="tiny"), image_size=32, context_length=16, vocab_size=1000).train()
+    loss = get_loss("clip", tiled=True, tile_size=1024)
+    g = torch.Generator().manual_seed(rank)
+    warm = (torch.randn(2 * chunk, 3, 32, 32, generator=g), torch.randint(1, 1000, (2 * chunk, 16), generator=g))
+    forward_backward(model, *warm, loss, chunk_size=chunk)
+    n = global_batch // world
+    images, texts = torch.randn(n, 3, 32, 32, generator=g), torch.randint(1, 1000, (n, 16), generator=g)
+    model.zero_grad(set_to_none=True)
+    dist.barrier()
+    start = time.process_time()
+    forward_backward(model, images, texts, loss, chunk_size=chunk)
+    step_s = time.process_time() - start
+    peak = peak_rss_bytes()
+    with torch.no_grad():
+        dim = model(image=warm[0][:1], text=warm[1][:1])["image"].shape[1]
+    u = F.normalize(torch.randn(n, dim, generator=g), dim=1).requires_grad_()
+    v = F.normalize(torch.randn(n, dim, generator=g), dim=1).requires_grad_()
+    dist.barrier()
+    start = time.process_time()
+    loss(u, v, logit_scale=torch.tensor(1 / 0.07)).backward()
+    loss_s = time.process_time() - start
+    dist.destroy_process_group()
+    return {"step_s": step_s, "loss_s": loss_s, "peak_rss_mb": peak / MB,
+            "input_mb": (images.nbytes + texts.nbytes) / MB}
+
+
+BATCH_COSTS = [Cost("step_s_per_1k", "CPU s", 0.0), Cost("loss_s_per_1k", "CPU s", 1.0),
+               Cost("peak_rss_mb", "MB", 0.1), Cost("net_rss_mb", "MB", 0.1)]
+
+
+def batch_dimension(scales: list[int], chunk: int = 256) -> Dimension:
+    """Global batch B at 2 ranks: the medians over the ranks of each cost; time per 1,000 samples."""
+    dim = Dimension("batch", "global batch", BATCH_COSTS, extras=["input_mb", "loss_share"])
+    for b in scales:
+        ranks = run_ranks("batch", 2, str(b), str(chunk))
+        step = statistics.median(r["step_s"] for r in ranks)
+        loss = statistics.median(r["loss_s"] for r in ranks)
+        peak = max(r["peak_rss_mb"] for r in ranks)
+        inputs = ranks[0]["input_mb"]
+        dim.rows.append({"scale": b, "step_s_per_1k": step / b * 1000 * 2, "loss_s_per_1k": loss / b * 1000 * 2,
+                         "loss_share": loss / step, "peak_rss_mb": peak, "input_mb": inputs,
+                         "net_rss_mb": peak - inputs})
+        print(f"  batch {b:>6,}: step {step:.1f} CPU s per rank, loss alone {loss:.2f} s, peak RSS {peak:.0f} MB "
+              f"(input {inputs:.0f} MB)", flush=True)
+    return dim
+
+
+# ------------------------------------------------------------------------------------------- run
+STEP_LINE = re.compile(r"\[rank 0\] train: step (\d+)/")
+CONTRAST = str(Path(sys.executable).with_name("contrast"))
+
+
+def role(p: Any) -> str:
+    """driver, worker (a Ray Train worker), or ray (Ray's own processes: raylet, GCS, idle workers)."""
+    try:
+        title = " ".join(p.cmdline())
+    except Exception:                                   # gone, or a zombie
+        return "gone"
+    return "worker" if "RayTrainWorker" in title else "ray"
+
+
+class Watched:
+    """One `contrast train` attempt in a session of its own; its step lines, and the RSS of every process
+    of its tree and the run folder's disk use sampled every `every_s` seconds against the last step seen."""
+
+    def __init__(self, args: list[str], run_dir: str, samples: list[dict], every_s: float = 1.0):
+        import psutil
+        self.proc = subprocess.Popen([CONTRAST, "train", *args], env={**os.environ, **ENV}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self.step = 0
+        self.run_dir, self.samples, self.every_s = run_dir, samples, every_s
+        self._root = psutil.Process(self.proc.pid)
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if m := STEP_LINE.search(line):
+                self.step = int(m.group(1))
+
+    def _sample(self) -> None:
+        import psutil
+        while self.proc.poll() is None:
+            try:
+                tree = [self._root] + self._root.children(recursive=True)
+                rss = {p.pid: (role(p) if p is not self._root else "driver", p.memory_info().rss) for p in tree}
+            except psutil.Error:
+                continue
+            self.samples.append({"step": self.step, "rss": rss, **disk_use(self.run_dir)})
+            time.sleep(self.every_s)
+
+    def wait_for_step(self, step: int, timeout_s: float = 900) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.step < step:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"no step {step}:\n{''.join(self.lines)[-3000:]}")
+            time.sleep(0.05)
+
+    def finish(self, expect: int = 0, timeout_s: float = 1800) -> None:
+        code = self.proc.wait(timeout_s)
+        if code != expect:
+            raise RuntimeError(f"contrast train exited {code}, expected {expect}:\n{''.join(self.lines)[-3000:]}")
+
+    def kill_everything(self) -> None:
+        """SIGKILL the driver and every process it started, at once (a node gone)."""
+        import psutil
+        for p in [self._root] + self._root.children(recursive=True):
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        self.proc.wait(60)
+
+
+def disk_use(run_dir: str) -> dict[str, float]:
+    """MB under the run's resume checkpoints and its published weights."""
+    out = {}
+    for name in ("checkpoints", "published"):
+        total = 0
+        for folder, _, files in os.walk(os.path.join(run_dir, name)):
+            for f in files:
+                try:
+                    total += os.path.getsize(os.path.join(folder, f))
+                except OSError:
+                    pass
+        out[f"{name}_mb"] = total / MB
+    return out
+
+
+def run_job(data: str, run_dir: str, steps: int, every: int, keep: int, eval_every: int) -> list[str]:
+    evals = ["eval.schedule=every", f"eval.every_steps={eval_every}", "eval.sets=[zeroshot_heldout]"] \
+        if eval_every else ["eval.schedule=off"]
+    return [str(ROOT / "configs/demo.yaml"), f"run_dir={run_dir}", f"data.train_urls=[{data}/train]",
+            f"data.eval_dir={data}/eval", "data.image_size=32", "data.context_length=16", "data.shuffle_buffer=64",
+            f"train.steps={steps}", "train.global_batch=16", "train.lr=1e-5", "train.warmup_steps=0",
+            "train.log_every=1", "cluster.num_workers=2", "gradcache.chunk_size=4",
+            f"checkpoint.every_steps={every}", f"checkpoint.keep={keep}", "cluster.lease_ttl_s=3",
+            "logging.progress=false", *evals]
+
+
+def soak(data: str, run_dir: str, steps: int, every: int, keep: int, eval_every: int,
+         interruptions: list[tuple[int, str]]) -> tuple[list[dict], int]:
+    """The run to `steps`, interrupted after each (step, "SIGTERM" | "SIGKILL") and resumed at once;
+    its samples and the number of attempts."""
+    args = run_job(data, run_dir, steps, every, keep, eval_every)
+    samples: list[dict] = []
+    for at, how in interruptions:
+        attempt = Watched(args, run_dir, samples)
+        attempt.wait_for_step(at)
+        if how == "SIGTERM":
+            os.kill(attempt.proc.pid, signal.SIGTERM)
+            attempt.finish(expect=128 + signal.SIGTERM)
+        else:
+            attempt.kill_everything()
+            time.sleep(3.5)                             # the dead driver's lease (cluster.lease_ttl_s=3) expires
+        print(f"  {how} after step {attempt.step}; resuming", flush=True)
+    last = Watched(args, run_dir, samples)
+    last.finish()
+    return samples, len(interruptions) + 1
+
+
+def rss_by_step(samples: list[dict], who: str) -> list[tuple[int, float]]:
+    """(step, MB) of the largest process of role `who` ("driver", "worker", "ray": all of them summed)."""
+    out = []
+    for s in samples:
+        values = [rss for r, rss in s["rss"].values() if r == who]
+        if values and s["step"] > 0:
+            out.append((s["step"], (sum(values) if who == "ray" else max(values)) / MB))
+    return out
+
+
+def slope_per_1k(points: list[tuple[int, float]]) -> Optional[float]:
+    """MB per 1,000 steps of a least-squares line through the second half of the run's points."""
+    half = [p for p in points if p[0] >= max(q[0] for q in points) / 2]
+    if len({p[0] for p in half}) < 2:
+        return None
+    xs, ys = [p[0] for p in half], [p[1] for p in half]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return 1000 * sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+
+
+def tensorboard_steps(run_dir: str, tag: str = "train/loss") -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    steps: list[int] = []
+    folder = os.path.join(run_dir, "tensorboard")
+    for sub, _, files in os.walk(folder):
+        if any(f.startswith("events.out.tfevents") for f in files):
+            acc = EventAccumulator(sub, size_guidance={"scalars": 0})
+            acc.Reload()
+            if tag in acc.Tags()["scalars"]:
+                steps += [e.step for e in acc.Scalars(tag)]
+    return sorted(steps)
+
+
+def weights_difference(a: str, b: str) -> float:
+    """Largest absolute difference between two published model.safetensors."""
+    from safetensors.torch import load_file
+    x, y = load_file(a), load_file(b)
+    if x.keys() != y.keys():
+        raise RuntimeError(f"{a} and {b} hold different tensors")
+    return max((x[k].double() - y[k].double()).abs().max().item() for k in x)
+
+
+RUN_COSTS = [Cost("driver_mb", "MB", 0.05, 0.05), Cost("worker_mb", "MB", 0.05, 0.05),
+             Cost("ray_mb", "MB", 0.05, 0.05)]
+
+
+def run_dimension(tmp: Path, steps: int, every: int, keep: int, eval_every: int, interruptions: int,
+                  seed: int = 0) -> tuple[Dimension, dict]:
+    """A run of `steps`, `interruptions` times interrupted (SIGTERM and SIGKILL alternately at random steps)
+    and, when interrupted, an uninterrupted reference run: RSS and disk over the steps, and the checks."""
+    import random
+    data = tmp / "run-data"
+    subprocess.run([CONTRAST, "data", "synth", "--out", str(data), "--samples", "2048", "--eval-samples", "64",
+                    "--image-size", "32", "--shard-size", "128"], check=True, env={**os.environ, **ENV},
+                   capture_output=True)
+    rng = random.Random(seed)
+    ats = sorted(rng.sample(range(every // 2, steps - every // 2), interruptions))
+    plan = [(at, ("SIGTERM", "SIGKILL")[i % 2]) for i, at in enumerate(ats)]
+    start = time.monotonic()
+    samples, attempts = soak(str(data), str(tmp / "soak"), steps, every, keep, eval_every, plan)
+    wall = time.monotonic() - start
+    dim = Dimension("run", "step", RUN_COSTS, extras=["checkpoints_mb", "published_mb"])
+    marks = sorted({max(1, round(steps * f)) for f in (0.1, 0.25, 0.5, 0.75, 1.0)})
+    series = {r: rss_by_step(samples, r.split("_")[0]) for r in ("driver_mb", "worker_mb", "ray_mb")}
+    for mark in marks:
+        row: dict[str, Any] = {"scale": mark}
+        for name, pts in series.items():
+            near = [mb for st, mb in pts if abs(st - mark) <= max(5, steps // 50)]
+            row[name] = statistics.median(near) if near else None
+        disk = [s for s in samples if abs(s["step"] - mark) <= max(5, steps // 50)]
+        row["checkpoints_mb"] = max(s["checkpoints_mb"] for s in disk) if disk else None
+        row["published_mb"] = max(s["published_mb"] for s in disk) if disk else None
+        dim.rows.append(row)
+    tb = tensorboard_steps(str(tmp / "soak"))
+    kept = os.listdir(tmp / "soak" / "checkpoints")
+    one = disk_use(str(tmp / "soak"))["checkpoints_mb"] / max(1, len([k for k in kept if k.startswith("step")]))
+    checks = {"steps": steps, "attempts": attempts, "interruptions": plan, "wall_s": wall,
+              "slope_mb_per_1k": {n: slope_per_1k(p) for n, p in series.items() if p},
+              "checkpoints_mb_max": max(s["checkpoints_mb"] for s in samples), "checkpoint_mb": one,
+              "checkpoints_bound_mb": (keep + 1) * one, "keep": keep,
+              "published_mb_end": samples[-1]["published_mb"] if samples else None,
+              "tensorboard_steps_unique": len(tb) == len(set(tb)), "tensorboard_steps_complete":
+              sorted(set(tb)) == list(range(1, steps + 1))}
+    if interruptions:
+        ref_args = run_job(str(data), str(tmp / "reference"), steps, every, keep, 0)
+        Watched(ref_args, str(tmp / "reference"), []).finish()
+        final = f"published/{step_dir(steps)}/model.safetensors"
+        checks["final_weights_max_abs_diff"] = weights_difference(str(tmp / "soak" / final),
+                                                                  str(tmp / "reference" / final))
+    return dim, checks
+
+
+def step_dir(step: int) -> str:
+    from pipeline.layout import step_name
+    return step_name(step)
+
+
+def print_run_checks(checks: dict) -> None:
+    print(f"  {checks['steps']} steps in {checks['attempts']} attempts ({checks['wall_s']:.0f} s), "
+          f"interruptions {checks['interruptions'] or 'none'}")
+    for name, slope in checks["slope_mb_per_1k"].items():
+        print(f"  RSS slope over the second half, {name[:-3]:>6}: {_k(slope)} MB per 1,000 steps")
+    print(f"  resume checkpoints on disk at most {checks['checkpoints_mb_max']:.1f} MB (one: "
+          f"{checks['checkpoint_mb']:.1f} MB; bound with keep={checks['keep']} and one being written: "
+          f"{checks['checkpoints_bound_mb']:.1f} MB); published weights "
+          f"{checks['published_mb_end']:.1f} MB at the end (all kept, by design)")
+    print(f"  TensorBoard train/loss steps unique: {checks['tensorboard_steps_unique']}, "
+          f"every step 1..{checks['steps']} once: {checks['tensorboard_steps_complete']}")
+    if "final_weights_max_abs_diff" in checks:
+        print(f"  final weights vs an uninterrupted run: largest difference {checks['final_weights_max_abs_diff']:.3g}")
+
+
+# ------------------------------------------------------------------------------------------ main
+QUICK = {"shards-local": [10, 100, 1000], "shards-s3": [10, 100], "batch": [512, 2048],
+         "run": dict(steps=100, every=25, keep=2, eval_every=0, interruptions=0)}
+FULL = {"shards-local": [10, 1000, 10000, 100000], "shards-s3": [10, 1000, 10000],
+        "batch": [1024, 8192, 32768, 65536],
+        "run": dict(steps=3000, every=100, keep=2, eval_every=500, interruptions=5)}
+DIMENSIONS = ("shards", "batch", "run")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small scales of every dimension (≤ 2 minutes)")
+    ap.add_argument("--only", default=",".join(DIMENSIONS), help=f"comma-separated subset of {DIMENSIONS}")
+    ap.add_argument("--out", default="build/scale", help="folder for the plots and results.json")
+    ap.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        print(json.dumps(CHILDREN[kind](*rest)))
+        return
+    only = args.only.split(",")
+    unknown = set(only) - set(DIMENSIONS)
+    if unknown:
+        ap.error(f"--only {args.only}: unknown dimensions {sorted(unknown)}; expected some of {DIMENSIONS}")
+    scales = QUICK if args.quick else FULL
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dims: list[Dimension] = []
+    with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
+        if "shards" in only:
+            dims.append(shards_dimension(scales["shards-local"], "local", Path(tmp), inspect_max=10000))
+            server = s3_server()
+            if server is None:
+                print("  shards on S3 skipped: moto_server is not installed (pip install 'moto[server]')")
+            else:
+                try:
+                    dims.append(shards_dimension(scales["shards-s3"], "s3", Path(tmp), inspect_max=0))
+                finally:
+                    server.terminate()
+        if "batch" in only:
+            dims.append(batch_dimension(scales["batch"]))
+        run_checks = None
+        if "run" in only:
+            run_dim, run_checks = run_dimension(Path(tmp), **scales["run"])
+            dims.append(run_dim)
+    for dim in dims:
+        print_dimension(dim)
+        print(f"  plot: {plot(dim, out)}")
+    if run_checks:
+        print_run_checks(run_checks)
+    results = {d.name: {"scale": d.scale, "rows": d.rows, "verdicts": verdicts(d)} for d in dims}
+    if run_checks:
+        results["run"]["checks"] = run_checks
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"\nresults: {out / 'results.json'}")
+
+
+CHILDREN: dict[str, Callable[..., dict]] = {
+    "shards": lambda url, steps, inspect: child_shards(url, int(steps), inspect == "1"),
+    "batch": lambda batch, chunk: child_batch(int(batch), int(chunk)),
+}
+
+if __name__ == "__main__":
+    main()

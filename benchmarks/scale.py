@@ -453,6 +453,16 @@ def disk_use(run_dir: str) -> dict[str, float]:
     return out
 
 
+def synth_data(tmp: Path) -> str:
+    """2,048 synthetic samples at 32 px (and their eval sets), made once per benchmark."""
+    data = tmp / "run-data"
+    if not (data / "train" / "manifest.json").exists():
+        subprocess.run([CONTRAST, "data", "synth", "--out", str(data), "--samples", "2048", "--eval-samples", "64",
+                        "--image-size", "32", "--shard-size", "128"], check=True, env={**os.environ, **ENV},
+                       capture_output=True)
+    return str(data)
+
+
 def run_job(data: str, run_dir: str, steps: int, every: int, keep: int, eval_every: int) -> list[str]:
     evals = ["eval.schedule=every", f"eval.every_steps={eval_every}", "eval.sets=[zeroshot_heldout]"] \
         if eval_every else ["eval.schedule=off"]
@@ -536,15 +546,12 @@ def run_dimension(tmp: Path, steps: int, every: int, keep: int, eval_every: int,
     """A run of `steps`, `interruptions` times interrupted (SIGTERM and SIGKILL alternately at random steps)
     and, when interrupted, an uninterrupted reference run: RSS and disk over the steps, and the checks."""
     import random
-    data = tmp / "run-data"
-    subprocess.run([CONTRAST, "data", "synth", "--out", str(data), "--samples", "2048", "--eval-samples", "64",
-                    "--image-size", "32", "--shard-size", "128"], check=True, env={**os.environ, **ENV},
-                   capture_output=True)
+    data = synth_data(tmp)
     rng = random.Random(seed)
     ats = sorted(rng.sample(range(every // 2, steps - every // 2), interruptions))
     plan = [(at, ("SIGTERM", "SIGKILL")[i % 2]) for i, at in enumerate(ats)]
     start = time.monotonic()
-    samples, attempts = soak(str(data), str(tmp / "soak"), steps, every, keep, eval_every, plan)
+    samples, attempts = soak(data, str(tmp / "soak"), steps, every, keep, eval_every, plan)
     wall = time.monotonic() - start
     dim = Dimension("run", "step", RUN_COSTS, extras=["checkpoints_mb", "published_mb"])
     marks = sorted({max(1, round(steps * f)) for f in (0.1, 0.25, 0.5, 0.75, 1.0)})
@@ -569,7 +576,7 @@ def run_dimension(tmp: Path, steps: int, every: int, keep: int, eval_every: int,
               "tensorboard_steps_unique": len(tb) == len(set(tb)), "tensorboard_steps_complete":
               sorted(set(tb)) == list(range(1, steps + 1))}
     if interruptions:
-        ref_args = run_job(str(data), str(tmp / "reference"), steps, every, keep, 0)
+        ref_args = run_job(data, str(tmp / "reference"), steps, every, keep, 0)
         Watched(ref_args, str(tmp / "reference"), []).finish()
         final = f"published/{step_dir(steps)}/model.safetensors"
         checks["final_weights_max_abs_diff"] = weights_difference(str(tmp / "soak" / final),
@@ -597,13 +604,111 @@ def print_run_checks(checks: dict) -> None:
         print(f"  final weights vs an uninterrupted run: largest difference {checks['final_weights_max_abs_diff']:.3g}")
 
 
+# --------------------------------------------------------------------------------------- workers
+def simulated_cluster(nodes: int, cpus_per_node: int) -> Any:
+    """A Ray cluster of `nodes` nodes on this machine (a head without CPUs, the drivers' and Ray's own)."""
+    os.environ.update(ENV)
+    from ray.cluster_utils import Cluster
+    small = dict(object_store_memory=96 * MB)
+    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, include_dashboard=False, **small))
+    for _ in range(nodes):
+        cluster.add_node(num_cpus=cpus_per_node, **small)
+    cluster.wait_for_nodes()
+    return cluster
+
+
+def step_wall_times(run_dir: str, tag: str = "train/loss") -> dict[int, float]:
+    """step → wall time (epoch seconds) of its TensorBoard scalar, the last attempt's where steps repeat."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out: dict[int, float] = {}
+    for sub, _, files in os.walk(os.path.join(run_dir, "tensorboard")):
+        if any(f.startswith("events.out.tfevents") for f in files):
+            acc = EventAccumulator(sub, size_guidance={"scalars": 0})
+            acc.Reload()
+            if tag in acc.Tags()["scalars"]:
+                out.update((e.step, e.wall_time) for e in acc.Scalars(tag))
+    return out
+
+
+def cluster_worker_cpu() -> tuple[int, float]:
+    """(count, user + system CPU seconds) of the Ray Train workers under this process (the simulated
+    cluster's raylets are its children; other sessions' Ray processes on the machine are not)."""
+    import psutil
+    n, cpu = 0, 0.0
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                t = p.cpu_times()
+                n, cpu = n + 1, cpu + t.user + t.system
+        except psutil.Error:
+            pass
+    return n, cpu
+
+
+def timed_attempt(args: list[str], run_dir: str, first_step: int) -> dict[str, float]:
+    """One attempt: launch → its first step's TensorBoard time; the workers' CPU seconds by then (per worker)
+    and per step after it (all workers together); the median wall step time; the checkpoint times it
+    logged; the driver's peak RSS."""
+    launched = time.time()
+    samples: list[dict] = []
+    attempt = Watched(args, run_dir, samples, every_s=0.5)
+    cpu: list[tuple[int, int, float]] = []                 # (step seen, workers, CPU seconds)
+    while attempt.proc.poll() is None:
+        n, seconds = cluster_worker_cpu()
+        if n:
+            cpu.append((attempt.step, n, seconds))
+        time.sleep(0.25)
+    attempt.finish()
+    walls = step_wall_times(run_dir)
+    later = sorted(s for s in walls if s > first_step)
+    steps = [walls[b] - walls[a] for a, b in zip(later, later[1:])]
+    saves = [float(m.group(1)) for m in map(CHECKPOINT_LINE.search, attempt.lines) if m]
+    driver = [rss for s in samples for r, rss in s["rss"].values() if r == "driver"]
+    at_first = next(c for c in cpu if c[0] >= first_step)
+    last = cpu[-1]
+    return {"first_step_s": walls[first_step] - launched, "startup_cpu_per_worker_s": at_first[2] / at_first[1],
+            "cpu_per_step_s": (last[2] - at_first[2]) / max(1, last[0] - at_first[0]),
+            "step_s": statistics.median(steps) if steps else None,
+            "checkpoint_s": statistics.median(saves) if saves else None,
+            "driver_mb": max(driver) / MB if driver else None}
+
+
+CHECKPOINT_LINE = re.compile(r"step \d+ checkpointed and published \((\d+(?:\.\d+)?) s\)")
+WORKER_COSTS = [Cost("startup_cpu_per_worker_s", "CPU s", 0.0), Cost("cpu_per_step_s", "CPU s", 0.0),
+                Cost("checkpoint_s", "s", 0.25), Cost("driver_mb", "MB", 0.1)]
+
+
+def workers_dimension(tmp: Path, scales: list[int], nodes: int, cpus_per_node: int, steps: int = 6) -> Dimension:
+    """W Ray Train workers on a simulated cluster, fixed global batch 64 over 16 virtual streams: start-up to
+    the first step, step time, checkpoint save, resume to its first step, the driver's peak RSS."""
+    data = synth_data(tmp)
+    cluster = simulated_cluster(nodes, cpus_per_node)
+    dim = Dimension("workers", "workers", WORKER_COSTS, extras=["first_step_s", "resume_first_step_s", "step_s"])
+    try:
+        for w in scales:
+            run_dir = str(tmp / f"workers-{w}")
+            base = run_job(data, run_dir, steps, steps // 2, 2, 0) + [
+                f"cluster.address={cluster.address}", "cluster.auth=disabled", f"cluster.num_workers={w}",
+                "data.streams=16", "train.global_batch=64", "gradcache.chunk_size=4"]
+            first = timed_attempt(base, run_dir, 1)
+            resumed = timed_attempt([*base, f"train.steps={steps + 2}"], run_dir, steps + 1)
+            dim.rows.append({"scale": w, **first, "resume_first_step_s": resumed["first_step_s"]})
+            print(f"  {w:>2} workers: first step {first['first_step_s']:.1f} s, step {_fmt(first['step_s'])} s, "
+                  f"resume {resumed['first_step_s']:.1f} s", flush=True)
+    finally:
+        cluster.shutdown()
+    return dim
+
+
 # ------------------------------------------------------------------------------------------ main
 QUICK = {"shards-local": [10, 100, 1000], "shards-s3": [10, 100], "batch": [512, 2048],
-         "run": dict(steps=100, every=25, keep=2, eval_every=0, interruptions=0)}
+         "run": dict(steps=100, every=25, keep=2, eval_every=0, interruptions=0),
+         "workers": dict(scales=[1, 2], nodes=2, cpus_per_node=1)}
 FULL = {"shards-local": [10, 1000, 10000, 100000], "shards-s3": [10, 1000, 10000],
         "batch": [1024, 8192, 32768, 65536],
-        "run": dict(steps=3000, every=100, keep=2, eval_every=500, interruptions=5)}
-DIMENSIONS = ("shards", "batch", "run")
+        "run": dict(steps=3000, every=100, keep=2, eval_every=500, interruptions=5),
+        "workers": dict(scales=[1, 2, 4, 8, 16], nodes=4, cpus_per_node=4)}
+DIMENSIONS = ("shards", "batch", "workers", "run")
 
 
 def main() -> None:
@@ -638,6 +743,8 @@ def main() -> None:
                     server.terminate()
         if "batch" in only:
             dims.append(batch_dimension(scales["batch"]))
+        if "workers" in only:
+            dims.append(workers_dimension(Path(tmp), **scales["workers"]))
         run_checks = None
         if "run" in only:
             run_dim, run_checks = run_dimension(Path(tmp), **scales["run"])

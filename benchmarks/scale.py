@@ -702,8 +702,8 @@ def workers_dimension(tmp: Path, scales: list[int], nodes: int, cpus_per_node: i
 
 # ------------------------------------------------------------------------------------------ main
 QUICK = {"shards-local": [10, 100, 1000], "shards-s3": [10, 100], "batch": [512, 2048],
-         "run": dict(steps=100, every=25, keep=2, eval_every=0, interruptions=0),
-         "workers": dict(scales=[1, 2], nodes=2, cpus_per_node=1)}
+         "run": dict(steps=80, every=20, keep=2, eval_every=0, interruptions=0),
+         "workers": dict(scales=[1, 2], nodes=2, cpus_per_node=1, steps=4)}
 FULL = {"shards-local": [10, 1000, 10000, 100000], "shards-s3": [10, 1000, 10000],
         "batch": [1024, 8192, 32768, 65536],
         "run": dict(steps=3000, every=100, keep=2, eval_every=500, interruptions=5),

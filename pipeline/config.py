@@ -119,7 +119,8 @@ def _hyper(default: Any = None) -> Any:
 @dataclass
 class LossConfig:
     """The loss and its hyper-parameters (LOSSES.md); a hyper left at None takes the loss default."""
-    name: str = "clip"                 # clip, siglip, supcon, tcl, dcl, dclw, hcl, cwcl or clip_gap
+    # clip, siglip, supcon, tcl, dcl, dclw, hcl, cwcl, clip_gap; family II (docs/losses-family-ii.md): cacr
+    name: str = "clip"
     tiled: bool = False                # compute the loss in column tiles (memory O(local rows × tile))
     tile_size: int = 1024              # columns per tile with tiled
     init_temperature: Optional[float] = None   # None: the loss family's default

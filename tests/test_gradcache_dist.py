@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline.gradcache import forward_backward
+from pipeline.losses import get_loss
 from pipeline.train.engine import DeepSpeedBackward, prepare_deepspeed
 from tests.helpers.compare import max_abs_diff
 from tests.helpers.dist import run_world
@@ -31,6 +32,8 @@ CONFIGS = {
     "zero3-tiny-model": dict(wrap="deepspeed", stage=3, model="tiny", dropout=0.1),
     **{f"zero{s}-bf16": dict(wrap="deepspeed", stage=s, bf16=True, steps=5) for s in range(4)},
     # train.compile: the towers compiled (inductor), dropout and patch dropout replayed through the compiled graphs
+    # loss family II: the same exactness for cacr (its three-pass tiled form, the scale as its temperature)
+    **{f"zero{s}-cacr": dict(wrap="deepspeed", stage=s, dropout=0.5, loss="cacr") for s in range(4)},
     **{f"zero{s}-compiled": dict(wrap="deepspeed", stage=s, model="tiny", dropout=0.1, patch_dropout=0.5, compile=True)
        for s in range(4)},
 }
@@ -57,6 +60,8 @@ def global_batch(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def loss_of(cfg: dict):
+    if "loss" in cfg:
+        return get_loss(cfg["loss"], tiled=True, tile_size=5)
     return siglip_loss if cfg.get("bias") else clip_loss
 
 

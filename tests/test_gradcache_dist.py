@@ -32,8 +32,9 @@ CONFIGS = {
     "zero3-tiny-model": dict(wrap="deepspeed", stage=3, model="tiny", dropout=0.1),
     **{f"zero{s}-bf16": dict(wrap="deepspeed", stage=s, bf16=True, steps=5) for s in range(4)},
     # train.compile: the towers compiled (inductor), dropout and patch dropout replayed through the compiled graphs
-    # loss family II: the same exactness for cacr (its three-pass tiled form, the scale as its temperature)
-    **{f"zero{s}-cacr": dict(wrap="deepspeed", stage=s, dropout=0.5, loss="cacr") for s in range(4)},
+    # loss family II: the same exactness for cacr (three-pass tiled form) and mochi (synthetic negatives)
+    **{f"zero{s}-{loss}": dict(wrap="deepspeed", stage=s, dropout=0.5, loss=loss) for s in range(4)
+       for loss in ("cacr", "mochi")},
     **{f"zero{s}-compiled": dict(wrap="deepspeed", stage=s, model="tiny", dropout=0.1, patch_dropout=0.5, compile=True)
        for s in range(4)},
 }
@@ -61,7 +62,7 @@ def global_batch(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def loss_of(cfg: dict):
     if "loss" in cfg:
-        return get_loss(cfg["loss"], tiled=True, tile_size=5)
+        return get_loss(cfg["loss"], tiled=True, tile_size=5, **({"n": 4, "s": 3, "s_prime": 2} if cfg["loss"] == "mochi" else {}))
     return siglip_loss if cfg.get("bias") else clip_loss
 
 

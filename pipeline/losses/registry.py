@@ -15,12 +15,13 @@ from pipeline.losses.cwcl import CwclLoss
 from pipeline.losses.dcl import DclLoss, DclwLoss
 from pipeline.losses.hcl import HclLoss
 from pipeline.losses.matryoshka import Matryoshka
+from pipeline.losses.mochi import MochiLoss
 from pipeline.losses.siglip import SiglipLoss
 from pipeline.losses.supcon import SupConLoss, TclLoss
 
 _LOSSES: dict[str, type[ContrastiveLoss]] = {
     cls.name: cls for cls in (ClipLoss, SiglipLoss, SupConLoss, TclLoss, DclLoss, DclwLoss, HclLoss, CwclLoss,
-                              ClipGapLoss, CacrLoss)
+                              ClipGapLoss, CacrLoss, MochiLoss)
 }
 LOSS_NAMES: tuple[str, ...] = tuple(_LOSSES)
 

@@ -62,7 +62,8 @@ def global_batch(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def loss_of(cfg: dict):
     if "loss" in cfg:
-        return get_loss(cfg["loss"], tiled=True, tile_size=5, **({"n": 4, "s": 3, "s_prime": 2} if cfg["loss"] == "mochi" else {}))
+        mixing = {"n": 4, "s": 3, "s_prime": 2} if cfg["loss"] == "mochi" else {}
+        return get_loss(cfg["loss"], tiled=True, tile_size=5, **mixing)
     return siglip_loss if cfg.get("bias") else clip_loss
 
 

@@ -244,8 +244,9 @@ def test_one_two_and_four_ranks_agree_with_negatives_and_duplicates():
         for key, (value, *grads) in single.items():
             torch.testing.assert_close(torch.stack([r[key][0] for r in ranks]).mean(), value, rtol=1e-10, atol=1e-12)
             for i, g in enumerate(grads):
+                where = f"{key} at {world} ranks"
                 torch.testing.assert_close(torch.cat([r[key][1 + i] for r in ranks]) / world, g, rtol=1e-9,
-                                           atol=1e-12, msg=lambda m: f"{key} at {world} ranks: {m}")
+                                           atol=1e-12, msg=lambda m, where=where: f"{where}: {m}")
 
 
 def test_mix_negatives_config():

@@ -28,8 +28,15 @@ EXTRA = {"cacr": ["loss.learn_temperature=false"]}
 LOG_EVERY = 10
 
 
+def result_file(run_dir: Path, steps: int) -> Path:
+    return run_dir / "eval" / f"step_{steps:08d}.json"
+
+
 def run(loss: str, args: argparse.Namespace) -> Path:
+    """Train (and evaluate) `loss`; a finished run of it under --out is reused, not trained again."""
     run_dir = Path(args.out) / loss
+    if result_file(run_dir, args.steps).exists():
+        return run_dir
     data = Path(args.out) / "data"
     overrides = [f"run_dir={run_dir}", f"loss.name={loss}", f"train.steps={args.steps}",
                  f"train.global_batch={args.batch}", f"checkpoint.every_steps={args.steps}",
@@ -62,16 +69,16 @@ def last(series: dict[str, dict[int, float]], suffix: str) -> float:
 
 
 def row(loss: str, run_dir: Path, steps: int) -> dict[str, float]:
-    metrics = json.loads((run_dir / "eval" / f"step_{steps}.json").read_text())["metrics"]
+    metrics = json.loads(result_file(run_dir, steps).read_text())["metrics"]
     s = scalars(run_dir)
     times = s["perf/step_time_s"]
     window = [times[k] for k in sorted(times) if k > LOG_EVERY] or list(times.values())
 
-    def pick(*words: str) -> float:
-        keys = [k for k in metrics if all(w in k for w in words)]
-        return float(metrics[keys[0]]) if keys else float("nan")
-    return {"loss": loss, "zeroshot_heldout_acc1": pick("zeroshot_heldout", "acc1"),
-            "retrieval_i2t_R1": pick("retrieval", "image", "R@1"), "retrieval_t2i_R1": pick("retrieval", "text", "R@1"),
+    def pick(key: str) -> float:
+        return float(metrics.get(key, float("nan")))
+    return {"loss": loss, "zeroshot_heldout_acc1": pick("zeroshot_heldout/acc1"),
+            "retrieval_i2t_R1": pick("retrieval/image_to_text_R@1"),
+            "retrieval_t2i_R1": pick("retrieval/text_to_image_R@1"),
             "uniformity": 0.5 * (last(s, "uniformity_image") + last(s, "uniformity_text")),
             "tolerance": last(s, "tolerance"), "step_time_s": statistics.median(window),
             "eval_keys": sorted(metrics)}

@@ -117,9 +117,18 @@ def _hyper(default: Any = None) -> Any:
 
 
 @dataclass
+class MixNegativesConfig:
+    """mochi's hard-negative mixing (docs/losses-family-ii.md); a key left at None takes the loss default."""
+    n: Optional[int] = None                # the n hardest gathered negatives of each anchor it mixes (default 16)
+    s: Optional[int] = None                # synthetic negatives mixed from two of them, per anchor (default 16)
+    s_prime: Optional[int] = None          # synthetic negatives mixed from the anchor and one of them (default 8)
+
+
+@dataclass
 class LossConfig:
     """The loss and its hyper-parameters (LOSSES.md); a hyper left at None takes the loss default."""
-    name: str = "clip"                 # clip, siglip, supcon, tcl, dcl, dclw, hcl, cwcl or clip_gap
+    # clip, siglip, supcon, tcl, dcl, dclw, hcl, cwcl, clip_gap; family II (docs/losses-family-ii.md): cacr, mochi
+    name: str = "clip"
     tiled: bool = False                # compute the loss in column tiles (memory O(local rows × tile))
     tile_size: int = 1024              # columns per tile with tiled
     init_temperature: Optional[float] = None   # None: the loss family's default
@@ -133,11 +142,17 @@ class LossConfig:
     symmetric: Optional[bool] = _hyper()       # clip: false keeps only query→passage (image→text)
     matryoshka_dims: list[int] = field(default_factory=list)   # e.g. [384, 128, 64]: loss summed over truncations
     duplicates: Literal["mask", "off"] = "mask"  # mask: pairs with identical captions are not each other's negatives
+    mix_negatives: MixNegativesConfig = field(default_factory=MixNegativesConfig)  # mochi: {n, s, s_prime}
 
     def hyper(self) -> dict[str, Any]:
-        """The hyper-parameters explicitly set, as keyword arguments for `get_loss`."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.metadata.get("hyper") and getattr(self, f.name) is not None}
+        """The hyper-parameters explicitly set, as keyword arguments for `get_loss` (mix_negatives' keys too:
+        a loss other than mochi then refuses them by name)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.metadata.get("hyper") and getattr(self, f.name) is not None}
+        mixing = self.mix_negatives
+        out.update({f.name: getattr(mixing, f.name) for f in dataclasses.fields(mixing)
+                    if getattr(mixing, f.name) is not None})
+        return out
 
 
 @dataclass

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline.gradcache import forward_backward
+from pipeline.losses import get_loss
 from pipeline.train.engine import DeepSpeedBackward, prepare_deepspeed
 from tests.helpers.compare import max_abs_diff
 from tests.helpers.dist import run_world
@@ -31,6 +32,9 @@ CONFIGS = {
     "zero3-tiny-model": dict(wrap="deepspeed", stage=3, model="tiny", dropout=0.1),
     **{f"zero{s}-bf16": dict(wrap="deepspeed", stage=s, bf16=True, steps=5) for s in range(4)},
     # train.compile: the towers compiled (inductor), dropout and patch dropout replayed through the compiled graphs
+    # loss family II: the same exactness for cacr (three-pass tiled form) and mochi (synthetic negatives)
+    **{f"zero{s}-{loss}": dict(wrap="deepspeed", stage=s, dropout=0.5, loss=loss) for s in range(4)
+       for loss in ("cacr", "mochi")},
     **{f"zero{s}-compiled": dict(wrap="deepspeed", stage=s, model="tiny", dropout=0.1, patch_dropout=0.5, compile=True)
        for s in range(4)},
 }
@@ -57,6 +61,9 @@ def global_batch(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def loss_of(cfg: dict):
+    if "loss" in cfg:
+        mixing = {"n": 4, "s": 3, "s_prime": 2} if cfg["loss"] == "mochi" else {}
+        return get_loss(cfg["loss"], tiled=True, tile_size=5, **mixing)
     return siglip_loss if cfg.get("bias") else clip_loss
 
 

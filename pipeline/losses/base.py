@@ -202,6 +202,7 @@ class ContrastiveLoss(nn.Module):
     uses_bias = False           # siglip: the model learns a logit bias and must pass it
     uses_weights = False        # cwcl: `weights_from` is required
     masks_duplicates = True     # whether `caption_ids` take duplicate captions out of the negatives
+    fixed_temperature = False   # cacr: the scale is a hyper-parameter; loss.learn_temperature must be false
 
     def __init__(self, tiled: bool = False, tile_size: int = 1024) -> None:
         super().__init__()

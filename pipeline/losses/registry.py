@@ -8,18 +8,20 @@ from torch import nn
 
 from pipeline.config import Config, register_check
 from pipeline.losses.base import ContrastiveLoss
+from pipeline.losses.cacr import CacrLoss
 from pipeline.losses.clip import ClipLoss
 from pipeline.losses.clip_gap import ClipGapLoss
 from pipeline.losses.cwcl import CwclLoss
 from pipeline.losses.dcl import DclLoss, DclwLoss
 from pipeline.losses.hcl import HclLoss
 from pipeline.losses.matryoshka import Matryoshka
+from pipeline.losses.mochi import MochiLoss
 from pipeline.losses.siglip import SiglipLoss
 from pipeline.losses.supcon import SupConLoss, TclLoss
 
 _LOSSES: dict[str, type[ContrastiveLoss]] = {
     cls.name: cls for cls in (ClipLoss, SiglipLoss, SupConLoss, TclLoss, DclLoss, DclwLoss, HclLoss, CwclLoss,
-                              ClipGapLoss)
+                              ClipGapLoss, CacrLoss, MochiLoss)
 }
 LOSS_NAMES: tuple[str, ...] = tuple(_LOSSES)
 
@@ -66,7 +68,8 @@ def uses_bias(name: str) -> bool:
 @register_check
 def check_loss_config(cfg: Config) -> list[str]:
     """`loss.name` and its hyper-parameters resolve; a loss weighted by a frozen reference tower
-    (cwcl) has exactly one tower locked whole."""
+    (cwcl) has exactly one tower locked whole; a loss whose scale is a fixed temperature (cacr) is not
+    asked to learn it."""
     loss = cfg.loss
     if loss.name not in _LOSSES:
         return [cfg.problem("loss.name", "one of " + ", ".join(LOSS_NAMES))]
@@ -74,6 +77,9 @@ def check_loss_config(cfg: Config) -> list[str]:
         get_loss(loss.name, matryoshka_dims=loss.matryoshka_dims, **loss.hyper())
     except (TypeError, ValueError) as e:
         return [f"loss (from {cfg.origin('loss')}): {e}"]
+    if _LOSSES[loss.name].fixed_temperature and loss.learn_temperature:
+        return [f"loss.name = {loss.name!r} (from {cfg.origin('loss.name')}) uses the logit scale as a fixed "
+                f"temperature (learned, it would only fall to its clamp): set loss.learn_temperature: false"]
     frozen = cfg.model.frozen_towers()
     if _LOSSES[loss.name].uses_weights and len(frozen) != 1:
         return [f"loss.name = {loss.name!r} (from {cfg.origin('loss.name')}) weights pairs by a frozen reference "

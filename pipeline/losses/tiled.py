@@ -107,3 +107,20 @@ class _TiledPairwise(torch.autograd.Function):
 def _tiles(n: int, tile_size: int):
     for start in range(0, n, tile_size):
         yield slice(start, min(start + tile_size, n))
+
+
+def pairwise_topk(a: Tensor, b: Tensor, term: Term, k: int, tile_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """(values, column indices), each (rows × k), of the k largest terms of each row of term(a @ bᵀ, ...),
+    largest first, ties to the lower column (so the answer does not depend on the tiling); −inf values are
+    left-out pairs. A selection: no gradient. Memory O(rows × (k + tile))."""
+    with torch.no_grad():
+        values = a.new_empty(a.shape[0], 0)
+        index = torch.empty(a.shape[0], 0, dtype=torch.long, device=a.device)
+        for cols in _tiles(b.shape[0], tile_size or b.shape[0]):
+            values = torch.cat([values, term(a @ b[cols].T, cols)], 1)
+            here = torch.arange(cols.start, cols.stop, device=a.device).expand(a.shape[0], -1)
+            index = torch.cat([index, here], 1)
+            # stable: among equal values the running ones (lower columns, already in order) stay first
+            order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
+            values, index = values.gather(1, order), index.gather(1, order)
+    return values, index

@@ -15,7 +15,7 @@ from pipeline.data import Tokenizer, gather_state, open_train_stream
 from pipeline.distributed import get_rank, get_world_size, named_timeouts
 from pipeline.gradcache import StepOutput
 from pipeline.log import Timeline, get_logger, process_start_time, setup_logging
-from pipeline.losses import get_loss
+from pipeline.losses import get_loss, hyper_parameters
 from pipeline.models import DualEncoder, TextDualEncoder, build_run_model, run_tokenizer
 from pipeline.train.checkpoint import (
     TrainState,
@@ -108,6 +108,9 @@ def train_step(engine: Engine, batch: dict[str, Any], loss_fn: torch.nn.Module, 
     """One optimizer step: the gradient cache's two passes, then AdamW (schedule, clipping, scale clamp),
     then the boundary every rank agrees on: a non-finite step stops every rank before anything of it is
     logged or saved (`NonFiniteError`); a stop request or a preemption notice asks for a checkpoint."""
+    at_step = getattr(loss_fn, "at_step", None)       # mochi: this step's mixing draws
+    if at_step is not None:
+        at_step(state.step)
     out = engine.forward_backward(batch, loss_fn, weights_from)
     grad_norm = engine.step()
     state.advance(cfg.train.global_batch)
@@ -181,8 +184,11 @@ def new_model(cfg: Config, tokenizer: Tokenizer) -> DualEncoder | TextDualEncode
 
 def make_loss(cfg: Config) -> tuple[torch.nn.Module, Optional[str]]:
     """The loss module and, for cwcl, the tower whose embeddings weight it (the frozen one: validated)."""
+    hyper = cfg.loss.hyper()
+    if "seed" in hyper_parameters(cfg.loss.name):      # mochi: its mixing draws follow the run's seed and step
+        hyper["seed"] = cfg.seed
     fn = get_loss(cfg.loss.name, tiled=cfg.loss.tiled, tile_size=cfg.loss.tile_size,
-                  matryoshka_dims=cfg.loss.matryoshka_dims, **cfg.loss.hyper())
+                  matryoshka_dims=cfg.loss.matryoshka_dims, **hyper)
     return fn, (cfg.model.frozen_towers()[0] if fn.uses_weights else None)
 
 

@@ -1,0 +1,263 @@
+"""Loss family II (docs/losses-family-ii.md): each loss against a float64 reference written as loops over
+its definition (with hard negatives and duplicate captions), the page's test vectors, and the 1 vs 2 vs 4
+rank equality with hard negatives and duplicates (the plain 2/3/4-rank check is test_distributed.py's,
+tiled = dense and gradcheck are test_losses.py's: the family's losses are in its SETUPS)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.losses import get_loss
+
+F64 = torch.float64
+
+
+def unit(t: torch.Tensor) -> torch.Tensor:
+    return F.normalize(t, dim=-1)
+
+
+def angles(a) -> torch.Tensor:
+    a = torch.tensor(a, dtype=F64)
+    return torch.stack([a.cos(), a.sin()], 1)
+
+
+U = angles([0.0, 0.6, 1.5])                          # LOSSES.md's fixtures
+V = angles([0.2, 0.4, 1.9])
+E = angles([0, 2 * math.pi / 3, 4 * math.pi / 3])
+
+
+def batch(seed: int, n: int, k: int = 2, d: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    u = unit(torch.randn(n, d, generator=g, dtype=F64))
+    v = unit(u + 0.7 * torch.randn(n, d, generator=g, dtype=F64))
+    h = unit(v.unsqueeze(1) + 0.9 * torch.randn(n, k, d, generator=g, dtype=F64))
+    return u, v, h
+
+
+def lse(values: list) -> torch.Tensor:
+    return torch.logsumexp(torch.stack(values), 0)
+
+
+def dup_of(ids, i: int, j: int) -> bool:
+    """Column pair j is another pair with pair i's caption."""
+    return ids is not None and j != i and bool(ids[i] == ids[j])
+
+
+# ------------------------------------------------------------------------------------------------- cacr
+def cost(a, b):
+    """‖a − b‖² on the sphere, as 2 − 2a·b (LOSSES.md: the form whose gradient the library takes)."""
+    return 2 - 2 * a @ b
+
+
+def expectation(anchor, points, t):
+    """Σ_j π_j c(anchor, x_j) with π_j ∝ exp(−t·c(anchor, x_j)): the repulsion of one anchor."""
+    if not points:
+        return torch.zeros((), dtype=F64)
+    costs = torch.stack([cost(anchor, x) for x in points])
+    return (torch.softmax(-t * costs, 0) * costs).sum()
+
+
+def ref_cacr(u, v, s, h=None, ids=None):
+    """The definition with t⁻ = s/2, one positive per anchor; h (n, k, D) are more I→T negatives."""
+    n, total = len(u), 0
+    extra = [] if h is None else list(h.reshape(-1, u.shape[1]))
+    for i in range(n):
+        negatives_i2t = [v[j] for j in range(n) if j != i and not dup_of(ids, i, j)] + extra
+        negatives_t2i = [u[j] for j in range(n) if j != i and not dup_of(ids, i, j)]
+        repulsion = 0.5 * (expectation(u[i], negatives_i2t, s / 2) + expectation(v[i], negatives_t2i, s / 2))
+        total = total + cost(u[i], v[i]) - repulsion
+    return total / n
+
+
+CACR_VECTORS = [   # (image, text, s, expected): the table of docs/losses-family-ii.md
+    (E, E, 5.0, -3.0),                               # c_ii = 0, every negative at cost 3
+    (U, V, 5.0, -0.510185772420),
+    (U, V, 0.0, -1.084987366518),                     # s = 0: plain mean cost of the negatives
+]
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["dense", "tiled"])
+@pytest.mark.parametrize("image, text, scale, expected", CACR_VECTORS)
+def test_cacr_vectors(image, text, scale, expected, tiled):
+    got = get_loss("cacr", tiled=tiled, tile_size=2)(image, text, logit_scale=torch.tensor(scale, dtype=F64))
+    assert got.item() == pytest.approx(expected, abs=1e-10)
+    assert ref_cacr(image, text, scale).item() == pytest.approx(expected, abs=1e-10)
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["dense", "tiled"])
+@pytest.mark.parametrize("with_negatives", [False, True], ids=["pairs", "hard-negatives"])
+@pytest.mark.parametrize("with_ids", [False, True], ids=["distinct", "duplicates"])
+def test_cacr_against_float64_reference(tiled, with_negatives, with_ids):
+    u, v, h = batch(0, 7)
+    ids = torch.tensor([3, 4, 3, 5, 6, 4, 3]) if with_ids else None
+    scale = torch.tensor(5.0, dtype=F64)
+    leaves = [t.clone().requires_grad_() for t in (u, v, h)]
+    want = ref_cacr(*leaves[:2], 5.0, h=leaves[2] if with_negatives else None, ids=ids)
+    want_grads = torch.autograd.grad(want, leaves, allow_unused=True)
+    leaves = [t.clone().requires_grad_() for t in (u, v, h)]
+    kwargs = dict(logit_scale=scale, caption_ids=ids, negatives=leaves[2] if with_negatives else None)
+    got = get_loss("cacr", tiled=tiled, tile_size=3)(*leaves[:2], **kwargs)
+    got_grads = torch.autograd.grad(got, leaves, allow_unused=True)
+    assert got.item() == pytest.approx(want.item(), abs=1e-12)
+    for g, w in zip(got_grads, want_grads):
+        if w is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    if with_negatives or with_ids:                   # what was added or masked matters
+        plain = get_loss("cacr")(u, v, logit_scale=scale)
+        assert abs(plain.item() - got.item()) > 1e-4
+
+
+def test_cacr_repulsion_weights_near_negatives_more():
+    """Moving one negative closer to an anchor raises its weight: with a large t⁻ the repulsion is nearly
+    the nearest negative's cost, with t⁻ → 0 the mean cost (the s = 0 vector)."""
+    u, v, _ = batch(1, 5)
+    sharp = get_loss("cacr")(u, v, logit_scale=torch.tensor(200.0, dtype=F64))
+    nearest = 0
+    for i in range(5):
+        nearest = nearest + cost(u[i], v[i]) - 0.5 * (min(cost(u[i], v[j]) for j in range(5) if j != i)
+                                                     + min(cost(v[i], u[j]) for j in range(5) if j != i))
+    assert sharp.item() == pytest.approx((nearest / 5).item(), abs=1e-3)
+
+
+def test_cacr_config_asks_for_a_fixed_temperature():
+    from pipeline.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="set loss.learn_temperature: false"):
+        load_config(None, ["loss.name=cacr"])
+    assert load_config(None, ["loss.name=cacr", "loss.learn_temperature=false"]).loss.name == "cacr"
+
+
+# ------------------------------------------------------------------------------------------------ mochi
+def mochi_draws(seed: int, step: int, rows: int, s: int, s_prime: int) -> list[dict]:
+    """The documented draw protocol: one generator seeded seed·1000003 + step; per direction (I→T, then
+    T→I), for all global rows: member fractions of the pairs (rows, s, 2), α (rows, s), member fractions
+    of the anchor mixes (rows, s'), β = ½·U (rows, s')."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return [dict(pair=torch.rand(rows, s, 2, generator=g, dtype=F64), alpha=torch.rand(rows, s, generator=g, dtype=F64),
+                 anchor=torch.rand(rows, s_prime, generator=g, dtype=F64),
+                 beta=0.5 * torch.rand(rows, s_prime, generator=g, dtype=F64)) for _ in range(2)]
+
+
+def ref_mochi(u, v, s, n, s_mix, s_prime, seed=0, step=0, h=None, ids=None):
+    """clip with each anchor's synthetic negatives, written as loops: hardest by (−dot, column), members
+    picked as ⌊fraction·|Ñ|⌋."""
+    rows = len(u)
+    extra = [] if h is None else list(h.reshape(-1, u.shape[1]))
+    draws = mochi_draws(seed, step, rows, s_mix, s_prime)
+    total = 0
+    for direction, (anchors, columns, more) in enumerate(((u, v, extra), (v, u, []))):
+        for i in range(rows):
+            q = anchors[i]
+            negs = [(j, columns[j]) for j in range(rows) if j != i and not dup_of(ids, i, j)]
+            negs += [(rows + m, x) for m, x in enumerate(more)]
+            hardest = [x for _, x in sorted(negs, key=lambda t: (-float((q @ t[1]).detach()), t[0]))[:n]]
+            d = {key: val[i] for key, val in draws[direction].items()}
+            synth = []
+            for k in range(s_mix):
+                a, b = (hardest[int(f * len(hardest))] for f in d["pair"][k])
+                synth.append(unit(d["alpha"][k] * a + (1 - d["alpha"][k]) * b))
+            for k in range(s_prime):
+                c = hardest[int(d["anchor"][k] * len(hardest))]
+                synth.append(unit(d["beta"][k] * q + (1 - d["beta"][k]) * c))
+            terms = [s * q @ x for _, x in negs] + [s * q @ columns[i]] + [s * q @ x for x in synth]
+            total = total + (lse(terms) - s * u[i] @ v[i]) / (2 * rows)
+    return total
+
+
+MOCHI = dict(n=4, s=3, s_prime=2)
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["dense", "tiled"])
+@pytest.mark.parametrize("with_negatives", [False, True], ids=["pairs", "hard-negatives"])
+@pytest.mark.parametrize("with_ids", [False, True], ids=["distinct", "duplicates"])
+def test_mochi_against_float64_reference(tiled, with_negatives, with_ids):
+    u, v, h = batch(2, 9)
+    ids = torch.tensor([3, 4, 3, 5, 6, 4, 3, 7, 8]) if with_ids else None
+    leaves = [t.clone().requires_grad_() for t in (u, v, h)]
+    want = ref_mochi(*leaves[:2], 10.0, 4, 3, 2, seed=5, step=3, h=leaves[2] if with_negatives else None, ids=ids)
+    want_grads = torch.autograd.grad(want, leaves, allow_unused=True)
+    loss = get_loss("mochi", tiled=tiled, tile_size=4, seed=5, **MOCHI)
+    loss.at_step(3)
+    leaves = [t.clone().requires_grad_() for t in (u, v, h)]
+    got = loss(*leaves[:2], logit_scale=torch.tensor(10.0, dtype=F64), caption_ids=ids,
+               negatives=leaves[2] if with_negatives else None)
+    got_grads = torch.autograd.grad(got, leaves, allow_unused=True)
+    assert got.item() == pytest.approx(want.item(), abs=1e-12)
+    for g, w in zip(got_grads, want_grads):
+        if w is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    clip = get_loss("clip")(u, v, logit_scale=torch.tensor(10.0, dtype=F64), caption_ids=ids,
+                            negatives=h if with_negatives else None)
+    assert got.item() > clip.item() + 1e-3                 # the synthetic negatives add to every LSE
+
+
+def test_mochi_draws_follow_seed_and_step():
+    u, v, _ = batch(3, 8)
+    s = torch.tensor(10.0, dtype=F64)
+    a, b = get_loss("mochi", seed=1, **MOCHI), get_loss("mochi", seed=1, **MOCHI)
+    assert torch.equal(a(u, v, logit_scale=s), b(u, v, logit_scale=s))
+    b.at_step(1)
+    assert not torch.equal(a(u, v, logit_scale=s), b(u, v, logit_scale=s))
+    assert not torch.equal(a(u, v, logit_scale=s), get_loss("mochi", seed=2, **MOCHI)(u, v, logit_scale=s))
+
+
+@pytest.mark.parametrize("hyper, match", [(dict(n=0), "n must be an integer >= 1"),
+                                          (dict(s=0, s_prime=0), "s \\+ s_prime must be at least 1"),
+                                          (dict(s=-1), "s must be an integer >= 0")])
+def test_mochi_bad_hyper(hyper, match):
+    with pytest.raises(ValueError, match=match):
+        get_loss("mochi", **hyper)
+
+
+def family_rank_results(rank: int, world: int) -> dict:
+    """cacr and mochi (dense and tiled) on this rank's rows of a 12-pair batch with hard negatives and
+    duplicate captions across ranks: value and row gradients."""
+    u, v, h = batch(4, 12)
+    ids = torch.tensor([0, 1, 2, 0, 3, 4, 1, 5, 6, 0, 7, 8])
+    n = 12 // world
+    rows = slice(rank * n, (rank + 1) * n)
+    out = {}
+    for name, hyper, scale in (("cacr", {}, 5.0), ("mochi", dict(seed=3, **MOCHI), 10.0)):
+        for tiled in (False, True):
+            loss = get_loss(name, tiled=tiled, tile_size=5, **hyper)
+            leaves = [t[rows].clone().requires_grad_() for t in (u, v, h)]
+            value = loss(leaves[0], leaves[1], negatives=leaves[2], caption_ids=ids[rows],
+                         logit_scale=torch.tensor(scale, dtype=F64))
+            out[name, tiled] = (value.detach(), *torch.autograd.grad(value, leaves))
+    return out
+
+
+@pytest.mark.slow
+def test_one_two_and_four_ranks_agree_with_negatives_and_duplicates():
+    """The mean of the ranks' values and their row gradients (÷ W, as parameter averaging does) equal the
+    single process's, at 2 and 4 gloo ranks."""
+    from tests.helpers.dist import run_world
+    single = family_rank_results(0, 1)
+    for world in (2, 4):
+        ranks = run_world(family_rank_results, world)
+        for key, (value, *grads) in single.items():
+            torch.testing.assert_close(torch.stack([r[key][0] for r in ranks]).mean(), value, rtol=1e-10, atol=1e-12)
+            for i, g in enumerate(grads):
+                where = f"{key} at {world} ranks"
+                torch.testing.assert_close(torch.cat([r[key][1 + i] for r in ranks]) / world, g, rtol=1e-9,
+                                           atol=1e-12, msg=lambda m, where=where: f"{where}: {m}")
+
+
+def test_mix_negatives_config():
+    from pipeline.config import ConfigError, load_config
+    from pipeline.train.loop import make_loss
+    cfg = load_config(None, ["loss.name=mochi", "loss.mix_negatives.n=8", "loss.mix_negatives.s_prime=0", "seed=4"])
+    fn, _ = make_loss(cfg)
+    assert (fn.n, fn.s, fn.s_prime, fn.seed) == (8, 16, 0, 4)
+    with pytest.raises(ConfigError, match="loss 'clip' does not take n"):
+        load_config(None, ["loss.mix_negatives.n=8"])
+    with pytest.raises(ConfigError, match="s \\+ s_prime must be at least 1"):
+        load_config(None, ["loss.name=mochi", "loss.mix_negatives.s=0", "loss.mix_negatives.s_prime=0"])
+    with pytest.raises(ConfigError, match="loss.mix_negatives.n = 'many'"):
+        load_config(None, ["loss.name=mochi", "loss.mix_negatives.n=many"])

@@ -128,7 +128,7 @@ def test_filter_counts_match_pandas_and_lineage(pool, local_ray, tmp_path):
     df = _rows(emb)
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("red\nblue\ncircle\nstar\n")
-    rules = Rules(min_score=-0.5, top_fraction=0.6, dedup=0.999, balance=str(vocab), balance_cap=10, seed=3)
+    rules = Rules(min_score=-0.5, top_fraction=0.6, dedup=0.9999, balance=str(vocab), balance_cap=10, seed=3)
     summary = filter_pool(str(emb), str(tmp_path / "out"), rules, shard_size=50, progress=False)
     # the pandas reference, from the rules as the docs state them
     ref = pd.Series("", index=df.index)
@@ -145,7 +145,7 @@ def test_filter_counts_match_pandas_and_lineage(pool, local_ray, tmp_path):
         while parent[i] != i:
             i = parent[i]
         return i
-    for a, b in zip(*np.nonzero(np.triu(sim >= 0.999, 1))):
+    for a, b in zip(*np.nonzero(np.triu(sim >= 0.9999, 1))):
         parent[find(a)] = find(b)
     groups = pd.Series([find(i) for i in range(len(live))], index=live.index)
     best = live.assign(g=groups, row=live.index).sort_values(["score", "row"], ascending=[False, True]) \

@@ -162,7 +162,7 @@ def duplicates(pool: Pool, candidates: np.ndarray, rules: Rules, progress: bool 
     if index is None or len(index) < 2:
         return np.zeros(len(pool), bool)
     k = min(rules.dedup_neighbours + 1, len(index))
-    max_distance = 1.0 - rules.dedup + 1e-3          # float16 vectors: a little slack at the threshold
+    max_distance = 1.0 - rules.dedup + 1e-4          # float16 vectors: a little slack at the threshold
     sources, targets = [], []
     chunks = progress_bar(_column_chunks(pool, column), enabled=progress, total=len(pool.files), desc="dedup",
                           unit="file", leave=False)

@@ -371,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "model.init_from source) on Ray Data actors: one Parquet file per shard at OUT "
                                      "(key, shard, caption, float16 embeddings, score); a rerun skips finished shards.")
     emb.add_argument("model", metavar="MODEL", help="published checkpoint folder, open_clip or Hugging Face folder")
-    emb.add_argument("urls", nargs="+", metavar="URL", help="shards: dataset folder, manifest.json, tars, brace pattern")
+    emb.add_argument("urls", nargs="+", metavar="URL",
+                     help="shards: dataset folder, manifest.json, tars, brace pattern")
     emb.add_argument("--out", required=True, help="output URL (folder) of the Parquet files")
     emb.add_argument("--workers", type=_positive_int, default=2, help="actors, each holding the model (default 2)")
     emb.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per actor (default 1)")

@@ -271,9 +271,9 @@ def _run(todo: Sequence[Shard], model_url: str, out_url: str, workers: int, batc
     items = [{"shard": s.url, "samples": -1 if s.samples is None else s.samples} for s in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     pool = ray.data.ActorPoolStrategy(size=max(1, min(workers, len(items))))
-    results = ds.map_batches(ShardEmbedder, batch_size=1, compute=pool, num_cpus=cpus, fn_constructor_kwargs={"model_url": str(model_url), "out_url": str(out_url),
-                                                                   "batch_size": batch_size,
-                                                                   "threads": max(1, int(cpus))})
+    kwargs = {"model_url": str(model_url), "out_url": str(out_url), "batch_size": batch_size,
+              "threads": max(1, int(cpus))}
+    results = ds.map_batches(ShardEmbedder, batch_size=1, compute=pool, num_cpus=cpus, fn_constructor_kwargs=kwargs)
     yield from results.iter_rows()
 
 

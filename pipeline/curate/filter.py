@@ -172,7 +172,8 @@ def duplicates(pool: Pool, candidates: np.ndarray, rules: Rules, progress: bool 
         for lo in range(0, len(rows), SEARCH_CHUNK):
             part = rows[lo:lo + SEARCH_CHUNK]
             found = index.search(np.ascontiguousarray(vecs[part]), k, log=False)
-            keys, dist = np.asarray(found.keys).reshape(len(part), -1), np.asarray(found.distances).reshape(len(part), -1)
+            keys = np.asarray(found.keys).reshape(len(part), -1)
+            dist = np.asarray(found.distances).reshape(len(part), -1)
             src = np.repeat(part + start, keys.shape[1])
             hit = (dist.reshape(-1) <= max_distance) & (keys.reshape(-1).astype(np.int64) != src)
             hit &= keys.reshape(-1) < len(pool)        # unused slots of a short result
@@ -220,7 +221,7 @@ def matched_entries(caption: str, entries: dict[tuple[str, ...], int], longest: 
 
 def uniform(seed: int, key: str) -> float:
     """u(key) in [0, 1): the first 8 bytes of BLAKE2b("{seed}/{key}") as a little-endian integer / 2^64."""
-    digest = hashlib.blake2b(f"{seed}/{key}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2 ** 64
 
 

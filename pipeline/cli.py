@@ -9,7 +9,9 @@ import sys
 import threading
 from typing import Sequence
 
+from pipeline.cluster import connect, stop_ray
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.curate import Rules, embed, filter_pool
 from pipeline.data import DataError, layout_world_sizes, load_tokenizer, run_streams, synthesize, world_sizes
 from pipeline.data.evalsets import read_lines
 from pipeline.data.inspection import format_mixture, format_reports, inspect_mixture, inspect_shards
@@ -90,8 +92,6 @@ def _pack_zeroshot_set(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from pipeline.cluster import connect, stop_ray
-    from pipeline.curate import embed
     overrides = [f"cluster.address={args.address}"] if args.address else []
     cfg = load_config(None, [*overrides, f"cluster.auth={args.auth}"])
     started = connect(cfg)
@@ -105,7 +105,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_data_filter(args: argparse.Namespace) -> int:
-    from pipeline.curate import Rules, filter_pool
     rules = Rules(min_score=args.min_score, top_fraction=args.top_fraction, dedup=args.dedup, dedup_on=args.dedup_on,
                   balance=args.balance, balance_cap=args.balance_cap, seed=args.seed)
     print(filter_pool(args.urls, args.out, rules, shard_size=args.shard_size, progress=not args.quiet).text())

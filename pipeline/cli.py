@@ -9,7 +9,9 @@ import sys
 import threading
 from typing import Sequence
 
+from pipeline.cluster import connect, stop_ray
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.curate import Rules, embed, filter_pool
 from pipeline.data import DataError, layout_world_sizes, load_tokenizer, run_streams, synthesize, world_sizes
 from pipeline.data.evalsets import read_lines
 from pipeline.data.inspection import format_mixture, format_reports, inspect_mixture, inspect_shards
@@ -86,6 +88,26 @@ def _pack_zeroshot_set(args: argparse.Namespace) -> int:
     print(summary.text())
     print(f"zero-shot set: {args.out} (CLIP_benchmark: --dataset wds/NAME --dataset_root {args.out}; "
           f"contrast: data.eval_dir = its parent folder, eval.sets = [its folder name])")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    overrides = [f"cluster.address={args.address}"] if args.address else []
+    cfg = load_config(None, [*overrides, f"cluster.auth={args.auth}"])
+    started = connect(cfg)
+    try:
+        summary = embed(args.model, args.urls, args.out, workers=args.workers, batch_size=args.batch_size,
+                        cpus_per_worker=args.cpus_per_worker, progress=not args.quiet)
+    finally:
+        stop_ray(started)
+    print(summary.text())
+    return 1 if summary.broken else 0
+
+
+def cmd_data_filter(args: argparse.Namespace) -> int:
+    rules = Rules(min_score=args.min_score, top_fraction=args.top_fraction, dedup=args.dedup, dedup_on=args.dedup_on,
+                  balance=args.balance, balance_cap=args.balance_cap, seed=args.seed)
+    print(filter_pool(args.urls, args.out, rules, shard_size=args.shard_size, progress=not args.quiet).text())
     return 0
 
 
@@ -322,6 +344,42 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--config", help="a run config: show the expected share of each of its data sources")
     inspect.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run shell commands)")
     inspect.set_defaults(func=cmd_data_inspect)
+
+    filt = dsub.add_parser("filter", help="keep the pairs of embedded shards that pass curation rules, as new shards",
+                           description="Read `contrast embed` outputs, apply the rules (in this order: --min-score, "
+                                       "--top-fraction, --dedup, --balance) and write the kept pairs as shards with "
+                                       "manifest.json lineage and decisions.parquet (docs: Curation).")
+    filt.add_argument("urls", nargs="+", metavar="URL", help="embedding folders (the --out of contrast embed) or files")
+    filt.add_argument("--out", required=True, help="output URL (folder) of the filtered shards")
+    filt.add_argument("--min-score", type=float, help="drop pairs whose CLIP score (image-text cosine) is below this")
+    filt.add_argument("--top-fraction", type=float, help="keep this fraction of the pool, the highest-scored pairs")
+    filt.add_argument("--dedup", type=float, metavar="COSINE",
+                      help="near-duplicates: of each group linked by cosine >= COSINE keep the best-scored pair")
+    filt.add_argument("--dedup-on", choices=["image", "text"], default="image",
+                      help="which embedding --dedup compares (default image)")
+    filt.add_argument("--balance", metavar="VOCABULARY",
+                      help="MetaCLIP-style balance over a vocabulary file (one entry a line)")
+    filt.add_argument("--balance-cap", type=_positive_int, default=20000,
+                      help="with --balance: pairs kept per vocabulary entry, about (default 20000)")
+    filt.add_argument("--seed", type=int, default=0, help="seed of --balance's sampling (default 0)")
+    filt.add_argument("--shard-size", type=_positive_int, default=1000, help="samples per shard (default 1000)")
+    filt.set_defaults(func=cmd_data_filter)
+
+    emb = sub.add_parser("embed", help="image and text embeddings and CLIP scores of shards, on Ray Data",
+                         description="Embed every sample of the shards with a model (a published checkpoint or any "
+                                     "model.init_from source) on Ray Data actors: one Parquet file per shard at OUT "
+                                     "(key, shard, caption, float16 embeddings, score); a rerun skips finished shards.")
+    emb.add_argument("model", metavar="MODEL", help="published checkpoint folder, open_clip or Hugging Face folder")
+    emb.add_argument("urls", nargs="+", metavar="URL",
+                     help="shards: dataset folder, manifest.json, tars, brace pattern")
+    emb.add_argument("--out", required=True, help="output URL (folder) of the Parquet files")
+    emb.add_argument("--workers", type=_positive_int, default=2, help="actors, each holding the model (default 2)")
+    emb.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per actor (default 1)")
+    emb.add_argument("--batch-size", type=_positive_int, default=256, help="samples encoded at once (default 256)")
+    emb.add_argument("--address", help="Ray cluster address (cluster.address); default: a local Ray")
+    emb.add_argument("--auth", choices=["token", "disabled"], default="token",
+                     help="Ray token authentication (cluster.auth; default token)")
+    emb.set_defaults(func=cmd_embed)
 
     # stages
     train = sub.add_parser("train", help="train with Ray + DeepSpeed (local Ray when no cluster.address)",

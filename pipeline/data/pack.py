@@ -39,7 +39,7 @@ from pipeline.data.samples import (
     image_member,
 )
 from pipeline.data.shards import DataError, ShardWriter, read_shard
-from pipeline.data.tokenizer import train_tokenizer
+from pipeline.data.tokenizer import Tokenizer, train_tokenizer
 from pipeline.layout import CLASSNAMES, EVAL_SPLITS, EVAL_TEST, NSHARDS, TEMPLATES, TOKENIZER, eval_split_url
 from pipeline.log import get_logger, progress_bar
 
@@ -227,13 +227,16 @@ def img2dataset_items(root: str) -> Iterator[Item]:
 
 # ----------------------------------------------------------------------------------------- pack
 def pack(items: Iterator[Item], out: str, *, shard_size: int = 1000, vocab_size: int = 8192,
-         max_pixels: int = MAX_PIXELS, progress: bool = True, source: str = "") -> PackSummary:
-    """Check and write items into shards at `out`, then tokenizer.json, then manifest.json."""
+         max_pixels: int = MAX_PIXELS, progress: bool = True, source: str = "", tokenizer: Optional[Tokenizer] = None,
+         manifest_extra: Optional[dict] = None) -> PackSummary:
+    """Check and write items into shards at `out`, then tokenizer.json (`tokenizer`, else one trained on the
+    captions), then manifest.json (with `manifest_extra`'s keys: a curated set's lineage)."""
     summary = PackSummary(str(out))
     with ShardWriter(out, shard_size) as writer:
         captions = _write_checked(items, writer, summary, max_pixels, progress, source)
-        train_tokenizer(captions, vocab_size=vocab_size).save(storage.join(out, TOKENIZER))
-        summary.count(writer.close(created_by="contrast data pack", source=source, skipped=dict(summary.skipped)))
+        (tokenizer or train_tokenizer(captions, vocab_size=vocab_size)).save(storage.join(out, TOKENIZER))
+        extra = {"created_by": "contrast data pack", **(manifest_extra or {})}
+        summary.count(writer.close(source=source, skipped=dict(summary.skipped), **extra))
     return summary
 
 

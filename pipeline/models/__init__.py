@@ -3,7 +3,14 @@ published checkpoints, export; the text–text dual encoder (`model.name: text`)
 from pipeline.models.configs import MODEL_NAMES, TEXT_MODEL, HFSpec, ModelSpec, TextSpec, ViTSpec, named_spec
 from pipeline.models.convert import ConversionError
 from pipeline.models.dual import DualEncoder, build_model, count_parameters, resolve_spec
-from pipeline.models.init_from import build_run_model, check_source, run_parameter_counts, run_tokenizer, weight_sources
+from pipeline.models.init_from import (
+    build_run_model,
+    check_source,
+    load_model,
+    run_parameter_counts,
+    run_tokenizer,
+    weight_sources,
+)
 from pipeline.models.logits import LOGIT_SCALE_BOUNDS
 from pipeline.models.published import CheckpointError, Published, load_published, save_published
 from pipeline.models.text_dual import TextDualEncoder, TextDualSpec
@@ -11,4 +18,4 @@ from pipeline.models.text_dual import TextDualEncoder, TextDualSpec
 __all__ = ["LOGIT_SCALE_BOUNDS", "MODEL_NAMES", "TEXT_MODEL", "ModelSpec", "ViTSpec", "TextSpec", "HFSpec",
            "named_spec", "DualEncoder", "TextDualEncoder", "TextDualSpec", "build_model", "count_parameters",
            "resolve_spec", "CheckpointError", "ConversionError", "Published", "load_published", "save_published",
-           "build_run_model", "run_parameter_counts", "run_tokenizer", "weight_sources", "check_source"]
+           "build_run_model", "load_model", "run_parameter_counts", "run_tokenizer", "weight_sources", "check_source"]

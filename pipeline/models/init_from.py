@@ -50,7 +50,7 @@ from pipeline.models.convert import (
     open_clip_architecture,
 )
 from pipeline.models.dual import DualEncoder, build_model, count_parameters, resolve_spec
-from pipeline.models.published import CheckpointError, load_published, read_manifest
+from pipeline.models.published import CheckpointError, Published, load_published, read_manifest
 from pipeline.models.text_dual import TextDualEncoder
 
 log = get_logger(__name__)
@@ -243,6 +243,25 @@ def _declared_pad(url: str) -> Optional[str]:
             if isinstance(pad, str):
                 return pad
     return None
+
+
+def load_model(url: str, config: Optional[str] = None) -> Published:
+    """Any checkpoint `model.init_from` accepts, loaded whole for inference (eval mode, its own tokenizer):
+    a published checkpoint as `load_published` reads it, an import with the manifest {"source", "kind"}.
+    What the curation stage embeds with."""
+    source = inspect_source(str(url).rstrip("/"), config)
+    if source.fmt == "ours":
+        return load_published(source.url)
+    arch = source.arch
+    model = DualEncoder(arch.spec, image_size=arch.image_size, context_length=arch.context_length,
+                        vocab_size=arch.vocab_size, init_bias=0.0 if arch.has_bias else None)
+    state = _source_state(source)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{source.url}: weights do not fit its architecture: {e}") from None
+    manifest = {"step": 0, "source": source.url, "kind": source.kind, "model": model.describe()}
+    return Published(model.eval(), source_tokenizer(source), manifest)
 
 
 # ------------------------------------------------------------------------------------ the run's model

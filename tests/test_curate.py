@@ -1,0 +1,181 @@
+"""The curation stage: embed on Ray Data actors equals Published.encode_*, reruns skip and duplicate nothing,
+broken shards are skipped and counted; filter's counts match a pandas reference; the lineage names every shard."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.config import Config
+from pipeline.curate import Rules, embed, filter_pool
+from pipeline.curate.filter import read_pool, select
+from pipeline.data import load_tokenizer, validate_sample
+from pipeline.data.shards import read_shard, resolve_shards
+from pipeline.data.transforms import decode_image, to_tensor
+from pipeline.models import build_model, load_published, save_published
+
+
+@pytest.fixture(scope="module")
+def pool(synth, tmp_path_factory):
+    root = synth(192, image_size=32, shard_size=32)
+    work = tmp_path_factory.mktemp("curate")
+    data = work / "train"
+    shutil.copytree(root / "train", data)
+    tok = load_tokenizer(str(data), 32)
+    cfg = Config()
+    cfg.model.name = "tiny"
+    torch.manual_seed(0)
+    model = build_model(cfg.model, image_size=32, context_length=32, vocab_size=tok.vocab_size, loss_name="clip")
+    ckpt = str(work / "run" / "published" / "step_00000001")
+    save_published(model, tok, ckpt, 1)
+    return work, data, ckpt
+
+
+def _rows(out):
+    return pd.concat([pq.read_table(p).to_pandas() for p in sorted(out.glob("*.parquet"))], ignore_index=True)
+
+
+@pytest.mark.slow
+def test_embed_on_two_actors_matches_published(pool, local_ray, tmp_path):
+    work, data, ckpt = pool
+    broken = tmp_path / "data"
+    shutil.copytree(data, broken)
+    tars = sorted(broken.glob("*.tar"))
+    tars[-1].write_bytes(tars[-1].read_bytes()[:5000])          # truncated: skipped and counted
+    out = tmp_path / "emb"
+    summary = embed(ckpt, str(broken), str(out), workers=2, batch_size=16, progress=False)
+    assert summary.done == len(tars) - 1 and list(summary.broken) == [str(tars[-1])]
+    assert summary.bad["truncated_shard"] + summary.bad["unreadable_shard"] >= 1
+    assert len({w for w in summary.workers}) == 2                  # both actors worked
+    rows = _rows(out)
+    assert len(rows) == 32 * (len(tars) - 1) and rows.key.is_unique
+    # the reference: Published.encode_* in this process, on the same samples
+    published = load_published(ckpt)
+    samples = [validate_sample(r.key, r.members, r.shard) for r in read_shard(str(tars[0]))]
+    with torch.no_grad():
+        img = published.encode_image(to_tensor([decode_image(s.image, 32) for s in samples]))
+        txt = published.encode_text(published.tokenizer([s.caption_lines()[0] for s in samples]))
+    got = rows[rows.shard == str(tars[0])].set_index("key").loc[[s.key for s in samples]]
+    np.testing.assert_allclose(np.stack(got.image_emb.to_numpy()).astype(np.float32), img.numpy(), atol=2e-3)
+    np.testing.assert_allclose(np.stack(got.text_emb.to_numpy()).astype(np.float32), txt.numpy(), atol=2e-3)
+    np.testing.assert_allclose(got.score.to_numpy(), (img * txt).sum(-1).numpy(), atol=1e-4)
+    # a rerun skips the finished shards, retries the broken one, writes nothing twice
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    again = embed(ckpt, str(broken), str(out), workers=2, progress=False)
+    assert again.skipped == len(tars) - 1 and again.done == 0 and list(again.broken) == [str(tars[-1])]
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")} == before
+
+
+@pytest.mark.slow
+def test_killed_actor_loses_and_duplicates_nothing(pool, local_ray, tmp_path):
+    import threading
+
+    import psutil
+    work, data, ckpt = pool
+    out = tmp_path / "emb"
+    killed = []
+
+    def kill_one_actor() -> None:
+        while not killed:
+            if list(out.glob("*.parquet")):
+                for p in psutil.Process().children(recursive=True):
+                    try:
+                        if "ShardEmbedder" in " ".join(p.cmdline()):
+                            p.kill()
+                            killed.append(p.pid)
+                            return
+                    except psutil.Error:
+                        continue
+            if len(list(out.glob("*.parquet"))) >= 6:
+                return
+    watcher = threading.Thread(target=kill_one_actor, daemon=True)
+    watcher.start()
+    summary = embed(ckpt, str(data), str(out), workers=2, batch_size=8, progress=False)
+    watcher.join(5)
+    assert killed, "no actor was killed: the test proved nothing"
+    rows = _rows(out)
+    assert summary.broken == {} and len(rows) == 192 and rows.key.is_unique
+    assert len(list(out.glob("*.parquet"))) == len(resolve_shards(str(data)))
+
+
+def _planted_embeddings(tmp_path, work, data, ckpt):
+    """Embeddings of the pool, with planted exact duplicates (rows 3k copy row 3k+1's image vector)."""
+    out = tmp_path / "emb"
+    import ray
+    embed(ckpt, str(data), str(out), workers=1, progress=False)
+    for p in sorted(out.glob("*.parquet")):
+        t = pq.read_table(p)
+        df = t.to_pandas()
+        for i in range(0, len(df) - 1, 3):
+            df.at[i, "image_emb"] = df.at[i + 1, "image_emb"]
+        rng = np.random.default_rng(len(df))
+        df["score"] = rng.uniform(-1, 1, len(df)).astype(np.float32)
+        pq.write_table(type(t).from_pandas(df, schema=t.schema, preserve_index=False), p)
+    del ray
+    return out
+
+
+@pytest.mark.slow
+def test_filter_counts_match_pandas_and_lineage(pool, local_ray, tmp_path):
+    work, data, ckpt = pool
+    emb = _planted_embeddings(tmp_path, work, data, ckpt)
+    df = _rows(emb)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("red\nblue\ncircle\nstar\n")
+    rules = Rules(min_score=-0.5, top_fraction=0.6, dedup=0.9999, balance=str(vocab), balance_cap=10, seed=3)
+    summary = filter_pool(str(emb), str(tmp_path / "out"), rules, shard_size=50, progress=False)
+    # the pandas reference, from the rules as the docs state them
+    ref = pd.Series("", index=df.index)
+    ref[df.score < -0.5] = "min_score"
+    top = df.sort_values("score", ascending=False, kind="stable").index[:math.ceil(0.6 * len(df))]
+    ref[~df.index.isin(top) & (ref == "")] = "top_fraction"
+    live = df[ref == ""]
+    vecs = np.stack(live.image_emb.to_numpy()).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    sim = vecs @ vecs.T
+    parent = list(range(len(live)))
+
+    def find(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+    for a, b in zip(*np.nonzero(np.triu(sim >= 0.9999, 1))):
+        parent[find(a)] = find(b)
+    groups = pd.Series([find(i) for i in range(len(live))], index=live.index)
+    best = live.assign(g=groups, row=live.index).sort_values(["score", "row"], ascending=[False, True]) \
+        .groupby("g").head(1).index
+    ref[live.index[~live.index.isin(best)]] = "dedup"
+    import hashlib
+    import re
+    live = df[ref == ""]
+    words = live.caption.map(lambda c: set(re.findall(r"\w+", c.lower())))
+    entries = ["red", "blue", "circle", "star"]
+    counts = {e: sum(e in w for w in words) for e in entries}
+    for i, w in words.items():
+        found = [e for e in entries if e in w]
+        if not found:
+            ref[i] = "balance_no_entry"
+            continue
+        u = int.from_bytes(hashlib.blake2b(f"3/{df.key[i]}".encode(), digest_size=8).digest(), "little") / 2 ** 64
+        if u >= max(min(1, 10 / counts[e]) for e in found):
+            ref[i] = "balance"
+    assert (ref == "dedup").sum() > 0 and (ref == "balance").sum() > 0      # every rule had work to do
+    expected = ref[ref != ""].value_counts().to_dict()
+    assert dict(summary.dropped) == expected and summary.kept == int((ref == "").sum())
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["samples"] == summary.kept
+    lineage = manifest["lineage"]
+    assert sorted(s["shard"] for s in lineage["sources"]) == sorted(s.url for s in resolve_shards(str(data)))
+    assert lineage["counts"]["dropped"] == expected and lineage["models"][0]["url"] == ckpt
+    kept_keys = {r.key for t in sorted((tmp_path / "out").glob("*.tar")) for r in read_shard(str(t))}
+    assert kept_keys == set(df.key[ref == ""])
+    # select() agrees on a pool read again (the decisions file says the same)
+    decisions = pq.read_table(tmp_path / "out" / "decisions.parquet").to_pandas()
+    assert (decisions.dropped_by.to_numpy() == select(read_pool(sorted(map(str, emb.glob("*.parquet")))),
+                                                      rules).astype(str)).all()

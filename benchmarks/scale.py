@@ -166,13 +166,18 @@ def peak_rss_bytes() -> int:
 
 # ---------------------------------------------------------------------------------------- shards
 def make_shards(folder: Path, n: int, template: Path) -> str:
-    """`n` shards in `folder` (hard links of one 4-sample tar), its manifest.json and tokenizer.json."""
+    """`n` shards in `folder` (hard links of one 4-sample tar, copied again every 50,000 links: a file system
+    caps the links of one file), its manifest.json and tokenizer.json."""
     folder.mkdir(parents=True)
     tar = template / "train" / "00000.tar"
     size = tar.stat().st_size
     names = [f"{i:06d}.tar" for i in range(n)]
-    for name in names:
-        os.link(tar, folder / name)
+    for i, name in enumerate(names):
+        if i % 50_000 == 0:
+            shutil.copy(tar, folder / name)
+            source = folder / name
+        else:
+            os.link(source, folder / name)
     shutil.copy(template / "train" / "tokenizer.json", folder / "tokenizer.json")
     manifest = {"format": "webdataset", "shards": [{"name": s, "samples": 4, "bytes": size} for s in names]}
     (folder / "manifest.json").write_text(json.dumps(manifest))

@@ -6,6 +6,7 @@ cache, so DeepSpeed ZeRO-3 gathers every parameter (the logit scale included) th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Optional
 
 import torch
@@ -19,6 +20,7 @@ from pipeline.models.configs import TEXT_MODEL, ModelSpec, named_spec
 from pipeline.models.logits import LearnedLogits, logit_init
 from pipeline.models.text_dual import TextDualEncoder, build_text_model
 from pipeline.models.towers import build_tower, freeze, read_hf_spec
+from pipeline.models.transformer import at_least_fp32
 
 log = get_logger(__name__)
 
@@ -54,14 +56,23 @@ class DualEncoder(LearnedLogits, nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) normalised pixels → (N, D) unit vectors (fp32)."""
-        expected = (3, self.image_size, self.image_size)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"encode_image: expected images of shape (N, {', '.join(map(str, expected))}), "
-                             f"got {tuple(images.shape)}")
+        self.check_images(images)
         return self._encode("image", images)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, L) token ids, L ≤ context length → (N, D) unit vectors (fp32)."""
+        self.check_tokens(tokens)
+        return self._encode("text", tokens)
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """A readable error for images this model cannot encode."""
+        expected = (3, self.image_size, self.image_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"encode_image: expected images of shape (N, {', '.join(map(str, expected))}), "
+                             f"got {tuple(images.shape)}")
+
+    def check_tokens(self, tokens: torch.Tensor) -> None:
+        """A readable error for token ids this model cannot encode."""
         if tokens.ndim != 2 or tokens.shape[1] > self.context_length or tokens.dtype not in (torch.long, torch.int):
             raise ValueError(f"encode_text: expected integer token ids of shape (N, L ≤ {self.context_length}), "
                              f"got {tuple(tokens.shape)} {tokens.dtype}")
@@ -69,13 +80,12 @@ class DualEncoder(LearnedLogits, nn.Module):
             raise ValueError(f"encode_text: token ids must lie in [0, {self.vocab_size}), got "
                              f"[{int(tokens.min())}, {int(tokens.max())}]: was the text tokenised with this "
                              f"model's tokenizer?")
-        return self._encode("text", tokens)
 
     def _encode(self, name: str, x: torch.Tensor) -> torch.Tensor:
         frozen = torch.no_grad() if name in self.locked_towers else contextlib.nullcontext()
         with frozen:
             features = self.tower(name)(x)
-        return F.normalize(features.float(), dim=-1)
+        return F.normalize(at_least_fp32(features), dim=-1)
 
     def forward(self, image: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None) -> dict[str, Any]:
         """Embeddings of whichever inputs are given, plus s = exp(θ) and the bias (None without one)."""
@@ -141,7 +151,9 @@ def resolve_spec(cfg: ModelConfig) -> ModelSpec:
         pool = tower_cfg.pool or ("mean" if name == "text" else "cls")
         towers[name] = read_hf_spec(tower_cfg.hf_path, f"model.{name}", pool) if tower_cfg.hf_path \
             else getattr(spec, name)
-    return ModelSpec(spec.embed_dim, towers["image"], towers["text"])
+    if spec.decoder is not None and (cfg.image.hf_path or cfg.text.hf_path):
+        raise ValueError(f"model.name = {cfg.name}: a CoCa model's towers are its own (no model.image/text.hf_path)")
+    return ModelSpec(spec.embed_dim, towers["image"], towers["text"], spec.decoder)
 
 
 
@@ -164,7 +176,11 @@ def build_model(cfg_model: ModelConfig, *, image_size: int, context_length: int,
                                 load_pretrained=load_pretrained)
     spec = spec or resolve_spec(cfg_model)
     tau, bias = logit_init(loss_name, init_temperature)
-    model = DualEncoder(spec, image_size=image_size, context_length=context_length, vocab_size=vocab_size,
+    cls: type[DualEncoder] = DualEncoder
+    if spec.decoder is not None:                          # CoCa: its text tower masks this tokenizer's padding
+        from pipeline.models.coca import CocaModel
+        cls, spec = CocaModel, dataclasses.replace(spec, text=dataclasses.replace(spec.text, pad_id=pad_id))
+    model = cls(spec, image_size=image_size, context_length=context_length, vocab_size=vocab_size,
                         dropout=cfg_model.dropout, init_temperature=tau, init_bias=bias,
                         learn_temperature=learn_temperature, patch_dropout=cfg_model.image.patch_dropout)
     for name, tower_cfg in (("image", cfg_model.image), ("text", cfg_model.text)):
@@ -187,6 +203,8 @@ def count_parameters(cfg_model: ModelConfig, *, image_size: int, context_length:
                             vocab_size=vocab_size, loss_name=loss_name, load_pretrained=False, spec=spec)
     towers = model.named_towers() if isinstance(model, TextDualEncoder) else \
         {"image": model.image_tower, "text": model.text_tower}
+    if getattr(model, "decoder", None) is not None:
+        towers["decoder"] = model.decoder
     counts = {name: sum(p.numel() for p in tower.parameters()) for name, tower in towers.items()}
     total = sum(p.numel() for p in model.parameters())
     return {**counts, "logit": total - sum(counts.values()), "total": total,

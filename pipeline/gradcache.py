@@ -124,8 +124,8 @@ def forward_backward(model: nn.Module, images: Tensor, texts: Tensor, loss_fn: C
     passes that tower's detached embeddings to the loss (cwcl). `negatives` (n, k, ...) are k more
     text-tower inputs per row whose embeddings the loss gets as hard negatives; `caption_ids` go to the
     loss as they are (its duplicate mask). `caption` (a CoCa model) adds its weight × the captioning loss of
-    `texts` given the images; image and text chunks are then the same rows. The parameter gradients equal those of a plain backward over
-    the batch, dropout included (the cache replays each call's RNG).
+    `texts` given the images; image and text chunks are then the same rows. The parameter gradients equal
+    those of a plain backward over the batch, dropout included (the cache replays each call's RNG).
     """
     n = _check_batch(images, texts, labels, chunk_size, text_chunk_size, weights_from, negatives)
     if caption_ids is not None and len(caption_ids) != n:

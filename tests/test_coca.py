@@ -174,9 +174,19 @@ def test_caption_weight_and_label_smoothing_reach_the_step():
 
 
 def _paired_reference(model, images, texts, chunk, seed):
-    """The cache's calls made with graphs from the same seed (dropout: masks depend on the calls), one loss."""
+    """The cache's calls with graphs, one loss. Each call starts from the generator state the calls before it
+    leave when run without the decoder (the cache's pass 1: its masks are those of the contrastive loss);
+    the decoder draws after the towers."""
     torch.manual_seed(seed)
-    outs = [model(image=images[c.image], text=texts[c.text], caption=True) for c in plan_paired_calls(N, chunk)]
+    calls, states = plan_paired_calls(N, chunk), []
+    with torch.no_grad():
+        for c in calls:
+            states.append(torch.get_rng_state())
+            model(image=images[c.image], text=texts[c.text])
+    outs = []
+    for c, state in zip(calls, states):
+        torch.set_rng_state(state)
+        outs.append(model(image=images[c.image], text=texts[c.text], caption=True))
     image, text = (torch.cat([o[t] for o in outs]) for t in ("image", "text"))
     logits = torch.cat([o["caption_logits"] for o in outs])
     loss = get_loss("clip")(image, text, logit_scale=outs[-1]["logit_scale"]) + 2.0 * F.cross_entropy(

@@ -47,11 +47,11 @@ from torch import nn
 from pipeline.config import Config, ConfigError, register_check
 from pipeline.distributed import get_world_size as dist_world_size
 from pipeline.gradcache import Backward, StepOutput, forward_backward
-from pipeline.losses.caption import CaptionLoss
-from pipeline.models.coca import caption_model
 from pipeline.layout import DEEPSPEED, UNIVERSAL
 from pipeline.log import get_logger
+from pipeline.losses.caption import CaptionLoss
 from pipeline.models import LOGIT_SCALE_BOUNDS, DualEncoder
+from pipeline.models.coca import caption_model
 
 log = get_logger(__name__)
 

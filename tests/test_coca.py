@@ -97,6 +97,7 @@ def test_decoder_is_causal_and_sees_the_image():
     assert not torch.allclose(model.next_token_logits(tokens2, texts), logits)
 
 
+@pytest.mark.slow
 def test_generate_greedy_and_beam():
     """Greedy follows the decoder's argmax step by step; beam finds a caption at least as likely."""
     model = coca()
@@ -196,6 +197,7 @@ def _paired_reference(model, images, texts, chunk, seed):
     return params(model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_cfg", [dict(dropout=0.3), dict(dropout=0.2, grad_checkpointing=True),
                                        dict(image=TowerConfig(patch_dropout=0.5))],
                          ids=["dropout", "dropout-checkpointing", "patch-dropout"])

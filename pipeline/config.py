@@ -143,6 +143,8 @@ class LossConfig:
     matryoshka_dims: list[int] = field(default_factory=list)   # e.g. [384, 128, 64]: loss summed over truncations
     duplicates: Literal["mask", "off"] = "mask"  # mask: pairs with identical captions are not each other's negatives
     mix_negatives: MixNegativesConfig = field(default_factory=MixNegativesConfig)  # mochi: {n, s, s_prime}
+    caption_weight: float = 2.0            # CoCa models: weight of the captioning token cross-entropy (CoCa's 2.0)
+    caption_label_smoothing: float = 0.0   # CoCa models: label smoothing of that cross-entropy
 
     def hyper(self) -> dict[str, Any]:
         """The hyper-parameters explicitly set, as keyword arguments for `get_loss` (mix_negatives' keys too:

@@ -26,6 +26,12 @@ parameter, the scale and bias included,
 receives gradient, so DDP (without `find_unused_parameters`) and ZeRO 1/2 reduce one complete set.
 Towers listed in `model.locked_towers` are encoded in pass 1 only: their embeddings are final.
 
+CoCa's captioning term (`caption`: a `CaptionLoss`) is per sample: the model calls pair each image chunk
+with the text chunk of the same rows, pass 1 encodes them without the decoder, and pass 2 computes the
+decoder's logits of each chunk with its RNG state restored and adds weight · (the chunk's part of the
+caption loss) to that call's surrogate. Its only global quantity, the batch's number of target tokens, is
+summed over ranks once before pass 1.
+
 Hard negatives (`negatives`: k more text-tower inputs per row, text–text training) are encoded by the
 text tower after the positives, as rows n … n(1+k) of its batch, chunked like them; the loss gets
 them as `negatives=(n, k, D)` and their cached gradients flow back through the same replay.
@@ -41,6 +47,9 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.layout import TOWERS
+from pipeline.losses.caption import CaptionLoss
+from pipeline.models.coca import caption_targets
+from pipeline.models.transformer import at_least_fp32
 
 
 @dataclass
@@ -52,6 +61,8 @@ class StepOutput:
     logit_scale: Tensor               # s = exp(θ)
     logit_bias: Optional[Tensor]
     negatives: Optional[Tensor] = None   # (N, k, D) fp32 hard-negative embeddings, when the step had some
+    contrastive: Optional[Tensor] = None  # with a caption term: the contrastive part of `loss`
+    caption: Optional[Tensor] = None      # with a caption term: this rank's (unweighted) caption loss
 
 
 # ---------------------------------------------------------------------------- backward strategies
@@ -102,7 +113,8 @@ def locked_towers(model: nn.Module) -> frozenset[str]:
 def forward_backward(model: nn.Module, images: Tensor, texts: Tensor, loss_fn: Callable[..., Tensor], *,
                      labels: Optional[Tensor] = None, chunk_size: int = 0, text_chunk_size: int = 0,
                      weights_from: Optional[str] = None, backward: Optional[Backward] = None,
-                     negatives: Optional[Tensor] = None, caption_ids: Optional[Tensor] = None) -> StepOutput:
+                     negatives: Optional[Tensor] = None, caption_ids: Optional[Tensor] = None,
+                     caption: Optional[CaptionLoss] = None) -> StepOutput:
     """Forward and backward of one step over this rank's batch; the caller then steps the optimizer.
 
     `model` is a dual encoder (plain, DDP, or a DeepSpeed engine with its `backward`) called as
@@ -111,8 +123,9 @@ def forward_backward(model: nn.Module, images: Tensor, texts: Tensor, loss_fn: C
     covering the whole batch, is one plain forward and backward. `weights_from` ("image" or "text")
     passes that tower's detached embeddings to the loss (cwcl). `negatives` (n, k, ...) are k more
     text-tower inputs per row whose embeddings the loss gets as hard negatives; `caption_ids` go to the
-    loss as they are (its duplicate mask). The parameter gradients equal those of a plain backward over
-    the batch, dropout included (the cache replays each call's RNG).
+    loss as they are (its duplicate mask). `caption` (a CoCa model) adds its weight × the captioning loss of
+    `texts` given the images; image and text chunks are then the same rows. The parameter gradients equal
+    those of a plain backward over the batch, dropout included (the cache replays each call's RNG).
     """
     n = _check_batch(images, texts, labels, chunk_size, text_chunk_size, weights_from, negatives)
     if caption_ids is not None and len(caption_ids) != n:
@@ -121,49 +134,84 @@ def forward_backward(model: nn.Module, images: Tensor, texts: Tensor, loss_fn: C
         texts = torch.cat([texts, negatives.flatten(0, 1)])
     image_chunk = chunk_size or n
     text_chunk = text_chunk_size or image_chunk
+    cap = None
+    if caption is not None:
+        if negatives is not None or text_chunk != image_chunk:
+            raise ValueError("forward_backward: a caption term pairs each image with its caption: no hard negatives, "
+                             f"one chunk size for both towers (got {image_chunk} and {text_chunk})")
+        cap = _Caption(caption, caption_targets(texts))      # the global token count: a collective, every rank
     backward = backward or backward_strategy(model)
     loss = _Loss(loss_fn, labels, weights_from, 0 if negatives is None else negatives.shape[1], caption_ids)
     if image_chunk >= n and text_chunk >= len(texts):
-        return _plain_step(model, images, texts, loss, backward)
+        return _plain_step(model, images, texts, loss, backward, cap)
     locked = locked_towers(model)
-    calls = plan_calls(n, image_chunk, text_chunk, locked, text_rows=len(texts))
-    return _cached_step(model, images, texts, loss, backward, calls, locked)
+    calls = plan_calls(n, image_chunk, text_chunk, locked, text_rows=len(texts)) if cap is None \
+        else plan_paired_calls(n, image_chunk)
+    return _cached_step(model, images, texts, loss, backward, calls, locked, cap)
 
 
-def _plain_step(model: nn.Module, images: Tensor, texts: Tensor, loss: _Loss, backward: Backward) -> StepOutput:
+@dataclass
+class _Caption:
+    """A step's caption term: the loss, this rank's targets and the global batch's token count."""
+    loss: CaptionLoss
+    targets: Tensor
+    tokens: Optional[Tensor] = None
+
+    def __post_init__(self) -> None:
+        self.tokens = self.loss.tokens(self.targets)
+
+    def __call__(self, logits: Tensor, rows: slice) -> Tensor:
+        """The (unweighted) caption loss part of these rows."""
+        return self.loss(logits, self.targets[rows], self.tokens)
+
+
+def _plain_step(model: nn.Module, images: Tensor, texts: Tensor, loss: _Loss, backward: Backward,
+                cap: Optional[_Caption] = None) -> StepOutput:
     with backward.micro_step(is_last=True):
-        out = model(image=images, text=texts)
+        out = model(image=images, text=texts, **({"caption": True} if cap else {}))
         value = loss(out["image"], out["text"], out["logit_scale"], out["logit_bias"])
-        backward.backward(value, is_last=True)
-    return loss.output(value, out["image"], out["text"], out["logit_scale"], out["logit_bias"])
+        captioning = cap(out["caption_logits"], slice(None)) if cap else None
+        total = value + cap.loss.weight * captioning if cap else value
+        backward.backward(total, is_last=True)
+    return loss.output(total, out["image"], out["text"], out["logit_scale"], out["logit_bias"], value, captioning)
 
 
 def _cached_step(model: nn.Module, images: Tensor, texts: Tensor, loss: _Loss, backward: Backward,
-                 calls: list[Call], locked: frozenset[str]) -> StepOutput:
+                 calls: list[Call], locked: frozenset[str], cap: Optional[_Caption] = None) -> StepOutput:
     inputs = {"image": images, "text": texts}
     rng, emb, scale, bias = _first_pass(model, inputs, calls)
 
     # The loss once, on fp32 leaves: d loss / d (every embedding row, scale, bias).
     leaves = {"image": emb["image"], "text": emb["text"], "logit_scale": scale, "logit_bias": bias}
-    leaves = {k: x.detach().float().requires_grad_() for k, x in leaves.items() if x is not None}
+    leaves = {k: at_least_fp32(x.detach()).requires_grad_() for k, x in leaves.items() if x is not None}
     value = loss(leaves["image"], leaves["text"], leaves["logit_scale"], leaves.get("logit_bias"))
     grads = dict(zip(leaves, torch.autograd.grad(value, list(leaves.values()), allow_unused=True)))
 
     # Pass 2: replay every call that has something to train; the last one is the boundary.
+    captioning = []
     for call, state in zip(calls, rng):
         is_last = call is calls[-1]
         towers = [t for t in TOWERS if call.rows(t) is not None and t not in locked]
-        if not towers and not is_last:
+        if not towers and not is_last and cap is None:
             continue
         with backward.micro_step(is_last):
             state.restore()
-            out = model(**call.inputs(inputs))
+            out = model(**call.inputs(inputs), **({"caption": True} if cap else {}))
             parts = [(out[t], grads[t][call.rows(t)]) for t in towers]
             if is_last:                       # the scale/bias gradient, delivered exactly once
                 parts += [(out[k], grads[k]) for k in ("logit_scale", "logit_bias")
                           if out[k] is not None and out[k].requires_grad and grads.get(k) is not None]
-            backward.backward(_surrogate(parts, call), is_last)
-    return loss.output(value, emb["image"], emb["text"], scale, bias)
+            extra = None
+            if cap is not None:               # this chunk's own part of the caption loss, with its graph
+                extra = cap(out["caption_logits"], call.image)
+                captioning.append(extra.detach())
+                extra = cap.loss.weight * extra
+            backward.backward(_surrogate(parts, call, extra), is_last)
+    if cap is None:
+        return loss.output(value, emb["image"], emb["text"], scale, bias)
+    caption_value = torch.stack(captioning).sum()
+    return loss.output(value.detach() + cap.loss.weight * caption_value, emb["image"], emb["text"], scale, bias,
+                       value, caption_value)
 
 
 def _first_pass(model: nn.Module, inputs: dict[str, Tensor], calls: list[Call]
@@ -178,14 +226,17 @@ def _first_pass(model: nn.Module, inputs: dict[str, Tensor], calls: list[Call]
         for call in calls:
             rng.append(RngState.capture())
             outs.append(model(**call.inputs(inputs)))
-    emb = {t: torch.cat([out[t] for call, out in zip(calls, outs) if call.rows(t) is not None]).float()
+    emb = {t: torch.cat([out[t] for call, out in zip(calls, outs) if call.rows(t) is not None])
            for t in TOWERS}
     return rng, emb, outs[-1]["logit_scale"], outs[-1]["logit_bias"]
 
 
-def _surrogate(parts: list[tuple[Tensor, Tensor]], call: Call) -> Tensor:
-    """Σ x·g over (output, cached gradient) pairs: its gradient w.r.t. the parameters is Σ g·dx/dθ."""
-    total = sum((x.float() * g).sum() for x, g in parts)
+def _surrogate(parts: list[tuple[Tensor, Tensor]], call: Call, extra: Optional[Tensor] = None) -> Tensor:
+    """Σ x·g over (output, cached gradient) pairs: its gradient w.r.t. the parameters is Σ g·dx/dθ; plus
+    `extra`, a term of the loss computed in this call with its graph (the caption term)."""
+    total = sum((at_least_fp32(x) * g).sum() for x, g in parts)
+    if extra is not None:
+        total = total + extra
     if not isinstance(total, Tensor) or not total.requires_grad:
         raise ValueError(
             f"gradient cache: model call {call} produced nothing that requires a gradient; a tower "
@@ -227,6 +278,12 @@ def plan_calls(n: int, image_chunk: int, text_chunk: int, locked: frozenset[str]
     return calls + [Call(**last)]
 
 
+def plan_paired_calls(n: int, chunk: int) -> list[Call]:
+    """The calls with a caption term: each chunk's images and texts in one call (the decoder needs both);
+    the last is the boundary."""
+    return [Call(image=slice(i, min(i + chunk, n)), text=slice(i, min(i + chunk, n))) for i in range(0, n, chunk)]
+
+
 # ------------------------------------------------------------------------------------- helpers
 @dataclass
 class RngState:
@@ -261,18 +318,21 @@ class _Loss:
         return text[:n], (text[n:].view(n, self.negatives, -1) if self.negatives else None)
 
     def __call__(self, image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
-        image, (text, negatives) = image.float(), self.split(image, text.float())
+        image, (text, negatives) = at_least_fp32(image), self.split(image, at_least_fp32(text))
         weights = {"image": image, "text": text}[self.weights_from].detach() if self.weights_from else None
         extra = {} if negatives is None else {"negatives": negatives}
         if self.caption_ids is not None:
             extra["caption_ids"] = self.caption_ids
-        return self.fn(image, text, logit_scale=scale.float(), logit_bias=None if bias is None else bias.float(),
+        return self.fn(image, text, logit_scale=at_least_fp32(scale),
+                       logit_bias=None if bias is None else at_least_fp32(bias),
                        labels=self.labels, weights_from=weights, **extra)
 
-    def output(self, value: Tensor, image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tensor]) -> StepOutput:
+    def output(self, value: Tensor, image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tensor],
+               contrastive: Optional[Tensor] = None, caption: Optional[Tensor] = None) -> StepOutput:
         """The step's detached, fp32 output."""
         text, negatives = self.split(image, text.detach().float())
-        return StepOutput(value.detach(), image.detach().float(), text, scale.detach(), _detach(bias), negatives)
+        return StepOutput(value.detach(), image.detach().float(), text, scale.detach(), _detach(bias), negatives,
+                          _detach(contrastive), _detach(caption))
 
 
 def _check_batch(images: Tensor, texts: Tensor, labels: Optional[Tensor], chunk_size: int,

@@ -53,7 +53,7 @@ def test_parameter_counts_match_public_clip(name):
     assert counts["total"] == counts["image"] + counts["text"] + counts["logit"] == counts["trainable"]
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if not n.startswith("coca")])   # CoCa: test_coca.py
 def test_every_named_config_has_the_shape_of_a_transformers_clip(name):
     """The same architecture built by transformers (on meta) has exactly our parameter count."""
     from transformers import CLIPConfig, CLIPModel

@@ -1,8 +1,9 @@
 """Dual-encoder models: towers, named configs, pretrained towers and locking, imports (`model.init_from`),
 published checkpoints, export; the text–text dual encoder (`model.name: text`)."""
+from pipeline.models.build import build_model, count_parameters, resolve_spec
 from pipeline.models.configs import MODEL_NAMES, TEXT_MODEL, HFSpec, ModelSpec, TextSpec, ViTSpec, named_spec
 from pipeline.models.convert import ConversionError
-from pipeline.models.dual import DualEncoder, build_model, count_parameters, resolve_spec
+from pipeline.models.dual import DualEncoder
 from pipeline.models.init_from import (
     build_run_model,
     check_source,

@@ -12,13 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ModelConfig
 from pipeline.layout import TOWERS
 from pipeline.log import get_logger
-from pipeline.models.configs import TEXT_MODEL, ModelSpec, named_spec
-from pipeline.models.logits import LearnedLogits, logit_init
-from pipeline.models.text_dual import TextDualEncoder, build_text_model
-from pipeline.models.towers import build_tower, freeze, read_hf_spec
+from pipeline.models.configs import ModelSpec
+from pipeline.models.logits import LearnedLogits
+from pipeline.models.towers import build_tower, freeze
+from pipeline.models.transformer import at_least_fp32
 
 log = get_logger(__name__)
 
@@ -54,14 +53,23 @@ class DualEncoder(LearnedLogits, nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) normalised pixels → (N, D) unit vectors (fp32)."""
-        expected = (3, self.image_size, self.image_size)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"encode_image: expected images of shape (N, {', '.join(map(str, expected))}), "
-                             f"got {tuple(images.shape)}")
+        self.check_images(images)
         return self._encode("image", images)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, L) token ids, L ≤ context length → (N, D) unit vectors (fp32)."""
+        self.check_tokens(tokens)
+        return self._encode("text", tokens)
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """A readable error for images this model cannot encode."""
+        expected = (3, self.image_size, self.image_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"encode_image: expected images of shape (N, {', '.join(map(str, expected))}), "
+                             f"got {tuple(images.shape)}")
+
+    def check_tokens(self, tokens: torch.Tensor) -> None:
+        """A readable error for token ids this model cannot encode."""
         if tokens.ndim != 2 or tokens.shape[1] > self.context_length or tokens.dtype not in (torch.long, torch.int):
             raise ValueError(f"encode_text: expected integer token ids of shape (N, L ≤ {self.context_length}), "
                              f"got {tuple(tokens.shape)} {tokens.dtype}")
@@ -69,13 +77,12 @@ class DualEncoder(LearnedLogits, nn.Module):
             raise ValueError(f"encode_text: token ids must lie in [0, {self.vocab_size}), got "
                              f"[{int(tokens.min())}, {int(tokens.max())}]: was the text tokenised with this "
                              f"model's tokenizer?")
-        return self._encode("text", tokens)
 
     def _encode(self, name: str, x: torch.Tensor) -> torch.Tensor:
         frozen = torch.no_grad() if name in self.locked_towers else contextlib.nullcontext()
         with frozen:
             features = self.tower(name)(x)
-        return F.normalize(features.float(), dim=-1)
+        return F.normalize(at_least_fp32(features), dim=-1)
 
     def forward(self, image: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None) -> dict[str, Any]:
         """Embeddings of whichever inputs are given, plus s = exp(θ) and the bias (None without one)."""
@@ -128,67 +135,3 @@ class DualEncoder(LearnedLogits, nn.Module):
         """What rebuilds this model: the spec, the data-dependent sizes, the scale/bias setup."""
         return {"spec": self.spec.to_dict(), "image_size": self.image_size, "context_length": self.context_length,
                 "vocab_size": self.vocab_size, "has_bias": self.logit_bias is not None}
-
-
-# ---------------------------------------------------------------------------------- building
-def resolve_spec(cfg: ModelConfig) -> ModelSpec:
-    """The named spec, with each tower that has `hf_path` replaced by that model's config."""
-    spec = named_spec(cfg.name)
-    towers = {}
-    for name, tower_cfg in (("image", cfg.image), ("text", cfg.text)):
-        if tower_cfg.unlock_last and not tower_cfg.lock:
-            raise ValueError(f"model.{name}.unlock_last = {tower_cfg.unlock_last} needs model.{name}.lock = true")
-        pool = tower_cfg.pool or ("mean" if name == "text" else "cls")
-        towers[name] = read_hf_spec(tower_cfg.hf_path, f"model.{name}", pool) if tower_cfg.hf_path \
-            else getattr(spec, name)
-    return ModelSpec(spec.embed_dim, towers["image"], towers["text"])
-
-
-
-
-def build_model(cfg_model: ModelConfig, *, image_size: int, context_length: int, vocab_size: int,
-                loss_name: str = "clip", init_temperature: Optional[float] = None, learn_temperature: bool = True,
-                load_pretrained: bool = True, pad_id: int = 0,
-                spec: Optional[ModelSpec] = None) -> DualEncoder | TextDualEncoder:
-    """The dual encoder of a `model` config section: named spec, pretrained towers, locks, checkpointing.
-
-    The logit scale/bias start where the loss `loss_name` wants them (`loss.init_temperature`
-    overrides the temperature). `load_pretrained=False` skips reading `hf_path` weights (for
-    counting parameters on the meta device). `spec` replaces the configured one (an imported model's).
-    `model.name: text` is the text–text dual encoder (`text_dual`; `pad_id` is its tokenizer's padding
-    id, masked in pooling); `image_size` and `spec` are then unused.
-    """
-    if cfg_model.name == TEXT_MODEL:
-        return build_text_model(cfg_model, context_length=context_length, vocab_size=vocab_size, pad_id=pad_id,
-                                logits=logit_init(loss_name, init_temperature), learn_temperature=learn_temperature,
-                                load_pretrained=load_pretrained)
-    spec = spec or resolve_spec(cfg_model)
-    tau, bias = logit_init(loss_name, init_temperature)
-    model = DualEncoder(spec, image_size=image_size, context_length=context_length, vocab_size=vocab_size,
-                        dropout=cfg_model.dropout, init_temperature=tau, init_bias=bias,
-                        learn_temperature=learn_temperature, patch_dropout=cfg_model.image.patch_dropout)
-    for name, tower_cfg in (("image", cfg_model.image), ("text", cfg_model.text)):
-        if tower_cfg.hf_path and load_pretrained:
-            model.tower(name).load_pretrained(tower_cfg.hf_path)
-            log.info("%s tower: pretrained weights from %s", name, tower_cfg.hf_path)
-        if tower_cfg.lock:
-            model.lock(name, tower_cfg.unlock_last)
-    if cfg_model.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    return model
-
-
-def count_parameters(cfg_model: ModelConfig, *, image_size: int, context_length: int, vocab_size: int,
-                     loss_name: str = "clip", spec: Optional[ModelSpec] = None) -> dict[str, int]:
-    """Parameter counts {image, text, logit, total, trainable} ({encoder} or {query, passage} in place of
-    image and text for the text model), built on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = build_model(cfg_model, image_size=image_size, context_length=context_length,
-                            vocab_size=vocab_size, loss_name=loss_name, load_pretrained=False, spec=spec)
-    towers = model.named_towers() if isinstance(model, TextDualEncoder) else \
-        {"image": model.image_tower, "text": model.text_tower}
-    counts = {name: sum(p.numel() for p in tower.parameters()) for name, tower in towers.items()}
-    total = sum(p.numel() for p in model.parameters())
-    return {**counts, "logit": total - sum(counts.values()), "total": total,
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-

@@ -36,6 +36,7 @@ from pipeline.config import Config, ConfigError, ModelConfig, register_check
 from pipeline.data import Tokenizer, clip_tokenizer
 from pipeline.layout import MANIFEST, TOKENIZER, TOWERS, WEIGHTS
 from pipeline.log import get_logger
+from pipeline.models.build import build_model, count_parameters, resolve_spec
 from pipeline.models.configs import TEXT_MODEL, ModelSpec
 from pipeline.models.convert import (
     HF_CONFIG,
@@ -49,7 +50,7 @@ from pipeline.models.convert import (
     named_open_clip_cfg,
     open_clip_architecture,
 )
-from pipeline.models.dual import DualEncoder, build_model, count_parameters, resolve_spec
+from pipeline.models.dual import DualEncoder
 from pipeline.models.published import CheckpointError, Published, load_published, read_manifest
 from pipeline.models.text_dual import TextDualEncoder
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.losses import default_temperature, uses_bias
+from pipeline.models.transformer import at_least_fp32
 
 LOGIT_SCALE_BOUNDS = (0.0, math.log(100.0))   # θ = ln s: the scale s stays in [1, 100]
 
@@ -43,5 +44,5 @@ class LearnedLogits:
 
     def logit_outputs(self) -> dict[str, Optional[Tensor]]:
         """s = exp(θ) and the bias (None without one), fp32 scalars, for the forward's output dict."""
-        return {"logit_scale": self.logit_scale.float().exp().squeeze(0),
-                "logit_bias": self.logit_bias.float().squeeze(0) if self.logit_bias is not None else None}
+        return {"logit_scale": at_least_fp32(self.logit_scale).exp().squeeze(0),
+                "logit_bias": at_least_fp32(self.logit_bias).squeeze(0) if self.logit_bias is not None else None}

@@ -6,11 +6,13 @@ needs: a locked tower with `unlock_last = n` trains its last n blocks and everyt
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from pipeline.models.configs import HFSpec, TextSpec, TowerSpec, ViTSpec
-from pipeline.models.transformer import AttentionPool, LayerNorm, Transformer
+from pipeline.models.transformer import AttentionalPooler, AttentionPool, LayerNorm, Transformer
 
 
 class PatchDropout(nn.Module):
@@ -55,7 +57,8 @@ class VisionTower(nn.Module):
         super().__init__()
         if image_size % spec.patch_size:
             raise ValueError(f"image size {image_size} is not a multiple of the patch size {spec.patch_size}")
-        if not spec.proj and spec.width != embed_dim:
+        coca = spec.pool == "coca"
+        if not spec.proj and (spec.width != embed_dim or coca):
             raise ValueError(f"an image tower without projection has width {spec.width}, not the embedding size "
                              f"{embed_dim}")
         grid = image_size // spec.patch_size
@@ -72,28 +75,43 @@ class VisionTower(nn.Module):
         self.norm_pre = LayerNorm(spec.width, eps=spec.eps) if spec.norm_pre else nn.Identity()
         self.transformer = Transformer(spec.width, spec.layers, spec.heads, spec.mlp_ratio, dropout,
                                        act=spec.act, eps=spec.eps)
-        self.norm_post = LayerNorm(spec.width, eps=spec.eps)
-        self.attn_pool = (AttentionPool(spec.width, spec.heads, spec.mlp_ratio, spec.act, spec.eps)
-                          if spec.pool == "map" else None)
-        self.proj = nn.Parameter(scale * torch.randn(spec.width, embed_dim)) if spec.proj else None
+        pooled = embed_dim if coca else spec.width          # CoCa's pooler outputs the embedding size
+        self.norm_post = LayerNorm(pooled, eps=spec.eps)
+        if coca:
+            if spec.pool_queries < 2:
+                raise ValueError(f"CoCa pooling needs at least 2 queries (the pooled one and image tokens), "
+                                 f"got {spec.pool_queries}")
+            self.attn_pool = AttentionalPooler(embed_dim, spec.width, spec.pool_heads, spec.pool_queries, spec.eps)
+        else:
+            self.attn_pool = (AttentionPool(spec.width, spec.heads, spec.mlp_ratio, spec.act, spec.eps)
+                              if spec.pool == "map" else None)
+        self.proj = nn.Parameter(pooled ** -0.5 * torch.randn(pooled, embed_dim)) if spec.proj else None
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.transformer.blocks
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(images)[0]
+
+    def forward_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(the (N, embed_dim) features, CoCa's (N, queries − 1, embed_dim) image tokens or None)."""
         x = self.patch_embed(images.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
         x = self.norm_pre(self.patch_dropout(x + self.pos_embed.to(x.dtype)))
-        x = self.norm_post(self.transformer(x))
+        x = self.transformer(x)
+        if self.pool == "coca":                          # open_clip's CoCa: pool, then norm; query 0 is pooled
+            x = self.norm_post(self.attn_pool(x))
+            return x[:, 0] @ self.proj.to(x.dtype), x[:, 1:]
+        x = self.norm_post(x)
         if self.pool == "map":
             pooled = self.attn_pool(x)
         elif self.pool == "cls":
             pooled = x[:, 0]
         else:
             pooled = x[:, int(self.cls_token is not None):].mean(dim=1)
-        return pooled @ self.proj if self.proj is not None else pooled
+        return (pooled @ self.proj if self.proj is not None else pooled), None
 
 
 def sincos_positions(width: int, grid: int, class_token: bool) -> torch.Tensor:
@@ -121,17 +139,23 @@ class TextTower(nn.Module):
     CLIP's tower is causal and pools the end token, found as the largest token id (`argmax`, as in
     open_clip) or as the first `eos_id`; with the causal mask, padding after it cannot influence it.
     SigLIP's is bidirectional and pools the last position, through a projection with a bias.
+    CoCa's (`appended`) appends a learned class token `cls_token` after the caption (one more position)
+    and pools it; `forward_tokens` also gives the caption's token states for the decoder.
     """
 
-    stem = ("token_embed", "pos_embed")
+    stem = ("token_embed", "pos_embed", "cls_token")
 
     def __init__(self, spec: TextSpec, context_length: int, vocab_size: int, embed_dim: int, dropout: float = 0.0):
         super().__init__()
         if spec.pool == "eos" and spec.eos_id is None:
             raise ValueError("a text tower pooled at `eos` needs its eos_id")
-        self.pool, self.eos_id = spec.pool, spec.eos_id
+        self.pool, self.eos_id, self.pad_id = spec.pool, spec.eos_id, spec.pad_id
+        appended = spec.pool == "appended"
+        if appended and not spec.causal:
+            raise ValueError("a text tower with an appended class token is causal (CoCa's)")
         self.token_embed = nn.Embedding(vocab_size, spec.width)
-        self.pos_embed = nn.Parameter(0.01 * torch.randn(context_length, spec.width))
+        self.cls_token = nn.Parameter(0.01 * torch.randn(spec.width)) if appended else None
+        self.pos_embed = nn.Parameter(0.01 * torch.randn(context_length + int(appended), spec.width))
         self.transformer = Transformer(spec.width, spec.layers, spec.heads, spec.mlp_ratio, dropout,
                                        causal=spec.causal, act=spec.act, eps=spec.eps)
         self.norm_final = LayerNorm(spec.width, eps=spec.eps)
@@ -144,7 +168,14 @@ class TextTower(nn.Module):
         return self.transformer.blocks
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.token_embed(tokens) + self.pos_embed[: tokens.shape[1]].to(self.token_embed.weight.dtype)
+        return self.forward_tokens(tokens)[0]
+
+    def forward_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(the (N, embed_dim) features, CoCa's (N, L, width) token states (unnormed) or None)."""
+        x = self.token_embed(tokens)
+        if self.cls_token is not None:
+            return self._appended(tokens, x)
+        x = x + self.pos_embed[: tokens.shape[1]].to(x.dtype)
         x = self.norm_final(self.transformer(x))
         rows = torch.arange(x.shape[0], device=x.device)
         if self.pool == "argmax":
@@ -153,8 +184,22 @@ class TextTower(nn.Module):
             pooled = x[rows, (tokens == self.eos_id).int().argmax(dim=-1)]
         else:
             pooled = x[:, 0] if self.pool == "first" else x[:, -1]
-        out = pooled @ self.proj
+        return self._project(pooled), None
+
+    def _project(self, pooled: torch.Tensor) -> torch.Tensor:
+        out = pooled @ self.proj.to(pooled.dtype)
         return out + self.proj_bias.to(out.dtype) if self.proj_bias is not None else out
+
+    def _appended(self, tokens: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CoCa: the class token after the caption, causal attention with padding keys masked, the class
+        token's state normed and projected. The mask is open_clip's CoCa mask as its public weights were
+        trained with: key j ≥ 1 is open when token j − 1 is not padding (key 0 always)."""
+        n, length = tokens.shape
+        x = torch.cat([x, self.cls_token.to(x.dtype).expand(n, 1, -1)], dim=1)
+        x = x + self.pos_embed[: length + 1].to(x.dtype)
+        keys = torch.cat([tokens.new_ones(n, 1, dtype=torch.bool), tokens != self.pad_id], dim=1)
+        x = self.transformer(x, keys[:, None, None, :])
+        return self._project(self.norm_final(x[:, -1])), x[:, :-1]
 
 
 class HFTower(nn.Module):

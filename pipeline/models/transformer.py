@@ -5,23 +5,32 @@ projection like CLIP, so the weights map one-to-one onto open_clip's and Hugging
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 whatever the towers' dtype (bf16, fp16); fp64 kept (the float64 reference tests)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 and cast back: bf16 activations keep an accurate mean/variance."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+        weight = at_least_fp32(self.weight) if self.weight is not None else None
+        bias = at_least_fp32(self.bias) if self.bias is not None else None
+        return F.layer_norm(at_least_fp32(x), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; `causal` masks future positions (the text tower)."""
+    """Multi-head attention: self-attention, or cross-attention to `context` (queries from x, keys and values
+    from the context, through the same packed projection); `causal` masks future positions (the text tower),
+    `mask` (N, 1, L, L'), True = attend) masks more (CoCa's padding)."""
 
     def __init__(self, width: int, heads: int, dropout: float = 0.0):
         super().__init__()
@@ -32,10 +41,20 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, mask: Optional[torch.Tensor] = None,
+                context: Optional[torch.Tensor] = None) -> torch.Tensor:
         n, length, width = x.shape
-        q, k, v = self.qkv(x).view(n, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+        split = width // self.heads
+        if context is None:
+            q, k, v = self.qkv(x).view(n, length, 3, self.heads, split).permute(2, 0, 3, 1, 4)
+        else:
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(x, w[:width], b[:width]).view(n, length, self.heads, split).transpose(1, 2)
+            k, v = F.linear(context, w[width:], b[width:]).view(n, -1, 2, self.heads, split).permute(2, 0, 3, 1, 4)
+        if causal and mask is not None:
+            mask = mask & torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+            causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(n, length, width))
 
@@ -79,8 +98,22 @@ class Block(nn.Module):
         self.mlp = MLP(width, mlp_width(width, mlp_ratio), act)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), causal))
+    def forward(self, x: torch.Tensor, causal: bool = False, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), causal, mask))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class CrossBlock(Block):
+    """A block whose attention looks at a context (CoCa's image tokens): x + attn(norm(x), norm_kv(context)),
+    then x + mlp(norm(x)) (open_clip's cross-attention `ResidualAttentionBlock`)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, act: str = "gelu",
+                 eps: float = 1e-5):
+        super().__init__(width, heads, mlp_ratio, dropout, act, eps)
+        self.norm_kv = LayerNorm(width, eps=eps)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x = x + self.drop(self.attn(self.norm1(x), context=self.norm_kv(context)))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -126,20 +159,91 @@ class Transformer(nn.Module):
 
     def reset_parameters(self, width: int, layers: int) -> None:
         """CLIP-style scaled init: residual output projections shrink with depth."""
-        proj_std = (width ** -0.5) * ((2 * layers) ** -0.5)
         for block in self.blocks:
-            nn.init.normal_(block.attn.qkv.weight, std=width ** -0.5)
-            nn.init.normal_(block.attn.proj.weight, std=proj_std)
-            nn.init.normal_(block.mlp.fc1.weight, std=(2 * width) ** -0.5)
-            nn.init.normal_(block.mlp.fc2.weight, std=proj_std)
-            for linear in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
-                nn.init.zeros_(linear.bias)
+            init_block(block, width, layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, L, width) → (N, L, width)."""
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(N, L, width) → (N, L, width); `mask` (N, 1, L, L), True = attend, on top of the causal mask."""
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, self.causal, use_reentrant=False)
+                x = checkpoint(block, x, self.causal, mask, use_reentrant=False)
             else:
-                x = block(x, self.causal)
+                x = block(x, self.causal, mask)
         return x
+
+
+def init_block(block: Block, width: int, layers: int) -> None:
+    """CLIP-style scaled init of one block: residual output projections shrink with depth."""
+    proj_std = (width ** -0.5) * ((2 * layers) ** -0.5)
+    nn.init.normal_(block.attn.qkv.weight, std=width ** -0.5)
+    nn.init.normal_(block.attn.proj.weight, std=proj_std)
+    nn.init.normal_(block.mlp.fc1.weight, std=(2 * width) ** -0.5)
+    nn.init.normal_(block.mlp.fc2.weight, std=proj_std)
+    for linear in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+        nn.init.zeros_(linear.bias)
+
+
+class AttentionalPooler(nn.Module):
+    """CoCa's pooler (open_clip's `AttentionalPooler`): `queries` learned queries (normed) attend over the normed
+    tokens of width `context` with one multi-head attention of width `width`; no residual, no MLP.
+
+    Separate q/k/v projections (the keys' width may differ from the queries'), as `nn.MultiheadAttention`
+    with `kdim`/`vdim`.
+    """
+
+    def __init__(self, width: int, context: int, heads: int, queries: int, eps: float = 1e-5):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"attentional pooler width {width} is not divisible by {heads} heads")
+        self.heads = heads
+        self.query = nn.Parameter(torch.randn(queries, width))
+        self.norm_q = LayerNorm(width, eps=eps)
+        self.norm_k = LayerNorm(context, eps=eps)
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(context, width)
+        self.v = nn.Linear(context, width)
+        self.proj = nn.Linear(width, width)
+        for linear in (self.q, self.k, self.v):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, L, context) tokens → (N, queries, width)."""
+        n = x.shape[0]
+        x = self.norm_k(x)
+        q = self.q(self.norm_q(self.query.to(x.dtype)))
+        width = q.shape[-1]
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(t.shape[0], -1, self.heads, width // self.heads).transpose(1, 2)
+        qh = heads(q.unsqueeze(0)).expand(n, -1, -1, -1)
+        y = F.scaled_dot_product_attention(qh, heads(self.k(x)), heads(self.v(x)))
+        return self.proj(y.transpose(1, 2).reshape(n, -1, width))
+
+
+class MultimodalDecoder(nn.Module):
+    """CoCa's captioning decoder: per layer a causal self-attention block over the text states, then a
+    cross-attention block to the image tokens; a final norm and a projection onto the vocabulary (logits)."""
+
+    def __init__(self, width: int, layers: int, heads: int, vocab_size: int, mlp_ratio: float = 4.0,
+                 dropout: float = 0.0, act: str = "gelu", eps: float = 1e-5):
+        super().__init__()
+        self.grad_checkpointing = False
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout, act, eps) for _ in range(layers))
+        self.cross = nn.ModuleList(CrossBlock(width, heads, mlp_ratio, dropout, act, eps) for _ in range(layers))
+        self.norm_final = LayerNorm(width, eps=eps)
+        self.proj = nn.Parameter(width ** -0.5 * torch.randn(width, vocab_size))
+        for block in (*self.blocks, *self.cross):
+            init_block(block, width, layers)
+
+    def forward(self, image_tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """(N, L_img, width) image tokens, (N, L, width) text states → (N, L, vocab) next-token logits."""
+        image_tokens = image_tokens.to(text.dtype)
+        for block, cross in zip(self.blocks, self.cross):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                text = checkpoint(block, text, True, use_reentrant=False)
+                text = checkpoint(cross, text, image_tokens, use_reentrant=False)
+            else:
+                text = cross(block(text, True), image_tokens)
+        return self.norm_final(text) @ self.proj.to(text.dtype)

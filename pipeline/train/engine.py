@@ -49,7 +49,9 @@ from pipeline.distributed import get_world_size as dist_world_size
 from pipeline.gradcache import Backward, StepOutput, forward_backward
 from pipeline.layout import DEEPSPEED, UNIVERSAL
 from pipeline.log import get_logger
+from pipeline.losses.caption import CaptionLoss
 from pipeline.models import LOGIT_SCALE_BOUNDS, DualEncoder
+from pipeline.models.coca import caption_model
 
 log = get_logger(__name__)
 
@@ -185,6 +187,8 @@ class Engine:
         self._peak_lr = cfg.train.lr
         self.chunks = (cfg.gradcache.chunk_size, cfg.gradcache.text_chunk_size)
         self.mask_duplicates = cfg.loss.duplicates == "mask"    # the same on every rank: the mask's gather
+        self.caption = (CaptionLoss(cfg.loss.caption_weight, cfg.loss.caption_label_smoothing,
+                                    model.spec.text.pad_id) if caption_model(model) else None)
         self.lr = 0.0                                    # the learning rate of the last step taken
         # DeepSpeed leaves the global gradient norm unset at stage 0 in fp32: measured here then.
         self._measure_grad_norm = self.zero_stage == 0 and not self.ds.bfloat16_enabled()
@@ -211,7 +215,8 @@ class Engine:
         return forward_backward(self.ds, first, second, loss_fn, labels=batch.get("label"),
                                 chunk_size=chunk, text_chunk_size=text_chunk, weights_from=weights_from,
                                 backward=DeepSpeedBackward(self.ds), negatives=batch.get("neg"),
-                                caption_ids=batch["caption_id"] if self.mask_duplicates else None)
+                                caption_ids=batch["caption_id"] if self.mask_duplicates else None,
+                                caption=self.caption)
 
     def step(self) -> float:
         """Optimizer step (clipping, schedule), then the logit-scale clamp; returns the pre-clip grad norm."""

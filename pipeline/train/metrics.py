@@ -94,6 +94,9 @@ def step_scalars(out: StepOutput, batch: dict[str, Any], *, lr: float, grad_norm
                "train/logit_scale": scale, "train/temperature": 1.0 / scale}
     if out.logit_bias is not None:
         scalars["train/logit_bias"] = float(out.logit_bias)
+    if out.caption is not None:                            # CoCa: the two terms of train/loss apart
+        for name, value in (("contrastive", out.contrastive), ("caption", out.caption)):
+            scalars[f"train/loss_{name}"] = float(all_reduce_sum(value.detach().float())) / get_world_size()
     scalars.update({f"train/{k}": float(v) for k, v in embedding_metrics(out.image, out.text, labels).items()})
     scalars.update(meter.window())
     scalars["perf/peak_memory_gb"] = float(all_reduce_max(torch.tensor(peak_memory_gb())))

@@ -1,0 +1,223 @@
+"""CoCa: the model (towers, tokens, decoder, generation), its caption loss, and the gradient cache with the
+caption term, in float64 on one process: one SGD step (lr 1: the update is the gradient) through the cache
+equals one plain backward over the whole batch of contrastive + weight × token cross-entropy (computed
+here with torch's own mean cross-entropy). The same across ranks and ZeRO stages: test_coca_dist.py."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import Config, ModelConfig, TowerConfig
+from pipeline.gradcache import forward_backward, plan_paired_calls
+from pipeline.losses import get_loss
+from pipeline.losses.caption import CaptionLoss
+from pipeline.models import build_model, count_parameters
+from pipeline.models.coca import CocaModel
+from tests.helpers.compare import max_abs_diff
+
+N, L, V, S = 8, 10, 64, 16                              # rows, tokens, vocabulary, image size
+EOT, SOT = V - 1, 1
+
+
+def coca(**model) -> CocaModel:
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(name="coca_tiny", **model), image_size=S, context_length=L, vocab_size=V)
+    return m.double()
+
+
+def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(N, 3, S, S, generator=g, dtype=torch.float64)
+    texts = torch.randint(2, V - 1, (N, L), generator=g)
+    texts[:, 0] = SOT
+    for i in range(N):                                   # captions of different lengths, padded after the end
+        end = 3 + i % (L - 3)
+        texts[i, end], texts[i, end + 1:] = EOT, 0
+    return images, texts
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def reference_step(model, images, texts, weight=2.0, smoothing=0.0, symmetric_calls=None):
+    """One plain step: the whole batch in one call, clip + weight · mean token CE (torch's), SGD."""
+    out = model(image=images, text=texts, caption=True)
+    contrastive = get_loss("clip")(out["image"], out["text"], logit_scale=out["logit_scale"])
+    ce = F.cross_entropy(out["caption_logits"].flatten(0, 1), texts[:, 1:].flatten(), ignore_index=0,
+                         label_smoothing=smoothing)
+    (contrastive + weight * ce).backward()
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    return params(model), contrastive.item(), ce.item()
+
+
+def cached_step(model, images, texts, chunk, weight=2.0, smoothing=0.0, seed=0):
+    torch.manual_seed(seed)
+    out = forward_backward(model, images, texts, get_loss("clip"), chunk_size=chunk,
+                           caption=CaptionLoss(weight, smoothing, pad_id=0))
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    return params(model), out
+
+
+# ------------------------------------------------------------------------------------ the model
+def test_public_shapes_have_open_clips_parameter_counts():
+    """open_clip's model table lists coca_ViT-B-32 at 253.56 M and coca_ViT-L-14 at 638.45 M parameters."""
+    for name, millions in (("coca_ViT-B-32", 253.56), ("coca_ViT-L-14", 638.45)):
+        counts = count_parameters(ModelConfig(name=name), image_size=224, context_length=76, vocab_size=49408)
+        assert round(counts["total"] / 1e6, 2) == millions, name
+        assert counts["decoder"] > 0
+
+
+def test_towers_give_embeddings_tokens_and_caption_logits():
+    model = coca()
+    images, texts = batch()
+    out = model(image=images, text=texts, caption=True)
+    assert out["image"].shape == out["text"].shape == (N, 128)
+    assert out["caption_logits"].shape == (N, L - 1, V)
+    emb, tokens = model.image_features(images)
+    assert tokens.shape == (N, 31, 128)                   # 32 pooler queries, the first one pooled
+    assert torch.allclose(emb, model.encode_image(images)) and torch.allclose(emb, out["image"])
+    plain = model(image=images, text=texts)               # without `caption`: the dual-encoder contract
+    assert "caption_logits" not in plain and torch.allclose(plain["text"], out["text"])
+
+
+def test_decoder_is_causal_and_sees_the_image():
+    model = coca().eval()
+    images, texts = batch()
+    _, tokens = model.image_features(images)
+    logits = model.next_token_logits(tokens, texts)
+    changed = texts.clone()
+    changed[:, 5] = (changed[:, 5] + 1) % (V - 1)
+    other = model.next_token_logits(tokens, changed)
+    assert torch.allclose(logits[:, :5], other[:, :5]) and not torch.allclose(logits[:, 5:], other[:, 5:])
+    _, tokens2 = model.image_features(images.flip(0))
+    assert not torch.allclose(model.next_token_logits(tokens2, texts), logits)
+
+
+@pytest.mark.slow
+def test_generate_greedy_and_beam():
+    """Greedy follows the decoder's argmax step by step; beam finds a caption at least as likely."""
+    model = coca()
+    images = batch()[0][:3]
+    greedy = model.generate(images, sot_id=SOT, eot_id=EOT, pad_id=0, max_len=L)
+    beam = model.generate(images, sot_id=SOT, eot_id=EOT, pad_id=0, max_len=L, strategy="beam", beams=3)
+    _, tokens = model.image_features(images)
+
+    def log_prob(seq, row):
+        seq = seq[seq != 0] if (seq == 0).any() else seq
+        logp = model.next_token_logits(tokens[row:row + 1], seq[None, :-1])[0].log_softmax(-1)
+        return logp[torch.arange(len(seq) - 1), seq[1:]].sum().item(), logp
+    for row in range(3):
+        g = greedy[row]
+        assert g[0] == SOT and EOT in g.tolist()
+        end = g.tolist().index(EOT)
+        _, logp = log_prob(g[:end + 1], row)
+        if end < L - 1:                                  # not cut off by max_len: every step the argmax
+            assert torch.equal(logp.argmax(-1), g[1:end + 1])
+        assert log_prob(beam[row][:beam[row].tolist().index(EOT) + 1], row)[0] >= \
+            log_prob(g[:end + 1], row)[0] - 1e-9
+
+
+# ----------------------------------------------------------------------------- the caption loss
+def test_caption_loss_is_the_mean_token_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 6, V, generator=g, dtype=torch.float64)
+    targets = torch.randint(1, V, (4, 6), generator=g)
+    targets[0, 3:] = targets[2, 1:] = 0
+    for smoothing in (0.0, 0.1):
+        loss = CaptionLoss(2.0, smoothing, pad_id=0)
+        tokens = loss.tokens(targets)
+        want = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=0, label_smoothing=smoothing)
+        assert float(tokens) == int((targets != 0).sum())
+        assert torch.allclose(loss(logits, targets, tokens), want)
+        parts = loss(logits[:2], targets[:2], tokens) + loss(logits[2:], targets[2:], tokens)
+        assert torch.allclose(parts, want)                 # per sample: chunks add up
+
+
+def test_bad_caption_settings_are_named():
+    with pytest.raises(ValueError, match="caption_weight"):
+        CaptionLoss(-1.0)
+    cfg = Config()
+    cfg.model.name, cfg.data.image_size = "coca_tiny", 64
+    cfg.gradcache.chunk_size, cfg.gradcache.text_chunk_size = 4, 2
+    from pipeline.models.configs import check_model_config
+    assert any("gradcache.text_chunk_size" in p for p in check_model_config(cfg))
+
+
+# ----------------------------------------------------------------------------- the gradient cache
+@pytest.mark.parametrize("chunk", [0, 3, 4])
+def test_cached_step_equals_plain_backward(chunk):
+    model = coca()
+    images, texts = batch()
+    want, contrastive, ce = reference_step(copy.deepcopy(model), images, texts)
+    initial = params(model)
+    got, out = cached_step(model, images, texts, chunk)
+    assert max_abs_diff(want, initial) > 0.01
+    assert max_abs_diff(got, want) <= 1e-10
+    assert float(out.caption) == pytest.approx(ce, rel=1e-12)
+    assert float(out.contrastive) == pytest.approx(contrastive, rel=1e-12)
+    assert float(out.loss) == pytest.approx(contrastive + 2.0 * ce, rel=1e-12)
+    assert set(k.split(".")[0] for k, v in got.items() if (v != initial[k]).any()) >= {"image_tower", "text_tower",
+                                                                                        "decoder"}
+
+
+def test_caption_weight_and_label_smoothing_reach_the_step():
+    images, texts = batch()
+    model = coca()
+    want, *_ = reference_step(copy.deepcopy(model), images, texts, weight=0.5, smoothing=0.1)
+    got, _ = cached_step(model, images, texts, 3, weight=0.5, smoothing=0.1)
+    assert max_abs_diff(got, want) <= 1e-10
+    other, _ = cached_step(coca(), images, texts, 3)        # the defaults end elsewhere: the check can fail
+    assert max_abs_diff(other, want) > 1e-4
+
+
+def _paired_reference(model, images, texts, chunk, seed):
+    """The cache's calls with graphs, one loss. Each call starts from the generator state the calls before it
+    leave when run without the decoder (the cache's pass 1: its masks are those of the contrastive loss);
+    the decoder draws after the towers."""
+    torch.manual_seed(seed)
+    calls, states = plan_paired_calls(N, chunk), []
+    with torch.no_grad():
+        for c in calls:
+            states.append(torch.get_rng_state())
+            model(image=images[c.image], text=texts[c.text])
+    outs = []
+    for c, state in zip(calls, states):
+        torch.set_rng_state(state)
+        outs.append(model(image=images[c.image], text=texts[c.text], caption=True))
+    image, text = (torch.cat([o[t] for o in outs]) for t in ("image", "text"))
+    logits = torch.cat([o["caption_logits"] for o in outs])
+    loss = get_loss("clip")(image, text, logit_scale=outs[-1]["logit_scale"]) + 2.0 * F.cross_entropy(
+        logits.flatten(0, 1), texts[:, 1:].flatten(), ignore_index=0)
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    return params(model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_cfg", [dict(dropout=0.3), dict(dropout=0.2, grad_checkpointing=True),
+                                       dict(image=TowerConfig(patch_dropout=0.5))],
+                         ids=["dropout", "dropout-checkpointing", "patch-dropout"])
+def test_random_masks_are_replayed_with_the_caption_term(model_cfg):
+    """Dropout in towers and decoder, patch dropout: pass 2 restores each chunk's RNG state, so its towers
+    draw pass 1's masks and the caption term is computed on them."""
+    images, texts = batch()
+    model = coca(**model_cfg)
+    want = _paired_reference(copy.deepcopy(model), images, texts, 3, seed=5)
+    other = _paired_reference(copy.deepcopy(model), images, texts, 3, seed=6)
+    assert max_abs_diff(other, want) > 1e-4                 # the masks matter
+    got, _ = cached_step(model, images, texts, 3, seed=5)
+    assert max_abs_diff(got, want) <= 1e-10
+
+
+def test_bf16_step_runs():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="coca_tiny"), image_size=S, context_length=L, vocab_size=V).bfloat16()
+    images, texts = batch()
+    out = forward_backward(model, images.bfloat16(), texts, get_loss("clip"), chunk_size=4,
+                           caption=CaptionLoss(2.0, pad_id=0))
+    assert torch.isfinite(out.loss) and out.caption > 0
+    assert all(p.grad is not None and torch.isfinite(p.grad.float()).all() for p in model.parameters())

@@ -140,7 +140,8 @@ def config_page() -> str:
     from pipeline import config
     keys = list(schema_keys(config.Config))
     ranges = {key: expected for key, _, expected in config._RANGES}
-    checks = [config._combinations, *config._STAGE_CHECKS]
+    # by module: the order the stages registered in depends on which was imported first
+    checks = [config._combinations, *sorted(config._STAGE_CHECKS, key=lambda c: (c.__module__, c.__name__))]
     readers = checks_reading([k for k, *_ in keys], checks)
     sections: dict[str, list[Key]] = {}
     for name, f, hint, comment in keys:

@@ -353,8 +353,9 @@ def child_batch(global_batch: int, chunk: int) -> dict:
             "input_mb": (images.nbytes + texts.nbytes) / MB}
 
 
+RSS_TARGET = math.log(1.3) / math.log(64)        # the target: ≤ 1.3× from 1k to 64k rows
 BATCH_COSTS = [Cost("step_s_per_1k", "CPU s", 0.0), Cost("loss_s_per_1k", "CPU s", 1.0),
-               Cost("peak_rss_mb", "MB", 0.1), Cost("net_rss_mb", "MB", 0.1)]
+               Cost("peak_rss_mb", "MB", RSS_TARGET, 0.0), Cost("net_rss_mb", "MB", RSS_TARGET, 0.0)]
 
 
 def batch_dimension(scales: list[int], chunk: int = 256) -> Dimension:

@@ -221,3 +221,21 @@ def test_bf16_step_runs():
                            caption=CaptionLoss(2.0, pad_id=0))
     assert torch.isfinite(out.loss) and out.caption > 0
     assert all(p.grad is not None and torch.isfinite(p.grad.float()).all() for p in model.parameters())
+
+
+def test_a_published_coca_loads_as_coca_with_its_decoder(synth, tmp_path):
+    """The scheduled eval and every consumer read a run's published weights: a CoCa's must come back whole."""
+    from pipeline.data import load_tokenizer
+    from pipeline.models import load_published, save_published
+    tok = load_tokenizer(str(synth(64) / "train"), 16)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="coca_tiny"), image_size=32, context_length=16, vocab_size=tok.vocab_size)
+    url = save_published(model, tok, str(tmp_path / "published" / "step_00000001"), 1)
+    loaded = load_published(url).model
+    assert isinstance(loaded, CocaModel)
+    want, got = model.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys() and any(k.startswith("decoder.") for k in got)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(image=images)["image"], loaded(image=images)["image"])

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from pipeline import storage
 from pipeline.data import Tokenizer, load_tokenizer
 from pipeline.layout import COMPLETE, MANIFEST, TOKENIZER, WEIGHTS
+from pipeline.models.coca import CocaModel
 from pipeline.models.configs import TEXT_MODEL, ModelSpec
 from pipeline.models.dual import DualEncoder
 from pipeline.models.text_dual import TextDualEncoder, text_model_from_description
@@ -123,12 +124,14 @@ def read_manifest(url: str) -> dict[str, Any]:
 
 
 def model_from_description(desc: dict[str, Any]) -> DualEncoder | TextDualEncoder:
-    """An (untrained) dual encoder with the architecture `describe()` recorded (image–text or text–text)."""
+    """An (untrained) dual encoder with the architecture `describe()` recorded (image–text, CoCa: a spec with a
+    decoder, or text–text)."""
     if desc.get("kind") == TEXT_MODEL:
         return text_model_from_description(desc)
-    return DualEncoder(ModelSpec.from_dict(desc["spec"]), image_size=desc["image_size"],
-                       context_length=desc["context_length"], vocab_size=desc["vocab_size"],
-                       init_bias=0.0 if desc["has_bias"] else None)
+    spec = ModelSpec.from_dict(desc["spec"])
+    cls = CocaModel if spec.decoder is not None else DualEncoder
+    return cls(spec, image_size=desc["image_size"], context_length=desc["context_length"],
+               vocab_size=desc["vocab_size"], init_bias=0.0 if desc["has_bias"] else None)
 
 
 def _for_saving(t: torch.Tensor) -> torch.Tensor:

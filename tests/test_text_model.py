@@ -139,7 +139,8 @@ def test_published_round_trip(bert, tmp_path):
     (["model.projection_dim=8"], "apply only to model.name = 'text'"),
     (["model.name=text", "model.text.hf_path=x", "data.format=text_pairs", "model.image.lock=true"],
      "model.image .* is not used"),
-    (["model.name=nope"], "one of tiny, small, ViT-B-32, ViT-B-16, ViT-L-14, text"),
+    (["model.name=nope"], "one of tiny, small, ViT-B-32, ViT-B-16, ViT-L-14, coca_tiny, coca_ViT-B-32, "
+                          "coca_ViT-L-14, text"),
 ])
 def test_config_checks(overrides, match):
     with pytest.raises(ConfigError, match=match):

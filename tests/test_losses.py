@@ -274,6 +274,31 @@ def test_kernel_reductions_gradcheck(row, col):
         torch.testing.assert_close(t, d, rtol=1e-12, atol=1e-12)
 
 
+def test_kernel_tiles_hold_at_most_tile_squared_terms_however_many_rows():
+    """With more rows than tile_size the column tiles narrow: every tile, forward and backward, holds at most
+    tile_size² terms (the working set does not grow with the batch; here 37 rows, tiles 2 wide), and the result
+    still equals dense."""
+    a = torch.randn(37, 3, dtype=F64, requires_grad=True)
+    b = torch.randn(29, 3, dtype=F64, requires_grad=True)
+    shift = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    seen = []
+
+    def recorded(x, cols, shift):
+        seen.append(x.shape)
+        return shifted_softplus(x, cols, shift)
+    got = pairwise_reduce(a, b, recorded, shift, row="lse", col="lse", tile_size=10)
+    torch.autograd.backward(got, (torch.ones(37, dtype=F64), torch.ones(29, dtype=F64)))
+    assert {cols for _, cols in seen} == {2, 1} and all(rows * cols <= 100 for rows, cols in seen), seen
+    assert sum(cols for _, cols in seen) == 2 * 29                 # forward and backward cover every column once
+    tiled_grads = [t.grad.clone() for t in (a, b, shift)]
+    for t in (a, b, shift):
+        t.grad = None
+    want = pairwise_reduce(a, b, shifted_softplus, shift, row="lse", col="lse")
+    torch.autograd.backward(want, (torch.ones(37, dtype=F64), torch.ones(29, dtype=F64)))
+    for g, d in zip((*got, *tiled_grads), (*want, a.grad, b.grad, shift.grad)):
+        torch.testing.assert_close(g, d, rtol=1e-12, atol=1e-12)
+
+
 def test_kernel_fully_left_out_row_has_zero_gradient():
     """A row whose every pair is left out reduces to −inf and passes back 0, not NaN."""
     a, b = torch.randn(3, 2, requires_grad=True), torch.randn(5, 2, requires_grad=True)

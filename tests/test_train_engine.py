@@ -259,6 +259,15 @@ def _engine_checks(rank: int, world_size: int, tmp: str) -> dict:
         if master is None:
             master = p                                   # stage 0 fp32: the parameter is the master
         state = engine.consolidated_state()
+        if stage == 3:                                   # gathered a few parameters at a time, onto rank 0 alone
+            import pipeline.train.engine as engine_module
+            whole, engine_module.GATHER_BYTES = engine_module.GATHER_BYTES, 4096
+            try:
+                grouped = engine.consolidated_state(rank0_only=True)
+            finally:
+                engine_module.GATHER_BYTES = whole
+            results["grouped"] = (list(grouped) == list(state) and all(torch.equal(grouped[k], state[k]) for k in state)
+                                  if rank == 0 else grouped == {})
         tol = 1e-2 if precision == "bf16" else 1e-6
         results[f"{stage}-{precision}"] = {
             "master": float(master.detach().float().reshape(())),
@@ -302,6 +311,7 @@ def test_engine_clamps_the_fp32_master_and_consolidates_the_weights(tmp_path):
     assert "mp_rank_00_model_states.pt: refused" in res["refusal"] and "weights_only=False" not in res["refusal"]
     assert not os.path.exists("/tmp/contrast-train-exploit")
     assert res["muon_compiled"] == []               # ZeRO 2 and 3 stepped without DeepSpeed's Muon modules
+    assert res["grouped"]                           # the weights gathered a few at a time are the same
 
 
 @pytest.mark.slow
@@ -311,6 +321,7 @@ def test_zero3_consolidates_across_two_ranks(tmp_path):
     for r in results:
         assert r["3-fp32"]["master"] == pytest.approx(LN100, abs=1e-6)
         assert r["3-fp32"]["weights_kept"] and r["3-fp32"]["shapes_kept"]
+        assert r["grouped"]                              # rank 0: the same weights gathered in groups; rank 1: none
 
 
 def test_workers_get_absolute_local_paths(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Row and column reductions of a pairwise term matrix, dense or tiled with O(rows × tile) memory.
+"""Row and column reductions of a pairwise term matrix, dense or tiled with O(tile²) memory.
 
 Every loss in this package is built from reductions of a matrix of per-pair terms
 
@@ -12,8 +12,11 @@ so a_i·b_j is already the logit and most terms only leave pairs out.
 `pairwise_reduce` computes them densely (plain autograd; memory O(rows × cols)) or in column
 tiles with one custom autograd function: the forward keeps a running log-sum-exp (or sum) per
 row and drops each tile; the backward recomputes each tile, turns it into dL/dt in place and
-differentiates the term on it (at most two tiles live: memory O(rows × tile)). Both forms give
-the same values and gradients; the dense one is the reference in tests.
+differentiates the term on it (at most two tiles live). A tile holds at most tile_size² terms:
+with more rows than tile_size the tiles get narrower (`tile_width`), so the working set stays
+O(tile²) however large the batch, with as many tiles as a square tiling and whole rows in each
+(the terms see their rows' full state). Both forms give the same values and gradients; the dense
+one is the reference in tests.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ def pairwise_reduce(a: Tensor, b: Tensor, term: Term, *params: Tensor, row: str 
 
     `row` / `col` are "lse" (log Σ exp) or "sum". `params` are tensors the term uses (the logit
     scale and bias) and that need gradients. With `tile_size` the columns are processed in tiles
-    of that many and nothing of size rows × cols is ever stored. Returns (row_values, col_values or None).
+    of at most tile_size² terms and nothing of size rows × cols is ever stored.
+    Returns (row_values, col_values or None).
     """
     if row not in REDUCTIONS or col not in (*REDUCTIONS, None):
         raise ValueError(f"pairwise_reduce: row/col reductions must be one of {REDUCTIONS}, got {row!r}/{col!r}")
@@ -41,6 +45,12 @@ def pairwise_reduce(a: Tensor, b: Tensor, term: Term, *params: Tensor, row: str 
         return _reduce(t, row, 1), (None if col is None else _reduce(t, col, 0))
     row_out, col_out = _TiledPairwise.apply(term, row, col, tile_size, a, b, *params)
     return row_out, (None if col is None else col_out)
+
+
+def tile_width(rows: int, tile_size: int) -> int:
+    """Columns per tile: tile_size, narrowed so that a tile of `rows` rows holds at most tile_size² terms
+    (one column at the least: beyond tile_size² rows a tile is one column of all of them)."""
+    return max(1, min(tile_size, tile_size * tile_size // max(rows, 1)))
 
 
 def _reduce(t: Tensor, op: str, dim: int) -> Tensor:
@@ -69,7 +79,7 @@ class _TiledPairwise(torch.autograd.Function):
     def forward(ctx, term: Term, row: str, col: Optional[str], tile_size: int, a: Tensor, b: Tensor, *params: Tensor):
         row_out = a.new_full((a.shape[0],), -torch.inf if row == "lse" else 0.0)
         col_out = a.new_zeros(b.shape[0] if col else 0)
-        for cols in _tiles(b.shape[0], tile_size):
+        for cols in _tiles(b.shape[0], tile_width(a.shape[0], tile_size)):
             t = term(a @ b[cols].T, cols, *params)
             part = _reduce(t, row, 1)
             row_out = torch.logaddexp(row_out, part) if row == "lse" else row_out + part
@@ -87,7 +97,7 @@ class _TiledPairwise(torch.autograd.Function):
         p_leaf = [p.detach().requires_grad_() for p in params]
         grad_a, grad_b = torch.zeros_like(a), torch.empty_like(b)
         grad_p = [torch.zeros_like(p) for p in params]
-        for cols in _tiles(b.shape[0], tile_size):
+        for cols in _tiles(b.shape[0], tile_width(a.shape[0], tile_size)):
             dots = (a @ b[cols].T).requires_grad_()           # the tile, recomputed
             with torch.enable_grad():
                 t = term(dots, cols, *p_leaf)
@@ -112,11 +122,13 @@ def _tiles(n: int, tile_size: int):
 def pairwise_topk(a: Tensor, b: Tensor, term: Term, k: int, tile_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """(values, column indices), each (rows × k), of the k largest terms of each row of term(a @ bᵀ, ...),
     largest first, ties to the lower column (so the answer does not depend on the tiling); −inf values are
-    left-out pairs. A selection: no gradient. Memory O(rows × (k + tile))."""
+    left-out pairs. A selection: no gradient. Memory O(rows × k + tile²)."""
     with torch.no_grad():
         values = a.new_empty(a.shape[0], 0)
         index = torch.empty(a.shape[0], 0, dtype=torch.long, device=a.device)
-        for cols in _tiles(b.shape[0], tile_size or b.shape[0]):
+        # at least k wide: memory is rows × k anyway, and narrower tiles would re-sort the kept k too often
+        width = b.shape[0] if tile_size is None else max(k, tile_width(a.shape[0], tile_size))
+        for cols in _tiles(b.shape[0], width):
             values = torch.cat([values, term(a @ b[cols].T, cols)], 1)
             here = torch.arange(cols.start, cols.stop, device=a.device).expand(a.shape[0], -1)
             index = torch.cat([index, here], 1)

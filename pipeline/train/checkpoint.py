@@ -130,7 +130,7 @@ def publish(engine: Engine, tokenizer: Tokenizer, cfg: Config, state: TrainState
     url = published_url(cfg.run_dir, state.step)
     if broadcast_from_rank0(storage.is_complete(url)) or (get_rank() != 0 and engine.zero_stage != 3):
         return
-    weights = engine.consolidated_state()
+    weights = engine.consolidated_state(rank0_only=True)
     if get_rank() == 0:
         save_published(engine.module, tokenizer, url, state.step, samples_seen=state.samples_seen,
                        run_config=cfg, state_dict=weights)

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Config, ConfigError, register_check
+from pipeline.distributed import get_rank as dist_rank
 from pipeline.distributed import get_world_size as dist_world_size
 from pipeline.gradcache import Backward, StepOutput, forward_backward
 from pipeline.layout import DEEPSPEED, UNIVERSAL
@@ -53,6 +54,7 @@ from pipeline.losses.caption import CaptionLoss
 from pipeline.models import LOGIT_SCALE_BOUNDS, DualEncoder
 from pipeline.models.coca import caption_model
 
+GATHER_BYTES = 256 * 2**20            # ZeRO-3 consolidation gathers the weights this many bytes at a time
 log = get_logger(__name__)
 
 
@@ -235,11 +237,28 @@ class Engine:
         if self.zero_stage == 3 and flat is not None:
             flat.zero_()
 
-    def consolidated_state(self) -> dict[str, torch.Tensor]:
-        """Full fp32 weights on CPU (gathered from every rank under ZeRO-3). A collective under ZeRO-3."""
-        params = list(self.module.parameters())
-        with _gathered(params) if self.zero_stage == 3 else contextlib.nullcontext():
-            return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+    def consolidated_state(self, rank0_only: bool = False) -> dict[str, torch.Tensor]:
+        """Full fp32 weights on CPU (on rank 0 alone with `rank0_only`; the other ranks get {}).
+
+        Under ZeRO-3 a collective: the parameters are gathered a group of ≤ GATHER_BYTES at a time and
+        copied out, so no rank ever holds more than the copy it returns plus one group (gathering them all
+        at once held two full copies on every rank: the gathered weights and their copy)."""
+        sd = self.module.state_dict(keep_vars=True)
+        keep = not rank0_only or dist_rank() == 0
+        if self.zero_stage != 3:
+            return {k: v.detach().float().cpu().clone() for k, v in sd.items()} if keep else {}
+        names: dict[int, list[str]] = {}
+        for k, v in sd.items():
+            names.setdefault(id(v), []).append(k)
+        state: dict[str, torch.Tensor] = {}
+        for group in _groups(list(self.module.parameters()), GATHER_BYTES):
+            with _gathered(group):
+                for p in group:
+                    for k in names.get(id(p), []) if keep else []:
+                        state[k] = p.detach().float().cpu().clone()
+        if not keep:
+            return {}
+        return {k: state[k] if k in state else v.detach().float().cpu().clone() for k, v in sd.items()}
 
     def param_shapes(self) -> dict[str, list[int]]:
         """Name → shape of every parameter, as the model defines it (ZeRO-3's partitioning undone)."""
@@ -435,6 +454,21 @@ def _unsafe_file(local_dir: str) -> str:
             except pickle.UnpicklingError:
                 return str(path)
     return f"{local_dir}/{DEEPSPEED}"
+
+
+def _groups(params: list[nn.Parameter], max_bytes: int) -> Iterator[list[nn.Parameter]]:
+    """`params` in order, in groups of at most `max_bytes` of fp32 (a larger parameter is a group alone)."""
+    group: list[nn.Parameter] = []
+    size = 0
+    for p in params:
+        n = int(getattr(p, "ds_numel", p.numel())) * 4
+        if group and size + n > max_bytes:
+            yield group
+            group, size = [], 0
+        group.append(p)
+        size += n
+    if group:
+        yield group
 
 
 def _gathered(params: list[nn.Parameter]) -> Any:

@@ -298,7 +298,7 @@ def run_ranks(kind: str, world_size: int, *args: str, timeout_s: float = 1800) -
     for rank in range(world_size):
         env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-               "WORLD_SIZE": str(world_size)}
+               "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size)}
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     try:
         outs = [p.communicate(timeout=timeout_s) for p in procs]
@@ -706,15 +706,150 @@ def workers_dimension(tmp: Path, scales: list[int], nodes: int, cpus_per_node: i
     return dim
 
 
+# ------------------------------------------------------------------------------------------- model
+STARTUP_LINE = re.compile(r"start-up: first step done (\d+\.\d) s \((.*)\)")
+
+
+def startup_phases(lines: list[str]) -> dict[str, float]:
+    """The phases of rank 0's `start-up: first step done …` line (seconds), and their total."""
+    m = next(m for m in map(STARTUP_LINE.search, reversed(lines)) if m)
+    phases = {name: float(sec) for name, sec in re.findall(r"([a-z][a-z ,]*?) (\d+\.\d)", m.group(2))}
+    return {**phases, "total": float(m.group(1))}
+
+
+def peak_by_role(samples: list[dict]) -> dict[str, float]:
+    """The largest RSS (MB) any one process of each role reached."""
+    out: dict[str, float] = {}
+    for s in samples:
+        for who, rss in s["rss"].values():
+            out[who] = max(out.get(who, 0.0), rss / MB)
+    return out
+
+
+def synth_data_224(tmp: Path) -> str:
+    """32 samples at 224 px, made once: the model-size runs' data (a step of two rows per worker)."""
+    data = tmp / "data-224"
+    if not (data / "train" / "manifest.json").exists():
+        subprocess.run([CONTRAST, "data", "synth", "--out", str(data), "--samples", "32", "--eval-samples", "8",
+                        "--image-size", "224", "--shard-size", "8"], check=True, env={**os.environ, **ENV},
+                       capture_output=True)
+    return str(data)
+
+
+def child_universal(checkpoint: str) -> dict:
+    """DeepSpeed's universal conversion of one resume checkpoint, into a scratch folder: seconds, peak RSS."""
+    from pipeline.train.engine import convert_to_universal
+    before = rss_bytes()
+    with tempfile.TemporaryDirectory(prefix="universal-") as out:
+        start = time.perf_counter()
+        convert_to_universal(checkpoint, out)
+        seconds = time.perf_counter() - start
+    return {"universal_s": seconds, "universal_peak_mb": (peak_rss_bytes() - before) / MB}
+
+
+def child_consolidate(model_name: str) -> dict:
+    """One rank of a 2-rank ZeRO-3 engine: its RSS growth while `consolidated_state(rank0_only=True)` runs
+    (sampled every 2 ms), in full copies of the weights."""
+    import psutil
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.config import load_config
+    from pipeline.distributed import get_rank
+    from pipeline.models import build_model
+    from pipeline.train.engine import Engine
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    cfg = load_config(None, ["eval.schedule=off", f"model.name={model_name}", "cluster.num_workers=2",
+                             "deepspeed.zero_optimization.stage=3", "train.global_batch=4", "data.image_size=224",
+                             "train.precision=fp32"])
+    torch.manual_seed(0)
+    engine = Engine(cfg, build_model(cfg.model, image_size=224, context_length=77, vocab_size=49408), 2)
+    weights = sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters()) * 4
+    me, peak, done = psutil.Process(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], me.memory_info().rss)
+            time.sleep(0.002)
+    before = me.memory_info().rss
+    threading.Thread(target=sample, daemon=True).start()
+    state = engine.consolidated_state(rank0_only=True)
+    done.set()
+    rank = get_rank()
+    dist.destroy_process_group()
+    return {"rank": rank, "copies": (peak[0] - before) / weights, "weights_mb": weights / MB, "returned": len(state)}
+
+
+MODEL_COSTS = [Cost("step_s", "s", 1.0), Cost("checkpoint_s", "s", 1.0), Cost("universal_s", "s", 1.0),
+               Cost("resume_s", "s", 1.0), Cost("worker_peak_mb", "MB", 1.0)]
+
+
+def model_dimension(tmp: Path, models: list[str], stages: list[int]) -> list[Dimension]:
+    """Per ZeRO stage, each model at 224 px, 2 workers, one gradient-cache step of 4 rows (chunk 2) with a
+    checkpoint and its publish; the checkpoint's universal conversion (timed in a process of its own); a
+    resume on 1 worker (another world size) to a second step. Scale: parameters."""
+    from pipeline.config import ModelConfig
+    from pipeline.models import build_model
+    data = synth_data_224(tmp)
+    params = {m: sum(p.numel() for p in build_model(ModelConfig(name=m), image_size=224, context_length=16,
+                                                        vocab_size=49408).parameters()) for m in models}
+    dims = []
+    for stage in stages:
+        dim = Dimension(f"model-zero{stage}", f"parameters (ZeRO {stage})", MODEL_COSTS,
+                        extras=["model", "weights_mb", "checkpoint_mb", "universal_peak_mb", "driver_peak_mb"])
+        for m in models:
+            run_dir = str(tmp / f"model-{m}-z{stage}")
+            args = run_job(data, run_dir, 1, 1, 2, 0) + [
+                f"model.name={m}", "data.image_size=224", "train.global_batch=4", "gradcache.chunk_size=2",
+                f"deepspeed.zero_optimization.stage={stage}", "train.precision=fp32", "data.streams=4"]
+            samples: list[dict] = []
+            first = Watched(args, run_dir, samples, every_s=0.5)
+            first.finish()
+            fresh = startup_phases(first.lines)
+            saves = [float(m_.group(1)) for m_ in map(CHECKPOINT_LINE.search, first.lines) if m_]
+            ckpt = os.path.join(run_dir, "checkpoints", step_dir(1))
+            conversion = run_child("universal", ckpt)
+            resumed = Watched([*args, "train.steps=2", "cluster.num_workers=1"], run_dir, samples, every_s=0.5)
+            resumed.finish()
+            again = startup_phases(resumed.lines)
+            peaks = peak_by_role(samples)
+            row = {"scale": params[m], "model": m, "step_s": fresh["first step"], "checkpoint_s": saves[0],
+                   **conversion, "resume_s": again["deepspeed"], "worker_peak_mb": peaks.get("worker"),
+                   "driver_peak_mb": peaks.get("driver"), "weights_mb": params[m] * 4 / MB,
+                   "checkpoint_mb": disk_use(run_dir)["checkpoints_mb"]}
+            dim.rows.append(row)
+            print(f"  ZeRO {stage} {m:>9} ({params[m] / 1e6:.1f} M): step {row['step_s']:.1f} s, checkpoint "
+                  f"{row['checkpoint_s']:.1f} s, universal {row['universal_s']:.1f} s, resume on 1 worker "
+                  f"{row['resume_s']:.1f} s, worker peak {row['worker_peak_mb']:.0f} MB", flush=True)
+        dims.append(dim)
+    return dims
+
+
+def consolidation_copies(models: list[str]) -> list[dict]:
+    """ZeRO-3's publish: each rank's RSS growth while consolidating, in full copies of the weights."""
+    rows = []
+    for m in models:
+        ranks = run_ranks("consolidate", 2, m)
+        rows.append({"model": m, "weights_mb": ranks[0]["weights_mb"],
+                     **{f"rank{r['rank']}_copies": r["copies"] for r in ranks}})
+        print(f"  ZeRO-3 publish of {m}: rank 0 grows {rows[-1]['rank0_copies']:.2f}, rank 1 "
+              f"{rows[-1]['rank1_copies']:.2f} copies of the weights ({ranks[0]['weights_mb']:.0f} MB)", flush=True)
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ main
 QUICK = {"shards-local": [10, 100, 1000], "shards-s3": [10, 100], "batch": [512, 2048],
+         "model": dict(models=["tiny", "small"], stages=[3]),
          "run": dict(steps=80, every=20, keep=2, eval_every=0, interruptions=0),
          "workers": dict(scales=[1, 2], nodes=2, cpus_per_node=1, steps=4)}
 FULL = {"shards-local": [10, 1000, 10000, 100000], "shards-s3": [10, 1000, 10000],
         "batch": [1024, 8192, 32768, 65536],
+        "model": dict(models=["tiny", "small", "ViT-B-32", "ViT-B-16", "ViT-L-14"], stages=[1, 2, 3]),
         "run": dict(steps=3000, every=100, keep=2, eval_every=500, interruptions=5),
         "workers": dict(scales=[1, 2, 4, 8, 16], nodes=4, cpus_per_node=4)}
-DIMENSIONS = ("shards", "batch", "workers", "run")
+DIMENSIONS = ("shards", "batch", "workers", "model", "run")
 
 
 def main() -> None:
@@ -751,6 +886,10 @@ def main() -> None:
             dims.append(batch_dimension(scales["batch"]))
         if "workers" in only:
             dims.append(workers_dimension(Path(tmp), **scales["workers"]))
+        consolidation = None
+        if "model" in only:
+            dims += model_dimension(Path(tmp), **scales["model"])
+            consolidation = consolidation_copies(scales["model"]["models"][-2:])
         run_checks = None
         if "run" in only:
             run_dim, run_checks = run_dimension(Path(tmp), **scales["run"])
@@ -763,6 +902,8 @@ def main() -> None:
     results = {d.name: {"scale": d.scale, "rows": d.rows, "verdicts": verdicts(d)} for d in dims}
     if run_checks:
         results["run"]["checks"] = run_checks
+    if consolidation:
+        results["consolidation"] = consolidation
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nresults: {out / 'results.json'}")
 
@@ -770,6 +911,8 @@ def main() -> None:
 CHILDREN: dict[str, Callable[..., dict]] = {
     "shards": lambda url, steps, inspect: child_shards(url, int(steps), inspect == "1"),
     "batch": lambda batch, chunk: child_batch(int(batch), int(chunk)),
+    "universal": child_universal,
+    "consolidate": child_consolidate,
 }
 
 if __name__ == "__main__":

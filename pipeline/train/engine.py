@@ -54,7 +54,7 @@ from pipeline.losses.caption import CaptionLoss
 from pipeline.models import LOGIT_SCALE_BOUNDS, DualEncoder
 from pipeline.models.coca import caption_model
 
-GATHER_BYTES = 256 * 2**20            # ZeRO-3 consolidation gathers the weights this many bytes at a time
+GATHER_BYTES = 32 * 2**20             # ZeRO-3 consolidation gathers the weights this many bytes at a time
 log = get_logger(__name__)
 
 

@@ -1,7 +1,8 @@
 """CoCa: the model (towers, tokens, decoder, generation), its caption loss, and the gradient cache with the
 caption term, in float64 on one process: one SGD step (lr 1: the update is the gradient) through the cache
 equals one plain backward over the whole batch of contrastive + weight × token cross-entropy (computed
-here with torch's own mean cross-entropy). The same across ranks and ZeRO stages: test_coca_dist.py."""
+here with torch's own mean cross-entropy). The same across 1, 2 and 4 ranks and ZeRO
+0–3: test_text_equivalence.py."""
 from __future__ import annotations
 
 import copy
@@ -22,9 +23,10 @@ N, L, V, S = 8, 10, 64, 16                              # rows, tokens, vocabula
 EOT, SOT = V - 1, 1
 
 
-def coca(**model) -> CocaModel:
+def coca(loss_name: str = "clip", **model) -> CocaModel:
     torch.manual_seed(0)
-    m = build_model(ModelConfig(name="coca_tiny", **model), image_size=S, context_length=L, vocab_size=V)
+    m = build_model(ModelConfig(name="coca_tiny", **model), image_size=S, context_length=L, vocab_size=V,
+                    loss_name=loss_name)
     return m.double()
 
 
@@ -43,10 +45,11 @@ def params(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-def reference_step(model, images, texts, weight=2.0, smoothing=0.0, symmetric_calls=None):
-    """One plain step: the whole batch in one call, clip + weight · mean token CE (torch's), SGD."""
+def reference_step(model, images, texts, weight=2.0, smoothing=0.0, loss="clip"):
+    """One plain step: the whole batch in one call, `loss` + weight · mean token CE (torch's), SGD."""
     out = model(image=images, text=texts, caption=True)
-    contrastive = get_loss("clip")(out["image"], out["text"], logit_scale=out["logit_scale"])
+    contrastive = get_loss(loss)(out["image"], out["text"], logit_scale=out["logit_scale"],
+                                 logit_bias=out["logit_bias"])
     ce = F.cross_entropy(out["caption_logits"].flatten(0, 1), texts[:, 1:].flatten(), ignore_index=0,
                          label_smoothing=smoothing)
     (contrastive + weight * ce).backward()

@@ -242,3 +242,85 @@ def test_a_published_coca_loads_as_coca_with_its_decoder(synth, tmp_path):
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model.eval()(image=images)["image"], loaded(image=images)["image"])
+
+
+# ------------------------------------------------------------------------- tokens, generation, captioning
+def test_a_coca_run_tokenizes_with_a_start_token(synth):
+    """Our BPE has no start token (a caption's first token is its first word, which a decoder predicting each
+    token from those before it would never learn): a CoCa run puts the end token first as the start token."""
+    from pipeline.data import clip_tokenizer, load_tokenizer, with_start_token
+    from pipeline.models import run_tokenizer
+    root = synth(64)
+    plain = load_tokenizer(str(root / "train"), 16)
+    assert plain.sot_id is None
+    cfg = Config()
+    cfg.model.name, cfg.data.train_urls, cfg.data.context_length = "coca_tiny", [str(root / "train")], 16
+    tok = run_tokenizer(cfg)
+    assert tok.sot_id == tok.eot_id == plain.eot_id and tok.vocab_size == plain.vocab_size
+    ids, words = tok(["a red circle."])[0].tolist(), plain(["a red circle."])[0].tolist()
+    n = words.index(plain.eot_id) + 1
+    assert ids[0] == tok.eot_id and ids[1:n + 1] == words[:n]        # the same words, one place later
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from pipeline.data.tokenizer import Tokenizer
+    assert Tokenizer(HFTokenizer.from_str(tok.to_json()), 16).sot_id == tok.eot_id      # published as it is
+    clip = clip_tokenizer(16)
+    assert with_start_token(clip) is clip and clip.sot_id == 49406
+    cfg.model.name = "tiny"
+    assert run_tokenizer(cfg) is None                                # other models: the data's, unchanged
+
+
+def test_caption_metrics_by_hand():
+    """Exact match, BLEU-4 and CIDEr-D on captions whose scores follow from their definitions."""
+    from pipeline.eval.metrics import caption_metrics
+    refs = [["A red circle on a plain background.", "something else"], ["two blue squares left of stars today"]]
+    same = caption_metrics(["a  red circle on a PLAIN background.", "two blue squares left of stars today"], refs)
+    assert same["exact_match"] == 1.0
+    assert same["bleu4"] == pytest.approx(1.0, abs=1e-6)             # every n-gram matched, no brevity penalty
+    # CIDEr-D: 10 × mean over n of the tf-idf cosine; the two images share no n-gram, so every idf > 0 and
+    # an identical caption scores 10 (its length equal to its reference's: no penalty)
+    one = caption_metrics(["a red circle on a plain background.", "two blue squares left of stars today"],
+                          [["a red circle on a plain background."], ["two blue squares left of stars today"]])
+    assert one["cider"] == pytest.approx(10.0, rel=1e-6)
+    half = caption_metrics(["a red circle on a plain background.", "zzz yyy xxx www vvv uuu"],
+                           [["a red circle on a plain background."], ["two blue squares left of stars today"]])
+    assert half["exact_match"] == 0.5 and half["cider"] == pytest.approx(5.0, rel=1e-6)
+    assert half["bleu4"] < same["bleu4"]
+
+
+def test_captioning_task_on_the_held_out_combinations(synth, tmp_path):
+    """The eval task on the synthetic held-out colour–shape set with a published CoCa: its metrics equal those
+    computed here from `Published.generate` and from the training forward's caption logits, sample by sample."""
+    from pipeline.eval.metrics import caption_metrics, caption_words
+    from pipeline.eval.sets import open_eval_set
+    from pipeline.eval.tasks import Encoder, captioning
+    from pipeline.models import load_published, run_tokenizer, save_published
+    root = synth(64, eval_samples=12)
+    cfg = Config()
+    cfg.model.name, cfg.data.train_urls, cfg.data.context_length = "coca_tiny", [str(root / "train")], 16
+    tok = run_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, image_size=32, context_length=16, vocab_size=tok.vocab_size)
+    published = load_published(save_published(model, tok, str(tmp_path / "published" / "step_00000001"), 1))
+    eval_set = open_eval_set(str(root / "eval"), "zeroshot_heldout")
+    got = captioning(Encoder(published, 5), eval_set, max_len=12)    # batches of 5: 5, 5, 2
+    samples = list(eval_set.samples())
+    encoder = Encoder(published, 100)
+    refs = [s.caption_lines() for s in samples]
+    generated = published.generate(encoder.pixels([s.image for s in samples]), max_len=12)
+    assert all(isinstance(g, str) for g in generated) and len(generated) == 12
+    exact = sum(caption_words(g) in [caption_words(r) for r in rs] for g, rs in zip(generated, refs)) / 12
+    correct = total = 0
+    for s, rs in zip(samples, refs):
+        text = tok([rs[0]])
+        logits = published.model(image=encoder.pixels([s.image]), text=text, caption=True)["caption_logits"]
+        target = text[0, 1:]
+        keep = target != tok.pad_id
+        correct += int((logits[0].argmax(-1) == target)[keep].sum())
+        total += int(keep.sum())
+    assert got["caption_exact_match"] == exact
+    assert got["caption_token_acc"] == pytest.approx(correct / total)
+    assert got["caption_bleu4"] == pytest.approx(caption_metrics(generated, refs)["bleu4"])
+    assert 0 <= got["caption_cider"] and 0 <= got["caption_token_acc"] <= 1
+    beam = published.generate(encoder.pixels([s.image for s in samples[:2]]), max_len=12, strategy="beam")
+    assert len(beam) == 2 and all(isinstance(b, str) for b in beam)

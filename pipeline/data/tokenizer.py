@@ -46,6 +46,13 @@ class Tokenizer:
         tok.enable_truncation(max_length=context_length)
 
     @property
+    def sot_id(self) -> int | None:
+        """The start token the tokenizer puts before every caption (CLIP's `<start_of_text>`, BERT's `[CLS]`,
+        `with_start_token`'s); None when a caption's first token is its first word (our own BPE)."""
+        ids = self._tok.encode("").ids
+        return ids[0] if len(ids) >= 2 else None
+
+    @property
     def is_clip_bpe(self) -> bool:
         """Whether this is OpenAI CLIP's BPE with open_clip's cleaning (open_clip's built-in tokenizer)."""
         return self._clean is not None
@@ -103,6 +110,20 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, context_length
     tok.add_special_tokens([END])                         # appended after training: the largest id
     tok.post_processor = processors.TemplateProcessing(single=f"$A {END}", special_tokens=[(END, tok.token_to_id(END))])
     return Tokenizer(tok, context_length)
+
+
+def with_start_token(tokenizer: Tokenizer) -> Tokenizer:
+    """`tokenizer` itself when it starts captions with a token of its own, else the same vocabulary with its end
+    token also put first, as the start token (GPT-2's use of `<|endoftext|>`). A captioning decoder needs one: it
+    predicts each token from those before it, so without a start token it never learns a caption's first word.
+    The vocabulary and ids are unchanged; the post-processor is stored in the published `tokenizer.json`."""
+    if tokenizer.sot_id is not None:
+        return tokenizer
+    tok = HFTokenizer.from_str(tokenizer.to_json())
+    end = tok.id_to_token(tokenizer.eot_id)
+    tok.post_processor = processors.TemplateProcessing(single=f"{end} $A {end}",
+                                                       special_tokens=[(end, tokenizer.eot_id)])
+    return Tokenizer(tok, tokenizer.context_length)
 
 
 def clip_tokenizer(context_length: int = 77) -> Tokenizer:

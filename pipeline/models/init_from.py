@@ -33,11 +33,11 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from pipeline import storage
 from pipeline.config import Config, ConfigError, ModelConfig, register_check
-from pipeline.data import Tokenizer, clip_tokenizer
+from pipeline.data import Tokenizer, clip_tokenizer, data_tokenizer, with_start_token
 from pipeline.layout import MANIFEST, TOKENIZER, TOWERS, WEIGHTS
 from pipeline.log import get_logger
 from pipeline.models.build import build_model, count_parameters, resolve_spec
-from pipeline.models.configs import TEXT_MODEL, ModelSpec
+from pipeline.models.configs import NAMED_SPECS, TEXT_MODEL, ModelSpec
 from pipeline.models.convert import (
     HF_CONFIG,
     HF_TOKENIZER_CONFIG,
@@ -291,9 +291,13 @@ def run_sizes(cfg: Config, vocab_size: int) -> dict[str, int]:
 
 
 def run_tokenizer(cfg: Config) -> Optional[Tokenizer]:
-    """The tokenizer that comes with an imported text tower; None: the data's (`data.tokenizer`)."""
+    """The tokenizer that comes with an imported text tower; None: the data's (`data.tokenizer`). A CoCa model's
+    (either) with a start token before each caption (`with_start_token`): its decoder predicts every word."""
     source = run_source(cfg.model)
-    return source_tokenizer(source) if source and "text" in cfg.model.init_towers else None
+    tokenizer = source_tokenizer(source) if source and "text" in cfg.model.init_towers else None
+    if cfg.model.name in NAMED_SPECS and NAMED_SPECS[cfg.model.name].decoder is not None:
+        tokenizer = with_start_token(tokenizer or data_tokenizer(cfg))
+    return tokenizer
 
 
 def build_run_model(cfg: Config, vocab_size: int, pad_id: int = 0) -> DualEncoder | TextDualEncoder:

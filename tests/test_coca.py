@@ -301,7 +301,9 @@ def test_captioning_task_on_the_held_out_combinations(synth, tmp_path):
     tok = run_tokenizer(cfg)
     torch.manual_seed(0)
     model = build_model(cfg.model, image_size=32, context_length=16, vocab_size=tok.vocab_size)
-    published = load_published(save_published(model, tok, str(tmp_path / "published" / "step_00000001"), 1))
+    cfg.data.eval_dir, cfg.eval.caption_max_len = str(root / "eval"), 12
+    published = load_published(save_published(model, tok, str(tmp_path / "published" / "step_00000001"), 1,
+                                              run_config=cfg))
     eval_set = open_eval_set(str(root / "eval"), "zeroshot_heldout")
     got = captioning(Encoder(published, 5), eval_set, max_len=12)    # batches of 5: 5, 5, 2
     samples = list(eval_set.samples())
@@ -324,3 +326,6 @@ def test_captioning_task_on_the_held_out_combinations(synth, tmp_path):
     assert 0 <= got["caption_cider"] and 0 <= got["caption_token_acc"] <= 1
     beam = published.generate(encoder.pixels([s.image for s in samples[:2]]), max_len=12, strategy="beam")
     assert len(beam) == 2 and all(isinstance(b, str) for b in beam)
+    from pipeline.eval.report import caption_figure                 # the report shows them beside their images
+    figure = caption_figure(str(tmp_path), tmp_path)
+    assert figure.file == "captions.png" and (tmp_path / "captions.png").stat().st_size > 1000

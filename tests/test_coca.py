@@ -247,7 +247,7 @@ def test_a_published_coca_loads_as_coca_with_its_decoder(synth, tmp_path):
 # ------------------------------------------------------------------------- tokens, generation, captioning
 def test_a_coca_run_tokenizes_with_a_start_token(synth):
     """Our BPE has no start token (a caption's first token is its first word, which a decoder predicting each
-    token from those before it would never learn): a CoCa run puts the end token first as the start token."""
+    token from those before it would never learn): a CoCa run adds `<start>` and puts it first."""
     from pipeline.data import clip_tokenizer, load_tokenizer, with_start_token
     from pipeline.models import run_tokenizer
     root = synth(64)
@@ -256,14 +256,16 @@ def test_a_coca_run_tokenizes_with_a_start_token(synth):
     cfg = Config()
     cfg.model.name, cfg.data.train_urls, cfg.data.context_length = "coca_tiny", [str(root / "train")], 16
     tok = run_tokenizer(cfg)
-    assert tok.sot_id == tok.eot_id == plain.eot_id and tok.vocab_size == plain.vocab_size
+    assert tok.sot_id == plain.vocab_size and tok.vocab_size == plain.vocab_size + 1     # one more id, last
+    assert tok.eot_id == plain.eot_id and tok.pad_id == plain.pad_id
     ids, words = tok(["a red circle."])[0].tolist(), plain(["a red circle."])[0].tolist()
     n = words.index(plain.eot_id) + 1
-    assert ids[0] == tok.eot_id and ids[1:n + 1] == words[:n]        # the same words, one place later
+    assert ids[0] == tok.sot_id and ids[1:n + 1] == words[:n]        # the same words, one place later
+    assert tok.decode(ids) == plain.decode(words)
     from tokenizers import Tokenizer as HFTokenizer
 
     from pipeline.data.tokenizer import Tokenizer
-    assert Tokenizer(HFTokenizer.from_str(tok.to_json()), 16).sot_id == tok.eot_id      # published as it is
+    assert Tokenizer(HFTokenizer.from_str(tok.to_json()), 16).sot_id == tok.sot_id      # published as it is
     clip = clip_tokenizer(16)
     assert with_start_token(clip) is clip and clip.sot_id == 49406
     cfg.model.name = "tiny"
@@ -326,6 +328,6 @@ def test_captioning_task_on_the_held_out_combinations(synth, tmp_path):
     assert 0 <= got["caption_cider"] and 0 <= got["caption_token_acc"] <= 1
     beam = published.generate(encoder.pixels([s.image for s in samples[:2]]), max_len=12, strategy="beam")
     assert len(beam) == 2 and all(isinstance(b, str) for b in beam)
-    from pipeline.eval.report import caption_figure                 # the report shows them beside their images
+    from pipeline.eval.report import caption_figure  # the report shows them beside their images
     figure = caption_figure(str(tmp_path), tmp_path)
     assert figure.file == "captions.png" and (tmp_path / "captions.png").stat().st_size > 1000

@@ -7,7 +7,8 @@ Hugging Face ``eos_token_id`` agrees). Rows longer than the context are truncate
 token. Any other ``tokenizer.json`` (e.g. one shipped with a pretrained text tower) also loads; its
 own post-processor (``[CLS] … [SEP]``) is kept, and so is the padding token it declares (SigLIP pads
 with its end token). OpenAI CLIP's BPE (`clip_tokenizer`, models imported from open_clip) also
-cleans each caption as open_clip does before tokenizing (`pipeline.data.clip_bpe`).
+cleans each caption as open_clip does before tokenizing (`pipeline.data.clip_bpe`). A CoCa run's
+tokenizer starts every caption with a start token (`with_start_token`: `<start>`, one id after the end).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pipeline.layout import MANIFEST, TOKENIZER
 
 PAD = "<pad>"
 END = "<end>"
+START = "<start>"                          # `with_start_token`: a captioning model's start token
 _END_NAMES = (END, "<|endoftext|>", clip_bpe.END, "</s>", "[SEP]")
 _PAD_NAMES = (PAD, "[PAD]", "<|pad|>")
 
@@ -48,7 +50,7 @@ class Tokenizer:
     @property
     def sot_id(self) -> int | None:
         """The start token the tokenizer puts before every caption (CLIP's `<start_of_text>`, BERT's `[CLS]`,
-        `with_start_token`'s); None when a caption's first token is its first word (our own BPE)."""
+        `with_start_token`'s `<start>`); None when a caption's first token is its first word (our own BPE)."""
         ids = self._tok.encode("").ids
         return ids[0] if len(ids) >= 2 else None
 
@@ -113,16 +115,18 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, context_length
 
 
 def with_start_token(tokenizer: Tokenizer) -> Tokenizer:
-    """`tokenizer` itself when it starts captions with a token of its own, else the same vocabulary with its end
-    token also put first, as the start token (GPT-2's use of `<|endoftext|>`). A captioning decoder needs one: it
-    predicts each token from those before it, so without a start token it never learns a caption's first word.
-    The vocabulary and ids are unchanged; the post-processor is stored in the published `tokenizer.json`."""
+    """`tokenizer` itself when it starts captions with a token of its own, else the same vocabulary plus `<start>`
+    (one more id, after the end token), put before every caption. A captioning decoder needs one: it predicts
+    each token from those before it, so without a start token it never learns a caption's first word. Not the end
+    token reused: open_clip's `CoCa.generate` stops at once on a start token equal to its end token. The
+    post-processor and the token are stored in the published `tokenizer.json`."""
     if tokenizer.sot_id is not None:
         return tokenizer
     tok = HFTokenizer.from_str(tokenizer.to_json())
+    tok.add_special_tokens([START])
     end = tok.id_to_token(tokenizer.eot_id)
-    tok.post_processor = processors.TemplateProcessing(single=f"{end} $A {end}",
-                                                       special_tokens=[(end, tokenizer.eot_id)])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{START} $A {end}", special_tokens=[(START, tok.token_to_id(START)), (end, tokenizer.eot_id)])
     return Tokenizer(tok, tokenizer.context_length)
 
 

@@ -331,3 +331,96 @@ def test_captioning_task_on_the_held_out_combinations(synth, tmp_path):
     from pipeline.eval.report import caption_figure  # the report shows them beside their images
     figure = caption_figure(str(tmp_path), tmp_path)
     assert figure.file == "captions.png" and (tmp_path / "captions.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------------ open_clip interop
+def _open_clip_coca_shapes(embed, v_width, v_layers, patch, image_size, queries, t_width, layers, context, vocab):
+    """open_clip's `CoCa` state-dict layout (3.x, one attentional pooler), written from its architecture."""
+    from tests.helpers.open_clip import expected_open_clip_shapes
+    shapes = {k if k.startswith(("visual.", "logit_scale")) else f"text.{k}": v for k, v in
+              expected_open_clip_shapes(embed, v_width, v_layers, patch, image_size, t_width, layers, context,
+                                        vocab).items()}
+    shapes["text.positional_embedding"] = (context + 1, t_width)          # the appended class token's position
+    shapes["text.cls_emb"] = (t_width,)
+    shapes["visual.ln_post.weight"] = shapes["visual.ln_post.bias"] = (embed,)   # after the pooler
+    shapes["visual.proj"] = (embed, embed)
+    a = "visual.attn_pool"
+    shapes.update({f"{a}.query": (queries, embed), f"{a}.attn.in_proj_bias": (3 * embed,),
+                   f"{a}.attn.out_proj.weight": (embed, embed), f"{a}.attn.out_proj.bias": (embed,),
+                   f"{a}.ln_q.weight": (embed,), f"{a}.ln_q.bias": (embed,), f"{a}.ln_k.weight": (v_width,),
+                   f"{a}.ln_k.bias": (v_width,)})
+    if v_width == embed:
+        shapes[f"{a}.attn.in_proj_weight"] = (3 * embed, embed)
+    else:
+        shapes.update({f"{a}.attn.q_proj_weight": (embed, embed), f"{a}.attn.k_proj_weight": (embed, v_width),
+                       f"{a}.attn.v_proj_weight": (embed, v_width)})
+    for k, v in expected_open_clip_shapes(embed, v_width, 0, patch, image_size, t_width, layers, context,
+                                          vocab).items():
+        if k.startswith("transformer.resblocks."):
+            shapes[f"text_decoder.{k[len('transformer.'):]}"] = v
+            cross = f"text_decoder.cross_attn.{k[len('transformer.resblocks.'):]}"
+            shapes[cross] = v
+            if k.endswith("ln_1.weight") or k.endswith("ln_1.bias"):
+                shapes[cross.replace("ln_1", "ln_1_kv")] = v
+    shapes.update({"text_decoder.ln_final.weight": (t_width,), "text_decoder.ln_final.bias": (t_width,),
+                   "text_decoder.text_projection": (t_width, vocab)})
+    return shapes
+
+
+def test_open_clip_coca_layout_and_config():
+    """coca_ViT-B-32 exports under open_clip's names and shapes (unpacked pooler q/k/v: 768-wide tokens) with its
+    config's keys and values; coca_tiny (tokens as wide as the queries) with the pooler's q/k/v packed."""
+    from pipeline.models.convert import open_clip_architecture
+    from pipeline.models.export import architecture, open_clip_config, open_clip_state_dict
+    for name, size, ctx, vocab, want in (
+            ("coca_ViT-B-32", 224, 76, 49408, (512, 768, 12, 32, 224, 256, 512, 12, 76, 49408)),
+            ("coca_tiny", 32, 16, 300, (128, 128, 3, 8, 32, 32, 128, 2, 16, 300))):
+        with torch.device("meta"):
+            model = build_model(ModelConfig(name=name), image_size=size, context_length=ctx, vocab_size=vocab)
+        got = {k: tuple(v.shape) for k, v in open_clip_state_dict(model).items()}
+        assert got == _open_clip_coca_shapes(*want), name
+        cfg = open_clip_config(model, hf_tokenizer=False)
+        assert open_clip_architecture(cfg, name) == architecture(model)
+        if name == "coca_ViT-B-32":
+            b32_cfg, b32 = cfg, architecture(model)
+    # open_clip 3.3's own coca_ViT-B-32 config (open_clip.get_model_config), whose defaults ours spells out
+    theirs = {"embed_dim": 512,
+              "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32, "attentional_pool": True,
+                             "attn_pooler_heads": 8, "output_tokens": True},
+              "text_cfg": {"context_length": 76, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12,
+                           "embed_cls": True, "output_tokens": True},
+              "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12,
+                                 "attn_pooler_heads": 8}, "custom_text": True}
+    for key, value in theirs.items():
+        assert b32_cfg[key] == value if not isinstance(value, dict) else value.items() <= b32_cfg[key].items(), key
+    assert open_clip_architecture(theirs, "theirs") == b32
+
+
+def test_open_clip_coca_round_trip(synth, tmp_path):
+    """export --format open_clip, then model.init_from on that folder: the same embeddings and captions."""
+    from pipeline.models import build_run_model, load_published, run_tokenizer, save_published
+    from pipeline.models.export import export
+    root = synth(64)
+    cfg = Config()
+    cfg.model.name, cfg.data.train_urls, cfg.data.context_length, cfg.data.image_size = \
+        "coca_tiny", [str(root / "train")], 16, 32
+    tok = run_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, image_size=32, context_length=16, vocab_size=tok.vocab_size).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    url = save_published(model, tok, str(tmp_path / "run" / "published" / "step_00000001"), 1, run_config=cfg)
+    export(url, "open_clip", str(tmp_path / "export"))
+    cfg.model.init_from = str(tmp_path / "export")
+    imported, imported_tok = build_run_model(cfg, tok.vocab_size).eval(), run_tokenizer(cfg)
+    assert isinstance(imported, CocaModel) and imported_tok.sot_id == tok.sot_id
+    want, got = model.state_dict(), imported.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    images, texts = torch.randn(3, 3, 32, 32), tok(["a red circle.", "a photo of a blue star.", "x"])
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), imported.encode_image(images))
+        assert torch.equal(model.encode_text(texts), imported.encode_text(texts))
+    published = load_published(url)
+    ids = dict(sot_id=tok.sot_id, eot_id=tok.eot_id, pad_id=tok.pad_id, max_len=12)
+    assert torch.equal(published.generate_ids(images, 12), imported.generate(images, **ids))

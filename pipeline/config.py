@@ -232,6 +232,10 @@ class EvalConfig:
     max_attempts: int = 3                  # evaluations tried per checkpoint before giving up on it
     cpus: float = 1.0                      # resources of the eval actor beside training
     poll_s: float = 5.0                # seconds between looks for new published checkpoints
+    captioning: bool = True                # a CoCa checkpoint: also caption every set with captions (task `captioning`)
+    caption_strategy: Literal["greedy", "beam"] = "greedy"   # how `captioning` decodes
+    caption_max_len: int = 0               # tokens of a generated caption, start and end included; 0: context length
+    caption_samples: int = 0               # images `captioning` captions per set (the first ones); 0: all
 
 
 @dataclass
@@ -600,6 +604,8 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("eval.max_attempts", _at_least(1), "at least 1"),
     ("eval.cpus", _positive, "a positive number of CPUs"),
     ("eval.poll_s", _positive, "a positive number of seconds"),
+    ("eval.caption_max_len", lambda v: v == 0 or v >= 2, "0 (the context length) or at least 2 (start and end)"),
+    ("eval.caption_samples", _at_least(0), "0 (all) or a positive number of images"),
 ]
 
 

@@ -1,7 +1,8 @@
 """CoCa: the model (towers, tokens, decoder, generation), its caption loss, and the gradient cache with the
 caption term, in float64 on one process: one SGD step (lr 1: the update is the gradient) through the cache
 equals one plain backward over the whole batch of contrastive + weight × token cross-entropy (computed
-here with torch's own mean cross-entropy). The same across ranks and ZeRO stages: test_coca_dist.py."""
+here with torch's own mean cross-entropy). The same across 1, 2 and 4 ranks and ZeRO
+0–3: test_text_equivalence.py."""
 from __future__ import annotations
 
 import copy
@@ -22,9 +23,10 @@ N, L, V, S = 8, 10, 64, 16                              # rows, tokens, vocabula
 EOT, SOT = V - 1, 1
 
 
-def coca(**model) -> CocaModel:
+def coca(loss_name: str = "clip", **model) -> CocaModel:
     torch.manual_seed(0)
-    m = build_model(ModelConfig(name="coca_tiny", **model), image_size=S, context_length=L, vocab_size=V)
+    m = build_model(ModelConfig(name="coca_tiny", **model), image_size=S, context_length=L, vocab_size=V,
+                    loss_name=loss_name)
     return m.double()
 
 
@@ -43,10 +45,11 @@ def params(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-def reference_step(model, images, texts, weight=2.0, smoothing=0.0, symmetric_calls=None):
-    """One plain step: the whole batch in one call, clip + weight · mean token CE (torch's), SGD."""
+def reference_step(model, images, texts, weight=2.0, smoothing=0.0, loss="clip"):
+    """One plain step: the whole batch in one call, `loss` + weight · mean token CE (torch's), SGD."""
     out = model(image=images, text=texts, caption=True)
-    contrastive = get_loss("clip")(out["image"], out["text"], logit_scale=out["logit_scale"])
+    contrastive = get_loss(loss)(out["image"], out["text"], logit_scale=out["logit_scale"],
+                                 logit_bias=out["logit_bias"])
     ce = F.cross_entropy(out["caption_logits"].flatten(0, 1), texts[:, 1:].flatten(), ignore_index=0,
                          label_smoothing=smoothing)
     (contrastive + weight * ce).backward()
@@ -239,3 +242,185 @@ def test_a_published_coca_loads_as_coca_with_its_decoder(synth, tmp_path):
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model.eval()(image=images)["image"], loaded(image=images)["image"])
+
+
+# ------------------------------------------------------------------------- tokens, generation, captioning
+def test_a_coca_run_tokenizes_with_a_start_token(synth):
+    """Our BPE has no start token (a caption's first token is its first word, which a decoder predicting each
+    token from those before it would never learn): a CoCa run adds `<start>` and puts it first."""
+    from pipeline.data import clip_tokenizer, load_tokenizer, with_start_token
+    from pipeline.models import run_tokenizer
+    root = synth(64)
+    plain = load_tokenizer(str(root / "train"), 16)
+    assert plain.sot_id is None
+    cfg = Config()
+    cfg.model.name, cfg.data.train_urls, cfg.data.context_length = "coca_tiny", [str(root / "train")], 16
+    tok = run_tokenizer(cfg)
+    assert tok.sot_id == plain.vocab_size and tok.vocab_size == plain.vocab_size + 1     # one more id, last
+    assert tok.eot_id == plain.eot_id and tok.pad_id == plain.pad_id
+    ids, words = tok(["a red circle."])[0].tolist(), plain(["a red circle."])[0].tolist()
+    n = words.index(plain.eot_id) + 1
+    assert ids[0] == tok.sot_id and ids[1:n + 1] == words[:n]        # the same words, one place later
+    assert tok.decode(ids) == plain.decode(words)
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from pipeline.data.tokenizer import Tokenizer
+    assert Tokenizer(HFTokenizer.from_str(tok.to_json()), 16).sot_id == tok.sot_id      # published as it is
+    clip = clip_tokenizer(16)
+    assert with_start_token(clip) is clip and clip.sot_id == 49406
+    cfg.model.name = "tiny"
+    assert run_tokenizer(cfg) is None                                # other models: the data's, unchanged
+
+
+def test_caption_metrics_by_hand():
+    """Exact match, BLEU-4 and CIDEr-D on captions whose scores follow from their definitions."""
+    from pipeline.eval.metrics import caption_metrics
+    refs = [["A red circle on a plain background.", "something else"], ["two blue squares left of stars today"]]
+    same = caption_metrics(["a  red circle on a PLAIN background.", "two blue squares left of stars today"], refs)
+    assert same["exact_match"] == 1.0
+    assert same["bleu4"] == pytest.approx(1.0, abs=1e-6)             # every n-gram matched, no brevity penalty
+    # CIDEr-D: 10 × mean over n of the tf-idf cosine; the two images share no n-gram, so every idf > 0 and
+    # an identical caption scores 10 (its length equal to its reference's: no penalty)
+    one = caption_metrics(["a red circle on a plain background.", "two blue squares left of stars today"],
+                          [["a red circle on a plain background."], ["two blue squares left of stars today"]])
+    assert one["cider"] == pytest.approx(10.0, rel=1e-6)
+    half = caption_metrics(["a red circle on a plain background.", "zzz yyy xxx www vvv uuu"],
+                           [["a red circle on a plain background."], ["two blue squares left of stars today"]])
+    assert half["exact_match"] == 0.5 and half["cider"] == pytest.approx(5.0, rel=1e-6)
+    assert half["bleu4"] < same["bleu4"]
+
+
+def test_captioning_task_on_the_held_out_combinations(synth, tmp_path):
+    """The eval task on the synthetic held-out colour–shape set with a published CoCa: its metrics equal those
+    computed here from `Published.generate` and from the training forward's caption logits, sample by sample."""
+    from pipeline.eval.metrics import caption_metrics, caption_words
+    from pipeline.eval.sets import open_eval_set
+    from pipeline.eval.tasks import Encoder, captioning
+    from pipeline.models import load_published, run_tokenizer, save_published
+    root = synth(64, eval_samples=12)
+    cfg = Config()
+    cfg.model.name, cfg.data.train_urls, cfg.data.context_length = "coca_tiny", [str(root / "train")], 16
+    tok = run_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, image_size=32, context_length=16, vocab_size=tok.vocab_size)
+    cfg.data.eval_dir, cfg.eval.caption_max_len = str(root / "eval"), 12
+    published = load_published(save_published(model, tok, str(tmp_path / "published" / "step_00000001"), 1,
+                                              run_config=cfg))
+    eval_set = open_eval_set(str(root / "eval"), "zeroshot_heldout")
+    got = captioning(Encoder(published, 5), eval_set, max_len=12)    # batches of 5: 5, 5, 2
+    samples = list(eval_set.samples())
+    encoder = Encoder(published, 100)
+    refs = [s.caption_lines() for s in samples]
+    generated = published.generate(encoder.pixels([s.image for s in samples]), max_len=12)
+    assert all(isinstance(g, str) for g in generated) and len(generated) == 12
+    exact = sum(caption_words(g) in [caption_words(r) for r in rs] for g, rs in zip(generated, refs)) / 12
+    correct = total = 0
+    for s, rs in zip(samples, refs):
+        text = tok([rs[0]])
+        logits = published.model(image=encoder.pixels([s.image]), text=text, caption=True)["caption_logits"]
+        target = text[0, 1:]
+        keep = target != tok.pad_id
+        correct += int((logits[0].argmax(-1) == target)[keep].sum())
+        total += int(keep.sum())
+    assert got["caption_exact_match"] == exact
+    assert got["caption_token_acc"] == pytest.approx(correct / total)
+    assert got["caption_bleu4"] == pytest.approx(caption_metrics(generated, refs)["bleu4"])
+    assert 0 <= got["caption_cider"] and 0 <= got["caption_token_acc"] <= 1
+    beam = published.generate(encoder.pixels([s.image for s in samples[:2]]), max_len=12, strategy="beam")
+    assert len(beam) == 2 and all(isinstance(b, str) for b in beam)
+    from pipeline.eval.report import caption_figure  # the report shows them beside their images
+    figure = caption_figure(str(tmp_path), tmp_path)
+    assert figure.file == "captions.png" and (tmp_path / "captions.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------------ open_clip interop
+def _open_clip_coca_shapes(embed, v_width, v_layers, patch, image_size, queries, t_width, layers, context, vocab):
+    """open_clip's `CoCa` state-dict layout (3.x, one attentional pooler), written from its architecture."""
+    from tests.helpers.open_clip import expected_open_clip_shapes
+    shapes = {k if k.startswith(("visual.", "logit_scale")) else f"text.{k}": v for k, v in
+              expected_open_clip_shapes(embed, v_width, v_layers, patch, image_size, t_width, layers, context,
+                                        vocab).items()}
+    shapes["text.positional_embedding"] = (context + 1, t_width)          # the appended class token's position
+    shapes["text.cls_emb"] = (t_width,)
+    shapes["visual.ln_post.weight"] = shapes["visual.ln_post.bias"] = (embed,)   # after the pooler
+    shapes["visual.proj"] = (embed, embed)
+    a = "visual.attn_pool"
+    shapes.update({f"{a}.query": (queries, embed), f"{a}.attn.in_proj_bias": (3 * embed,),
+                   f"{a}.attn.out_proj.weight": (embed, embed), f"{a}.attn.out_proj.bias": (embed,),
+                   f"{a}.ln_q.weight": (embed,), f"{a}.ln_q.bias": (embed,), f"{a}.ln_k.weight": (v_width,),
+                   f"{a}.ln_k.bias": (v_width,)})
+    if v_width == embed:
+        shapes[f"{a}.attn.in_proj_weight"] = (3 * embed, embed)
+    else:
+        shapes.update({f"{a}.attn.q_proj_weight": (embed, embed), f"{a}.attn.k_proj_weight": (embed, v_width),
+                       f"{a}.attn.v_proj_weight": (embed, v_width)})
+    for k, v in expected_open_clip_shapes(embed, v_width, 0, patch, image_size, t_width, layers, context,
+                                          vocab).items():
+        if k.startswith("transformer.resblocks."):
+            shapes[f"text_decoder.{k[len('transformer.'):]}"] = v
+            cross = f"text_decoder.cross_attn.{k[len('transformer.resblocks.'):]}"
+            shapes[cross] = v
+            if k.endswith("ln_1.weight") or k.endswith("ln_1.bias"):
+                shapes[cross.replace("ln_1", "ln_1_kv")] = v
+    shapes.update({"text_decoder.ln_final.weight": (t_width,), "text_decoder.ln_final.bias": (t_width,),
+                   "text_decoder.text_projection": (t_width, vocab)})
+    return shapes
+
+
+def test_open_clip_coca_layout_and_config():
+    """coca_ViT-B-32 exports under open_clip's names and shapes (unpacked pooler q/k/v: 768-wide tokens) with its
+    config's keys and values; coca_tiny (tokens as wide as the queries) with the pooler's q/k/v packed."""
+    from pipeline.models.convert import open_clip_architecture
+    from pipeline.models.export import architecture, open_clip_config, open_clip_state_dict
+    for name, size, ctx, vocab, want in (
+            ("coca_ViT-B-32", 224, 76, 49408, (512, 768, 12, 32, 224, 256, 512, 12, 76, 49408)),
+            ("coca_tiny", 32, 16, 300, (128, 128, 3, 8, 32, 32, 128, 2, 16, 300))):
+        with torch.device("meta"):
+            model = build_model(ModelConfig(name=name), image_size=size, context_length=ctx, vocab_size=vocab)
+        got = {k: tuple(v.shape) for k, v in open_clip_state_dict(model).items()}
+        assert got == _open_clip_coca_shapes(*want), name
+        cfg = open_clip_config(model, hf_tokenizer=False)
+        assert open_clip_architecture(cfg, name) == architecture(model)
+        if name == "coca_ViT-B-32":
+            b32_cfg, b32 = cfg, architecture(model)
+    # open_clip 3.3's own coca_ViT-B-32 config (open_clip.get_model_config), whose defaults ours spells out
+    theirs = {"embed_dim": 512,
+              "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32, "attentional_pool": True,
+                             "attn_pooler_heads": 8, "output_tokens": True},
+              "text_cfg": {"context_length": 76, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12,
+                           "embed_cls": True, "output_tokens": True},
+              "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12,
+                                 "attn_pooler_heads": 8}, "custom_text": True}
+    for key, value in theirs.items():
+        assert b32_cfg[key] == value if not isinstance(value, dict) else value.items() <= b32_cfg[key].items(), key
+    assert open_clip_architecture(theirs, "theirs") == b32
+
+
+def test_open_clip_coca_round_trip(synth, tmp_path):
+    """export --format open_clip, then model.init_from on that folder: the same embeddings and captions."""
+    from pipeline.models import build_run_model, load_published, run_tokenizer, save_published
+    from pipeline.models.export import export
+    root = synth(64)
+    cfg = Config()
+    cfg.model.name, cfg.data.train_urls, cfg.data.context_length, cfg.data.image_size = \
+        "coca_tiny", [str(root / "train")], 16, 32
+    tok = run_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, image_size=32, context_length=16, vocab_size=tok.vocab_size).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    url = save_published(model, tok, str(tmp_path / "run" / "published" / "step_00000001"), 1, run_config=cfg)
+    export(url, "open_clip", str(tmp_path / "export"))
+    cfg.model.init_from = str(tmp_path / "export")
+    imported, imported_tok = build_run_model(cfg, tok.vocab_size).eval(), run_tokenizer(cfg)
+    assert isinstance(imported, CocaModel) and imported_tok.sot_id == tok.sot_id
+    want, got = model.state_dict(), imported.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    images, texts = torch.randn(3, 3, 32, 32), tok(["a red circle.", "a photo of a blue star.", "x"])
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), imported.encode_image(images))
+        assert torch.equal(model.encode_text(texts), imported.encode_text(texts))
+    published = load_published(url)
+    ids = dict(sot_id=tok.sot_id, eot_id=tok.eot_id, pad_id=tok.pad_id, max_len=12)
+    assert torch.equal(published.generate_ids(images, 12), imported.generate(images, **ids))

@@ -1,8 +1,10 @@
-"""Text–text with hard negatives at world sizes 1, 2 and 4, gradient-cache chunks, DeepSpeed ZeRO 0–3:
-one SGD step (lr 1, so the update is the gradient; Adam would hide a wrong scale) gives the parameters of
-one plain single-process step over the whole global batch. Each rank takes its rows of the global batch;
-the hard negatives are gathered with their rows, so every row keeps its own negatives at any world size.
-Also the loss values and gradients of every loss with hard negatives across ranks (no DeepSpeed)."""
+"""The gradient cache at world sizes 1, 2 and 4 under DeepSpeed ZeRO 0–3, for text–text with hard negatives
+and for CoCa (contrastive + caption loss): one SGD step (lr 1, so the update is the gradient; Adam would hide
+a wrong scale) gives the parameters of one plain single-process step over the whole global batch. Each rank
+takes its rows of the global batch; the hard negatives are gathered with their rows, so every row keeps its
+own negatives at any world size; CoCa's caption loss is the mean over the global batch's target tokens,
+whatever the split. Also the loss values and gradients of every loss with hard negatives across ranks (no
+DeepSpeed)."""
 from __future__ import annotations
 
 import copy
@@ -13,11 +15,16 @@ import torch.nn.functional as F
 
 from pipeline.gradcache import forward_backward
 from pipeline.losses import LOSS_NAMES, get_loss, uses_bias
+from pipeline.losses.caption import CaptionLoss
 from pipeline.models import build_model
 from pipeline.train.engine import DeepSpeedBackward, prepare_deepspeed
 from tests.helpers.compare import max_abs_diff
 from tests.helpers.dist import run_world
 from tests.helpers.text import text_config, tiny_bert
+from tests.test_coca import batch as coca_batch
+from tests.test_coca import coca
+from tests.test_coca import params as tc_params
+from tests.test_coca import reference_step as coca_reference_step
 from tests.test_losses import SETUPS
 
 pytestmark = pytest.mark.slow
@@ -29,10 +36,19 @@ CONFIGS = {
     "zero2-siglip-two-towers-matryoshka": dict(stage=2, loss="siglip", overrides=["model.shared_tower=false",
                                                                                 "model.projection_dim=8"],
                                                matryoshka=[8, 4], worlds=(2,)),
+    # CoCa (coca_tiny, 8 rows, one row per gradient-cache chunk) against a float64 reference: the model in float64
+    # (its update rounded to ZeRO's float32 master copy), except ZeRO 0 (its all-reduce refuses float64 gradients)
+    **{f"coca-zero{s}": dict(kind="coca", stage=s, loss="clip", dtype="float64" if s else "float32")
+       for s in range(4)},
+    "coca-zero2-siglip-smoothing": dict(kind="coca", stage=2, loss="siglip", dtype="float64", caption_weight=0.5,
+                                        smoothing=0.1, worlds=(4,)),
 }
+COCA_CHUNKS = dict(chunk_size=1)
 
 
 def make_model(bert: str, cfg: dict):
+    if cfg.get("kind") == "coca":                         # seeded, float64
+        return coca(loss_name=cfg["loss"]).to(getattr(torch, cfg["dtype"]))
     torch.manual_seed(0)                                  # the projection's initial weights, alike everywhere
     overrides = [f"loss.name={cfg['loss']}", *cfg.get("overrides", [])]
     return build_model(text_config(bert, *overrides).model, image_size=0, context_length=L, vocab_size=64,
@@ -55,19 +71,29 @@ def params(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().clone() for k, v in model.named_parameters()}
 
 
+def caption_loss(cfg: dict) -> CaptionLoss:
+    return CaptionLoss(cfg.get("caption_weight", 2.0), cfg.get("smoothing", 0.0), pad_id=0)
+
+
 # ------------------------------------------------------------------------------ in the workers
 def _worker(rank: int, world: int, bert: str, configs: dict) -> dict:
     import deepspeed
     deepspeed.init_distributed(dist_backend="gloo")
-    q, p, neg = (x[rank * (N // world):(rank + 1) * (N // world)] for x in global_batch())
+    rows = slice(rank * (N // world), (rank + 1) * (N // world))
+    q, p, neg = (x[rows] for x in global_batch())
+    images, captions = (x[rows] for x in coca_batch())
     results = {"losses": _loss_partials(rank, world)}
     for name, cfg in configs.items():
         if world not in cfg.get("worlds", (world,)):
             continue
         try:
             engine, read = _engine(make_model(bert, cfg), cfg["stage"], N // world)
-            out = forward_backward(engine, q, p, make_loss(cfg), negatives=neg, backward=DeepSpeedBackward(engine),
-                                   **CHUNKS)
+            if cfg.get("kind") == "coca":
+                out = forward_backward(engine, images.to(getattr(torch, cfg["dtype"])), captions, make_loss(cfg),
+                                       caption=caption_loss(cfg), backward=DeepSpeedBackward(engine), **COCA_CHUNKS)
+            else:
+                out = forward_backward(engine, q, p, make_loss(cfg), negatives=neg, backward=DeepSpeedBackward(engine),
+                                       **CHUNKS)
             engine.step()
             results[name] = {"params": read(engine), "loss": out.loss.item()}
         except Exception as e:                            # reported by this config's test, not the others
@@ -88,7 +114,7 @@ def _engine(model, stage: int, local: int):
         out = {}
         for name, prm in engine.module.named_parameters():
             full = safe_get_full_fp32_param(prm)
-            out[name] = (prm if full is None else full).detach().float().clone()
+            out[name] = (prm if full is None else full).detach().clone()     # float64 stays float64
         return out
     return engine, read
 
@@ -107,6 +133,13 @@ def world(request, bert) -> tuple[int, dict]:
 
 def reference(bert: str, cfg: dict) -> tuple[dict, dict, float]:
     """(initial parameters, parameters after one plain step over the global batch, its loss)."""
+    if cfg.get("kind") == "coca":                         # float64, the caption term by torch's mean cross-entropy
+        model = coca(loss_name=cfg["loss"])
+        initial = tc_params(model)
+        images, captions = coca_batch()
+        want, contrastive, ce = coca_reference_step(model, images, captions, cfg.get("caption_weight", 2.0),
+                                                    cfg.get("smoothing", 0.0), loss=cfg["loss"])
+        return initial, want, contrastive + cfg.get("caption_weight", 2.0) * ce
     model = make_model(bert, cfg)
     initial = params(model)
     q, p, neg = global_batch()
@@ -128,8 +161,9 @@ def test_one_step_equals_the_single_process_full_batch_step(world, bert, name):
     initial, want, loss = reference(bert, CONFIGS[name])
     largest = max_abs_diff(want, initial)                 # the largest gradient entry
     assert largest > 0.1
+    tolerance = 1e-6 if CONFIGS[name].get("dtype") == "float64" else 1e-5   # float64: only the fp32 master rounds
     for r in ranks:
-        assert max_abs_diff(r["params"], want) <= 1e-5 * largest, f"{name} at world size {size}"
+        assert max_abs_diff(r["params"], want) <= tolerance * largest, f"{name} at world size {size}"
     assert sum(r["loss"] for r in ranks) / size == pytest.approx(loss, rel=1e-5)
 
 

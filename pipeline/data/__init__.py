@@ -3,6 +3,7 @@ from pipeline.data.samples import BadSample, Sample, validate_sample
 from pipeline.data.shards import DataError, ShardWriter, resolve_shards
 from pipeline.data.stream import (
     StreamOptions,
+    data_tokenizer,
     gather_state,
     layout_world_sizes,
     merge_states,
@@ -12,9 +13,9 @@ from pipeline.data.stream import (
     world_sizes,
 )
 from pipeline.data.synth import synthesize
-from pipeline.data.tokenizer import Tokenizer, clip_tokenizer, load_tokenizer, train_tokenizer
+from pipeline.data.tokenizer import Tokenizer, clip_tokenizer, load_tokenizer, train_tokenizer, with_start_token
 
 __all__ = ["BadSample", "DataError", "Sample", "ShardWriter", "StreamOptions", "Tokenizer", "clip_tokenizer",
-           "gather_state", "layout_world_sizes", "load_tokenizer", "merge_states", "open_stream",
+           "data_tokenizer", "gather_state", "layout_world_sizes", "load_tokenizer", "merge_states", "open_stream",
            "open_train_stream", "resolve_shards", "run_streams", "synthesize", "train_tokenizer", "validate_sample",
-           "world_sizes"]
+           "with_start_token", "world_sizes"]

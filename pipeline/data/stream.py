@@ -665,6 +665,13 @@ def open_train_stream(cfg: Config, *, rank: int = 0, world_size: int = 1, state:
                        options=options)
 
 
+def data_tokenizer(cfg: Config) -> Tokenizer:
+    """The tokenizer `open_train_stream` reads the run's data with: `data.tokenizer`, else the one beside the
+    first source's shards."""
+    return _tokenizer(StreamOptions.from_config(cfg.data).tokenizer, as_sources(config_sources(cfg.data))[0].urls,
+                      cfg.data.context_length)
+
+
 def as_sources(urls: Urls | Sequence[SourceConfig]) -> list[SourceConfig]:
     """Sources as given, or the URLs of one source as the source named "train"."""
     items = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)

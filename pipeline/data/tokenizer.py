@@ -7,7 +7,8 @@ Hugging Face ``eos_token_id`` agrees). Rows longer than the context are truncate
 token. Any other ``tokenizer.json`` (e.g. one shipped with a pretrained text tower) also loads; its
 own post-processor (``[CLS] … [SEP]``) is kept, and so is the padding token it declares (SigLIP pads
 with its end token). OpenAI CLIP's BPE (`clip_tokenizer`, models imported from open_clip) also
-cleans each caption as open_clip does before tokenizing (`pipeline.data.clip_bpe`).
+cleans each caption as open_clip does before tokenizing (`pipeline.data.clip_bpe`). A CoCa run's
+tokenizer starts every caption with a start token (`with_start_token`: `<start>`, one id after the end).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pipeline.layout import MANIFEST, TOKENIZER
 
 PAD = "<pad>"
 END = "<end>"
+START = "<start>"                          # `with_start_token`: a captioning model's start token
 _END_NAMES = (END, "<|endoftext|>", clip_bpe.END, "</s>", "[SEP]")
 _PAD_NAMES = (PAD, "[PAD]", "<|pad|>")
 
@@ -44,6 +46,13 @@ class Tokenizer:
         self._clean = clip_bpe.clean if clip_bpe.is_clip_bpe(tok) else None
         tok.no_padding()
         tok.enable_truncation(max_length=context_length)
+
+    @property
+    def sot_id(self) -> int | None:
+        """The start token the tokenizer puts before every caption (CLIP's `<start_of_text>`, BERT's `[CLS]`,
+        `with_start_token`'s `<start>`); None when a caption's first token is its first word (our own BPE)."""
+        ids = self._tok.encode("").ids
+        return ids[0] if len(ids) >= 2 else None
 
     @property
     def is_clip_bpe(self) -> bool:
@@ -103,6 +112,22 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, context_length
     tok.add_special_tokens([END])                         # appended after training: the largest id
     tok.post_processor = processors.TemplateProcessing(single=f"$A {END}", special_tokens=[(END, tok.token_to_id(END))])
     return Tokenizer(tok, context_length)
+
+
+def with_start_token(tokenizer: Tokenizer) -> Tokenizer:
+    """`tokenizer` itself when it starts captions with a token of its own, else the same vocabulary plus `<start>`
+    (one more id, after the end token), put before every caption. A captioning decoder needs one: it predicts
+    each token from those before it, so without a start token it never learns a caption's first word. Not the end
+    token reused: open_clip's `CoCa.generate` stops at once on a start token equal to its end token. The
+    post-processor and the token are stored in the published `tokenizer.json`."""
+    if tokenizer.sot_id is not None:
+        return tokenizer
+    tok = HFTokenizer.from_str(tokenizer.to_json())
+    tok.add_special_tokens([START])
+    end = tok.id_to_token(tokenizer.eot_id)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{START} $A {end}", special_tokens=[(START, tok.token_to_id(START)), (end, tokenizer.eot_id)])
+    return Tokenizer(tok, tokenizer.context_length)
 
 
 def clip_tokenizer(context_length: int = 77) -> Tokenizer:

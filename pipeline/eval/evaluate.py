@@ -18,14 +18,14 @@ from pipeline.eval.fashion_mnist import SET_NAME as FASHION_MNIST
 from pipeline.eval.fashion_mnist import ensure_fashion_mnist
 from pipeline.eval.retrieval_text import evaluate_text_retrieval, is_text_retrieval_set, open_text_retrieval_set
 from pipeline.eval.sets import EvalSetError, list_eval_sets, open_eval_set
-from pipeline.eval.tasks import Encoder, run_task
+from pipeline.eval.tasks import Encoder, captioning, has_captions, run_task
 from pipeline.layout import eval_result_url, eval_tensorboard_dir, run_dir_of_published, step_name
 from pipeline.log import get_logger
 from pipeline.models import CheckpointError, load_published
 
 log = get_logger(__name__)
 
-HEADLINE = ("/acc1", "_R@1", "/accuracy", "/nDCG@10")  # the metrics worth a console line
+HEADLINE = ("/acc1", "_R@1", "/accuracy", "/nDCG@10", "/caption_cider")  # the metrics worth a console line
 
 
 def run_dir_of(checkpoint_url: str) -> str:
@@ -67,8 +67,11 @@ def evaluate_checkpoint(checkpoint_url: str, cfg: Optional[Config] = None) -> di
             results = evaluate_text_retrieval(published, open_text_retrieval_set(cfg.data.eval_dir, name),
                                               cfg.eval.batch_size)
         else:
-            results = run_task(encoder, open_eval_set(cfg.data.eval_dir, name), cfg.eval.linear_probe_train_fraction,
-                               cfg.seed)
+            eval_set = open_eval_set(cfg.data.eval_dir, name)
+            results = run_task(encoder, eval_set, cfg.eval.linear_probe_train_fraction, cfg.seed)
+            if cfg.eval.captioning and published.can_caption and has_captions(eval_set):
+                results.update(captioning(encoder, eval_set, cfg.eval.caption_max_len, cfg.eval.caption_strategy,
+                                          cfg.eval.caption_samples))
         for metric, value in results.items():
             metrics[f"{name}/{metric}"] = value
         timings[f"{name}_s"] = time.perf_counter() - t0

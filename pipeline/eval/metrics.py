@@ -99,3 +99,25 @@ def fit_linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarra
     clf = LogisticRegression(max_iter=1000, C=1.0)
     clf.fit(scaler.transform(x_train), y_train)
     return float((clf.predict(scaler.transform(x_test)) == y_test).mean())
+
+
+def caption_words(text: str) -> list[str]:
+    """A caption as the captioning metrics compare it: lower-cased, split at whitespace."""
+    return text.lower().split()
+
+
+def caption_metrics(generated: list[str], references: list[list[str]]) -> dict[str, float]:
+    """Exact match (the generated caption equals one of its references, word for word after `caption_words`),
+    corpus BLEU-4 and CIDEr-D (pycocoevalcap's scorers, fed `caption_words` tokens: its PTB tokenizer needs Java)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    if len(generated) != len(references) or not generated or not all(references):
+        raise ValueError(f"caption_metrics: {len(generated)} captions for {len(references)} reference lists "
+                         "(expected as many, each with at least one reference)")
+    hyp = {i: [" ".join(caption_words(g))] for i, g in enumerate(generated)}
+    refs = {i: [" ".join(caption_words(r)) for r in rs] for i, rs in enumerate(references)}
+    exact = np.mean([hyp[i][0] in refs[i] for i in hyp])
+    bleu, _ = Bleu(4).compute_score(refs, hyp, verbose=0)
+    cider, _ = Cider().compute_score(refs, hyp)
+    return {"exact_match": float(exact), "bleu4": float(bleu[3]), "cider": float(cider)}

@@ -27,7 +27,7 @@ from pipeline.eval.fashion_mnist import SET_NAME as FASHION_MNIST
 from pipeline.eval.retrieval_text import is_text_retrieval_set
 from pipeline.eval.scheduler import published_checkpoints
 from pipeline.eval.sets import open_eval_set
-from pipeline.eval.tasks import Encoder, captions_of
+from pipeline.eval.tasks import Encoder, captions_of, has_captions
 from pipeline.layout import EVAL, REPORT, eval_results_dir, parse_step, tensorboard_dir
 from pipeline.log import get_logger
 from pipeline.models import load_published
@@ -195,6 +195,7 @@ def plot_retrieval_examples(images: list[np.ndarray], captions: list[str], owner
 
 
 def _shorten(text: str, n: int) -> str:
+    text = "".join(c if c.isprintable() else "?" for c in text)      # an untrained decoder's bytes
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
@@ -227,6 +228,50 @@ def checkpoint_figures(run_dir: str, out_dir: Path, n: int = 8, queries: int = 4
     ]
 
 
+CAPTION_SETS = ("zeroshot_heldout", "relation")        # shown first when present: what the training never saw
+
+
+def caption_figure(run_dir: str, out_dir: Path, n: int = 6) -> Optional[Figure]:
+    """A captioning model's (CoCa's) generated captions beside a few images of each of its first two captioned
+    sets (held-out combinations first), with their true captions; None for a model that does not caption."""
+    checkpoints = published_checkpoints(run_dir)
+    if not checkpoints:
+        return None
+    published = load_published(checkpoints[-1].url)
+    if not published.can_caption:
+        return None
+    cfg = config_from_dict(published.manifest["config"], origin="checkpoint manifest")
+    names = [x for x in eval_sets(cfg) if x != FASHION_MNIST and not is_text_retrieval_set(cfg.data.eval_dir, x)]
+    names = [x for x in CAPTION_SETS if x in names] + [x for x in names if x not in CAPTION_SETS]
+    sets = [s for s in (open_eval_set(cfg.data.eval_dir, x) for x in names) if has_captions(s)][:2]
+    if not sets:
+        return Figure("Generated captions", None, "No eval set with captions among eval.sets.")
+    rows = []
+    encoder = Encoder(published, cfg.eval.batch_size)
+    for eval_set in sets:
+        samples = [s for _, s in zip(range(n), eval_set.samples())]
+        generated = published.generate(encoder.pixels([s.image for s in samples]), cfg.eval.caption_max_len,
+                                       cfg.eval.caption_strategy)
+        rows += [(eval_set.name, s, g) for s, g in zip(samples, generated)]
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(rows), 2, figsize=(10, 1.3 * len(rows)), gridspec_kw={"width_ratios": [1, 7]},
+                             squeeze=False)
+    for row, (name, sample, caption) in enumerate(rows):
+        axes[row, 0].imshow(decode_image(sample.image, 96))
+        axes[row, 0].axis("off")
+        true = sample.caption_lines()
+        mark = "✓" if caption.lower().split() in [t.lower().split() for t in true] else "✗"
+        axes[row, 1].text(0, 0.5, f"{mark} generated: {_shorten(caption, 80)}\n   true: {_shorten(true[0], 80)}"
+                          f"\n   ({name})", va="center", fontsize=10)
+        axes[row, 1].axis("off")
+    fig.suptitle(f"generated captions ({cfg.eval.caption_strategy}, step {checkpoints[-1].step})")
+    fig.tight_layout()
+    out = out_dir / "captions.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return Figure("Generated captions", out.name)
+
+
 # ------------------------------------------------------------------------------------- page
 def final_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
     return dict(sorted(results[-1]["metrics"].items())) if results else {}
@@ -244,6 +289,11 @@ def write_report(run_dir: str) -> str:
         except Exception as e:                      # a broken checkpoint must not cost the whole report
             log.warning("report: similarity/retrieval figures skipped: %s: %s", type(e).__name__, e)
             figures.append(Figure("Similarity and retrieval examples", None, f"Skipped: {type(e).__name__}: {e}"))
+        try:
+            figures += [f for f in (caption_figure(run_dir, out_dir),) if f is not None]
+        except Exception as e:                      # as above: a note, not a failed report
+            log.warning("report: caption figure skipped: %s: %s", type(e).__name__, e)
+            figures.append(Figure("Generated captions", None, f"Skipped: {type(e).__name__}: {e}"))
         page = _html(run_dir, figures, results)
         storage.upload_dir(out_dir, storage.join(run_dir, IMAGES_DIR))
     url = storage.join(run_dir, REPORT)

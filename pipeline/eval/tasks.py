@@ -33,10 +33,12 @@ class Encoder:
 
     @torch.no_grad()
     def images(self, images: Iterable[bytes]) -> torch.Tensor:
-        size = self.model.image_size
-        out = [self.model.encode_image(to_tensor([decode_image(data, size) for data in batch]))
-               for batch in _batches(images, self.batch_size)]
+        out = [self.model.encode_image(self.pixels(batch)) for batch in _batches(images, self.batch_size)]
         return torch.cat(out).float()
+
+    def pixels(self, images: list[bytes]) -> torch.Tensor:
+        """Encoded images → the model's (N, 3, S, S) input (the eval transform)."""
+        return to_tensor([decode_image(data, self.model.image_size) for data in images])
 
     @torch.no_grad()
     def texts(self, texts: list[str]) -> torch.Tensor:
@@ -126,6 +128,38 @@ def relation(encoder: Encoder, eval_set: EvalSet, samples: list[Sample]) -> dict
     swapped = [_field(eval_set, s, "swapped") for s in samples]
     image_emb = encoder.images(s.image for s in samples)
     return {"accuracy": metrics.relation_accuracy(image_emb, encoder.texts(true), encoder.texts(swapped))}
+
+
+def has_captions(eval_set: EvalSet) -> bool:
+    """Whether the set's first sample has a caption (.txt): what the `captioning` task scores against."""
+    first = next(eval_set.samples(), None)
+    return first is not None and bool(first.caption_lines())
+
+
+@torch.no_grad()
+def captioning(encoder: Encoder, eval_set: EvalSet, max_len: int = 0, strategy: str = "greedy",
+               limit: int = 0) -> dict[str, float]:
+    """A captioning model (`Published.can_caption`) captions the set's images (the first `limit`; 0: all):
+    `caption_exact_match`, `caption_bleu4`, `caption_cider` against each image's caption lines
+    (`metrics.caption_metrics`), and `caption_token_acc`: the decoder's argmax next token, given the image and
+    the true tokens before it, equal to the true one, over every token of each image's first caption."""
+    published = encoder.model
+    samples = list(eval_set.samples())[: limit or None]
+    references = [captions_of(eval_set, [s])[0] for s in samples]
+    generated, correct, total = [], 0, 0
+    for rows in _batches(list(range(len(samples))), encoder.batch_size):
+        images = encoder.pixels([samples[i].image for i in rows])
+        generated += published.generate(images, max_len, strategy)
+        tokens = published.tokenizer([references[i][0] for i in rows])
+        _, image_tokens = published.model.image_features(images)
+        predicted = published.model.next_token_logits(image_tokens, tokens[:, :-1]).argmax(-1)
+        targets = tokens[:, 1:]
+        counted = targets != published.tokenizer.pad_id
+        correct += int((predicted == targets)[counted].sum())
+        total += int(counted.sum())
+    out = {f"caption_{k}": v for k, v in metrics.caption_metrics(generated, references).items()}
+    out["caption_token_acc"] = correct / max(total, 1)
+    return out
 
 
 def _field(eval_set: EvalSet, sample: Sample, name: str) -> Any:

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from pipeline.models.configs import NAMED_SPECS, ModelSpec, TextSpec, ViTSpec
+from pipeline.models.configs import NAMED_SPECS, DecoderSpec, ModelSpec, TextSpec, ViTSpec
 
 FORMATS = ("open_clip", "hf_clip", "hf_siglip")
 # The other ecosystems' file names (theirs, not artifacts of ours: pipeline/layout.py has those)
@@ -56,9 +56,17 @@ def misfits(arch: Architecture, fmt: str) -> list[str]:
         if not ok:
             out.append(what)
     if fmt == "open_clip":
+        coca = arch.spec.decoder is not None
         need(image.class_token, "an image tower without class token (open_clip's ViT always has one)")
         need(not image.patch_bias, "a patch-embedding bias (open_clip's conv1 has none)")
-        need(image.pool in ("cls", "mean"), f"image pooling {image.pool!r} (open_clip's ViT pools 'tok' or 'avg')")
+        need(image.pool in ("cls", "mean") or (coca and image.pool == "coca"),
+             f"image pooling {image.pool!r} (open_clip's ViT pools 'tok' or 'avg', its CoCa attentionally)")
+        if coca:
+            need(text.pool == "appended" and text.pad_id == 0 and not text.proj_bias,
+                 "a CoCa text tower other than open_clip's (an appended class token, pad id 0, no projection bias)")
+            need((arch.spec.decoder.act == "quick_gelu") == (image.act == "quick_gelu") and
+                 arch.spec.decoder.eps == 1e-5 and arch.spec.decoder.mlp_ratio == 4.0,
+                 "a decoder other than open_clip's (its MLP ratio is 4, its activation the towers', norm eps 1e-5)")
         need(image.proj, "an image tower without projection")
         need((image.act == "quick_gelu") == (text.act == "quick_gelu"),
              "QuickGELU in one tower only (open_clip's quick_gelu applies to both)")
@@ -177,10 +185,38 @@ def _rules(arch: Architecture, fmt: str, text_prefix: str = "") -> list[_Rule]:
                       _Rule(f"{t}.proj", (f"{p}.head.weight",), "T"),
                       _Rule(f"{t}.proj_bias", (f"{p}.head.bias",))]
             scalar = "same"
+    if fmt == "open_clip" and arch.spec.decoder is not None:
+        rules += _coca_rules(arch, text_prefix)
     rules.append(_Rule("logit_scale", ("logit_scale",), scalar))
     if arch.has_bias:
         rules.append(_Rule("logit_bias", ("logit_bias",), scalar))
     return rules
+
+
+def _coca_rules(arch: Architecture, text_prefix: str) -> list[_Rule]:
+    """open_clip's `CoCa`: the attentional pooler (`nn.MultiheadAttention` with kdim/vdim: q/k/v weights apart
+    unless the tokens are as wide as the queries, biases packed), the appended class token, the decoder."""
+    assert arch.spec.decoder is not None
+    a, v = "image_tower.attn_pool", "visual.attn_pool"
+    packed = arch.spec.image.width == arch.spec.embed_dim          # then torch packs q/k/v in one weight
+    weights = [_Rule(f"{a}.{x}.weight", (f"{v}.attn.in_proj_weight",), f"join:{i}") for i, x in enumerate("qkv")] \
+        if packed else [_Rule(f"{a}.{x}.weight", (f"{v}.attn.{x}_proj_weight",)) for x in "qkv"]
+    rules = [_Rule(f"{a}.query", (f"{v}.query",)), *weights,
+             *[_Rule(f"{a}.{x}.bias", (f"{v}.attn.in_proj_bias",), f"join:{i}") for i, x in enumerate("qkv")],
+             *_pair(f"{a}.proj", f"{v}.attn.out_proj"), *_pair(f"{a}.norm_q", f"{v}.ln_q"),
+             *_pair(f"{a}.norm_k", f"{v}.ln_k"),
+             _Rule("text_tower.cls_token", (f"{text_prefix}cls_emb",))]
+    d, layers = "text_decoder", arch.spec.decoder.layers
+    rules += [_Rule(r.ours.replace("decoder.transformer.blocks.", "decoder.blocks."), r.theirs, r.how)
+              for r in _blocks("decoder", f"{d}.resblocks", layers, "open_clip")]
+    cross = {"norm1": "ln_1", "norm_kv": "ln_1_kv", "norm2": "ln_2", "attn.proj": "attn.out_proj",
+             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    for i in range(layers):
+        rules += [r for name, theirs in cross.items() for r in _pair(f"decoder.cross.{i}.{name}",
+                                                                      f"{d}.cross_attn.{i}.{theirs}")]
+        rules += [_Rule(f"decoder.cross.{i}.attn.qkv.{p}", (f"{d}.cross_attn.{i}.attn.in_proj_{p}",))
+                  for p in ("weight", "bias")]
+    return rules + [*_pair("decoder.norm_final", f"{d}.ln_final"), _Rule("decoder.proj", (f"{d}.text_projection",))]
 
 
 def export_state_dict(state: dict[str, torch.Tensor], arch: Architecture, fmt: str,
@@ -188,9 +224,13 @@ def export_state_dict(state: dict[str, torch.Tensor], arch: Architecture, fmt: s
     """Our state dict under `fmt`'s names (after `require_fit`)."""
     require_fit(arch, fmt, "export")
     out: dict[str, torch.Tensor] = {}
-    for rule in _rules(arch, fmt, text_prefix):
+    joined: dict[str, list[torch.Tensor]] = {}
+    for rule in _rules(arch, fmt, _text_prefix(arch, text_prefix)):
         t = state[rule.ours]
-        if rule.how == "split":
+        if rule.how.startswith("join:"):                 # three of ours, packed in one of theirs (in q, k, v order)
+            joined.setdefault(rule.theirs[0], []).append(t)
+            out[rule.theirs[0]] = torch.cat(joined[rule.theirs[0]], dim=0)
+        elif rule.how == "split":
             out.update(zip(rule.theirs, t.chunk(3, dim=0)))
         else:
             out[rule.theirs[0]] = _reshape(t, rule.how, ())
@@ -206,7 +246,17 @@ def import_state_dict(theirs: dict[str, torch.Tensor], arch: Architecture, fmt: 
     rest = {k: v for k, v in theirs.items() if k.rsplit(".", 1)[-1] not in _DERIVED}
     out: dict[str, torch.Tensor] = {}
     missing: list[str] = []
-    for rule in _rules(arch, fmt, text_prefix):
+    packed: dict[str, torch.Tensor] = {}
+    for rule in _rules(arch, fmt, _text_prefix(arch, text_prefix)):
+        if rule.how.startswith("join:"):                 # one third of a packed q/k/v tensor of theirs
+            name = rule.theirs[0]
+            if name not in packed and name in rest:
+                packed[name] = rest.pop(name)
+            if name not in packed:
+                missing += [] if name in missing else [name]
+                continue
+            out[rule.ours] = packed[name].chunk(3, dim=0)[int(rule.how.split(":")[1])]
+            continue
         if any(name not in rest for name in rule.theirs):
             missing += [name for name in rule.theirs if name not in rest]
             continue
@@ -222,6 +272,11 @@ def import_state_dict(theirs: dict[str, torch.Tensor], arch: Architecture, fmt: 
                               + (f"; missing {_few(missing)}" if missing else "")
                               + (f"; not understood {_few(sorted(rest))}" if rest else ""))
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def _text_prefix(arch: Architecture, text_prefix: str) -> str:
+    """open_clip's CoCa keeps its text tower under `text.` (its `CustomTextCLIP` layout)."""
+    return "text." if arch.spec.decoder is not None else text_prefix
 
 
 def _reshape(t: torch.Tensor, how: str, scalar_shape: tuple[int, ...]) -> torch.Tensor:
@@ -248,7 +303,9 @@ _OC_TEXT = {"context_length", "vocab_size", "hf_tokenizer_name", "tokenizer_mode
             "block_type", "qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc",
             "hf_model_name"}
 _OC_TOP = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
-           "nonscalar_logit_scale", "custom_text", "cast_dtype"}
+           "nonscalar_logit_scale", "custom_text", "cast_dtype", "multimodal_cfg"}
+_OC_MULTIMODAL = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "ls_init_value",
+                  "attn_pooler_heads", "dim_head", "n_queries"}
 # Options whose non-default values change what the tower computes and that our towers do not have.
 _OC_OFF = ("ls_init_value", "attentional_pool", "block_type", "qk_norm", "scaled_cosine_attn", "scale_heads",
            "scale_attn_inner", "scale_attn", "scale_fc", "timm_model_name", "embed_cls", "hf_model_name",
@@ -259,13 +316,16 @@ def open_clip_architecture(model_cfg: dict[str, Any], where: str) -> Architectur
     """Our architecture of an open_clip model config (`model_cfg`), or a refusal naming what we lack."""
     problems: list[str] = []
     vision, text = dict(model_cfg.get("vision_cfg") or {}), dict(model_cfg.get("text_cfg") or {})
+    multimodal = model_cfg.get("multimodal_cfg")
+    coca = isinstance(multimodal, dict)                  # open_clip's CoCa: attentional pool, appended class token
+    off = tuple(k for k in _OC_OFF if not (coca and k in ("attentional_pool", "embed_cls")))
     for section, cfg, known in (("", model_cfg, _OC_TOP), ("vision_cfg.", vision, _OC_VISION),
-                                ("text_cfg.", text, _OC_TEXT)):
+                                ("text_cfg.", text, _OC_TEXT), ("multimodal_cfg.", multimodal or {}, _OC_MULTIMODAL)):
         problems += [f"{section}{k} (not an option we know)" for k in cfg if k not in known]
-        problems += [f"{section}{k} = {cfg[k]!r} (not supported)" for k in _OC_OFF
+        problems += [f"{section}{k} = {cfg[k]!r} (not supported)" for k in off
                      if cfg.get(k) not in (None, False, "default", "")]
-    if "multimodal_cfg" in model_cfg:
-        problems.append("multimodal_cfg (a CoCa captioning model)")
+    if coca:
+        problems += _coca_cfg_problems(model_cfg, vision, text, multimodal)
     if isinstance(vision.get("layers"), (list, tuple)):
         problems.append("vision_cfg.layers is a list (a ModifiedResNet image tower)")
     size = vision.get("image_size", 224)
@@ -298,17 +358,50 @@ def open_clip_architecture(model_cfg: dict[str, Any], where: str) -> Architectur
     width = int(vision.get("width", 768))
     image = ViTSpec(width=width, layers=int(vision.get("layers", 12)), heads=width // int(vision.get("head_width", 64)),
                     patch_size=int(vision.get("patch_size", 16)), mlp_ratio=float(vision.get("mlp_ratio", 4.0)),
-                    pool=pool, act=acts["vision"], eps=eps["vision"], norm_pre=not vision.get("no_ln_pre", False),
-                    positions=positions)
+                    pool="coca" if coca else pool, act=acts["vision"], eps=eps["vision"],
+                    norm_pre=not vision.get("no_ln_pre", False), positions=positions,
+                    pool_queries=int(vision.get("attn_pooler_queries", 256)),
+                    pool_heads=int(vision.get("attn_pooler_heads", 8)))
     tspec = TextSpec(width=int(text.get("width", 512)), layers=int(text.get("layers", 12)),
                      heads=int(text.get("heads", 8)), mlp_ratio=float(text.get("mlp_ratio", 4.0)), act=acts["text"],
-                     eps=eps["text"], causal=not text.get("no_causal_mask", False), pool=text_pool,
-                     eos_id=int(text.get("eos_id", 2)) if text_pool == "eos" else None,
+                     eps=eps["text"], causal=not text.get("no_causal_mask", False),
+                     pool="appended" if coca else text_pool,
+                     eos_id=int(text.get("eos_id", 2)) if text_pool == "eos" and not coca else None,
                      proj_bias=bool(text.get("proj_bias", False)))
-    return Architecture(ModelSpec(int(model_cfg.get("embed_dim", 512)), image, tspec), image_size=int(size),
+    decoder = None if not coca else DecoderSpec(width=int(multimodal.get("width", 512)),
+                                                layers=int(multimodal.get("layers", 12)),
+                                                heads=int(multimodal.get("heads", 8)),
+                                                act="quick_gelu" if quick else "gelu")
+    return Architecture(ModelSpec(int(model_cfg.get("embed_dim", 512)), image, tspec, decoder), image_size=int(size),
                         context_length=int(text.get("context_length", 77)),
                         vocab_size=int(text.get("vocab_size", 49408)),
                         has_bias=model_cfg.get("init_logit_bias") is not None)
+
+
+def _coca_cfg_problems(model_cfg: dict[str, Any], vision: dict[str, Any], text: dict[str, Any],
+                       multimodal: dict[str, Any]) -> list[str]:
+    """What of an open_clip CoCa config our CocaModel does not compute alike."""
+    problems = []
+    if not vision.get("attentional_pool"):
+        problems.append("multimodal_cfg without vision_cfg.attentional_pool (CoCa pools attentionally)")
+    if not text.get("embed_cls"):
+        problems.append("multimodal_cfg without text_cfg.embed_cls (CoCa appends a class token)")
+    if text.get("correct_cls_mask") or int(text.get("pad_id", 0)) != 0:
+        problems.append("text_cfg.correct_cls_mask / pad_id (we mask padding as the public CoCa weights do, pad 0)")
+    if float(multimodal.get("mlp_ratio", 4.0)) != 4.0:
+        problems.append(f"multimodal_cfg.mlp_ratio = {multimodal['mlp_ratio']} (open_clip's decoder ignores it: 4)")
+    for k in ("ls_init_value", "dim_head", "n_queries"):
+        if multimodal.get(k) is not None:
+            problems.append(f"multimodal_cfg.{k} = {multimodal[k]!r} (not supported)")
+    width, embed = int(multimodal.get("width", 512)), int(model_cfg.get("embed_dim", 512))
+    if not width == int(text.get("width", 512)) == embed:
+        problems.append(f"multimodal_cfg.width {width}: expected the text width and embed_dim ({embed})")
+    if vision.get("attn_pooler_queries", 256) < 2:
+        problems.append("vision_cfg.attn_pooler_queries < 2 (one pooled query plus the decoder's image tokens)")
+    for k in ("context_length", "vocab_size"):
+        if k in multimodal and multimodal[k] != text.get(k, {"context_length": 77, "vocab_size": 49408}[k]):
+            problems.append(f"multimodal_cfg.{k} = {multimodal[k]} differs from text_cfg.{k}")
+    return problems
 
 
 def _open_clip_act(cfg: dict[str, Any], quick: bool, name: str, problems: list[str]) -> str:
@@ -343,6 +436,16 @@ def open_clip_model_cfg(arch: Architecture, hf_tokenizer: bool) -> dict[str, Any
         text_cfg["hf_tokenizer_name"] = "."      # with local-dir: open_clip reads the tokenizer in the folder
     cfg: dict[str, Any] = {"embed_dim": arch.spec.embed_dim, "quick_gelu": image.act == "quick_gelu",
                            "vision_cfg": vision, "text_cfg": text_cfg}
+    decoder = arch.spec.decoder
+    if decoder is not None:                      # open_clip's CoCa (its coca_ViT-B-32 config's keys)
+        del vision["pool_type"], text_cfg["pool_type"], text_cfg["no_causal_mask"], text_cfg["proj_bias"]
+        vision.update(attentional_pool=True, attn_pooler_queries=image.pool_queries,
+                      attn_pooler_heads=image.pool_heads, output_tokens=True)
+        text_cfg.update(embed_cls=True, output_tokens=True)
+        cfg["multimodal_cfg"] = {"context_length": arch.context_length, "vocab_size": arch.vocab_size,
+                                 "width": decoder.width, "heads": decoder.heads, "layers": decoder.layers,
+                                 "attn_pooler_heads": image.pool_heads}
+        cfg["custom_text"] = True
     if arch.has_bias:
         cfg["init_logit_bias"] = -10.0           # open_clip creates the parameter; the weights hold its value
     return cfg

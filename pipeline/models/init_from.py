@@ -33,11 +33,12 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from pipeline import storage
 from pipeline.config import Config, ConfigError, ModelConfig, register_check
-from pipeline.data import Tokenizer, clip_tokenizer
+from pipeline.data import Tokenizer, clip_tokenizer, data_tokenizer, with_start_token
 from pipeline.layout import MANIFEST, TOKENIZER, TOWERS, WEIGHTS
 from pipeline.log import get_logger
 from pipeline.models.build import build_model, count_parameters, resolve_spec
-from pipeline.models.configs import TEXT_MODEL, ModelSpec
+from pipeline.models.coca import CocaModel
+from pipeline.models.configs import NAMED_SPECS, TEXT_MODEL, DecoderSpec, ModelSpec
 from pipeline.models.convert import (
     HF_CONFIG,
     HF_TOKENIZER_CONFIG,
@@ -254,8 +255,9 @@ def load_model(url: str, config: Optional[str] = None) -> Published:
     if source.fmt == "ours":
         return load_published(source.url)
     arch = source.arch
-    model = DualEncoder(arch.spec, image_size=arch.image_size, context_length=arch.context_length,
-                        vocab_size=arch.vocab_size, init_bias=0.0 if arch.has_bias else None)
+    cls = DualEncoder if arch.spec.decoder is None else CocaModel
+    model = cls(arch.spec, image_size=arch.image_size, context_length=arch.context_length,
+                vocab_size=arch.vocab_size, init_bias=0.0 if arch.has_bias else None)
     state = _source_state(source)
     try:
         model.load_state_dict(state, strict=True)
@@ -278,7 +280,22 @@ def run_spec(cfg_model: ModelConfig) -> ModelSpec:
         return resolve_spec(cfg_model)
     own = resolve_spec(cfg_model) if set(TOWERS) - set(cfg_model.init_towers) else source.arch.spec
     towers = {t: getattr(source.arch.spec if t in cfg_model.init_towers else own, t) for t in TOWERS}
-    return ModelSpec(source.arch.spec.embed_dim, towers["image"], towers["text"])
+    return ModelSpec(source.arch.spec.embed_dim, towers["image"], towers["text"], _run_decoder(cfg_model, source))
+
+
+def _run_decoder(cfg_model: ModelConfig, source: Source) -> Optional[DecoderSpec]:
+    """A CoCa run's decoder (`model.name` a CoCa one): the source's when it has one and both towers come from it
+    (its weights are loaded too), else the named spec's. None for the other models."""
+    named = NAMED_SPECS.get(cfg_model.name)
+    if named is None or named.decoder is None:
+        return None
+    return source.arch.spec.decoder if _imports_decoder(cfg_model, source) else named.decoder
+
+
+def _imports_decoder(cfg_model: ModelConfig, source: Source) -> bool:
+    named = NAMED_SPECS.get(cfg_model.name)
+    return bool(named and named.decoder and source.arch.spec.decoder is not None
+                and set(cfg_model.init_towers) == set(TOWERS))
 
 
 def run_sizes(cfg: Config, vocab_size: int) -> dict[str, int]:
@@ -291,9 +308,13 @@ def run_sizes(cfg: Config, vocab_size: int) -> dict[str, int]:
 
 
 def run_tokenizer(cfg: Config) -> Optional[Tokenizer]:
-    """The tokenizer that comes with an imported text tower; None: the data's (`data.tokenizer`)."""
+    """The tokenizer that comes with an imported text tower; None: the data's (`data.tokenizer`). A CoCa model's
+    (either) with a start token before each caption (`with_start_token`): its decoder predicts every word."""
     source = run_source(cfg.model)
-    return source_tokenizer(source) if source and "text" in cfg.model.init_towers else None
+    tokenizer = source_tokenizer(source) if source and "text" in cfg.model.init_towers else None
+    if cfg.model.name in NAMED_SPECS and NAMED_SPECS[cfg.model.name].decoder is not None:
+        tokenizer = with_start_token(tokenizer or data_tokenizer(cfg))
+    return tokenizer
 
 
 def build_run_model(cfg: Config, vocab_size: int, pad_id: int = 0) -> DualEncoder | TextDualEncoder:
@@ -315,7 +336,8 @@ def build_run_model(cfg: Config, vocab_size: int, pad_id: int = 0) -> DualEncode
                         spec=run_spec(cfg.model))
     if source is None:
         return model
-    keep = tuple(f"{t}_tower." for t in cfg.model.init_towers)
+    keep = tuple(f"{t}_tower." for t in cfg.model.init_towers) + (("decoder.",) if _imports_decoder(cfg.model, source)
+                                                                    else ())
     wanted = {k: v for k, v in state.items() if k.startswith(keep)}
     if cfg.loss.init_temperature is None:
         wanted["logit_scale"] = state["logit_scale"]

@@ -57,6 +57,37 @@ class Published:
         """(N, L) ids from `tokenizer` → (N, D) unit vectors."""
         return self.model.encode_text(tokens)
 
+    @property
+    def can_caption(self) -> bool:
+        """Whether the model has a captioning decoder (CoCa) and its tokenizer a start token to begin with."""
+        return isinstance(self.model, CocaModel) and self.tokenizer.sot_id is not None
+
+    def generate_ids(self, images: torch.Tensor, max_len: int = 0, strategy: str = "greedy",
+                     beams: int = 4) -> torch.Tensor:
+        """(N, 3, S, S) normalised pixels → (N, ≤ max_len) caption ids: the tokenizer's start token, the words,
+        its end token, then padding (`CocaModel.generate`; `max_len` 0: the context length)."""
+        if not self.can_caption:
+            why = ("its model has no captioning decoder (a CoCa model.name has one)"
+                   if not isinstance(self.model, CocaModel)
+                   else "its tokenizer has no start token (train it with CoCa: pipeline.data.with_start_token)")
+            raise ValueError(f"generate: this checkpoint cannot caption: {why}")
+        tok = self.tokenizer
+        return self.model.generate(images, sot_id=tok.sot_id, eot_id=tok.eot_id, pad_id=tok.pad_id,
+                                   max_len=max_len or self.model.context_length, strategy=strategy, beams=beams)
+
+    def generate(self, images: torch.Tensor, max_len: int = 0, strategy: str = "greedy", beams: int = 4) -> list[str]:
+        """Captions of (N, 3, S, S) normalised pixels, as strings (greedy or beam search; see `generate_ids`)."""
+        return [self.decode_caption(row) for row in self.generate_ids(images, max_len, strategy, beams)]
+
+    def decode_caption(self, ids: torch.Tensor) -> str:
+        """The text of one caption's ids: what lies between the start token and the first end token."""
+        ids = ids.tolist()
+        if ids and ids[0] == self.tokenizer.sot_id:
+            ids = ids[1:]
+        if self.tokenizer.eot_id in ids:
+            ids = ids[: ids.index(self.tokenizer.eot_id)]
+        return self.tokenizer.decode(ids).strip()
+
 
 def save_published(model: DualEncoder | TextDualEncoder, tokenizer: Any, url: str, step: int, *, samples_seen: int = 0,
                    run_config: Any = None, state_dict: Optional[dict[str, torch.Tensor]] = None) -> str:

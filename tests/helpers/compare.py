@@ -7,4 +7,4 @@ from torch import Tensor
 def max_abs_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
     """The largest absolute difference over every entry of two dicts with the same keys."""
     assert a.keys() == b.keys(), f"different keys: {sorted(set(a) ^ set(b))}"
-    return max(float((a[k].detach().float() - b[k].detach().float()).abs().max()) for k in a)
+    return max(float((a[k].detach().double() - b[k].detach().double()).abs().max()) for k in a)   # float64 stays exact

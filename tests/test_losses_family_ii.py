@@ -216,7 +216,7 @@ def test_mochi_bad_hyper(hyper, match):
 
 
 def family_rank_results(rank: int, world: int) -> dict:
-    """cacr and mochi (dense and tiled) on this rank's rows of a 12-pair batch with hard negatives and
+    """cacr, mochi and polyview (dense and tiled) on this rank's rows of a 12-pair batch with hard negatives and
     duplicate captions across ranks: value and row gradients."""
     u, v, h = batch(4, 12)
     ids = torch.tensor([0, 1, 2, 0, 3, 4, 1, 5, 6, 0, 7, 8])
@@ -230,6 +230,15 @@ def family_rank_results(rank: int, world: int) -> dict:
             value = loss(leaves[0], leaves[1], negatives=leaves[2], caption_ids=ids[rows],
                          logit_scale=torch.tensor(scale, dtype=F64))
             out[name, tiled] = (value.detach(), *torch.autograd.grad(value, leaves))
+    u, caps = multi_caption_batch(6, 12, 3)                  # polyview: 3 captions a row, shared across ranks
+    cap_ids = torch.arange(36).view(12, 3)
+    cap_ids[7, 2], cap_ids[10, 0] = cap_ids[1, 0], cap_ids[4, 1]
+    for tiled in (False, True):
+        loss = get_loss("polyview", tiled=tiled, tile_size=5)
+        leaves = [t[rows].clone().requires_grad_() for t in (u, caps, h)]
+        value = loss(leaves[0], leaves[1][:, 0], positives=leaves[1][:, 1:], negatives=leaves[2],
+                     caption_ids=cap_ids[rows], logit_scale=torch.tensor(8.0, dtype=F64))
+        out["polyview", tiled] = (value.detach(), *torch.autograd.grad(value, leaves))
     return out
 
 
@@ -261,3 +270,87 @@ def test_mix_negatives_config():
         load_config(None, ["loss.name=mochi", "loss.mix_negatives.s=0", "loss.mix_negatives.s_prime=0"])
     with pytest.raises(ConfigError, match="loss.mix_negatives.n = 'many'"):
         load_config(None, ["loss.name=mochi", "loss.mix_negatives.n=many"])
+
+
+# --------------------------------------------------------------------------------------------- polyview
+def ref_polyview(u, caps, s, ids=None, h=None):
+    """MV-InfoNCE on the image-caption graph, by loops: caps (n, k, D) are row i's k captions; ids (n, k) caption
+    ids (rows sharing any caption are duplicates: not each other's negatives); h (n, m, D) more I→T negatives."""
+    n, k = caps.shape[:2]
+
+    def dup(i, j):
+        return ids is not None and i != j and bool(set(ids[i].tolist()) & set(ids[j].tolist()))
+    total = 0
+    for i in range(n):
+        positive = lse([s * u[i] @ caps[i, a] for a in range(k)])
+        image = lse([s * u[i] @ caps[j, a] for j in range(n) if not dup(i, j) for a in range(k)]
+                    + [s * u[i] @ x for x in ([] if h is None else h.reshape(-1, u.shape[1]))])
+        texts = [lse([s * caps[i, a] @ u[j] for j in range(n) if not dup(i, j)]) for a in range(k)]
+        total = total + 0.5 * ((image - positive) + (sum(texts) / k - positive))
+    return total / n
+
+
+def multi_caption_batch(seed: int, n: int, k: int, d: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    u = unit(torch.randn(n, d, generator=g, dtype=F64))
+    caps = unit(u.unsqueeze(1) + 0.8 * torch.randn(n, k, d, generator=g, dtype=F64))
+    return u, caps
+
+
+def polyview(u, caps, s, tiled=False, tile_size=3, ids=None, h=None):
+    extra = caps[:, 1:] if caps.shape[1] > 1 else None
+    return get_loss("polyview", tiled=tiled, tile_size=tile_size)(u, caps[:, 0], positives=extra, caption_ids=ids,
+                                                                  negatives=h, logit_scale=torch.tensor(s, dtype=F64))
+
+
+def test_polyview_vectors():
+    """docs/losses-family-ii.md's vectors. (1) images e1, e2, each with its own direction twice as captions:
+    by hand ℓ^I = ln(1 + e^−s), ℓ^T = ln(1 + e^−s) − ln 2, so L = ln(1 + e^−s) − ½ ln 2. (2) k = 1 is clip
+    (LOSSES.md's 0.238967681578). (3) LOSSES.md's U with captions (V_i, E_i), s = 10, as the loop reference."""
+    eye = torch.eye(2, dtype=F64)
+    for s in (0.0, math.log(3), 5.0):
+        want = math.log1p(math.exp(-s)) - 0.5 * math.log(2)
+        for tiled in (False, True):
+            assert polyview(eye, eye.unsqueeze(1).repeat(1, 2, 1), s, tiled=tiled, tile_size=3).item() == \
+                pytest.approx(want, abs=1e-12)
+        assert ref_polyview(eye, eye.unsqueeze(1).repeat(1, 2, 1), s).item() == pytest.approx(want, abs=1e-12)
+    assert polyview(U, V.unsqueeze(1), 1 / 0.07).item() == pytest.approx(0.238967681578, abs=1e-10)
+    caps = torch.stack([V, E], 1)
+    assert ref_polyview(U, caps, 10.0).item() == pytest.approx(-1.147494311088, abs=1e-10)
+    for tiled in (False, True):
+        assert polyview(U, caps, 10.0, tiled=tiled, tile_size=2).item() == pytest.approx(-1.147494311088, abs=1e-10)
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["dense", "tiled"])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("with_ids", [False, True], ids=["distinct", "duplicates"])
+@pytest.mark.parametrize("with_negatives", [False, True], ids=["pairs", "hard-negatives"])
+def test_polyview_against_float64_reference(tiled, k, with_ids, with_negatives):
+    u, caps = multi_caption_batch(5, 7, k)
+    h = batch(9, 7)[2] if with_negatives else None
+    ids = torch.arange(7 * k).view(7, k) if with_ids else None
+    if with_ids:
+        ids[4, -1] = ids[0, 0]                # rows 0 and 4 share a caption, as do 2 and 6
+        ids[6, 0] = ids[2, -1]
+    leaves = [t.clone().requires_grad_() for t in (u, caps) + ((h,) if with_negatives else ())]
+    want = ref_polyview(*leaves[:2], 6.0, ids=ids, h=leaves[2] if with_negatives else None)
+    want_grads = torch.autograd.grad(want, leaves)
+    leaves = [t.clone().requires_grad_() for t in (u, caps) + ((h,) if with_negatives else ())]
+    got = polyview(*leaves[:2], 6.0, tiled=tiled, ids=ids, h=leaves[2] if with_negatives else None)
+    got_grads = torch.autograd.grad(got, leaves)
+    assert got.item() == pytest.approx(want.item(), abs=1e-12)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    if k == 1 and not with_ids:              # one caption: exactly clip
+        clip = get_loss("clip")(u, caps[:, 0], negatives=h, logit_scale=torch.tensor(6.0, dtype=F64))
+        assert got.item() == pytest.approx(clip.item(), abs=1e-12)
+    if with_ids or with_negatives:
+        assert abs(polyview(u, caps, 6.0).item() - got.item()) > 1e-4
+
+
+def test_polyview_refusals():
+    u, caps = multi_caption_batch(0, 4, 2)
+    with pytest.raises(ValueError, match="takes one caption per image"):
+        get_loss("clip")(u, caps[:, 0], positives=caps[:, 1:], logit_scale=10.0)
+    with pytest.raises(ValueError, match=r"positives must be \(4, k-1, 4\)"):
+        get_loss("polyview")(u, caps[:, 0], positives=caps[:2, 1:], logit_scale=10.0)

@@ -16,12 +16,13 @@ from pipeline.losses.dcl import DclLoss, DclwLoss
 from pipeline.losses.hcl import HclLoss
 from pipeline.losses.matryoshka import Matryoshka
 from pipeline.losses.mochi import MochiLoss
+from pipeline.losses.polyview import PolyviewLoss
 from pipeline.losses.siglip import SiglipLoss
 from pipeline.losses.supcon import SupConLoss, TclLoss
 
 _LOSSES: dict[str, type[ContrastiveLoss]] = {
     cls.name: cls for cls in (ClipLoss, SiglipLoss, SupConLoss, TclLoss, DclLoss, DclwLoss, HclLoss, CwclLoss,
-                              ClipGapLoss, CacrLoss, MochiLoss)
+                              ClipGapLoss, CacrLoss, MochiLoss, PolyviewLoss)
 }
 LOSS_NAMES: tuple[str, ...] = tuple(_LOSSES)
 

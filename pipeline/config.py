@@ -72,6 +72,8 @@ class DataConfig:
     allow_pipe: bool = False               # allow `pipe:` URLs (they run shell commands)
     format: Literal["image_text", "text_pairs"] = "image_text"   # text_pairs: KEY.query.txt, KEY.pos.txt, KEY.neg.json
     hard_negatives: int = 0                # text pairs: hard negatives per row in each batch (k)
+    # image-caption: captions per row (k lines of KEY.txt or the JSON's "captions"; fewer: repeated); k > 1: polyview
+    captions_per_image: int = 1
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
@@ -627,6 +629,12 @@ def _combinations(cfg: Config) -> list[str]:
     if cfg.data.hard_negatives and cfg.data.format != "text_pairs":
         problems.append(cfg.problem("data.hard_negatives", "0 unless data.format = text_pairs (image-caption "
                                     "samples carry no hard negatives)"))
+    k = cfg.data.captions_per_image
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        problems.append(cfg.problem("data.captions_per_image", "an integer >= 1 (captions per image in each row)"))
+    elif k > 1 and cfg.data.format != "image_text":
+        problems.append(cfg.problem("data.captions_per_image", "1 unless data.format = image_text (a text pair "
+                                    "has one positive)"))
     stage = _get_dict(cfg.deepspeed, "zero_optimization.stage")
     if stage is not None and (isinstance(stage, bool) or stage not in (0, 1, 2, 3)):
         problems.append(cfg.problem("deepspeed.zero_optimization.stage", "a ZeRO stage: 0, 1, 2 or 3"))

@@ -42,6 +42,7 @@ class SynthConfig:
     image_size: int = 64               # side of the synthesised images, pixels
     shard_size: int = 1000             # samples per synthesised shard
     seed: int = 0                      # seed of the synthesised data (not of the run)
+    captions: int = 1                  # phrasings per training sample, one a line (several: data.captions_per_image)
 
 
 @dataclass
@@ -565,6 +566,7 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.synth.eval_samples", _at_least(1), "at least 1"),
     ("data.synth.image_size", _at_least(16), "at least 16 pixels"),
     ("data.synth.shard_size", _at_least(1), "at least 1"),
+    ("data.synth.captions", _at_least(1), "at least 1"),
     ("model.dropout", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     ("model.image.unlock_last", _at_least(0), "0 or more blocks"),
     ("model.text.unlock_last", _at_least(0), "0 or more blocks"),

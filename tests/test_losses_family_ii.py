@@ -354,3 +354,45 @@ def test_polyview_refusals():
         get_loss("clip")(u, caps[:, 0], positives=caps[:, 1:], logit_scale=10.0)
     with pytest.raises(ValueError, match=r"positives must be \(4, k-1, 4\)"):
         get_loss("polyview")(u, caps[:, 0], positives=caps[:2, 1:], logit_scale=10.0)
+
+
+def _loop_steps_mochi(rank: int, world: int, run_dir: str) -> list:
+    """Three steps of the train loop's `train_step` (a real DeepSpeed engine, tiny model, mochi) from a state
+    at step 4; per step: the loss's value and embeddings the step logged."""
+    from pipeline.config import load_config
+    from pipeline.train.checkpoint import TrainState
+    from pipeline.train.engine import Engine
+    from pipeline.train.interrupts import Boundary
+    from pipeline.train.loop import make_loss, train_step
+    from tests.test_train_engine import _tiny
+    cfg = load_config(None, ["eval.schedule='off'", f"run_dir={run_dir}", "loss.name=mochi", "seed=7",
+                             "train.global_batch=8", "cluster.num_workers=1", "train.lr=1e-9", "loss.duplicates=off",
+                             "loss.mix_negatives.n=4", "loss.mix_negatives.s=3", "loss.mix_negatives.s_prime=2"])
+    torch.manual_seed(0)
+    engine = Engine(cfg, _tiny(loss="mochi"), world)
+    loss_fn, weights_from = make_loss(cfg)
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(8, 3, 32, 32, generator=g), "text": torch.randint(1, 100, (8, 16), generator=g)}
+    state, boundary, seen = TrainState(step=4), Boundary(run_dir, notices=False), []
+    for _ in range(3):
+        before = state.step
+        out, _, _ = train_step(engine, batch, loss_fn, weights_from, state, cfg, boundary)
+        seen.append((before, out.loss, out.image, out.text, out.logit_scale))
+    return seen
+
+
+@pytest.mark.slow
+def test_the_train_loop_draws_mochi_mixing_at_each_step(tmp_path):
+    """The loop calls `at_step(step)` before each step: every logged loss is mochi's value at that step's
+    draws (seed 7) on the step's own embeddings, and not the value at a neighbouring step's draws."""
+    from tests.helpers.dist import run_world
+    (seen,) = run_world(_loop_steps_mochi, 1, str(tmp_path))
+    assert [s[0] for s in seen] == [4, 5, 6]
+    for step, value, image, text, scale in seen:
+        loss = get_loss("mochi", n=4, s=3, s_prime=2, seed=7)
+        values = {}
+        for k in (step - 1, step, step + 1):
+            loss.at_step(k)
+            values[k] = loss(image, text, logit_scale=scale).item()
+        assert value.item() == pytest.approx(values[step], abs=1e-5)
+        assert min(abs(values[step] - values[k]) for k in (step - 1, step + 1)) > 1e-4

@@ -130,7 +130,8 @@ class MixNegativesConfig:
 @dataclass
 class LossConfig:
     """The loss and its hyper-parameters (LOSSES.md); a hyper left at None takes the loss default."""
-    # clip, siglip, supcon, tcl, dcl, dclw, hcl, cwcl, clip_gap; family II (docs/losses-family-ii.md): cacr, mochi
+    # clip, siglip, supcon, tcl, dcl, dclw, hcl, cwcl, clip_gap; family II (docs/losses-family-ii.md): cacr, mochi,
+    # polyview (several captions per image: data.captions_per_image)
     name: str = "clip"
     tiled: bool = False                # compute the loss in column tiles (memory O(local rows × tile))
     tile_size: int = 1024              # columns per tile with tiled

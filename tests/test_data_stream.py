@@ -396,7 +396,7 @@ def test_several_captions_per_image(tmp_path):
     batches = take(stream, 4)            # past one epoch of 24 good samples
     for b in batches:
         assert b["more_text"].shape == (8, 2, 16) and b["caption_id"].shape == (8, 3)
-        for key, ids, first in zip(b["key"], b["caption_id"].tolist(), b["text"]):
+        for key, ids in zip(b["key"], b["caption_id"].tolist()):
             own = [caption_id(t) for t in captions[key]]
             assert sorted(set(ids)) == sorted(own)                     # its own captions, every one of them
             assert len(set(ids)) == len(own)                           # 3 distinct, or 2 with one repeated

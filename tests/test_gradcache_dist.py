@@ -15,8 +15,18 @@ from pipeline.losses import get_loss
 from pipeline.train.engine import DeepSpeedBackward, prepare_deepspeed
 from tests.helpers.compare import max_abs_diff
 from tests.helpers.dist import run_world
-from tests.test_gradcache import (LR, TOL, VOCAB, ToyDual, batch, clip_loss, params, polyview_reference,
-                                  reference_step, siglip_loss)
+from tests.test_gradcache import (
+    LR,
+    TOL,
+    VOCAB,
+    ToyDual,
+    batch,
+    clip_loss,
+    params,
+    polyview_reference,
+    reference_step,
+    siglip_loss,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -419,7 +419,8 @@ def reference_loss(name: str, hyper: dict, u, v, s, b, ids, labels):
     raise KeyError(name)
 
 
-OWN_REFERENCES = {"cacr", "mochi", "polyview"}     # loss family II: float64 references (duplicates too) in test_losses_family_ii.py
+# loss family II: float64 references (duplicates too) in test_losses_family_ii.py
+OWN_REFERENCES = {"cacr", "mochi", "polyview"}
 MASKED = [n for n in sorted(SETUPS) if n != "cwcl" and n not in OWN_REFERENCES]
 
 

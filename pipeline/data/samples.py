@@ -2,7 +2,8 @@
 
 A sample is the members of one key in a shard: an image (``KEY.jpg|jpeg|png|webp``), a caption
 (``KEY.txt``: UTF-8, not blank; one caption a line where there are several; without it, a JSON
-``"captions"`` list of non-blank strings) and optional metadata (``KEY.json``, e.g. ``{"label": 3}``) and an optional class label (``KEY.cls``: the class index as
+``"captions"`` list of non-blank strings) and optional metadata (``KEY.json``, e.g. ``{"label": 3}``)
+and an optional class label (``KEY.cls``: the class index as
 ASCII digits, CLIP_benchmark's convention; a ``"label"`` in the JSON is read the same way, and the two
 must agree when both are there). `validate_sample` applies the checks that need no decoding;
 decoding (`transforms.decode_image`) adds ``corrupt_image`` and ``too_many_pixels``. Every failure is

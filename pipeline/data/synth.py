@@ -254,14 +254,14 @@ def _render_range(split: str, seed: int, start: int, stop: int, size: int,
 
 
 def _write_split(writer: ShardWriter, split: str, n: int, seed: int, size: int, workers: int,
-                 progress: bool, captions: int = 1) -> list[str]:
+                 progress: bool, phrasings: int = 1) -> list[str]:
     """Render `n` samples of a split (``train`` or an eval set's name) into `writer`; returns the captions."""
     ranges = [(i, min(i + writer.shard_size, n)) for i in range(0, n, writer.shard_size)]
     captions: list[str] = []
     extra = {"created_by": "contrast data synth", "split": split, "seed": seed, "image_size": size}
     bar = progress_bar(total=n, enabled=progress, desc=f"synth {split}", unit="sample", leave=False)
     with writer, ProcessPoolExecutor(workers) if workers > 1 else _Inline() as pool:
-        chunks = pool.map(_render_range, *zip(*[(split, seed, a, b, size, captions) for a, b in ranges]))
+        chunks = pool.map(_render_range, *zip(*[(split, seed, a, b, size, phrasings) for a, b in ranges]))
         for (start, _), chunk in zip(ranges, chunks):
             for i, (jpeg, caption, meta) in enumerate(chunk):
                 writer.write(f"{start + i:08d}", _members(jpeg, caption, meta, label_as_cls=split != "train"))

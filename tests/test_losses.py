@@ -142,7 +142,7 @@ SETUPS = {
     "clip_gap": (dict(cross_uniformity=True), 1 / 0.07),
     "cacr": ({}, 5.0),
     "mochi": (dict(n=4, s=3, s_prime=2, seed=1), 10.0),
-    "polyview": ({}, 10.0),      # one caption per row here (= clip); several: test_losses_family_ii.py
+    "polyview": ({}, 10.0),      # one caption per row here; several: test_losses_family_ii.py
 }
 EXTRA = [("hcl", dict(beta=2.0, tau_plus=0.9), 8.0)]     # the clamp at M·e^{−1/t} is active here
 

@@ -1,24 +1,27 @@
 """polyview — several captions per image as positives, aggregated as MV-InfoNCE (Koromilas, Georgiou,
 Bouritsas, Giannakopoulos, Nicolaou, Panagakis 2025, "A Principled Framework for Multi-View Contrastive
-Learning", arXiv 2507.06979), restricted to the cross-modal pairs of CLIP.
+Learning", arXiv 2507.06979), on the image–caption pairs of CLIP.
 
 Row i of the global batch is one image u_i and its k captions v_i^1..v_i^k (`text` is caption 1,
-`positives` captions 2..k). MV-InfoNCE puts every positive pair of an instance in ONE term, the instance's
-alignment energy, against each view's energy over all the other embeddings (the paper's P1-P3: simultaneous
-alignment, complete interactions, one term per instance). In the image-caption graph (image–caption pairs
-only, as in clip):
-    P_i   = LSE_a s·u_i·v_i^a                                   (the k positives, in one log-sum-exp)
-    ℓ^I_i = LSE_{j,a} s·u_i·v_j^a − P_i                          (the image's energy over all N·k captions)
-    ℓ^T_i = (1/k) Σ_a LSE_j s·v_i^a·u_j − P_i                    (each caption's energy over all N images)
-    L = ½ (mean_i ℓ^I_i + mean_i ℓ^T_i).
-With k = 1 this is exactly clip. (The paper's code counts the ordered pairs of the numerator, a constant
-log 2 here, left out.) Duplicate captions (`caption_ids` (n, k): rows sharing any caption) are left out of
-each other's negatives, in both directions. Hard negatives (`negatives=`) are more I→T columns, as in clip.
+`positives` captions 2..k). MV-InfoNCE gives every instance ONE term (the paper's P1-P3: simultaneous
+alignment, complete interactions, one term per instance): the energy of all its positive pairs over the
+energy of all pairs its views take part in. In the image–caption graph (image–caption pairs only, as in clip):
+    P_i = Σ_a exp(s·u_i·v_i^a)                                  (each positive pair, counted from both ends: 2 P_i)
+    D_i = Σ_{j,a} exp(s·u_i·v_j^a) + Σ_a Σ_j exp(s·v_i^a·u_j)   (the image's pairs, then each caption's)
+    ℓ_i = −log(2 P_i / D_i) = LSE(I→T row of u_i ∪ T→I rows of v_i^1..v_i^k) − LSE_a s·u_i·v_i^a − ln 2,
+    L = mean_i ℓ_i ≥ 0.
+The ratio is a probability (each positive pair is in D_i twice), so ℓ_i ≥ 0, 0 only when the positives carry
+all the energy. With k = 1, ℓ_i = logaddexp(LSE_j s·u_i·v_j, LSE_j s·v_i·u_j) − s·u_i·v_i − ln 2: clip's two
+directions in one log instead of averaged. Duplicate captions (`caption_ids` (n, k): rows sharing any caption)
+are left out of each other's negatives, in both directions. Hard negatives (`negatives=`) are more I→T columns,
+as in clip.
 
-One pass of the tiled kernel over (s·u_local)·[V; X]ᵀ gives both directions, as in clip: its rows are ℓ^I's
-LSE, its columns the per-caption LSE over this rank's images, all-reduced across ranks for ℓ^T.
+One pass of the tiled kernel over (s·u_local)·[V; X]ᵀ gives both parts, as in clip: its rows are the image's
+LSE, its columns the per-caption LSE over this rank's images, all-reduced across ranks.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -51,7 +54,7 @@ class PolyviewLoss(ContrastiveLoss):
         image_to_text, caption_partial = self.pairwise(p.scale * p.u, columns, logits, row="lse", col="lse")
         caption_lse = all_reduce_logsumexp(caption_partial[:captions])       # (N·k,) over every image
         mine = [p.rows] + [n_all + p.rows * extra + a for a in range(extra)]
-        text_to_image = torch.stack([caption_lse[c] for c in mine], 1).mean(1)
+        text_to_image = torch.stack([caption_lse[c] for c in mine], 1).logsumexp(1)   # LSE over the k captions
         own = p.v.unsqueeze(1) if p.x is None else torch.cat([p.v.unsqueeze(1), p.x], 1)   # (n, k, D)
         positive = (p.scale * torch.einsum("nd,nkd->nk", p.u, own)).logsumexp(1)
-        return 0.5 * ((image_to_text - positive).mean() + (text_to_image - positive).mean())
+        return (torch.logaddexp(image_to_text, text_to_image) - positive - math.log(2)).mean()

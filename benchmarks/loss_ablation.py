@@ -9,6 +9,10 @@ last logged training window, and the median step time (TensorBoard `perf/step_ti
 dropped). Heavy (two Ray workers per loss): run it under the shared lock.
 
     flock /tmp/contrast-heavy.lock python benchmarks/loss_ablation.py [--steps 60] [--losses clip cacr]
+
+`--captions K` synthesises K phrasings per training sample (`data.synth.captions`); a loss that takes several
+captions (polyview) then trains on K per row (`data.captions_per_image: K`), the others on one line drawn per
+step. Use its own --out: the data differ.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 # what a loss needs besides its name (cacr: its scale is a fixed temperature)
 EXTRA = {"cacr": ["loss.learn_temperature=false"]}
+SEVERAL = {"polyview"}            # losses that take data.captions_per_image > 1
 LOG_EVERY = 10
 
 
@@ -43,7 +48,10 @@ def run(loss: str, args: argparse.Namespace) -> Path:
                  f"train.warmup_steps={max(1, args.steps // 10)}", f"train.log_every={LOG_EVERY}",
                  f"data.train_urls=[{data}/train]", f"data.eval_dir={data}/eval",
                  f"data.synth.samples={args.samples}", "eval.schedule=every",
-                 "eval.sets=[zeroshot_heldout,retrieval]", "logging.progress=false", *EXTRA.get(loss, [])]
+                 "eval.sets=[zeroshot_heldout,retrieval]", "logging.progress=false", *EXTRA.get(loss, []),
+                 f"data.synth.captions={args.captions}"]
+    if loss in SEVERAL:
+        overrides.append(f"data.captions_per_image={args.captions}")
     contrast = Path(sys.executable).with_name("contrast")
     subprocess.run([str(contrast), "run", "configs/demo.yaml", *overrides], check=True)
     return run_dir
@@ -91,6 +99,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--samples", type=int, default=8000)
     parser.add_argument("--out", default="runs/ablation")
+    parser.add_argument("--captions", type=int, default=1, help="phrasings per training sample (polyview: all)")
     args = parser.parse_args()
     rows = [row(loss, run(loss, args), args.steps) for loss in args.losses]
     Path(args.out, "ablation.json").write_text(json.dumps(rows, indent=1))

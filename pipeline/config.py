@@ -42,6 +42,7 @@ class SynthConfig:
     image_size: int = 64               # side of the synthesised images, pixels
     shard_size: int = 1000             # samples per synthesised shard
     seed: int = 0                      # seed of the synthesised data (not of the run)
+    captions: int = 1                  # phrasings per training sample, one a line (several: data.captions_per_image)
 
 
 @dataclass
@@ -72,6 +73,8 @@ class DataConfig:
     allow_pipe: bool = False               # allow `pipe:` URLs (they run shell commands)
     format: Literal["image_text", "text_pairs"] = "image_text"   # text_pairs: KEY.query.txt, KEY.pos.txt, KEY.neg.json
     hard_negatives: int = 0                # text pairs: hard negatives per row in each batch (k)
+    # image-caption: captions per row (k lines of KEY.txt or the JSON's "captions"; fewer: repeated); k > 1: polyview
+    captions_per_image: int = 1
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
@@ -127,7 +130,8 @@ class MixNegativesConfig:
 @dataclass
 class LossConfig:
     """The loss and its hyper-parameters (LOSSES.md); a hyper left at None takes the loss default."""
-    # clip, siglip, supcon, tcl, dcl, dclw, hcl, cwcl, clip_gap; family II (docs/losses-family-ii.md): cacr, mochi
+    # clip, siglip, supcon, tcl, dcl, dclw, hcl, cwcl, clip_gap; family II (docs/losses-family-ii.md): cacr, mochi,
+    # polyview (several captions per image: data.captions_per_image)
     name: str = "clip"
     tiled: bool = False                # compute the loss in column tiles (memory O(local rows × tile))
     tile_size: int = 1024              # columns per tile with tiled
@@ -567,6 +571,7 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.synth.eval_samples", _at_least(1), "at least 1"),
     ("data.synth.image_size", _at_least(16), "at least 16 pixels"),
     ("data.synth.shard_size", _at_least(1), "at least 1"),
+    ("data.synth.captions", _at_least(1), "at least 1"),
     ("model.dropout", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     ("model.image.unlock_last", _at_least(0), "0 or more blocks"),
     ("model.text.unlock_last", _at_least(0), "0 or more blocks"),
@@ -633,6 +638,12 @@ def _combinations(cfg: Config) -> list[str]:
     if cfg.data.hard_negatives and cfg.data.format != "text_pairs":
         problems.append(cfg.problem("data.hard_negatives", "0 unless data.format = text_pairs (image-caption "
                                     "samples carry no hard negatives)"))
+    k = cfg.data.captions_per_image
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        problems.append(cfg.problem("data.captions_per_image", "an integer >= 1 (captions per image in each row)"))
+    elif k > 1 and cfg.data.format != "image_text":
+        problems.append(cfg.problem("data.captions_per_image", "1 unless data.format = image_text (a text pair "
+                                    "has one positive)"))
     stage = _get_dict(cfg.deepspeed, "zero_optimization.stage")
     if stage is not None and (isinstance(stage, bool) or stage not in (0, 1, 2, 3)):
         problems.append(cfg.problem("deepspeed.zero_optimization.stage", "a ZeRO stage: 0, 1, 2 or 3"))

@@ -114,7 +114,7 @@ def forward_backward(model: nn.Module, images: Tensor, texts: Tensor, loss_fn: C
                      labels: Optional[Tensor] = None, chunk_size: int = 0, text_chunk_size: int = 0,
                      weights_from: Optional[str] = None, backward: Optional[Backward] = None,
                      negatives: Optional[Tensor] = None, caption_ids: Optional[Tensor] = None,
-                     caption: Optional[CaptionLoss] = None) -> StepOutput:
+                     caption: Optional[CaptionLoss] = None, positives: Optional[Tensor] = None) -> StepOutput:
     """Forward and backward of one step over this rank's batch; the caller then steps the optimizer.
 
     `model` is a dual encoder (plain, DDP, or a DeepSpeed engine with its `backward`) called as
@@ -123,13 +123,24 @@ def forward_backward(model: nn.Module, images: Tensor, texts: Tensor, loss_fn: C
     covering the whole batch, is one plain forward and backward. `weights_from` ("image" or "text")
     passes that tower's detached embeddings to the loss (cwcl). `negatives` (n, k, ...) are k more
     text-tower inputs per row whose embeddings the loss gets as hard negatives; `caption_ids` go to the
-    loss as they are (its duplicate mask). `caption` (a CoCa model) adds its weight × the captioning loss of
+    loss as they are (its duplicate mask). `positives` (n, k−1, ...) are captions 2..k of each row (text-tower
+    inputs after the n first captions, row-major; the loss gets them as `positives=(n, k−1, D)`, polyview).
+    `caption` (a CoCa model) adds its weight × the captioning loss of
     `texts` given the images; image and text chunks are then the same rows. The parameter gradients equal
     those of a plain backward over the batch, dropout included (the cache replays each call's RNG).
     """
     n = _check_batch(images, texts, labels, chunk_size, text_chunk_size, weights_from, negatives)
     if caption_ids is not None and len(caption_ids) != n:
         raise ValueError(f"forward_backward: expected {n} caption ids (one per pair), got {len(caption_ids)}")
+    if positives is not None:
+        if negatives is not None or caption is not None:
+            raise ValueError("forward_backward: several captions per row (positives) take no hard negatives and no "
+                             "caption term")
+        if positives.ndim < 2 or len(positives) != n or positives.shape[1] < 1 \
+                or positives.shape[2:] != texts.shape[1:]:
+            raise ValueError(f"forward_backward: positives must be ({n}, k-1, {', '.join(map(str, texts.shape[1:]))}),"
+                             f" got {tuple(positives.shape)}")
+        texts = torch.cat([texts, positives.flatten(0, 1)])
     if negatives is not None:
         texts = torch.cat([texts, negatives.flatten(0, 1)])
     image_chunk = chunk_size or n
@@ -141,7 +152,8 @@ def forward_backward(model: nn.Module, images: Tensor, texts: Tensor, loss_fn: C
                              f"one chunk size for both towers (got {image_chunk} and {text_chunk})")
         cap = _Caption(caption, caption_targets(texts))      # the global token count: a collective, every rank
     backward = backward or backward_strategy(model)
-    loss = _Loss(loss_fn, labels, weights_from, 0 if negatives is None else negatives.shape[1], caption_ids)
+    loss = _Loss(loss_fn, labels, weights_from, 0 if negatives is None else negatives.shape[1], caption_ids,
+                 0 if positives is None else positives.shape[1])
     if image_chunk >= n and text_chunk >= len(texts):
         return _plain_step(model, images, texts, loss, backward, cap)
     locked = locked_towers(model)
@@ -310,22 +322,26 @@ class RngState:
 @dataclass
 class _Loss:
     """The loss call of a step: fp32 inputs whatever the towers' dtype, labels, weights and caption ids
-    bound; the text tower's rows after the first n are the k hard negatives of each row, row-major."""
+    bound; the text tower's rows after the first n are the k hard negatives of each row, row-major (or, with
+    `positives`, its captions 2..k)."""
     fn: Callable[..., Tensor]
     labels: Optional[Tensor]
     weights_from: Optional[str]
     negatives: int = 0                # k
     caption_ids: Optional[Tensor] = None
+    positives: int = 0                # k − 1 further captions per row
 
     def split(self, image: Tensor, text: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-        """(positives (n, D), hard negatives (n, k, D) or None) of the text tower's rows."""
+        """(first captions (n, D), hard negatives (n, k, D) or further captions (n, k−1, D), or None) of the
+        text tower's rows."""
         n = len(image)
-        return text[:n], (text[n:].view(n, self.negatives, -1) if self.negatives else None)
+        per_row = self.negatives or self.positives
+        return text[:n], (text[n:].view(n, per_row, -1) if per_row else None)
 
     def __call__(self, image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
         image, (text, negatives) = at_least_fp32(image), self.split(image, at_least_fp32(text))
         weights = {"image": image, "text": text}[self.weights_from].detach() if self.weights_from else None
-        extra = {} if negatives is None else {"negatives": negatives}
+        extra = {} if negatives is None else {"positives" if self.positives else "negatives": negatives}
         if self.caption_ids is not None:
             extra["caption_ids"] = self.caption_ids
         return self.fn(image, text, logit_scale=at_least_fp32(scale),
@@ -336,6 +352,7 @@ class _Loss:
                contrastive: Optional[Tensor] = None, caption: Optional[Tensor] = None) -> StepOutput:
         """The step's detached, fp32 output."""
         text, negatives = self.split(image, text.detach().float())
+        negatives = None if self.positives else negatives
         return StepOutput(value.detach(), image.detach().float(), text, scale.detach(), _detach(bias), negatives,
                           _detach(contrastive), _detach(caption))
 

@@ -71,7 +71,7 @@ def ensure_data(cfg: Config) -> None:
     started = time.perf_counter()
     synthesize(root, synth.samples, eval_samples=synth.eval_samples, image_size=synth.image_size,
                shard_size=synth.shard_size, seed=synth.seed, workers=os.cpu_count() or 1,
-               progress=cfg.logging.progress)
+               progress=cfg.logging.progress, captions=synth.captions)
     log.info("data ready in %.0f s", time.perf_counter() - started)
 
 

@@ -372,3 +372,35 @@ def test_tar_urls_listed_one_by_one_take_their_counts_from_the_folders_manifest(
     make_shard(lone / "a.tar", [("k0", {"txt": b"a red circle", "png": image_bytes()})])
     (no_manifest,) = resolve_shards([str(lone / "a.tar")])
     assert no_manifest.samples is None                               # counted by reading, as before
+
+
+def test_several_captions_per_image(tmp_path):
+    """data.captions_per_image = 3: KEY.txt's lines or the JSON's "captions"; a sample with fewer repeats
+    its own in a cycle (all of them used); a malformed "captions" is a bad sample, counted."""
+    from pipeline.data.samples import caption_id
+    captions = {}
+    samples = []
+    for i in range(24):
+        lines = [f"shape {i} view {a}" for a in range(3 if i % 2 else 2)]
+        captions[f"k{i:03d}"] = lines
+        members = {"jpg": image_bytes()}
+        if i % 3:
+            members["txt"] = "\n".join(lines).encode()
+        else:
+            members["json"] = json.dumps({"captions": lines}).encode()
+        samples.append((f"k{i:03d}", members))
+    samples.append(("bad", {"jpg": image_bytes(), "json": json.dumps({"captions": ["ok", " "]}).encode()}))
+    make_shard(tmp_path / "a.tar", samples)
+    train_tokenizer(["shape view"], vocab_size=300).save(str(tmp_path / "tokenizer.json"))
+    stream = open_(str(tmp_path / "a.tar"), global_batch=8, streams=1, max_bad_fraction=0.5, captions_per_image=3)
+    batches = take(stream, 4)            # past one epoch of 24 good samples
+    for b in batches:
+        assert b["more_text"].shape == (8, 2, 16) and b["caption_id"].shape == (8, 3)
+        for key, ids in zip(b["key"], b["caption_id"].tolist()):
+            own = [caption_id(t) for t in captions[key]]
+            assert sorted(set(ids)) == sorted(own)                     # its own captions, every one of them
+            assert len(set(ids)) == len(own)                           # 3 distinct, or 2 with one repeated
+    assert "bad" not in {k for b in batches for k in b["key"]}
+    assert stream.stats()["bad"]["bad_captions"] >= 1
+    with pytest.raises(DataError, match="data.captions_per_image = 0"):
+        open_(str(tmp_path / "a.tar"), captions_per_image=0)

@@ -169,3 +169,16 @@ def test_contrast_data_synth_draws_no_bar_into_a_log_file(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "\r" not in done.stderr and "sample/s" not in done.stderr, done.stderr
     assert (tmp_path / "s" / "train" / "manifest.json").exists()
+
+
+def test_several_phrasings_keep_the_first_line_and_the_image():
+    """data.synth.captions = 3: the same image and first line as with one, then two other, distinct phrasings
+    naming the same objects."""
+    for index in range(12):
+        jpeg, one, meta = train_sample(0, index, 32)
+        jpeg3, three, meta3 = train_sample(0, index, 32, 3)
+        lines = three.split("\n")
+        assert jpeg3 == jpeg and meta3 == meta and lines[0] == one
+        assert len(lines) == len(set(lines)) == 3
+        names = re.findall(r"(?:" + "|".join(COLOURS) + r") (?:" + "|".join(SHAPES) + ")", one)
+        assert names and all(n in line for line in lines for n in names)

@@ -337,3 +337,35 @@ def test_frozen_tower_not_declared_locked_is_an_error():
     images, texts, _ = batch(6)
     with pytest.raises(ValueError, match="locked_towers"):
         forward_backward(model, images, texts, clip_loss, chunk_size=2)
+
+
+def polyview_reference(model: nn.Module, images: Tensor, texts: Tensor, more: Tensor, ids: Optional[Tensor] = None
+                       ) -> tuple[Tensor, dict[str, Tensor]]:
+    """One plain step of polyview with k captions per row: every caption encoded in one call, then SGD."""
+    k1 = more.shape[1]
+    out = model(image=images, text=torch.cat([texts, more.flatten(0, 1)]))
+    n = len(images)
+    loss = get_loss("polyview")(out["image"], out["text"][:n], positives=out["text"][n:].view(n, k1, -1),
+                                caption_ids=ids, logit_scale=out["logit_scale"])
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=LR).step()
+    return loss.detach(), params(model)
+
+
+def test_several_captions_per_row_through_the_cache():
+    """k = 3 captions per row (polyview): the cache's step equals a plain one, chunks across the extra
+    captions' rows, duplicate captions (ids (n, k)) included; the output's text is caption 1 only."""
+    images, texts, _ = batch(10)
+    more = torch.randint(0, VOCAB, (10, 2, CONTEXT), generator=torch.Generator().manual_seed(3))
+    ids = torch.arange(30).view(10, 3)
+    ids[7, 2] = ids[1, 0]
+    model = ToyDual()
+    ref_loss, ref = polyview_reference(copy.deepcopy(model), images, texts, more, ids)
+    _, unmasked = polyview_reference(copy.deepcopy(model), images, texts, more)
+    out, got = cached_step(model, images, texts, get_loss("polyview", tiled=True, tile_size=7), positives=more,
+                           caption_ids=ids, chunk_size=4, text_chunk_size=7)
+    assert max_abs_diff(got, ref) <= TOL < 100 * max_abs_diff(unmasked, ref)
+    assert abs(out.loss.item() - ref_loss.item()) <= TOL
+    assert out.text.shape == (10, DIM) and out.negatives is None
+    with pytest.raises(ValueError, match="positives must be"):
+        forward_backward(model, images, texts, clip_loss, positives=more[:3])

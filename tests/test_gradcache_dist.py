@@ -15,7 +15,18 @@ from pipeline.losses import get_loss
 from pipeline.train.engine import DeepSpeedBackward, prepare_deepspeed
 from tests.helpers.compare import max_abs_diff
 from tests.helpers.dist import run_world
-from tests.test_gradcache import LR, TOL, ToyDual, batch, clip_loss, params, reference_step, siglip_loss
+from tests.test_gradcache import (
+    LR,
+    TOL,
+    VOCAB,
+    ToyDual,
+    batch,
+    clip_loss,
+    params,
+    polyview_reference,
+    reference_step,
+    siglip_loss,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +46,8 @@ CONFIGS = {
     # loss family II: the same exactness for cacr (three-pass tiled form) and mochi (synthetic negatives)
     **{f"zero{s}-{loss}": dict(wrap="deepspeed", stage=s, dropout=0.5, loss=loss) for s in range(4)
        for loss in ("cacr", "mochi")},
+    # several captions per row (polyview, k = 3: the text tower encodes 3 rows per pair, chunked across them)
+    **{f"zero{s}-polyview": dict(wrap="deepspeed", stage=s, loss="polyview") for s in range(4)},
     **{f"zero{s}-compiled": dict(wrap="deepspeed", stage=s, model="tiny", dropout=0.1, patch_dropout=0.5, compile=True)
        for s in range(4)},
 }
@@ -58,6 +71,13 @@ def global_batch(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.randn(n, 3, 16, 16, generator=g), torch.randint(1, 64, (n, 8), generator=g)
     images, texts, _ = batch(n)
     return images, texts
+
+
+def more_captions(cfg: dict) -> dict:
+    """polyview's captions 2..3 of each row of the global batch (forward_backward's `positives`)."""
+    if cfg.get("loss") != "polyview":
+        return {}
+    return {"positives": torch.randint(0, VOCAB, (WORLD * LOCAL, 2, 5), generator=torch.Generator().manual_seed(7))}
 
 
 def loss_of(cfg: dict):
@@ -91,7 +111,9 @@ def _run(rank: int, cfg: dict) -> dict:
         wrapped.register_comm_hook(comms, _counting_allreduce)
     for i in range(cfg.get("steps", 1)):
         torch.manual_seed(SEED + rank)
-        out = forward_backward(wrapped, images, texts, loss_of(cfg), backward=backward, **cfg.get("chunks", CHUNKS))
+        more = {k: v[rank * LOCAL:(rank + 1) * LOCAL] for k, v in more_captions(cfg).items()}
+        out = forward_backward(wrapped, images, texts, loss_of(cfg), backward=backward, **cfg.get("chunks", CHUNKS),
+                               **more)
         step()
         losses.append(out.loss.item())
         if i == 0:
@@ -148,6 +170,8 @@ def reference(cfg: dict) -> tuple[dict, dict]:
     model = make_model(cfg)
     images, texts = global_batch(cfg)
     initial = params(model)
+    if cfg.get("loss") == "polyview":                    # no dropout: one call per tower is the plain step
+        return initial, polyview_reference(model, images, texts, more_captions(cfg)["positives"])[1]
     calls = CALLS_6_4_3 if cfg.get("dropout") and "chunks" not in cfg else None
     _, after = reference_step(model, images, texts, loss_of(cfg), calls=calls, world=WORLD, seed=SEED)
     return initial, after

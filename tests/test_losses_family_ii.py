@@ -216,7 +216,7 @@ def test_mochi_bad_hyper(hyper, match):
 
 
 def family_rank_results(rank: int, world: int) -> dict:
-    """cacr and mochi (dense and tiled) on this rank's rows of a 12-pair batch with hard negatives and
+    """cacr, mochi and polyview (dense and tiled) on this rank's rows of a 12-pair batch with hard negatives and
     duplicate captions across ranks: value and row gradients."""
     u, v, h = batch(4, 12)
     ids = torch.tensor([0, 1, 2, 0, 3, 4, 1, 5, 6, 0, 7, 8])
@@ -230,6 +230,15 @@ def family_rank_results(rank: int, world: int) -> dict:
             value = loss(leaves[0], leaves[1], negatives=leaves[2], caption_ids=ids[rows],
                          logit_scale=torch.tensor(scale, dtype=F64))
             out[name, tiled] = (value.detach(), *torch.autograd.grad(value, leaves))
+    u, caps = multi_caption_batch(6, 12, 3)                  # polyview: 3 captions a row, shared across ranks
+    cap_ids = torch.arange(36).view(12, 3)
+    cap_ids[7, 2], cap_ids[10, 0] = cap_ids[1, 0], cap_ids[4, 1]
+    for tiled in (False, True):
+        loss = get_loss("polyview", tiled=tiled, tile_size=5)
+        leaves = [t[rows].clone().requires_grad_() for t in (u, caps, h)]
+        value = loss(leaves[0], leaves[1][:, 0], positives=leaves[1][:, 1:], negatives=leaves[2],
+                     caption_ids=cap_ids[rows], logit_scale=torch.tensor(8.0, dtype=F64))
+        out["polyview", tiled] = (value.detach(), *torch.autograd.grad(value, leaves))
     return out
 
 
@@ -261,3 +270,136 @@ def test_mix_negatives_config():
         load_config(None, ["loss.name=mochi", "loss.mix_negatives.s=0", "loss.mix_negatives.s_prime=0"])
     with pytest.raises(ConfigError, match="loss.mix_negatives.n = 'many'"):
         load_config(None, ["loss.name=mochi", "loss.mix_negatives.n=many"])
+
+
+# --------------------------------------------------------------------------------------------- polyview
+def ref_polyview(u, caps, s, ids=None, h=None):
+    """MV-InfoNCE on the image-caption graph, by loops: per instance −log(2·Σ_a e^{s u_i·v_i^a} / (energy of the image's
+    pairs + energy of each caption's pairs)). caps (n, k, D) are row i's k captions; ids (n, k) caption ids (rows
+    sharing any caption are duplicates: not each other's negatives); h (n, m, D) more I→T negatives."""
+    n, k = caps.shape[:2]
+
+    def dup(i, j):
+        return ids is not None and i != j and bool(set(ids[i].tolist()) & set(ids[j].tolist()))
+    total = 0
+    for i in range(n):
+        positives = 2 * sum(torch.exp(s * u[i] @ caps[i, a]) for a in range(k))
+        energy = sum(torch.exp(s * u[i] @ caps[j, a]) for j in range(n) if not dup(i, j) for a in range(k))
+        energy = energy + sum(torch.exp(s * u[i] @ x) for x in ([] if h is None else h.reshape(-1, u.shape[1])))
+        energy = energy + sum(torch.exp(s * caps[i, a] @ u[j]) for a in range(k) for j in range(n) if not dup(i, j))
+        total = total - torch.log(positives / energy)
+    return total / n
+
+
+def multi_caption_batch(seed: int, n: int, k: int, d: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    u = unit(torch.randn(n, d, generator=g, dtype=F64))
+    caps = unit(u.unsqueeze(1) + 0.8 * torch.randn(n, k, d, generator=g, dtype=F64))
+    return u, caps
+
+
+def polyview(u, caps, s, tiled=False, tile_size=3, ids=None, h=None):
+    extra = caps[:, 1:] if caps.shape[1] > 1 else None
+    return get_loss("polyview", tiled=tiled, tile_size=tile_size)(u, caps[:, 0], positives=extra, caption_ids=ids,
+                                                                  negatives=h, logit_scale=torch.tensor(s, dtype=F64))
+
+
+POLYVIEW_K1 = 0.238967752636     # U, V (k = 1), s = 1/0.07 (clip there: 0.238967681578, the directions nearly agree)
+POLYVIEW_UVE = 0.339822333936    # U with captions (V_i, E_i), s = 10
+
+
+def test_polyview_vectors():
+    """docs/losses-family-ii.md's vectors. (1) images e1, e2, each with its own direction twice as captions: by
+    hand 2P = 4e^s, D = (2e^s + 2) + 2(e^s + 1), so L = ln(1 + e^−s). (2) k = 1 on LOSSES.md's U, V at
+    s = 1/0.07, from clip's two LSEs per row computed here with torch. (3) U with captions (V_i, E_i), s = 10."""
+    eye = torch.eye(2, dtype=F64)
+    for s in (0.0, math.log(3), 5.0):
+        want = math.log1p(math.exp(-s))
+        for tiled in (False, True):
+            assert polyview(eye, eye.unsqueeze(1).repeat(1, 2, 1), s, tiled=tiled, tile_size=3).item() == \
+                pytest.approx(want, abs=1e-12)
+        assert ref_polyview(eye, eye.unsqueeze(1).repeat(1, 2, 1), s).item() == pytest.approx(want, abs=1e-12)
+    s = 1 / 0.07
+    logits = s * U @ V.T
+    one = (torch.logaddexp(logits.logsumexp(1), logits.logsumexp(0)) - logits.diag() - math.log(2)).mean().item()
+    assert one == pytest.approx(POLYVIEW_K1, abs=1e-10)
+    assert polyview(U, V.unsqueeze(1), s).item() == pytest.approx(POLYVIEW_K1, abs=1e-10)
+    caps = torch.stack([V, E], 1)
+    assert ref_polyview(U, caps, 10.0).item() == pytest.approx(POLYVIEW_UVE, abs=1e-10)
+    for tiled in (False, True):
+        assert polyview(U, caps, 10.0, tiled=tiled, tile_size=2).item() == pytest.approx(POLYVIEW_UVE, abs=1e-10)
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["dense", "tiled"])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("with_ids", [False, True], ids=["distinct", "duplicates"])
+@pytest.mark.parametrize("with_negatives", [False, True], ids=["pairs", "hard-negatives"])
+def test_polyview_against_float64_reference(tiled, k, with_ids, with_negatives):
+    u, caps = multi_caption_batch(5, 7, k)
+    h = batch(9, 7)[2] if with_negatives else None
+    ids = torch.arange(7 * k).view(7, k) if with_ids else None
+    if with_ids:
+        ids[4, -1] = ids[0, 0]                # rows 0 and 4 share a caption, as do 2 and 6
+        ids[6, 0] = ids[2, -1]
+    leaves = [t.clone().requires_grad_() for t in (u, caps) + ((h,) if with_negatives else ())]
+    want = ref_polyview(*leaves[:2], 6.0, ids=ids, h=leaves[2] if with_negatives else None)
+    want_grads = torch.autograd.grad(want, leaves)
+    leaves = [t.clone().requires_grad_() for t in (u, caps) + ((h,) if with_negatives else ())]
+    got = polyview(*leaves[:2], 6.0, tiled=tiled, ids=ids, h=leaves[2] if with_negatives else None)
+    got_grads = torch.autograd.grad(got, leaves)
+    assert got.item() == pytest.approx(want.item(), abs=1e-12)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    assert got.item() >= 0                    # a probability's −log
+    if with_ids or with_negatives:
+        assert abs(polyview(u, caps, 6.0).item() - got.item()) > 1e-4
+
+
+def test_polyview_refusals():
+    u, caps = multi_caption_batch(0, 4, 2)
+    with pytest.raises(ValueError, match="takes one caption per image"):
+        get_loss("clip")(u, caps[:, 0], positives=caps[:, 1:], logit_scale=10.0)
+    with pytest.raises(ValueError, match=r"positives must be \(4, k-1, 4\)"):
+        get_loss("polyview")(u, caps[:, 0], positives=caps[:2, 1:], logit_scale=10.0)
+
+
+def _loop_steps_mochi(rank: int, world: int, run_dir: str) -> list:
+    """Three steps of the train loop's `train_step` (a real DeepSpeed engine, tiny model, mochi) from a state
+    at step 4; per step: the loss's value and embeddings the step logged."""
+    from pipeline.config import load_config
+    from pipeline.train.checkpoint import TrainState
+    from pipeline.train.engine import Engine
+    from pipeline.train.interrupts import Boundary
+    from pipeline.train.loop import make_loss, train_step
+    from tests.test_train_engine import _tiny
+    cfg = load_config(None, ["eval.schedule='off'", f"run_dir={run_dir}", "loss.name=mochi", "seed=7",
+                             "train.global_batch=8", "cluster.num_workers=1", "train.lr=1e-9", "loss.duplicates=off",
+                             "loss.mix_negatives.n=4", "loss.mix_negatives.s=3", "loss.mix_negatives.s_prime=2"])
+    torch.manual_seed(0)
+    engine = Engine(cfg, _tiny(loss="mochi"), world)
+    loss_fn, weights_from = make_loss(cfg)
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(8, 3, 32, 32, generator=g), "text": torch.randint(1, 100, (8, 16), generator=g)}
+    state, boundary, seen = TrainState(step=4), Boundary(run_dir, notices=False), []
+    for _ in range(3):
+        before = state.step
+        out, _, _ = train_step(engine, batch, loss_fn, weights_from, state, cfg, boundary)
+        seen.append((before, out.loss, out.image, out.text, out.logit_scale))
+    return seen
+
+
+@pytest.mark.slow
+def test_the_train_loop_draws_mochi_mixing_at_each_step(tmp_path):
+    """The loop calls `at_step(step)` before each step: every logged loss is mochi's value at that step's
+    draws (seed 7) on the step's own embeddings, and not the value at a neighbouring step's draws."""
+    from tests.helpers.dist import run_world
+    (seen,) = run_world(_loop_steps_mochi, 1, str(tmp_path))
+    assert [s[0] for s in seen] == [4, 5, 6]
+    for step, value, image, text, scale in seen:
+        loss = get_loss("mochi", n=4, s=3, s_prime=2, seed=7)
+        values = {}
+        for k in (step - 1, step, step + 1):
+            loss.at_step(k)
+            values[k] = loss(image, text, logit_scale=scale).item()
+        assert value.item() == pytest.approx(values[step], abs=1e-5)
+        assert min(abs(values[step] - values[k]) for k in (step - 1, step + 1)) > 1e-4

@@ -1,8 +1,9 @@
 """What makes a sample usable: one set of rules for pack, the stream, inspect and the eval sets.
 
 A sample is the members of one key in a shard: an image (``KEY.jpg|jpeg|png|webp``), a caption
-(``KEY.txt``: UTF-8, not blank; one caption a line where there are several) and optional metadata
-(``KEY.json``, e.g. ``{"label": 3}``) and an optional class label (``KEY.cls``: the class index as
+(``KEY.txt``: UTF-8, not blank; one caption a line where there are several; without it, a JSON
+``"captions"`` list of non-blank strings) and optional metadata (``KEY.json``, e.g. ``{"label": 3}``)
+and an optional class label (``KEY.cls``: the class index as
 ASCII digits, CLIP_benchmark's convention; a ``"label"`` in the JSON is read the same way, and the two
 must agree when both are there). `validate_sample` applies the checks that need no decoding;
 decoding (`transforms.decode_image`) adds ``corrupt_image`` and ``too_many_pixels``. Every failure is
@@ -125,10 +126,24 @@ def validate_sample(key: str, members: dict[str, bytes], shard: str, caption_req
     if not image:
         raise BadSample("corrupt_image", "zero bytes")
     caption = None
-    if caption_required or "txt" in members:
-        caption = decode_caption(members.get("txt"))
     meta = decode_meta(members.get("json"))
+    listed = json_captions(meta) if "txt" not in members else None
+    if listed is not None:
+        caption = listed
+    elif caption_required or "txt" in members:
+        caption = decode_caption(members.get("txt"))
     return Sample(key, image, caption, meta, shard_name(shard), sample_label(members, meta))
+
+
+def json_captions(meta: Optional[dict]) -> Optional[str]:
+    """A JSON ``"captions"`` list as the lines of a caption (None without one); BadSample("bad_captions") when
+    it is not a non-empty list of non-blank strings. A caption's own line breaks become spaces."""
+    if not isinstance(meta, dict) or "captions" not in meta:
+        return None
+    listed = meta["captions"]
+    if not isinstance(listed, list) or not listed or any(not isinstance(c, str) or not c.strip() for c in listed):
+        raise BadSample("bad_captions", "the JSON's \"captions\" must be a non-empty list of non-blank strings")
+    return "\n".join(" ".join(c.split()) for c in listed)
 
 
 def shard_name(url: str) -> str:

@@ -134,13 +134,26 @@ class Row:
     meta: Optional[dict]
     label: int = -1                        # its class (KEY.cls or the JSON's "label"); −1: none
     source: str = DEFAULT_SOURCE
+    more: list[str] = field(default_factory=list)   # data.captions_per_image = k > 1: captions 2..k of the row
 
 
-def decode_row(sample: Sample, size: int, rng: random.Random) -> Row:
+def choose_captions(lines: Sequence[str], k: int, rng: random.Random) -> list[str]:
+    """k of a sample's caption lines: k distinct ones at random when it has k or more; when it has fewer, all
+    of them in a shuffled order, repeated in that cycle up to k (every caption used, none left out)."""
+    if len(lines) >= k:
+        return rng.sample(list(lines), k)
+    order = rng.sample(list(lines), len(lines))
+    return [order[i % len(order)] for i in range(k)]
+
+
+def decode_row(sample: Sample, size: int, rng: random.Random, captions: int = 1) -> Row:
     """The one seam from a validated sample to a row: decode with the train transform, pick one
-    caption line at random."""
-    return Row(sample.key, decode_image(sample.image, size, rng), sample.caption,
-               rng.choice(sample.caption_lines()), sample.meta, -1 if sample.label is None else sample.label)
+    caption line at random (`captions` = k > 1: k of them, `choose_captions`)."""
+    image = decode_image(sample.image, size, rng)
+    lines = sample.caption_lines()
+    chosen = [rng.choice(lines)] if captions == 1 else choose_captions(lines, captions, rng)
+    return Row(sample.key, image, sample.caption, chosen[0], sample.meta,
+               -1 if sample.label is None else sample.label, more=chosen[1:])
 
 
 @dataclass(frozen=True)
@@ -149,12 +162,13 @@ class ImageTextRows:
     (`validate`), a decoded row (`decode`, with the sample's own seeded rng) and rows a batch (`collate`).
     This one is image-caption samples; `text_pairs.TextPairRows` is the other (`data.format`)."""
     image_size: int = 64
+    captions_per_image: int = 1            # k > 1: each row carries k captions (batch "more_text", polyview)
 
     def validate(self, key: str, members: dict[str, bytes], shard: str) -> Sample:
         return validate_sample(key, members, shard)
 
     def decode(self, sample: Sample, rng: random.Random) -> Row:
-        return decode_row(sample, self.image_size, rng)
+        return decode_row(sample, self.image_size, rng, self.captions_per_image)
 
     def collate(self, rows: Sequence[Row], tokenizer: Tokenizer) -> dict[str, Any]:
         return collate(rows, tokenizer)
@@ -307,7 +321,8 @@ class VirtualStream:
 # -------------------------------------------------------------------------------------- batches
 def collate(rows: Sequence[Row], tokenizer: Tokenizer) -> dict[str, Any]:
     """Rows → the batch dict: key, image, text, caption, caption_id (equal ids: identical captions),
-    source, and label / meta when the shards carry them."""
+    source, and label / meta when the shards carry them. Rows with k > 1 captions add "more_text"
+    (n, k−1, L), the tokens of captions 2..k, and their caption_id is (n, k)."""
     batch: dict[str, Any] = {
         "key": [r.key for r in rows],
         "image": to_tensor([r.image for r in rows]),
@@ -316,6 +331,11 @@ def collate(rows: Sequence[Row], tokenizer: Tokenizer) -> dict[str, Any]:
         "caption_id": torch.tensor([caption_id(r.text) for r in rows], dtype=torch.long),
         "source": [r.source for r in rows],
     }
+    if rows and rows[0].more:
+        more = tokenizer([t for r in rows for t in r.more])
+        batch["more_text"] = more.view(len(rows), len(rows[0].more), -1)
+        batch["caption_id"] = torch.tensor([[caption_id(t) for t in (r.text, *r.more)] for r in rows],
+                                           dtype=torch.long)
     metas = [r.meta for r in rows]
     if any(m is not None for m in metas):
         batch["meta"] = metas
@@ -591,18 +611,23 @@ class StreamOptions:
     streams: int = 0                           # virtual streams S; 0: chosen from the global batch
     format: str = IMAGE_TEXT                   # or "text_pairs": queries, positives, hard negatives
     hard_negatives: int = 0                    # text pairs: hard negatives per row in a batch
+    captions_per_image: int = 1                # image-caption samples: captions per row in a batch
 
     @classmethod
     def from_config(cls, d: DataConfig) -> StreamOptions:
         return cls(image_size=d.image_size, context_length=d.context_length, tokenizer=d.tokenizer,
                    shuffle_buffer=d.shuffle_buffer, resampled=d.resampled, max_bad_fraction=d.max_bad_fraction,
-                   allow_pipe=d.allow_pipe, streams=d.streams, format=d.format, hard_negatives=d.hard_negatives)
+                   allow_pipe=d.allow_pipe, streams=d.streams, format=d.format, hard_negatives=d.hard_negatives,
+                   captions_per_image=d.captions_per_image)
 
 
 def row_codec(o: StreamOptions) -> Codec:
     """The sample format's codec (`ImageTextRows` is the seam's documentation)."""
     if o.format == IMAGE_TEXT:
-        return ImageTextRows(o.image_size)
+        if isinstance(o.captions_per_image, bool) or not isinstance(o.captions_per_image, int) \
+                or o.captions_per_image < 1:
+            raise DataError(f"data.captions_per_image = {o.captions_per_image!r}: expected an integer >= 1")
+        return ImageTextRows(o.image_size, o.captions_per_image)
     if o.format == TEXT_PAIRS:
         if o.hard_negatives < 0:
             raise DataError(f"data.hard_negatives = {o.hard_negatives}: expected 0 or more per row")

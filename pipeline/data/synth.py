@@ -182,14 +182,21 @@ def _pair_label(a: tuple[str, str], relation: str, b: tuple[str, str]) -> int:
     return n + (ALL_COMBOS.index(a) * 2 + rel_bit) * n + ALL_COMBOS.index(b)
 
 
-def train_sample(seed: int, index: int, size: int) -> tuple[bytes, str, dict]:
-    """One training pair: (JPEG, caption, metadata with a scene label). Held-out combos never appear."""
+def train_sample(seed: int, index: int, size: int, captions: int = 1) -> tuple[bytes, str, dict]:
+    """One training pair: (JPEG, caption, metadata with a scene label). Held-out combos never appear.
+    `captions` > 1: that many lines, the first as with one, the others the same scene in other phrasings
+    (drawn from their own RNG stream, so the first line and the image do not change)."""
     rng = random.Random(f"{seed}/train/{index}")
+    more = random.Random(f"{seed}/train/{index}/captions")
     bg = rng.choice(BACKGROUNDS)
+
+    def lines(first: str, phrases: tuple[str, ...], **fields: str) -> str:
+        others = [p for p in phrases if p != first]
+        return "\n".join(p.format(**fields) for p in [first] + more.sample(others, min(captions - 1, len(others))))
     if rng.random() < SINGLE_FRACTION:
         combo = rng.choice(SEEN)
         obj, z = _single(rng, combo, size)
-        caption = rng.choice(SINGLE_PHRASES).format(o=classname(combo), z=z, b=bg)
+        caption = lines(rng.choice(SINGLE_PHRASES), SINGLE_PHRASES, o=classname(combo), z=z, b=bg)
         return render([obj], bg, size, rng, seed), caption, {"label": ALL_COMBOS.index(combo)}
     a, b = _two_combos(rng, SEEN)
     relation = rng.choice(RELATIONS)
@@ -198,7 +205,8 @@ def train_sample(seed: int, index: int, size: int) -> tuple[bytes, str, dict]:
         caption_a, caption_r, caption_b = b, FLIPPED[relation], a
     else:
         caption_a, caption_r, caption_b = a, relation, b
-    caption = rng.choice(PAIR_PHRASES).format(a=classname(caption_a), r=caption_r, b=classname(caption_b), g=bg)
+    caption = lines(rng.choice(PAIR_PHRASES), PAIR_PHRASES, a=classname(caption_a), r=caption_r,
+                    b=classname(caption_b), g=bg)
     return render(objects, bg, size, rng, seed), caption, {"label": _pair_label(a, relation, b)}
 
 
@@ -238,21 +246,22 @@ def _members(jpeg: bytes, caption: str, meta: Optional[dict], label_as_cls: bool
     return members
 
 
-def _render_range(split: str, seed: int, start: int, stop: int, size: int) -> list[tuple[bytes, str, Optional[dict]]]:
+def _render_range(split: str, seed: int, start: int, stop: int, size: int,
+                  captions: int = 1) -> list[tuple[bytes, str, Optional[dict]]]:
     if split == "train":
-        return [train_sample(seed, i, size) for i in range(start, stop)]
+        return [train_sample(seed, i, size, captions) for i in range(start, stop)]
     return [eval_sample(split, seed, i, size) for i in range(start, stop)]
 
 
 def _write_split(writer: ShardWriter, split: str, n: int, seed: int, size: int, workers: int,
-                 progress: bool) -> list[str]:
+                 progress: bool, phrasings: int = 1) -> list[str]:
     """Render `n` samples of a split (``train`` or an eval set's name) into `writer`; returns the captions."""
     ranges = [(i, min(i + writer.shard_size, n)) for i in range(0, n, writer.shard_size)]
     captions: list[str] = []
     extra = {"created_by": "contrast data synth", "split": split, "seed": seed, "image_size": size}
     bar = progress_bar(total=n, enabled=progress, desc=f"synth {split}", unit="sample", leave=False)
     with writer, ProcessPoolExecutor(workers) if workers > 1 else _Inline() as pool:
-        chunks = pool.map(_render_range, *zip(*[(split, seed, a, b, size) for a, b in ranges]))
+        chunks = pool.map(_render_range, *zip(*[(split, seed, a, b, size, phrasings) for a, b in ranges]))
         for (start, _), chunk in zip(ranges, chunks):
             for i, (jpeg, caption, meta) in enumerate(chunk):
                 writer.write(f"{start + i:08d}", _members(jpeg, caption, meta, label_as_cls=split != "train"))
@@ -277,14 +286,16 @@ class _Inline:
 
 
 def synthesize(out: str, samples: int, *, eval_samples: int = 1000, image_size: int = 64, shard_size: int = 1000,
-               seed: int = 0, workers: int = 1, vocab_size: int = 1024, progress: bool = True) -> dict:
+               seed: int = 0, workers: int = 1, vocab_size: int = 1024, progress: bool = True,
+               captions: int = 1) -> dict:
     """Write `out/train` (shards, manifest.json, tokenizer.json) and `out/eval/<set>` for EVAL_SETS.
 
     Each eval set is in CLIP_benchmark's layout (see `pipeline.data.evalsets`), so CLIP_benchmark reads it
     as it is: zero-shot sets are classification sets (labels in ``KEY.cls``), retrieval sets hold one
     caption a line. The relation set is a retrieval set to CLIP_benchmark (it scores the true captions)
     with our extra ``KEY.json`` {"swapped": caption}, which CLIP_benchmark does not read. A copy of the
-    train tokenizer.json sits in each set, so each set stands alone.
+    train tokenizer.json sits in each set, so each set stands alone. `captions` > 1 gives every training
+    sample that many phrasings, one a line (for data.captions_per_image).
     """
     if samples < 1 or eval_samples < 1:
         raise ValueError(f"samples = {samples}, eval_samples = {eval_samples}: expected at least 1 of each")
@@ -292,8 +303,11 @@ def synthesize(out: str, samples: int, *, eval_samples: int = 1000, image_size: 
         raise ValueError(f"image_size = {image_size}: expected at least 16 pixels for recognisable shapes")
     out = str(out).rstrip("/")
     train_dir = storage.join(out, DATASET_TRAIN)
-    captions = _write_split(ShardWriter(train_dir, shard_size), "train", samples, seed, image_size, workers, progress)
-    corpus = captions + [t.format(c=classname(c)) for t in ZEROSHOT_TEMPLATES for c in ALL_COMBOS]
+    if captions < 1:
+        raise ValueError(f"captions = {captions}: expected at least 1 per training sample")
+    written = _write_split(ShardWriter(train_dir, shard_size), "train", samples, seed, image_size, workers, progress,
+                           captions)
+    corpus = written + [t.format(c=classname(c)) for t in ZEROSHOT_TEMPLATES for c in ALL_COMBOS]
     tokenizer = train_tokenizer(corpus, vocab_size=vocab_size)
     tokenizer.save(storage.join(train_dir, TOKENIZER))
     for name in EVAL_SETS:

@@ -54,6 +54,8 @@ class Pairs:
     weights: Optional[Tensor]   # (n, D') `weights_from` rows, detached
     all_weights: Optional[Tensor]
     H: Optional[Tensor] = None  # (N·k, D) all ranks' hard negatives, row-major by owner row, with gradient
+    x: Optional[Tensor] = None  # (n, k−1, D) this rank's further positives (captions 2..k of each row; polyview)
+    X: Optional[Tensor] = None  # (N·(k−1), D) all ranks' further positives, row-major by owner row, with gradient
 
     @property
     def candidates(self) -> Tensor:
@@ -110,29 +112,38 @@ class Views:
         return torch.cat([self.z[n:], self.z[:n]])
 
 
-def gather_rows(u: Tensor, v: Tensor, h: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """All ranks' rows of u, v and the hard negatives h (n, k, D) (rank-major), with gradient, in one
-    collective; the hard negatives come back flat (N·k, D), each row's k in a block at row·k."""
+def gather_rows(u: Tensor, v: Tensor, *blocks: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    """All ranks' rows of u, v and of each (n, k, D) block (hard negatives, further positives), rank-major,
+    with gradient, in one collective; a block comes back flat (N·k, D), each row's k in a block at row·k
+    (None stays None)."""
     d = u.shape[1]
     if not is_distributed():
-        return u, v, None if h is None else h.reshape(-1, d)
-    parts = [u, v] + ([] if h is None else [h.reshape(h.shape[0], -1)])
-    U, V, *H = all_gather_with_grad(torch.cat(parts, 1)).split([d, d, *([] if h is None else [h.shape[1] * d])], 1)
-    return U, V, (H[0].reshape(-1, d) if H else None)
+        return (u, v, *(None if b is None else b.reshape(-1, d) for b in blocks))
+    given = [b for b in blocks if b is not None]
+    parts = [u, v] + [b.reshape(b.shape[0], -1) for b in given]
+    U, V, *flat = all_gather_with_grad(torch.cat(parts, 1)).split([d, d, *(b.shape[1] * d for b in given)], 1)
+    flat = iter(f.reshape(-1, d) for f in flat)
+    return (U, V, *(None if b is None else next(flat) for b in blocks))
 
 
-def duplicate_groups(ids: Tensor) -> Tensor:
+def duplicate_groups(ids: Tensor, across_columns: bool = False) -> Tensor:
     """(N,) group of each pair of the global batch from its ids, (N,) or (N, m): pairs sharing an id in
-    any column are in one group, transitively (a text pair's query or positive). Groups are numbered
+    any column are in one group, transitively (a text pair's query or positive). With `across_columns`
+    an id matches in any other column too (the k captions of a row, polyview). Groups are numbered
     from 0 (the smallest member's index), so no group is negative."""
     columns = ids.reshape(ids.shape[0], -1)
-    inverses = [torch.unique(columns[:, c], return_inverse=True)[1] for c in range(columns.shape[1])]
+    if across_columns:             # one id space, every (row, column) entry scattered at once
+        inverses = [torch.unique(columns, return_inverse=True)[1].reshape(columns.shape)]
+    else:
+        inverses = [torch.unique(columns[:, c], return_inverse=True)[1][:, None] for c in range(columns.shape[1])]
     groups = torch.arange(ids.shape[0], device=ids.device)
     while True:
         merged = groups
         for inverse in inverses:       # every pair takes the smallest group among those sharing this id
-            smallest = torch.full_like(groups, ids.shape[0]).scatter_reduce(0, inverse, merged, "amin")
-            merged = smallest[inverse]
+            spread = merged[:, None].expand_as(inverse)
+            smallest = groups.new_full((int(inverse.max()) + 1,), ids.shape[0])
+            smallest = smallest.scatter_reduce(0, inverse.flatten(), spread.flatten(), "amin")
+            merged = smallest[inverse].amin(1)
         if torch.equal(merged, groups):
             return groups
         groups = merged
@@ -203,6 +214,7 @@ class ContrastiveLoss(nn.Module):
     uses_weights = False        # cwcl: `weights_from` is required
     masks_duplicates = True     # whether `caption_ids` take duplicate captions out of the negatives
     fixed_temperature = False   # cacr: the scale is a hyper-parameter; loss.learn_temperature must be false
+    multi_positive = False      # polyview: takes several captions per image (`positives=`)
 
     def __init__(self, tiled: bool = False, tile_size: int = 1024) -> None:
         super().__init__()
@@ -223,18 +235,19 @@ class ContrastiveLoss(nn.Module):
     def forward(self, image: Tensor, text: Tensor, *, logit_scale: Tensor | float,
                 logit_bias: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 weights_from: Optional[Tensor] = None, negatives: Optional[Tensor] = None,
-                caption_ids: Optional[Tensor] = None) -> Tensor:
+                caption_ids: Optional[Tensor] = None, positives: Optional[Tensor] = None) -> Tensor:
         """The loss; with `caption_ids` (one integer per pair, equal for identical captions, or (n, m) integers
         per pair where sharing any one makes two pairs duplicates) pairs with the same caption are not each
-        other's negatives. Pass them on every rank or on none."""
+        other's negatives. Pass them on every rank or on none. `positives` (n, k−1, D): captions 2..k of each
+        row, for a loss that takes several (`multi_positive`; `text` is caption 1), the same k on every rank."""
         return self.compute(self._pairs(image, text, logit_scale, logit_bias, labels, weights_from, negatives,
-                                        caption_ids))
+                                        caption_ids, positives))
 
     def compute(self, p: Pairs) -> Tensor:
         raise NotImplementedError
 
     def _pairs(self, image, text, logit_scale, logit_bias, labels, weights_from, negatives=None,
-               caption_ids=None) -> Pairs:
+               caption_ids=None, positives=None) -> Pairs:
         """Check the call, cast to the compute dtype and gather all ranks' rows."""
         name = f"loss {self.name!r}"
         if image.ndim != 2 or image.shape != text.shape:
@@ -272,8 +285,16 @@ class ContrastiveLoss(nn.Module):
             raise ValueError(f"{name}: caption_ids must be an integer tensor of shape ({n},) or ({n}, m), "
                              f"got {caption_ids.dtype} {tuple(caption_ids.shape)}")
 
+        if positives is not None and not self.multi_positive:
+            raise ValueError(f"{name}: takes one caption per image (positives= is for polyview; "
+                             f"data.captions_per_image: 1)")
+        if positives is not None and (positives.ndim != 3 or positives.shape[0] != n
+                                      or positives.shape[2] != image.shape[1] or positives.shape[1] < 1):
+            raise ValueError(f"{name}: positives must be ({n}, k-1, {image.shape[1]}) with k >= 2 captions per "
+                             f"row, got {tuple(positives.shape)}")
         u, v = image.to(dtype), text.to(dtype)
-        U, V, H = gather_rows(u, v, None if negatives is None else negatives.to(dtype))
+        x = None if positives is None else positives.to(dtype)
+        U, V, H, X = gather_rows(u, v, None if negatives is None else negatives.to(dtype), x)
         if U.shape[0] < 2:
             raise ValueError(f"{name}: needs at least 2 pairs in the global batch, got {U.shape[0]}")
         mine = local_rows(n)
@@ -285,9 +306,9 @@ class ContrastiveLoss(nn.Module):
             all_weights = all_gather(weights)
         ids = all_ids = None
         if caption_ids is not None and self.masks_duplicates:
-            all_ids = duplicate_groups(all_gather(caption_ids.to(image.device)))
+            all_ids = duplicate_groups(all_gather(caption_ids.to(image.device)), across_columns=self.multi_positive)
             ids = all_ids[rows]
         return Pairs(u=u, v=v, U=U, V=V, rows=rows,
                      scale=scale.reshape(()), bias=None if bias is None else bias.reshape(()),
                      labels=labels, all_labels=all_labels, weights=weights, all_weights=all_weights,
-                     ids=ids, all_ids=all_ids, H=H)
+                     ids=ids, all_ids=all_ids, H=H, x=x, X=X)

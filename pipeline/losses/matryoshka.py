@@ -40,6 +40,7 @@ class Matryoshka(nn.Module):
     uses_weights = property(lambda self: self.loss.uses_weights)
     default_temperature = property(lambda self: self.loss.default_temperature)
     masks_duplicates = property(lambda self: self.loss.masks_duplicates)
+    multi_positive = property(lambda self: self.loss.multi_positive)
 
     def extra_repr(self) -> str:
         return f"dims={self.dims}"
@@ -47,11 +48,12 @@ class Matryoshka(nn.Module):
     def forward(self, image: Tensor, text: Tensor, *, logit_scale: Tensor | float,
                 logit_bias: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 weights_from: Optional[Tensor] = None, negatives: Optional[Tensor] = None,
-                caption_ids: Optional[Tensor] = None) -> Tensor:
+                caption_ids: Optional[Tensor] = None, positives: Optional[Tensor] = None) -> Tensor:
         if max(self.dims) > image.shape[-1]:
             raise ValueError(f"matryoshka_dims = {self.dims}: the embeddings have only {image.shape[-1]} dimensions; "
                              f"use sizes up to {image.shape[-1]}")
         return sum(self.loss(truncate(image, d), truncate(text, d), logit_scale=logit_scale, logit_bias=logit_bias,
                              labels=labels, weights_from=weights_from, caption_ids=caption_ids,
-                             negatives=None if negatives is None else truncate(negatives, d))
+                             negatives=None if negatives is None else truncate(negatives, d),
+                             positives=None if positives is None else truncate(positives, d))
                    for d in self.dims)

@@ -16,12 +16,13 @@ from pipeline.losses.dcl import DclLoss, DclwLoss
 from pipeline.losses.hcl import HclLoss
 from pipeline.losses.matryoshka import Matryoshka
 from pipeline.losses.mochi import MochiLoss
+from pipeline.losses.polyview import PolyviewLoss
 from pipeline.losses.siglip import SiglipLoss
 from pipeline.losses.supcon import SupConLoss, TclLoss
 
 _LOSSES: dict[str, type[ContrastiveLoss]] = {
     cls.name: cls for cls in (ClipLoss, SiglipLoss, SupConLoss, TclLoss, DclLoss, DclwLoss, HclLoss, CwclLoss,
-                              ClipGapLoss, CacrLoss, MochiLoss)
+                              ClipGapLoss, CacrLoss, MochiLoss, PolyviewLoss)
 }
 LOSS_NAMES: tuple[str, ...] = tuple(_LOSSES)
 
@@ -69,7 +70,7 @@ def uses_bias(name: str) -> bool:
 def check_loss_config(cfg: Config) -> list[str]:
     """`loss.name` and its hyper-parameters resolve; a loss weighted by a frozen reference tower
     (cwcl) has exactly one tower locked whole; a loss whose scale is a fixed temperature (cacr) is not
-    asked to learn it."""
+    asked to learn it; several captions per image go to a loss that takes them (polyview)."""
     loss = cfg.loss
     if loss.name not in _LOSSES:
         return [cfg.problem("loss.name", "one of " + ", ".join(LOSS_NAMES))]
@@ -80,6 +81,11 @@ def check_loss_config(cfg: Config) -> list[str]:
     if _LOSSES[loss.name].fixed_temperature and loss.learn_temperature:
         return [f"loss.name = {loss.name!r} (from {cfg.origin('loss.name')}) uses the logit scale as a fixed "
                 f"temperature (learned, it would only fall to its clamp): set loss.learn_temperature: false"]
+    k = cfg.data.captions_per_image
+    if isinstance(k, int) and not isinstance(k, bool) and k > 1 and not _LOSSES[loss.name].multi_positive:
+        several = ", ".join(n for n, c in _LOSSES.items() if c.multi_positive)
+        return [f"data.captions_per_image = {k} (from {cfg.origin('data.captions_per_image')}): loss.name = "
+                f"{loss.name!r} takes one caption per image; use {several}, or data.captions_per_image: 1"]
     frozen = cfg.model.frozen_towers()
     if _LOSSES[loss.name].uses_weights and len(frozen) != 1:
         return [f"loss.name = {loss.name!r} (from {cfg.origin('loss.name')}) weights pairs by a frozen reference "

@@ -208,7 +208,8 @@ class Engine:
         """Forward and backward of this rank's batch through the gradient cache (`gradcache.chunk_size`).
         A text-pair batch (queries, positives, hard negatives) fills the model's two slots in that order.
         With `loss.duplicates: mask`, the batch's caption ids take duplicate captions out of the negatives
-        (a text pair's are (n, 2): its query's and its positive's)."""
+        (a text pair's are (n, 2): its query's and its positive's; a row with k captions: (n, k), its captions 2..k
+        in "more_text")."""
         chunk, text_chunk = self.chunks
         if self.mask_duplicates and "caption_id" not in batch:
             raise ValueError("loss.duplicates = 'mask' needs the batch's 'caption_id' (one id per row, as the data "
@@ -218,7 +219,7 @@ class Engine:
                                 chunk_size=chunk, text_chunk_size=text_chunk, weights_from=weights_from,
                                 backward=DeepSpeedBackward(self.ds), negatives=batch.get("neg"),
                                 caption_ids=batch["caption_id"] if self.mask_duplicates else None,
-                                caption=self.caption)
+                                caption=self.caption, positives=batch.get("more_text"))
 
     def step(self) -> float:
         """Optimizer step (clipping, schedule), then the logit-scale clamp; returns the pre-clip grad norm."""

@@ -101,7 +101,7 @@ def step_scalars(out: StepOutput, batch: dict[str, Any], *, lr: float, grad_norm
     scalars.update(meter.window())
     scalars["perf/peak_memory_gb"] = float(all_reduce_max(torch.tensor(peak_memory_gb())))
     scalars.update(data_scalars(data))
-    scalars["data/duplicate_rate"] = duplicate_rate(batch["caption_id"])
+    scalars["data/duplicate_rate"] = duplicate_rate(batch["caption_id"], across_columns="more_text" in batch)
     return scalars
 
 
@@ -123,10 +123,12 @@ def data_scalars(stats: dict[str, Any]) -> dict[str, float]:
     return scalars
 
 
-def duplicate_rate(caption_ids: torch.Tensor) -> float:
+def duplicate_rate(caption_ids: torch.Tensor, across_columns: bool = False) -> float:
     """The fraction of the global batch's rows that another row duplicates (the same caption id; for
-    text pairs, (n, 2) ids: the same query or positive), the rows the loss masks (a collective)."""
-    _, inverse, counts = torch.unique(duplicate_groups(all_gather(caption_ids)), return_inverse=True,
+    text pairs, (n, 2) ids: the same query or positive; rows of k captions, `across_columns`: any shared
+    caption), the rows the loss masks (a collective)."""
+    groups = duplicate_groups(all_gather(caption_ids), across_columns=across_columns)
+    _, inverse, counts = torch.unique(groups, return_inverse=True,
                                       return_counts=True)
     return float((counts[inverse] > 1).float().mean())
 

@@ -43,8 +43,12 @@ log = get_logger("cli")
 # ------------------------------------------------------------------------------------- handlers
 def cmd_data_synth(args: argparse.Namespace) -> int:
     summary = synthesize(args.out, args.samples, eval_samples=args.eval_samples, image_size=args.image_size,
-                         shard_size=args.shard_size, seed=args.seed, workers=args.workers, progress=not args.quiet)
+                         shard_size=args.shard_size, seed=args.seed, workers=args.workers, progress=not args.quiet,
+                         noise=args.noise, duplicates=args.duplicates)
     print(f"train: {summary['train']} ({summary['samples']} samples, tokenizer.json beside the manifest)")
+    if summary["planted"]:
+        print("planted noise: " + ", ".join(f"{n} {k}" for k, n in sorted(summary["planted"].items()))
+              + " (train/planted_noise.json)")
     for name, url in summary["eval"].items():
         print(f"eval {name}: {url}")
     print("held out of training: " + ", ".join(summary["held_out"]))
@@ -297,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--shard-size", type=_positive_int, default=1000, help="samples per shard (default 1000)")
     synth.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     synth.add_argument("--workers", type=int, default=1, help="rendering processes (default 1)")
+    synth.add_argument("--noise", type=float, default=0.0,
+                       help="fraction of training pairs whose caption is replaced by another pair's (default 0)")
+    synth.add_argument("--duplicates", type=float, default=0.0,
+                       help="fraction of training pairs that are copies of another pair (default 0); what was "
+                            "planted is in each sample's json and train/planted_noise.json")
     synth.set_defaults(func=cmd_data_synth)
 
     pack = dsub.add_parser("pack", help="pack a folder, CSV, parquet or img2dataset output into shards",

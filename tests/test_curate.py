@@ -179,3 +179,25 @@ def test_filter_counts_match_pandas_and_lineage(pool, local_ray, tmp_path):
     decisions = pq.read_table(tmp_path / "out" / "decisions.parquet").to_pandas()
     assert (decisions.dropped_by.to_numpy() == select(read_pool(sorted(map(str, emb.glob("*.parquet")))),
                                                       rules).astype(str)).all()
+
+
+def test_planted_quality_arithmetic():
+    """Precision/recall against planted noise, counted by hand on a small pool."""
+    from pipeline.curate.quality import planted_quality
+    planted = {"s1": {"noise": "caption", "source": "x"}, "s2": {"noise": "caption", "source": "x"},
+               "s3": {"noise": "caption", "source": "x"}, "s4": {"noise": "caption", "source": "x"},
+               # group a: a + 2 copies (2 redundant); group b: b + 1 copy, b dropped by score first (0 redundant)
+               "a1": {"noise": "duplicate", "source": "a"}, "a2": {"noise": "duplicate", "source": "a"},
+               "b1": {"noise": "duplicate", "source": "b"}}
+    dropped_by = {"s1": "top_fraction", "s2": "min_score", "s3": "", "s4": "dedup", "c1": "top_fraction",
+                  "a": "", "a1": "dedup", "a2": "dedup", "b": "top_fraction", "b1": "", "c2": "dedup", "c3": ""}
+    q = planted_quality(dropped_by, planted)
+    score, dedup = q["rules"]["score"], q["rules"]["dedup"]
+    # score rules dropped s1, s2, c1, b: 2 of them swapped, of 4 swapped
+    assert (score["dropped"], score["precision"], score["recall"]) == (4, 0.5, 0.5)
+    # dedup dropped s4, a1, a2, c2: 2 correct (group a), 2 redundant
+    assert (dedup["planted"], dedup["dropped"], dedup["precision"], dedup["recall"]) == (2, 4, 0.5, 1.0)
+    assert q["kept"] == 4 and q["swapped_in_kept"] == 0.25 and q["swapped_in_pool"] == 4 / 12
+    # a group whose copies are all dropped by dedup, original too: only A - 1 count as correct
+    q = planted_quality({"a": "dedup", "a1": "dedup"}, {"a1": {"noise": "duplicate", "source": "a"}})
+    assert q["rules"]["dedup"]["precision"] == 0.5 and q["rules"]["dedup"]["recall"] == 1.0

@@ -182,3 +182,53 @@ def test_several_phrasings_keep_the_first_line_and_the_image():
         assert len(lines) == len(set(lines)) == 3
         names = re.findall(r"(?:" + "|".join(COLOURS) + r") (?:" + "|".join(SHAPES) + ")", one)
         assert names and all(n in line for line in lines for n in names)
+
+
+def _samples(train_dir) -> dict[str, dict[str, bytes]]:
+    """key -> {ext: bytes} over all the shards of a synthesised train split."""
+    out: dict[str, dict[str, bytes]] = {}
+    for shard in sorted(train_dir.glob("*.tar")):
+        for name, data in tar_members(shard).items():
+            key, ext = name.split(".", 1)
+            out.setdefault(key, {})[ext] = data
+    return out
+
+
+def test_planted_noise(tmp_path):
+    """--noise / --duplicates: the planted rates within a binomial tolerance, the flags (json and
+    planted_noise.json) exactly the pairs that differ from the clean pair, deterministic from the seed."""
+    n, size, noise, dups = 800, 32, 0.3, 0.1
+    args = ["-q", "data", "synth", "--samples", str(n), "--eval-samples", "8", "--shard-size", "200",
+            "--image-size", str(size), "--seed", "3", "--noise", str(noise), "--duplicates", str(dups)]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    a, b = _samples(tmp_path / "a" / "train"), _samples(tmp_path / "b" / "train")
+    assert a == b                                                   # deterministic from the seed
+    planted = json.loads((tmp_path / "a" / "train" / "planted_noise.json").read_text())
+    kinds = [p["noise"] for p in planted.values()]
+    for kind, rate in (("caption", noise), ("duplicate", dups)):
+        tol = 4 * (rate * (1 - rate) / n) ** 0.5
+        assert abs(kinds.count(kind) / n - rate) <= tol, (kind, kinds.count(kind))
+    clean = {f"{i:08d}": train_sample(3, i, size) for i in range(n)}
+    for key, members in a.items():
+        meta = json.loads(members["json"])
+        caption = members["txt"].decode()
+        jpeg, clean_caption, clean_meta = clean[key]
+        if key not in planted:
+            assert "noise" not in meta and caption == clean_caption and members["jpg"] == jpeg
+            continue
+        kind, source = planted[key]["noise"], planted[key]["source"]
+        assert meta["noise"] == kind and f"{meta['source']:08d}" == source and source != key
+        assert source in clean and planted.get(source, {}).get("noise") != "duplicate"
+        src_jpeg, src_caption, src_meta = clean[source]
+        if kind == "caption":                     # own image (and label), another scene's caption
+            assert members["jpg"] == jpeg and meta["label"] == clean_meta["label"]
+            assert caption == src_caption != clean_caption
+            assert src_meta["label"] != clean_meta["label"]
+        else:                                     # a copy of the source pair
+            assert members["jpg"] == src_jpeg and caption == src_caption and meta["label"] == src_meta["label"]
+
+
+def test_noise_rejects_bad_rates(tmp_path):
+    with pytest.raises(ValueError, match="fractions"):
+        synthesize(str(tmp_path / "x"), 10, eval_samples=1, noise=0.7, duplicates=0.4, progress=False)

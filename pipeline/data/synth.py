@@ -12,6 +12,7 @@ import io
 import json
 import math
 import random
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -54,6 +55,7 @@ FLIPPED = {"left of": "right of", "right of": "left of", "above": "below", "belo
 EVAL_SETS = ("zeroshot_seen", "zeroshot_heldout", "retrieval", "relation")
 SINGLE_FRACTION = 0.6                      # of training samples with one object (the rest: two)
 JPEG_QUALITY = 90
+PLANTED = "planted_noise.json"      # train/planted_noise.json: the planted noise by key
 
 
 def classname(combo: tuple[str, str]) -> str:
@@ -182,8 +184,9 @@ def _pair_label(a: tuple[str, str], relation: str, b: tuple[str, str]) -> int:
     return n + (ALL_COMBOS.index(a) * 2 + rel_bit) * n + ALL_COMBOS.index(b)
 
 
-def train_sample(seed: int, index: int, size: int, captions: int = 1) -> tuple[bytes, str, dict]:
-    """One training pair: (JPEG, caption, metadata with a scene label). Held-out combos never appear.
+def _train_scene(seed: int, index: int, size: int, captions: int = 1
+                 ) -> tuple[list[Obj], str, str, dict, random.Random]:
+    """A training pair's scene: (objects, background, caption, metadata, the RNG left for rendering).
     `captions` > 1: that many lines, the first as with one, the others the same scene in other phrasings
     (drawn from their own RNG stream, so the first line and the image do not change)."""
     rng = random.Random(f"{seed}/train/{index}")
@@ -197,7 +200,7 @@ def train_sample(seed: int, index: int, size: int, captions: int = 1) -> tuple[b
         combo = rng.choice(SEEN)
         obj, z = _single(rng, combo, size)
         caption = lines(rng.choice(SINGLE_PHRASES), SINGLE_PHRASES, o=classname(combo), z=z, b=bg)
-        return render([obj], bg, size, rng, seed), caption, {"label": ALL_COMBOS.index(combo)}
+        return [obj], bg, caption, {"label": ALL_COMBOS.index(combo)}, rng
     a, b = _two_combos(rng, SEEN)
     relation = rng.choice(RELATIONS)
     objects = _pair(rng, a, b, relation, size)
@@ -207,7 +210,62 @@ def train_sample(seed: int, index: int, size: int, captions: int = 1) -> tuple[b
         caption_a, caption_r, caption_b = a, relation, b
     caption = lines(rng.choice(PAIR_PHRASES), PAIR_PHRASES, a=classname(caption_a), r=caption_r,
                     b=classname(caption_b), g=bg)
-    return render(objects, bg, size, rng, seed), caption, {"label": _pair_label(a, relation, b)}
+    return objects, bg, caption, {"label": _pair_label(a, relation, b)}, rng
+
+
+def train_sample(seed: int, index: int, size: int, captions: int = 1) -> tuple[bytes, str, dict]:
+    """One training pair: (JPEG, caption, metadata with a scene label). Held-out combos never appear.
+    `captions` > 1: that many phrasings, one a line."""
+    objects, bg, caption, meta, rng = _train_scene(seed, index, size, captions)
+    return render(objects, bg, size, rng, seed), caption, meta
+
+
+@dataclass(frozen=True)
+class Noise:
+    """Planted noise of the training split: a fraction `captions` of the pairs get another pair's caption
+    (one of another scene label), a fraction `duplicates` are copies (image and caption) of another pair."""
+    captions: float = 0.0
+    duplicates: float = 0.0
+
+    def check(self) -> None:
+        if not (0 <= self.captions <= 1 and 0 <= self.duplicates <= 1 and self.captions + self.duplicates < 1):
+            raise ValueError(f"noise = {self.captions}, duplicates = {self.duplicates}: expected fractions "
+                             "in [0, 1) with a sum below 1")
+
+    def kind(self, seed: int, index: int) -> str:
+        """"caption", "duplicate" or "" for a clean pair; from its own RNG, so from (seed, index) only."""
+        u = random.Random(f"{seed}/noise/{index}").random()
+        return "caption" if u < self.captions else "duplicate" if u < self.captions + self.duplicates else ""
+
+    def source(self, seed: int, index: int, samples: int, kind: str) -> int:
+        """The pair whose caption (or whole pair) sample `index` takes: another clean-or-caption pair; for a
+        caption, one of another scene label."""
+        rng = random.Random(f"{seed}/noise-source/{index}")
+        label = _train_scene(seed, index, 16)[3]["label"] if kind == "caption" else None
+        for _ in range(1000):
+            j = rng.randrange(samples)
+            if j == index or self.kind(seed, j) == "duplicate":
+                continue
+            if label is not None and _train_scene(seed, j, 16)[3]["label"] == label:
+                continue
+            return j
+        raise ValueError(f"no source pair for planted noise at sample {index} of {samples}")
+
+
+def noisy_train_sample(seed: int, index: int, size: int, samples: int, noise: Noise,
+                       captions: int = 1) -> tuple[bytes, str, dict]:
+    """`train_sample` with the planted noise: the metadata says ``"noise": kind, "source": j`` when planted
+    (the label stays the image's)."""
+    kind = noise.kind(seed, index) if noise.captions or noise.duplicates else ""
+    if not kind:
+        return train_sample(seed, index, size, captions)
+    j = noise.source(seed, index, samples, kind)
+    if kind == "caption":
+        jpeg, _, meta = train_sample(seed, index, size, captions)
+        caption = _train_scene(seed, j, size, captions)[2]
+    else:
+        jpeg, caption, meta = train_sample(seed, j, size, captions)
+    return jpeg, caption, {**meta, "noise": kind, "source": j}
 
 
 def eval_sample(name: str, seed: int, index: int, size: int) -> tuple[bytes, str, Optional[dict]]:
@@ -246,30 +304,37 @@ def _members(jpeg: bytes, caption: str, meta: Optional[dict], label_as_cls: bool
     return members
 
 
-def _render_range(split: str, seed: int, start: int, stop: int, size: int,
-                  captions: int = 1) -> list[tuple[bytes, str, Optional[dict]]]:
+def _render_range(split: str, seed: int, start: int, stop: int, size: int, samples: int = 0,
+                  noise: Noise = Noise(), captions: int = 1) -> list[tuple[bytes, str, Optional[dict]]]:
     if split == "train":
-        return [train_sample(seed, i, size, captions) for i in range(start, stop)]
+        return [noisy_train_sample(seed, i, size, samples, noise, captions) for i in range(start, stop)]
     return [eval_sample(split, seed, i, size) for i in range(start, stop)]
 
 
 def _write_split(writer: ShardWriter, split: str, n: int, seed: int, size: int, workers: int,
-                 progress: bool, phrasings: int = 1) -> list[str]:
-    """Render `n` samples of a split (``train`` or an eval set's name) into `writer`; returns the captions."""
+                 progress: bool, noise: Noise = Noise(), phrasings: int = 1) -> tuple[list[str], dict[str, dict]]:
+    """Render `n` samples of a split (``train`` or an eval set's name) into `writer`; returns the captions
+    and the planted noise by key."""
     ranges = [(i, min(i + writer.shard_size, n)) for i in range(0, n, writer.shard_size)]
     captions: list[str] = []
+    planted: dict[str, dict] = {}
     extra = {"created_by": "contrast data synth", "split": split, "seed": seed, "image_size": size}
+    if split == "train" and (noise.captions or noise.duplicates):
+        extra["noise"] = {"captions": noise.captions, "duplicates": noise.duplicates, "file": PLANTED}
     bar = progress_bar(total=n, enabled=progress, desc=f"synth {split}", unit="sample", leave=False)
     with writer, ProcessPoolExecutor(workers) if workers > 1 else _Inline() as pool:
-        chunks = pool.map(_render_range, *zip(*[(split, seed, a, b, size, phrasings) for a, b in ranges]))
+        chunks = pool.map(_render_range, *zip(*[(split, seed, a, b, size, n, noise, phrasings) for a, b in ranges]))
         for (start, _), chunk in zip(ranges, chunks):
             for i, (jpeg, caption, meta) in enumerate(chunk):
-                writer.write(f"{start + i:08d}", _members(jpeg, caption, meta, label_as_cls=split != "train"))
+                key = f"{start + i:08d}"
+                writer.write(key, _members(jpeg, caption, meta, label_as_cls=split != "train"))
                 captions.append(caption)
+                if meta and meta.get("noise"):
+                    planted[key] = {"noise": meta["noise"], "source": f"{meta['source']:08d}"}
             bar.update(len(chunk))
         writer.close(**extra)
     bar.close()
-    return captions
+    return captions, planted
 
 
 class _Inline:
@@ -287,7 +352,7 @@ class _Inline:
 
 def synthesize(out: str, samples: int, *, eval_samples: int = 1000, image_size: int = 64, shard_size: int = 1000,
                seed: int = 0, workers: int = 1, vocab_size: int = 1024, progress: bool = True,
-               captions: int = 1) -> dict:
+               noise: float = 0.0, duplicates: float = 0.0, captions: int = 1) -> dict:
     """Write `out/train` (shards, manifest.json, tokenizer.json) and `out/eval/<set>` for EVAL_SETS.
 
     Each eval set is in CLIP_benchmark's layout (see `pipeline.data.evalsets`), so CLIP_benchmark reads it
@@ -301,12 +366,16 @@ def synthesize(out: str, samples: int, *, eval_samples: int = 1000, image_size: 
         raise ValueError(f"samples = {samples}, eval_samples = {eval_samples}: expected at least 1 of each")
     if image_size < 16:
         raise ValueError(f"image_size = {image_size}: expected at least 16 pixels for recognisable shapes")
+    planted_noise = Noise(noise, duplicates)
+    planted_noise.check()
     out = str(out).rstrip("/")
     train_dir = storage.join(out, DATASET_TRAIN)
     if captions < 1:
         raise ValueError(f"captions = {captions}: expected at least 1 per training sample")
-    written = _write_split(ShardWriter(train_dir, shard_size), "train", samples, seed, image_size, workers, progress,
-                           captions)
+    written, planted = _write_split(ShardWriter(train_dir, shard_size), "train", samples, seed, image_size,
+                                    workers, progress, planted_noise, captions)
+    if noise or duplicates:
+        storage.write_bytes(storage.join(train_dir, PLANTED), json.dumps(planted, sort_keys=True).encode())
     corpus = written + [t.format(c=classname(c)) for t in ZEROSHOT_TEMPLATES for c in ALL_COMBOS]
     tokenizer = train_tokenizer(corpus, vocab_size=vocab_size)
     tokenizer.save(storage.join(train_dir, TOKENIZER))
@@ -324,6 +393,7 @@ def synthesize(out: str, samples: int, *, eval_samples: int = 1000, image_size: 
                      progress)
     summary = {"train": train_dir, "samples": samples,
                "eval": {n: storage.join(out, DATASET_EVAL, n) for n in EVAL_SETS},
-               "held_out": sorted(classname(c) for c in HELD)}
+               "held_out": sorted(classname(c) for c in HELD),
+               "planted": dict(Counter(p["noise"] for p in planted.values()))}
     log.info("synthesised %d training samples at %s and %d samples per eval set", samples, train_dir, eval_samples)
     return summary

@@ -111,7 +111,7 @@ def _fmt(v: Any) -> str:
         return "-"
     if isinstance(v, float):
         return f"{v:.4g}"
-    return f"{v:,}"
+    return v if isinstance(v, str) else f"{v:,}"
 
 
 def _k(k: Optional[float]) -> str:
@@ -841,7 +841,7 @@ def consolidation_copies(models: list[str]) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------ main
 QUICK = {"shards-local": [10, 100, 1000], "shards-s3": [10, 100], "batch": [512, 2048],
-         "model": dict(models=["tiny", "small"], stages=[3]),
+         "model": dict(models=["tiny"], stages=[3]),
          "run": dict(steps=80, every=20, keep=2, eval_every=0, interruptions=0),
          "workers": dict(scales=[1, 2], nodes=2, cpus_per_node=1, steps=4)}
 FULL = {"shards-local": [10, 1000, 10000, 100000], "shards-s3": [10, 1000, 10000],

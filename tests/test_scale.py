@@ -36,8 +36,8 @@ def test_quick_mode(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert {"shards-local", "batch", "workers", "run"} <= results.keys()
-    for name in results:
+    assert {"shards-local", "batch", "workers", "model-zero3", "run", "consolidation"} <= results.keys()
+    for name in results.keys() - {"consolidation"}:
         assert (out / f"{name}.png").stat().st_size > 1000
 
     k = {v["cost"]: v["k"] for v in results["shards-local"]["verdicts"]}
@@ -46,6 +46,11 @@ def test_quick_mode(tmp_path):
 
     batch = results["batch"]["rows"]
     assert batch[-1]["net_rss_mb"] / batch[0]["net_rss_mb"] <= 1.3
+
+    (model,) = results["model-zero3"]["rows"]                     # checkpointed on 2 workers, resumed on 1
+    assert model["model"] == "tiny" and model["resume_s"] > 0 and model["universal_s"] > 0
+    assert model["checkpoint_mb"] > model["weights_mb"]            # the weights and the optimizer's state
+    assert results["consolidation"][0]["rank1_copies"] is not None
 
     driver = {v["cost"]: v["k"] for v in results["workers"]["verdicts"]}["driver_mb"]
     assert driver <= 0.1

@@ -134,7 +134,7 @@ class LossConfig:
     # polyview (several captions per image: data.captions_per_image)
     name: str = "clip"
     tiled: bool = False                # compute the loss in column tiles (memory O(local rows × tile))
-    tile_size: int = 1024              # columns per tile with tiled
+    tile_size: int = 1024              # tiled: at most tile_size² pairs a tile (narrower with many rows)
     init_temperature: Optional[float] = None   # None: the loss family's default
     learn_temperature: bool = True     # false: the logit scale stays at its initial value
     k1: Optional[float] = _hyper()             # tcl: weight k1 of the positives' exp(−z·z⁺) term (default 5000)

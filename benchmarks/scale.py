@@ -459,13 +459,13 @@ def disk_use(run_dir: str) -> dict[str, float]:
     return out
 
 
-def synth_data(tmp: Path) -> str:
-    """2,048 synthetic samples at 32 px (and their eval sets), made once per benchmark."""
-    data = tmp / "run-data"
+def synth_data(tmp: Path, samples: int = 2048, size: int = 32, shard_size: int = 128, eval_samples: int = 64) -> str:
+    """Synthetic samples (2,048 at 32 px by default) and their eval sets, made once per benchmark and shape."""
+    data = tmp / f"data-{samples}-{size}"
     if not (data / "train" / "manifest.json").exists():
-        subprocess.run([CONTRAST, "data", "synth", "--out", str(data), "--samples", "2048", "--eval-samples", "64",
-                        "--image-size", "32", "--shard-size", "128"], check=True, env={**os.environ, **ENV},
-                       capture_output=True)
+        subprocess.run([CONTRAST, "data", "synth", "--out", str(data), "--samples", str(samples), "--eval-samples",
+                        str(eval_samples), "--image-size", str(size), "--shard-size", str(shard_size)], check=True,
+                       env={**os.environ, **ENV}, capture_output=True)
     return str(data)
 
 
@@ -726,16 +726,6 @@ def peak_by_role(samples: list[dict]) -> dict[str, float]:
     return out
 
 
-def synth_data_224(tmp: Path) -> str:
-    """32 samples at 224 px, made once: the model-size runs' data (a step of two rows per worker)."""
-    data = tmp / "data-224"
-    if not (data / "train" / "manifest.json").exists():
-        subprocess.run([CONTRAST, "data", "synth", "--out", str(data), "--samples", "32", "--eval-samples", "8",
-                        "--image-size", "224", "--shard-size", "8"], check=True, env={**os.environ, **ENV},
-                       capture_output=True)
-    return str(data)
-
-
 def child_universal(checkpoint: str) -> dict:
     """DeepSpeed's universal conversion of one resume checkpoint, into a scratch folder: seconds, peak RSS."""
     from pipeline.train.engine import convert_to_universal
@@ -792,7 +782,7 @@ def model_dimension(tmp: Path, models: list[str], stages: list[int]) -> list[Dim
     resume on 1 worker (another world size) to a second step. Scale: parameters."""
     from pipeline.config import ModelConfig
     from pipeline.models import build_model
-    data = synth_data_224(tmp)
+    data = synth_data(tmp, samples=32, size=224, shard_size=8, eval_samples=8)   # two rows per worker a step
     params = {m: sum(p.numel() for p in build_model(ModelConfig(name=m), image_size=224, context_length=16,
                                                         vocab_size=49408).parameters()) for m in models}
     dims = []

@@ -470,7 +470,7 @@ def synth_data(tmp: Path, samples: int = 2048, size: int = 32, shard_size: int =
 
 
 def run_job(data: str, run_dir: str, steps: int, every: int, keep: int, eval_every: int) -> list[str]:
-    evals = ["eval.schedule=every", f"eval.every_steps={eval_every}", "eval.sets=[zeroshot_heldout]"] \
+    evals = ["eval.schedule=every", f"eval.every_k={max(1, eval_every // every)}", "eval.sets=[zeroshot_heldout]"] \
         if eval_every else ["eval.schedule=off"]
     return [str(ROOT / "configs/demo.yaml"), f"run_dir={run_dir}", f"data.train_urls=[{data}/train]",
             f"data.eval_dir={data}/eval", "data.image_size=32", "data.context_length=16", "data.shuffle_buffer=64",

@@ -16,12 +16,20 @@ the scales measured), the growth the design expects, and a verdict. Log-log plot
            CPU seconds per sample and peak RSS per rank of one cached step. Expected: time per sample
            flat until the loss's N² term shows; peak RSS growing only with the batch's own inputs and
            embeddings (target: peak from the smallest to the largest batch ≤ 1.3×).
-  run      a `contrast train` run of S steps (tiny model), RSS of the driver and of every worker
-           sampled every second: slope of each process's RSS in MB per 1,000 steps over the second
-           half of the run, and disk use of the run folder against `checkpoint.keep`. Expected: no
-           upward slope; disk bounded.
+  workers  W Ray Train workers on a simulated multi-node Ray cluster (tiny model, fixed global batch):
+           start-up CPU per worker, the workers' CPU per step, checkpoint save, launch and resume to
+           the first step, the driver's peak RSS. Expected: flat in W apart from process spawn.
+  model    per ZeRO stage, each model at 224 px on 2 workers: one cached step, checkpoint + publish,
+           universal conversion (a process of its own), resume on 1 worker; then the RSS growth of
+           each rank of a ZeRO-3 publish in copies of the weights. Expected: linear in the parameters;
+           no rank above one copy.
+  run      a `contrast train` run of S steps (tiny model), interrupted (SIGTERM, SIGKILL) and resumed
+           in the full mode, RSS of the driver and of every worker sampled every second: slope of each
+           process's RSS in MB per 1,000 steps over the second half of the run, disk use of the run
+           folder against `checkpoint.keep`, TensorBoard steps, and the final weights against an
+           uninterrupted run. Expected: no upward slope; disk bounded; the same weights.
 
-    python benchmarks/scale.py [--quick] [--only shards,batch,run] [--out build/scale]
+    python benchmarks/scale.py [--quick] [--only shards,batch,workers,model,run] [--out build/scale]
 
 --quick (≤ 2 minutes; tests/test_scale.py runs it) measures small scales of each dimension.
 """
@@ -41,9 +49,10 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -684,9 +693,10 @@ WORKER_COSTS = [Cost("startup_cpu_per_worker_s", "CPU s", 0.0), Cost("cpu_per_st
                 Cost("checkpoint_s", "s", 0.25), Cost("driver_mb", "MB", 0.1)]
 
 
-def workers_dimension(tmp: Path, scales: list[int], nodes: int, cpus_per_node: int, steps: int = 6) -> Dimension:
+def workers_dimension(tmp: Path, scales: list[int], nodes: int, cpus_per_node: int, steps: int = 6,
+                      resume: bool = True) -> Dimension:
     """W Ray Train workers on a simulated cluster, fixed global batch 64 over 16 virtual streams: start-up to
-    the first step, step time, checkpoint save, resume to its first step, the driver's peak RSS."""
+    the first step, step time, checkpoint save, resume to its first step (with `resume`), the driver's peak RSS."""
     data = synth_data(tmp)
     cluster = simulated_cluster(nodes, cpus_per_node)
     dim = Dimension("workers", "workers", WORKER_COSTS, extras=["first_step_s", "resume_first_step_s", "step_s"])
@@ -697,10 +707,11 @@ def workers_dimension(tmp: Path, scales: list[int], nodes: int, cpus_per_node: i
                 f"cluster.address={cluster.address}", "cluster.auth=disabled", f"cluster.num_workers={w}",
                 "data.streams=16", "train.global_batch=64", "gradcache.chunk_size=4"]
             first = timed_attempt(base, run_dir, 1)
-            resumed = timed_attempt([*base, f"train.steps={steps + 2}"], run_dir, steps + 1)
-            dim.rows.append({"scale": w, **first, "resume_first_step_s": resumed["first_step_s"]})
+            again = timed_attempt([*base, f"train.steps={steps + 2}"], run_dir, steps + 1)["first_step_s"] \
+                if resume else None
+            dim.rows.append({"scale": w, **first, "resume_first_step_s": again})
             print(f"  {w:>2} workers: first step {first['first_step_s']:.1f} s, step {_fmt(first['step_s'])} s, "
-                  f"resume {resumed['first_step_s']:.1f} s", flush=True)
+                  f"resume {_fmt(again)} s", flush=True)
     finally:
         cluster.shutdown()
     return dim
@@ -830,16 +841,24 @@ def consolidation_copies(models: list[str]) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ main
-QUICK = {"shards-local": [10, 100, 1000], "shards-s3": [10, 100], "batch": [512, 2048],
+QUICK = {"shards-local": [10, 100, 1000], "shards-s3": [10, 100], "batch": [256, 1024],
          "model": dict(models=["tiny"], stages=[3]),
-         "run": dict(steps=80, every=20, keep=2, eval_every=0, interruptions=0),
-         "workers": dict(scales=[1, 2], nodes=2, cpus_per_node=1, steps=4)}
+         "run": dict(steps=60, every=15, keep=2, eval_every=0, interruptions=0),
+         "workers": dict(scales=[1, 2], nodes=2, cpus_per_node=1, steps=4, resume=False)}
 FULL = {"shards-local": [10, 1000, 10000, 100000], "shards-s3": [10, 1000, 10000],
         "batch": [1024, 8192, 32768, 65536],
         "model": dict(models=["tiny", "small", "ViT-B-32", "ViT-B-16", "ViT-L-14"], stages=[1, 2, 3]),
         "run": dict(steps=3000, every=100, keep=2, eval_every=500, interruptions=5),
         "workers": dict(scales=[1, 2, 4, 8, 16], nodes=4, cpus_per_node=4)}
 DIMENSIONS = ("shards", "batch", "workers", "model", "run")
+
+
+@contextmanager
+def timed(walls: dict[str, float], name: str) -> Iterator[None]:
+    """Record the wall seconds of the block as walls[name]."""
+    start = time.monotonic()
+    yield
+    walls[name] = time.monotonic() - start
 
 
 def main() -> None:
@@ -861,29 +880,34 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dims: list[Dimension] = []
+    walls: dict[str, float] = {}
+    consolidation, run_checks = None, None
     with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
         if "shards" in only:
-            dims.append(shards_dimension(scales["shards-local"], "local", Path(tmp), inspect_max=10000))
-            server = s3_server()
-            if server is None:
-                print("  shards on S3 skipped: moto_server is not installed (pip install 'moto[server]')")
-            else:
-                try:
-                    dims.append(shards_dimension(scales["shards-s3"], "s3", Path(tmp), inspect_max=0))
-                finally:
-                    server.terminate()
+            with timed(walls, "shards"):
+                dims.append(shards_dimension(scales["shards-local"], "local", Path(tmp), inspect_max=10000))
+                server = s3_server()
+                if server is None:
+                    print("  shards on S3 skipped: moto_server is not installed (pip install 'moto[server]')")
+                else:
+                    try:
+                        dims.append(shards_dimension(scales["shards-s3"], "s3", Path(tmp), inspect_max=0))
+                    finally:
+                        server.terminate()
         if "batch" in only:
-            dims.append(batch_dimension(scales["batch"]))
+            with timed(walls, "batch"):
+                dims.append(batch_dimension(scales["batch"]))
         if "workers" in only:
-            dims.append(workers_dimension(Path(tmp), **scales["workers"]))
-        consolidation = None
+            with timed(walls, "workers"):
+                dims.append(workers_dimension(Path(tmp), **scales["workers"]))
         if "model" in only:
-            dims += model_dimension(Path(tmp), **scales["model"])
-            consolidation = consolidation_copies(scales["model"]["models"][-2:])
-        run_checks = None
+            with timed(walls, "model"):
+                dims += model_dimension(Path(tmp), **scales["model"])
+                consolidation = consolidation_copies(scales["model"]["models"][-2:])
         if "run" in only:
-            run_dim, run_checks = run_dimension(Path(tmp), **scales["run"])
-            dims.append(run_dim)
+            with timed(walls, "run"):
+                run_dim, run_checks = run_dimension(Path(tmp), **scales["run"])
+                dims.append(run_dim)
     for dim in dims:
         print_dimension(dim)
         print(f"  plot: {plot(dim, out)}")
@@ -894,6 +918,9 @@ def main() -> None:
         results["run"]["checks"] = run_checks
     if consolidation:
         results["consolidation"] = consolidation
+    results["wall_s"] = walls
+    print("\nwall time per dimension: " + ", ".join(f"{n} {t:.0f} s" for n, t in walls.items())
+          + f"; total {sum(walls.values()):.0f} s")
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nresults: {out / 'results.json'}")
 

@@ -792,10 +792,10 @@ def model_dimension(tmp: Path, models: list[str], stages: list[int]) -> list[Dim
     checkpoint and its publish; the checkpoint's universal conversion (timed in a process of its own); a
     resume on 1 worker (another world size) to a second step. Scale: parameters."""
     from pipeline.config import ModelConfig
-    from pipeline.models import build_model
+    from pipeline.models import count_parameters
     data = synth_data(tmp, samples=32, size=224, shard_size=8, eval_samples=8)   # two rows per worker a step
-    params = {m: sum(p.numel() for p in build_model(ModelConfig(name=m), image_size=224, context_length=16,
-                                                        vocab_size=49408).parameters()) for m in models}
+    params = {m: count_parameters(ModelConfig(name=m), image_size=224, context_length=16, vocab_size=49408)["total"]
+              for m in models}
     dims = []
     for stage in stages:
         dim = Dimension(f"model-zero{stage}", f"parameters (ZeRO {stage})", MODEL_COSTS,
@@ -853,6 +853,22 @@ FULL = {"shards-local": [10, 1000, 10000, 100000], "shards-s3": [10, 1000, 10000
 DIMENSIONS = ("shards", "batch", "workers", "model", "run")
 
 
+def model_scales(default: dict, models: Optional[str], zero: Optional[str], ap: argparse.ArgumentParser) -> dict:
+    """The model dimension's models and ZeRO stages: the mode's, or those given on the command line."""
+    from pipeline.models import MODEL_NAMES
+    chosen = dict(default)
+    if models:
+        chosen["models"] = models.split(",")
+        unknown = [m for m in chosen["models"] if m not in MODEL_NAMES]
+        if unknown:
+            ap.error(f"--models {models}: unknown models {unknown}; expected some of {sorted(MODEL_NAMES)}")
+    if zero:
+        if not all(z in "123" and z for z in zero.split(",")):
+            ap.error(f"--zero {zero}: expected ZeRO stages among 1, 2, 3 (comma-separated)")
+        chosen["stages"] = [int(z) for z in zero.split(",")]
+    return chosen
+
+
 @contextmanager
 def timed(walls: dict[str, float], name: str) -> Iterator[None]:
     """Record the wall seconds of the block as walls[name]."""
@@ -866,6 +882,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small scales of every dimension (≤ 2 minutes)")
     ap.add_argument("--only", default=",".join(DIMENSIONS), help=f"comma-separated subset of {DIMENSIONS}")
     ap.add_argument("--out", default="build/scale", help="folder for the plots and results.json")
+    ap.add_argument("--models", help="comma-separated models of the model dimension (default: the mode's)")
+    ap.add_argument("--zero", help="comma-separated ZeRO stages of the model dimension (default: the mode's)")
     ap.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -877,6 +895,7 @@ def main() -> None:
     if unknown:
         ap.error(f"--only {args.only}: unknown dimensions {sorted(unknown)}; expected some of {DIMENSIONS}")
     scales = QUICK if args.quick else FULL
+    scales = {**scales, "model": model_scales(scales["model"], args.models, args.zero, ap)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dims: list[Dimension] = []

@@ -645,19 +645,18 @@ def step_wall_times(run_dir: str, tag: str = "train/loss") -> dict[int, float]:
     return out
 
 
-def cluster_worker_cpu() -> tuple[int, float]:
-    """(count, user + system CPU seconds) of the Ray Train workers under this process (the simulated
-    cluster's raylets are its children; other sessions' Ray processes on the machine are not)."""
+def cluster_worker_cpu(seen: dict[int, float]) -> None:
+    """Update `seen` (pid → user + system CPU seconds) with the Ray Train workers under this process (the
+    simulated cluster's raylets are its children; other sessions' Ray processes on the machine are not).
+    A worker that has exited keeps its last reading, so the sum never falls as workers finish."""
     import psutil
-    n, cpu = 0, 0.0
     for p in psutil.Process().children(recursive=True):
         try:
             if "RayTrainWorker" in " ".join(p.cmdline()):
                 t = p.cpu_times()
-                n, cpu = n + 1, cpu + t.user + t.system
+                seen[p.pid] = max(seen.get(p.pid, 0.0), t.user + t.system)
         except psutil.Error:
             pass
-    return n, cpu
 
 
 def timed_attempt(args: list[str], run_dir: str, first_step: int) -> dict[str, float]:
@@ -667,11 +666,12 @@ def timed_attempt(args: list[str], run_dir: str, first_step: int) -> dict[str, f
     launched = time.time()
     samples: list[dict] = []
     attempt = Watched(args, run_dir, samples, every_s=0.5)
-    cpu: list[tuple[int, int, float]] = []                 # (step seen, workers, CPU seconds)
+    seen: dict[int, float] = {}
+    cpu: list[tuple[int, int, float]] = []                 # (step seen, workers seen, their CPU seconds)
     while attempt.proc.poll() is None:
-        n, seconds = cluster_worker_cpu()
-        if n:
-            cpu.append((attempt.step, n, seconds))
+        cluster_worker_cpu(seen)
+        if seen:
+            cpu.append((attempt.step, len(seen), sum(seen.values())))
         time.sleep(0.25)
     attempt.finish()
     walls = step_wall_times(run_dir)
@@ -680,16 +680,19 @@ def timed_attempt(args: list[str], run_dir: str, first_step: int) -> dict[str, f
     saves = [float(m.group(1)) for m in map(CHECKPOINT_LINE.search, attempt.lines) if m]
     driver = [rss for s in samples for r, rss in s["rss"].values() if r == "driver"]
     at_first = next(c for c in cpu if c[0] >= first_step)
-    last = cpu[-1]
+    at_last = next(c for c in cpu if c[0] >= cpu[-1][0])   # when the last step was seen: not the teardown after it
     return {"first_step_s": walls[first_step] - launched, "startup_cpu_per_worker_s": at_first[2] / at_first[1],
-            "cpu_per_step_s": (last[2] - at_first[2]) / max(1, last[0] - at_first[0]),
+            "cpu_per_step_s": (at_last[2] - at_first[2]) / max(1, at_last[0] - at_first[0]),
+            "cpu_per_worker_step_s": (at_last[2] - at_first[2]) / max(1, at_last[0] - at_first[0]) / at_last[1],
             "step_s": statistics.median(steps) if steps else None,
             "checkpoint_s": statistics.median(saves) if saves else None,
             "driver_mb": max(driver) / MB if driver else None}
 
 
 CHECKPOINT_LINE = re.compile(r"step \d+ checkpointed and published \((\d+(?:\.\d+)?) s\)")
-WORKER_COSTS = [Cost("startup_cpu_per_worker_s", "CPU s", 0.0), Cost("cpu_per_step_s", "CPU s", 0.0),
+# At a fixed global batch a worker's share of the compute falls as 1/W while its share of each step's ring
+# collectives stays one gradient's bytes: CPU per worker per step should fall, toward that constant.
+WORKER_COSTS = [Cost("startup_cpu_per_worker_s", "CPU s", 0.0), Cost("cpu_per_worker_step_s", "CPU s", 0.0),
                 Cost("checkpoint_s", "s", 0.25), Cost("driver_mb", "MB", 0.1)]
 
 
@@ -699,7 +702,8 @@ def workers_dimension(tmp: Path, scales: list[int], nodes: int, cpus_per_node: i
     the first step, step time, checkpoint save, resume to its first step (with `resume`), the driver's peak RSS."""
     data = synth_data(tmp)
     cluster = simulated_cluster(nodes, cpus_per_node)
-    dim = Dimension("workers", "workers", WORKER_COSTS, extras=["first_step_s", "resume_first_step_s", "step_s"])
+    dim = Dimension("workers", "workers", WORKER_COSTS,
+                    extras=["cpu_per_step_s", "first_step_s", "resume_first_step_s", "step_s"])
     try:
         for w in scales:
             run_dir = str(tmp / f"workers-{w}")

@@ -814,6 +814,9 @@ def model_dimension(tmp: Path, models: list[str], stages: list[int]) -> list[Dim
             first.finish()
             fresh = startup_phases(first.lines)
             saves = [float(m_.group(1)) for m_ in map(CHECKPOINT_LINE.search, first.lines) if m_]
+            if not saves:
+                raise RuntimeError(f"{m} under ZeRO {stage}: no checkpoint line in its output:\n"
+                                   + "".join(first.lines)[-3000:])
             ckpt = os.path.join(run_dir, "checkpoints", step_dir(1))
             conversion = run_child("universal", ckpt)
             resumed = Watched([*args, "train.steps=2", "cluster.num_workers=1"], run_dir, samples, every_s=0.5)

@@ -220,6 +220,34 @@ def test_random_masks_are_replayed_with_the_caption_term(model_cfg):
     assert max_abs_diff(got, want) <= 1e-10
 
 
+def test_compiled_step_equals_eager():
+    """`train.compile` (`compile_towers`: both towers and the decoder) through the gradient cache, dropout on: the
+    same loss and update as eager mode, and the caption forward (the cache's pass 2) runs all three compiled, not
+    the decoder alone. AOT autograd with eager kernels (torch.compile's `aot_eager`: dynamo's graphs, their
+    backward traced) keeps the test fast (inductor's C++ builds take minutes here)."""
+    import torch._dynamo
+    aot_eager, calls = torch._dynamo.lookup_backend("aot_eager"), []
+
+    def counting(gm, example_inputs):
+        compiled = aot_eager(gm, example_inputs)
+        def run(*args):
+            calls.append(gm)
+            return compiled(*args)
+        return run
+    images, texts = batch()
+    model = coca(dropout=0.1)
+    want, eager = cached_step(copy.deepcopy(model), images, texts, 4)
+    torch._dynamo.reset()
+    model.compile_towers(backend=counting)
+    got, compiled = cached_step(model, images, texts, 4)
+    assert max_abs_diff(got, want) <= 1e-12
+    assert float(compiled.loss) == pytest.approx(float(eager.loss), rel=1e-12)
+    assert float(compiled.caption) == pytest.approx(float(eager.caption), rel=1e-12)
+    calls.clear()
+    model(image=images[:4], text=texts[:4], caption=True)
+    assert len(calls) == 3                                      # image tower, text tower, decoder
+
+
 def test_bf16_step_runs():
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="coca_tiny"), image_size=S, context_length=L, vocab_size=V).bfloat16()

@@ -13,7 +13,8 @@ with the others' load), interleaved over the repeats after one warm-up step each
 variant compiles there: its wall time is printed apart); medians, and ratios to p=0 uncompiled.
 
     python benchmarks/step_speed.py [--model small] [--image-size 128] [--batch 32] [--chunk 16] [--repeats 3]
-    python benchmarks/step_speed.py --model coca_tiny --image-size 64 --batch 64 --chunk 32 --context 32 --variants p=0 no-decoder
+    python benchmarks/step_speed.py --model coca_tiny --image-size 64 --batch 64 --chunk 32 --context 32 \
+        --variants p=0 no-decoder
 """
 from __future__ import annotations
 

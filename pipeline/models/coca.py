@@ -47,7 +47,7 @@ class CocaModel(DualEncoder):
         """(unit embeddings (fp32), token sequence) of one tower, without a graph if it is locked."""
         frozen = torch.no_grad() if name in self.locked_towers else contextlib.nullcontext()
         with frozen:
-            features, tokens = self.tower(name).forward_tokens(x)
+            features, tokens = self.tower(name)(x, with_tokens=True)
         return F.normalize(at_least_fp32(features), dim=-1), tokens
 
     def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -152,10 +152,16 @@ def _write_hf_tokenizer_config(published: Published, out: Path) -> None:
 
 def write_hf_tokenizer_config(tok: Any, context_length: int, out: Path) -> None:
     """tokenizer_config.json for our tokenizer `tok` (`pipeline.data.Tokenizer`): `AutoTokenizer` (and
-    open_clip's HFTokenizer) load the folder's tokenizer.json as a fast tokenizer."""
-    names = HFTokenizer.from_str(tok.to_json())
+    open_clip's HFTokenizer) load the folder's tokenizer.json as a fast tokenizer. The pre-tokenizer's
+    `add_prefix_space` is spelled out: transformers 4.x's `PreTrainedTokenizerFast` otherwise rewrites it to
+    False, and our byte-level BPE would encode a caption's first word without its space ("a" for "Ġa")."""
+    text = tok.to_json()
+    names = HFTokenizer.from_str(text)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length,
               "pad_token": names.id_to_token(tok.pad_id), "eos_token": names.id_to_token(tok.eot_id)}
+    pre_tokenizer = json.loads(text).get("pre_tokenizer") or {}
+    if "add_prefix_space" in pre_tokenizer:
+        config["add_prefix_space"] = pre_tokenizer["add_prefix_space"]
     (out / HF_TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 

@@ -6,13 +6,15 @@ needs: a locked tower with `unlock_last = n` trains its last n blocks and everyt
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from pipeline.models.configs import HFSpec, TextSpec, TowerSpec, ViTSpec
 from pipeline.models.transformer import AttentionalPooler, AttentionPool, LayerNorm, Transformer
+
+TowerOutput = Union[torch.Tensor, tuple[torch.Tensor, Optional[torch.Tensor]]]   # features, or (features, tokens)
 
 
 class PatchDropout(nn.Module):
@@ -91,8 +93,11 @@ class VisionTower(nn.Module):
     def blocks(self) -> nn.ModuleList:
         return self.transformer.blocks
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_tokens(images)[0]
+    def forward(self, images: torch.Tensor, with_tokens: bool = False) -> TowerOutput:
+        """The features; with `with_tokens` (CoCa) `forward_tokens`' pair, through the module's call, so that a
+        compiled tower (`torch.compile`) and DeepSpeed's module hooks serve the decoder's forward too."""
+        out = self.forward_tokens(images)
+        return out if with_tokens else out[0]
 
     def forward_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(the (N, embed_dim) features, CoCa's (N, queries − 1, embed_dim) image tokens or None)."""
@@ -167,8 +172,10 @@ class TextTower(nn.Module):
     def blocks(self) -> nn.ModuleList:
         return self.transformer.blocks
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.forward_tokens(tokens)[0]
+    def forward(self, tokens: torch.Tensor, with_tokens: bool = False) -> TowerOutput:
+        """The features; with `with_tokens` (CoCa) `forward_tokens`' pair (see the image tower's `forward`)."""
+        out = self.forward_tokens(tokens)
+        return out if with_tokens else out[0]
 
     def forward_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(the (N, embed_dim) features, CoCa's (N, L, width) token states (unnormed) or None)."""

@@ -206,10 +206,17 @@ class Resume:
     def check_tokenizer(self, tokenizer: Tokenizer) -> None:
         """The run continues with the tokenizer it was trained with: other ids would mean other tokens."""
         saved = self.meta.get("tokenizer_sha256")
-        if saved is not None and saved != tokenizer_sha256(tokenizer):
-            raise ConfigError(f"checkpoint {self.url} was trained with another tokenizer (sha256 {saved[:12]}…, now "
-                              f"{tokenizer_sha256(tokenizer)[:12]}…): the same ids would mean other tokens. Resume "
-                              "with the tokenizer of that run (data.tokenizer), or use a new run_dir")
+        if saved is None or saved == tokenizer_sha256(tokenizer):
+            return
+        if tokenizer.without_start is not None and saved == tokenizer_sha256(tokenizer.without_start):
+            raise ConfigError(f"checkpoint {self.url} is a CoCa run from before its tokenizer put `<start>` before "
+                              "every caption (one more id: the decoder now predicts a caption's first word too); "
+                              "its token embeddings and decoder have one row fewer, and its decoder never saw the "
+                              "token. It cannot be resumed with this version: start a new run_dir (or finish it "
+                              "with the version that wrote it)")
+        raise ConfigError(f"checkpoint {self.url} was trained with another tokenizer (sha256 {saved[:12]}…, now "
+                          f"{tokenizer_sha256(tokenizer)[:12]}…): the same ids would mean other tokens. Resume "
+                          "with the tokenizer of that run (data.tokenizer), or use a new run_dir")
 
     def resharded(self, world_size: int) -> bool:
         """Whether resuming on `world_size` workers re-shards ZeRO-partitioned optimizer state."""

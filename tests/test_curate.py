@@ -15,10 +15,11 @@ import torch
 from pipeline.config import Config
 from pipeline.curate import Rules, embed, filter_pool
 from pipeline.curate.filter import read_pool, select
-from pipeline.data import load_tokenizer, validate_sample
+from pipeline.data import validate_sample
 from pipeline.data.shards import read_shard, resolve_shards
 from pipeline.data.transforms import decode_image, to_tensor
-from pipeline.models import build_model, load_published, save_published
+from pipeline.models import load_published
+from tests.helpers.eval import publish
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +28,10 @@ def pool(synth, tmp_path_factory):
     work = tmp_path_factory.mktemp("curate")
     data = work / "train"
     shutil.copytree(root / "train", data)
-    tok = load_tokenizer(str(data), 32)
     cfg = Config()
-    cfg.model.name = "tiny"
-    torch.manual_seed(0)
-    model = build_model(cfg.model, image_size=32, context_length=32, vocab_size=tok.vocab_size, loss_name="clip")
-    ckpt = str(work / "run" / "published" / "step_00000001")
-    save_published(model, tok, ckpt, 1)
-    return work, data, ckpt
+    cfg.run_dir, cfg.model.name = str(work / "run"), "tiny"
+    cfg.data.train_urls, cfg.data.image_size, cfg.data.context_length = [str(data)], 32, 32
+    return work, data, publish(cfg, 1)
 
 
 def _rows(out):

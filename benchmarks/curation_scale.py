@@ -185,7 +185,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4096)
     parser.add_argument("--shard-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--pairs", type=int, nargs="+", default=[250_000, 1_000_000])
+    parser.add_argument("--pairs", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--dim", type=int, default=128, help="the tiny model's embedding width")
     parser.add_argument("--quick", action="store_true", help="a small pool, one repeat, 20 000 pairs")
     args = parser.parse_args()

@@ -57,8 +57,9 @@ def make_pool(root: Path, samples: int, shard_size: int) -> tuple[str, str]:
     return data, ckpt
 
 
-def plain_loop(data: str, ckpt: str, out: Path) -> float:
-    """Samples/s of one process embedding every shard in turn (model load included, as an actor's is)."""
+def plain_loop(data: str, ckpt: str, out: Path) -> tuple[float, float]:
+    """(samples/s of one process embedding every shard in turn, model load included as an actor's is;
+    samples/s inside the shards)."""
     import torch
 
     from pipeline.curate.embed import embed_shard, model_identity
@@ -69,8 +70,9 @@ def plain_loop(data: str, ckpt: str, out: Path) -> float:
     started = time.perf_counter()
     published = load_model(ckpt)
     identity = model_identity(ckpt, published)
-    samples = sum(embed_shard(published, s, str(out), identity).samples for s in resolve_shards(data))
-    return samples / (time.perf_counter() - started)
+    results = [embed_shard(published, s, str(out), identity) for s in resolve_shards(data)]
+    samples = sum(r.samples for r in results)
+    return samples / (time.perf_counter() - started), samples / sum(r.seconds for r in results)
 
 
 def ray_embed(data: str, ckpt: str, out: Path, workers: int) -> tuple[float, float]:
@@ -90,7 +92,7 @@ def bench_embed(args: argparse.Namespace, root: Path) -> dict:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     rows: dict[str, list] = {"plain loop": []}
     for r in range(args.repeats):
-        rows["plain loop"].append((plain_loop(data, ckpt, root / f"plain{r}"), float("nan")))
+        rows["plain loop"].append(plain_loop(data, ckpt, root / f"plain{r}"))
         for w in (1, 2, 4):
             rows.setdefault(f"{w} actor{'s' * (w > 1)}", []).append(ray_embed(data, ckpt, root / f"ray{w}-{r}", w))
     ray.shutdown()
@@ -100,7 +102,7 @@ def bench_embed(args: argparse.Namespace, root: Path) -> dict:
     base = result["plain loop"]["samples_per_s"]
     print(f"\nembed: {args.samples} samples in {args.samples // args.shard_size} shards, 64 px, tiny, "
           f"{os.cpu_count()} cores; median of {args.repeats}\n")
-    print("| how | samples/s (whole call) | ÷ plain loop | per actor, inside shards |")
+    print("| how | samples/s (whole call) | ÷ plain loop | per process, inside shards |")
     print("| --- | --- | --- | --- |")
     for name, v in result.items():
         print(f"| {name} | {v['samples_per_s']:.0f} | {v['samples_per_s'] / base:.2f} | "

@@ -202,13 +202,14 @@ def test_planted_quality_arithmetic():
 
 def _collapsed_pool(tmp_path, n=600, copies=60, dim=64, files=3):
     """Embedding files of a nearly collapsed model (unit vectors within ~1e-4 of a common direction, as a
-    20-step model gives) with `copies` exact copies of other rows' image vectors: the float16 cosines ≈ 1."""
+    20-step model gives; spread in a few directions, as embeddings are, where HNSW finds the true neighbours)
+    with `copies` exact copies of other rows' image vectors: the float16 cosines ≈ 1."""
     import pyarrow as pa
 
     from pipeline.curate.embed import META_KEY, embedding_schema
 
     rng = np.random.default_rng(0)
-    x = rng.normal(size=dim) + 0.02 * rng.normal(size=(n, dim))
+    x = rng.normal(size=dim) + 0.05 * rng.normal(size=(n, 4)) @ rng.normal(size=(4, dim)) / 2   # a 4-d spread
     img = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
     source = rng.choice(n - copies, copies, replace=False)
     img[n - copies:] = img[source]

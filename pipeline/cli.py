@@ -363,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     filt.add_argument("--min-score", type=float, help="drop pairs whose CLIP score (image-text cosine) is below this")
     filt.add_argument("--top-fraction", type=float, help="keep this fraction of the pool, the highest-scored pairs")
     filt.add_argument("--dedup", type=float, metavar="COSINE",
-                      help="near-duplicates: of each group linked by cosine >= COSINE keep the best-scored pair")
+                      help="near-duplicates: of each group linked by cosine >= COSINE keep the best-scored pair "
+                           "(exact copies: 0.999999; the cosine is recomputed in float64)")
     filt.add_argument("--dedup-on", choices=["image", "text"], default="image",
                       help="which embedding --dedup compares (default image)")
     filt.add_argument("--balance", metavar="VOCABULARY",

@@ -15,10 +15,11 @@ import torch
 from pipeline.config import Config
 from pipeline.curate import Rules, embed, filter_pool
 from pipeline.curate.filter import read_pool, select
-from pipeline.data import load_tokenizer, validate_sample
+from pipeline.data import validate_sample
 from pipeline.data.shards import read_shard, resolve_shards
 from pipeline.data.transforms import decode_image, to_tensor
-from pipeline.models import build_model, load_published, save_published
+from pipeline.models import load_published
+from tests.helpers.eval import publish
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +28,10 @@ def pool(synth, tmp_path_factory):
     work = tmp_path_factory.mktemp("curate")
     data = work / "train"
     shutil.copytree(root / "train", data)
-    tok = load_tokenizer(str(data), 32)
     cfg = Config()
-    cfg.model.name = "tiny"
-    torch.manual_seed(0)
-    model = build_model(cfg.model, image_size=32, context_length=32, vocab_size=tok.vocab_size, loss_name="clip")
-    ckpt = str(work / "run" / "published" / "step_00000001")
-    save_published(model, tok, ckpt, 1)
-    return work, data, ckpt
+    cfg.run_dir, cfg.model.name = str(work / "run"), "tiny"
+    cfg.data.train_urls, cfg.data.image_size, cfg.data.context_length = [str(data)], 32, 32
+    return work, data, publish(cfg, 1)
 
 
 def _rows(out):
@@ -201,3 +198,62 @@ def test_planted_quality_arithmetic():
     # a group whose copies are all dropped by dedup, original too: only A - 1 count as correct
     q = planted_quality({"a": "dedup", "a1": "dedup"}, {"a1": {"noise": "duplicate", "source": "a"}})
     assert q["rules"]["dedup"]["precision"] == 0.5 and q["rules"]["dedup"]["recall"] == 1.0
+
+
+def _collapsed_pool(tmp_path, n=600, copies=60, dim=64, files=3):
+    """Embedding files of a nearly collapsed model (unit vectors within ~1e-4 of a common direction, as a
+    20-step model gives; spread in a few directions, as embeddings are, where HNSW finds the true neighbours)
+    with `copies` exact copies of other rows' image vectors: the float16 cosines ≈ 1."""
+    import pyarrow as pa
+
+    from pipeline.curate.embed import META_KEY, embedding_schema
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=dim) + 0.05 * rng.normal(size=(n, 4)) @ rng.normal(size=(4, dim)) / 2   # a 4-d spread
+    img = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+    source = rng.choice(n - copies, copies, replace=False)
+    img[n - copies:] = img[source]
+    score = rng.random(n).astype(np.float32)
+    keys = [f"{i:05d}" for i in range(n)]
+    for f, rows in enumerate(np.array_split(np.arange(n), files)):
+        table = pa.table({"key": [keys[i] for i in rows], "shard": [f"s{f}.tar"] * len(rows),
+                          "caption": ["a shape"] * len(rows),
+                          "image_emb": pa.FixedSizeListArray.from_arrays(pa.array(img[rows].reshape(-1)), dim),
+                          "text_emb": pa.FixedSizeListArray.from_arrays(pa.array(img[rows].reshape(-1)), dim),
+                          "score": score[rows]},
+                         schema=embedding_schema(dim).with_metadata({META_KEY: json.dumps({"shard": f"s{f}.tar"})}))
+        pq.write_table(table, tmp_path / f"s{f}.parquet")
+    return sorted(map(str, tmp_path.glob("*.parquet"))), img, score, source
+
+
+def _dedup_reference(img, score, t):
+    """Brute force: link every pair whose float64 cosine of the stored vectors is ≥ t, keep the best-scored
+    (then first) row of each connected group; returns the dropped rows."""
+    from scipy.sparse.csgraph import connected_components
+
+    v = img.astype(np.float64)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    _, group = connected_components(v @ v.T >= t, directed=False)
+    best = {}
+    for i in sorted(range(len(score)), key=lambda i: (-score[i], i)):
+        best.setdefault(group[i], i)
+    return {i for i in range(len(score)) if best[group[i]] != i}
+
+
+def test_dedup_at_float16_cosines_near_one(tmp_path):
+    """A collapsed pool: a threshold of 1 - 1e-6 drops exactly the copies (and not the distinct rows within
+    5e-6 of them); a threshold among the distinct rows' cosines links exactly the pairs at or above it."""
+    files, img, score, source = _collapsed_pool(tmp_path)
+    pool = read_pool(files)
+    copies = _dedup_reference(img, score, 0.999999)
+    planted = set(range(len(img) - len(source), len(img))) | set(source)
+    assert len(copies) == len(source) and copies <= planted          # one of each copy pair dropped
+    assert set(np.flatnonzero(select(pool, Rules(dedup=0.999999)) == "dedup")) == copies
+    v = img.astype(np.float64)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    sim = v @ v.T
+    np.fill_diagonal(sim, -1)
+    t = float(np.quantile(sim.max(1), 0.5))                           # half the rows have a neighbour ≥ t
+    expected = _dedup_reference(img, score, t)
+    assert len(copies) < len(expected) < len(img) // 2
+    assert set(np.flatnonzero(select(pool, Rules(dedup=t)) == "dedup")) == expected

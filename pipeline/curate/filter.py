@@ -10,7 +10,8 @@ dropped it):
 3. ``dedup``: near-duplicates by embedding: pairs whose embeddings (image's by default) have cosine ≥ t
    are linked, and of each connected group the highest-scored pair is kept. The neighbours come from an
    approximate index (usearch's HNSW, vectors stored as float16): each pair is linked to those of its
-   `dedup_neighbours` nearest that pass the threshold.
+   `dedup_neighbours` nearest that pass the threshold, the cosine recomputed in float64 from the stored
+   vectors (`cosines`), so a threshold near 1 (exact copies: 0.99999) means what it says.
 4. ``balance``: MetaCLIP-style balancing over a vocabulary (one entry a line; an entry matches a caption
    where its words appear in it as whole words, case-insensitive). With count(e) the pairs matching entry
    e, a pair is kept when u(key) < max over its entries of min(1, cap / count(e)), u(key) a uniform number
@@ -52,7 +53,9 @@ log = get_logger(__name__)
 KEPT = ""
 MIN_SCORE, TOP_FRACTION, DEDUP, BALANCE, NO_ENTRY = "min_score", "top_fraction", "dedup", "balance", "balance_no_entry"
 DECISIONS = "decisions.parquet"
-SEARCH_CHUNK = 65536                       # rows searched in the index at once
+SEARCH_CHUNK = 4096                        # rows searched in the index at once
+INDEX_SLACK = 1e-3                         # the index's float16 distances: candidates up to this past the threshold
+ROUNDING = 1e-9                            # float64 rounding of a recomputed cosine (identical vectors: 1 ± 1e-15)
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,7 @@ def duplicates(pool: Pool, candidates: np.ndarray, rules: Rules, progress: bool 
     if index is None or len(index) < 2:
         return np.zeros(len(pool), bool)
     k = min(rules.dedup_neighbours + 1, len(index))
-    max_distance = 1.0 - rules.dedup + 1e-4          # float16 vectors: a little slack at the threshold
+    max_distance = 1.0 - rules.dedup + INDEX_SLACK
     sources, targets = [], []
     chunks = progress_bar(_column_chunks(pool, column), enabled=progress, total=len(pool.files), desc="dedup",
                           unit="file", leave=False)
@@ -174,11 +177,13 @@ def duplicates(pool: Pool, candidates: np.ndarray, rules: Rules, progress: bool 
             found = index.search(np.ascontiguousarray(vecs[part]), k, log=False)
             keys = np.asarray(found.keys).reshape(len(part), -1)
             dist = np.asarray(found.distances).reshape(len(part), -1)
-            src = np.repeat(part + start, keys.shape[1])
-            hit = (dist.reshape(-1) <= max_distance) & (keys.reshape(-1).astype(np.int64) != src)
-            hit &= keys.reshape(-1) < len(pool)        # unused slots of a short result
+            query = np.repeat(np.arange(len(part)), keys.shape[1])
+            src, dst = part[query] + start, keys.reshape(-1).astype(np.int64)
+            hit = (dist.reshape(-1) <= max_distance) & (dst != src) & (dst >= 0) & (dst < len(pool))
+            near = np.asarray(index.get(dst[hit].astype(np.uint64)))
+            hit[hit] = cosines(vecs[part[query[hit]]], near) >= rules.dedup - ROUNDING
             sources.append(src[hit])
-            targets.append(keys.reshape(-1)[hit].astype(np.int64))
+            targets.append(dst[hit])
     src, dst = np.concatenate(sources), np.concatenate(targets)
     graph = coo_matrix((np.ones(len(src), np.int8), (src, dst)), shape=(len(pool), len(pool)))
     _, group = connected_components(graph, directed=False)
@@ -189,6 +194,14 @@ def duplicates(pool: Pool, candidates: np.ndarray, rules: Rules, progress: bool 
     _, best = np.unique(group[order], return_index=True)
     first[order[best]] = True
     return candidates & ~first
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of two stacks of stored (float16) vectors, computed in float64. The stored unit
+    vectors' norms are 1 only to float16's ~1e-4, and the index's distances are approximate: this is the
+    cosine the threshold is compared with."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return np.einsum("ij,ij->i", a, b) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 _WORDS = re.compile(r"\w+")

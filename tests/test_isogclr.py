@@ -1,0 +1,157 @@
+"""isogclr (individualized temperatures): float64 vectors, a loop reference of the paper's update over two steps,
+the state written once per step, and (slow) the per-sample table across 1, 2 and 4 ranks and a resume at
+another world size."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import ConfigError, load_config
+from pipeline.losses import get_loss
+from pipeline.losses.sample_table import SampleTable
+
+F64 = torch.float64
+HYPER = dict(gamma=0.8, rho=8.0, tau_init=0.05, eta=0.03, beta_u=0.9, tau_min=0.005, tau_max=1.0, grad_clip=5.0)
+
+
+def batch(n: int, seed: int, k: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    u = F.normalize(torch.randn(n, 4, generator=g, dtype=F64), dim=1)
+    v = F.normalize(u + 0.7 * torch.randn(n, 4, generator=g, dtype=F64), dim=1)
+    h = F.normalize(torch.randn(n, k, 4, generator=g, dtype=F64), dim=-1) if k else None
+    return u, v, h
+
+
+def ids_of(samples) -> torch.Tensor:
+    """(n, 2) ids: image id 1000 + s, caption id 2000 + s (large and negative ids work the same)."""
+    s = torch.as_tensor(samples)
+    return torch.stack([1000 + s, -(2000 + s) * 7919], 1)
+
+
+# ---- the float64 loop reference --------------------------------------------------------------------
+
+def ref_step(u, v, h, ids, dup, state, hp):
+    """One step by the definitions, anchor by anchor: (value, surrogate whose gradient is the paper's estimator
+    τ_i·∇g_i/u_i, the new state). `state` maps an id to [τ, u, m] (u itself, not its log), `dup` a group per row."""
+    n = len(u)
+    cand = v if h is None else torch.cat([v, h.reshape(-1, u.shape[1])])
+    value, surrogate, new = 0.0, 0.0, {}
+    for side in ("image", "text"):
+        for i in range(n):
+            key = int(ids[i, 0 if side == "image" else 1])
+            tau, u_old, m = state.get(key, [hp["tau_init"], 0.0, 0.0])
+            anchor, cols = (u[i], cand) if side == "image" else (v[i], u)
+            terms = [anchor @ cols[j] - (u[i] @ v[i]) for j in range(len(cols))
+                     if j != i and not (j < n and dup[j] == dup[i])]
+            g = sum(torch.exp(t / tau) for t in terms) / len(terms)
+            u_new = (1 - hp["gamma"]) * u_old + hp["gamma"] * float(g.detach())
+            value += tau * (math.log(u_new) + hp["rho"]) / n
+            surrogate = surrogate + tau * g / u_new / n
+            weighted = sum(float(torch.exp(t / tau)) * float(t) / tau for t in terms) / len(terms)
+            grad = math.log(u_new) + hp["rho"] - weighted / u_new
+            m_new = (1 - hp["beta_u"]) * m + hp["beta_u"] * max(-hp["grad_clip"], min(hp["grad_clip"], grad))
+            new[key] = [min(hp["tau_max"], max(hp["tau_min"], tau - hp["eta"] * m_new)), u_new, m_new]
+    return value, surrogate, new
+
+
+def table_as_dict(loss) -> dict:
+    t = loss.table
+    return {int(k): [float(r[0]), math.exp(float(r[1])), float(r[2])] for k, r in zip(t.keys, t.values)}
+
+
+def run_step(loss, u, v, h, ids, cap):
+    a, b = u.clone().requires_grad_(), v.clone().requires_grad_()
+    extra = {} if h is None else {"negatives": h.clone().requires_grad_()}
+    value = loss(a, b, logit_scale=1.0, sample_ids=ids, caption_ids=cap, **extra)
+    grads = torch.autograd.grad(value, (a, b, *extra.values()))
+    return value.detach(), grads
+
+
+# ---- vectors ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["dense", "tiled"])
+def test_vector_two_orthogonal_pairs(tiled):
+    """u = v = (e1, e2), first step: every anchor has one negative at h = −1, g = e^{−1/τ}, u = γg, so
+    F = τ·(ln γ − 1/τ + ρ) and L = 2F = −1.844462871 at τ = 0.01, γ = 0.8, ρ = 8. G = ln γ − 1/τ + ρ + 1/(γτ)
+    = 32.78 clips to 5: m = 4.5, τ − 0.03·4.5 < τ_min: τ = 0.005."""
+    e = torch.eye(2, dtype=F64)
+    loss = get_loss("isogclr", tiled=tiled, tile_size=1)
+    value = loss(e, e, logit_scale=1.0, sample_ids=ids_of([0, 1]))
+    assert value.item() == pytest.approx(2 * (0.01 * math.log(0.8) - 1 + 0.08), abs=1e-12)
+    assert value.item() == pytest.approx(-1.844462871, abs=1e-9)
+    loss.after_step()
+    assert loss.table.values[:, 0].tolist() == [0.005] * 4
+    assert loss.table.values[:, 1].tolist() == pytest.approx([math.log(0.8) - 100] * 4, abs=1e-12)
+    assert loss.table.values[:, 2].tolist() == pytest.approx([4.5] * 4, abs=1e-12)
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["dense", "tiled"])
+@pytest.mark.parametrize("negatives", [0, 2], ids=["pairs", "hard-negatives"])
+def test_two_steps_against_the_loop_reference(tiled, negatives):
+    """Value, gradient (the paper's estimator) and the new table after each of two steps; step 2 repeats some
+    samples (their state carried) and brings new ones; duplicate captions (rows 1 and 4) are left out."""
+    loss = get_loss("isogclr", tiled=tiled, tile_size=3, **HYPER)
+    state: dict = {}
+    for step, samples in enumerate(([0, 1, 2, 3, 4, 5, 6], [5, 2, 7, 0, 8, 9, 3])):
+        u, v, h = batch(7, seed=10 + step, k=negatives)
+        ids, dup = ids_of(samples), torch.tensor([0, 1, 2, 3, 1, 5, 6])
+        value, grads = run_step(loss, u, v, h, ids, dup)
+        a, b = u.clone().requires_grad_(), v.clone().requires_grad_()
+        hh = None if h is None else h.clone().requires_grad_()
+        ref_value, surrogate, new = ref_step(a, b, hh, ids, dup, state, HYPER)
+        ref_grads = torch.autograd.grad(surrogate, (a, b, *([] if hh is None else [hh])))
+        assert value.item() == pytest.approx(ref_value, abs=1e-12)
+        for got, want in zip(grads, ref_grads):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        loss.after_step()
+        state.update(new)
+        got = table_as_dict(loss)
+        assert set(got) == set(state)
+        for key, row in state.items():
+            assert got[key] == pytest.approx(row, rel=1e-10, abs=1e-14)
+
+
+def test_state_is_written_once_per_step_not_per_call():
+    """Two forwards before `after_step` (a gradient check, a second chunk) see the same state and give the same
+    value; the write then changes the next step's value."""
+    u, v, _ = batch(6, seed=3)
+    loss = get_loss("isogclr", **HYPER)
+    first, _ = run_step(loss, u, v, None, ids_of(range(6)), None)
+    again, _ = run_step(loss, u, v, None, ids_of(range(6)), None)
+    assert torch.equal(first, again) and len(loss.table) == 0
+    loss.after_step()
+    assert len(loss.table) == 12
+    later, _ = run_step(loss, u, v, None, ids_of(range(6)), None)
+    assert not torch.isclose(later, first)
+
+
+def test_the_table_keeps_the_last_row_of_a_repeated_id():
+    table = SampleTable([1.0, 2.0])
+    table.write(torch.tensor([5, 3, 5]), torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]], dtype=F64))
+    assert table.keys.tolist() == [3, 5]
+    assert table.lookup(torch.tensor([5, 4, 3])).tolist() == [[0.5, 0.6], [1.0, 2.0], [0.3, 0.4]]
+
+
+def test_bad_calls_and_config_are_named():
+    u, v, _ = batch(4, seed=1)
+    with pytest.raises(ValueError, match="requires sample_ids"):
+        get_loss("isogclr")(u, v, logit_scale=1.0)
+    with pytest.raises(ValueError, match="takes no sample_ids"):
+        get_loss("clip")(u, v, logit_scale=1.0, sample_ids=ids_of(range(4)))
+    with pytest.raises(ValueError, match=r"sample_ids must be an integer tensor of shape \(4, 2\)"):
+        get_loss("isogclr")(u, v, logit_scale=1.0, sample_ids=torch.arange(4))
+    with pytest.raises(ValueError, match=r"isogclr: gamma must be a number in \(0, 1\]"):
+        get_loss("isogclr", gamma=0.0)
+    with pytest.raises(ValueError, match=r"tau_init must be a number in \[tau_min, tau_max\]"):
+        get_loss("isogclr", tau_init=2.0)
+    with pytest.raises(ConfigError, match="learns a temperature per sample.*loss.learn_temperature: false"):
+        load_config(None, ["loss.name=isogclr"])
+    with pytest.raises(ConfigError, match="does not take rho"):
+        load_config(None, ["loss.temperatures.rho=6"])
+    cfg = load_config(None, ["loss.name=isogclr", "loss.learn_temperature=false", "loss.temperatures.rho=6"])
+    assert get_loss(cfg.loss.name, **cfg.loss.hyper()).rho == 6.0
+    with pytest.raises(ConfigError, match="drop loss.matryoshka_dims"):
+        load_config(None, ["loss.name=isogclr", "loss.learn_temperature=false", "loss.matryoshka_dims=[2]"])

@@ -50,7 +50,7 @@ def ref_step(u, v, h, ids, dup, state, hp):
             u_new = (1 - hp["gamma"]) * u_old + hp["gamma"] * float(g.detach())
             value += tau * (math.log(u_new) + hp["rho"]) / n
             surrogate = surrogate + tau * g / u_new / n
-            weighted = sum(float(torch.exp(t / tau)) * float(t) / tau for t in terms) / len(terms)
+            weighted = sum(float(torch.exp(t / tau)) * float(t) / tau for t in (t.detach() for t in terms)) / len(terms)
             grad = math.log(u_new) + hp["rho"] - weighted / u_new
             m_new = (1 - hp["beta_u"]) * m + hp["beta_u"] * max(-hp["grad_clip"], min(hp["grad_clip"], grad))
             new[key] = [min(hp["tau_max"], max(hp["tau_min"], tau - hp["eta"] * m_new)), u_new, m_new]

@@ -155,3 +155,67 @@ def test_bad_calls_and_config_are_named():
     assert get_loss(cfg.loss.name, **cfg.loss.hyper()).rho == 6.0
     with pytest.raises(ConfigError, match="drop loss.matryoshka_dims"):
         load_config(None, ["loss.name=isogclr", "loss.learn_temperature=false", "loss.matryoshka_dims=[2]"])
+
+
+# ---- across ranks, and a resume at another world size ------------------------------------------------
+
+STEPS = ([0, 1, 2, 3, 4, 5, 6, 7], [5, 2, 7, 0, 8, 9, 3, 1], [4, 8, 6, 9, 0, 1, 2, 3])   # step 3: samples 0–3 move
+CAPTIONS = torch.tensor([0, 1, 2, 3, 1, 5, 6, 7])                                       # rows 1 and 4 duplicates
+
+
+def world_steps(rank: int, world: int, tiled: bool, shards=None) -> dict:
+    """Steps 1 and 2 on this rank's rows of the global batches, then a fresh loss resumes from `shards` (every
+    saved rank's table; None: this world's own) and takes step 3 (dense or tiled). Values, row gradients and the
+    resumed table's values of step 3's ids."""
+    from pipeline.distributed import all_gather_objects
+    n = 8 // world
+    rows = slice(rank * n, (rank + 1) * n)
+
+    def step(loss, k):
+        u, v, h = batch(8, seed=20 + k, k=1)
+        return run_step(loss, u[rows], v[rows], h[rows], ids_of(STEPS[k])[rows], CAPTIONS[rows])
+    loss = get_loss("isogclr", tiled=tiled, tile_size=3, **HYPER)
+    out = {}
+    for k in (0, 1):
+        out[k] = step(loss, k)
+        loss.after_step()
+    own = loss.sample_state()
+    resumed = get_loss("isogclr", tiled=tiled, tile_size=3, **HYPER)
+    resumed.load_sample_state(all_gather_objects(own) if shards is None else shards)
+    ids = ids_of(STEPS[2])
+    ids = torch.cat([ids[:, 0], ids[:, 1]])
+    out["saved"], out["resumed"] = loss.table.lookup(ids), resumed.table.lookup(ids)
+    out[2] = step(resumed, 2)
+    return dict(out=out, shard=own)
+
+
+def check_world(ranks: list, single: dict, world: int) -> None:
+    for k in (0, 1, 2):
+        value = torch.stack([r["out"][k][0] for r in ranks]).mean()
+        torch.testing.assert_close(value, single[k][0], rtol=1e-10, atol=1e-12)
+        for g in range(3):                # image, text, hard-negative rows: each rank's own, scaled by 1/W
+            got = torch.cat([r["out"][k][1][g] for r in ranks]) / world
+            torch.testing.assert_close(got, single[k][1][g], rtol=1e-9, atol=1e-12)
+    for r in ranks:
+        torch.testing.assert_close(r["out"]["saved"], single["saved"], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.slow
+def test_ranks_and_resume_at_another_world_size(tiled=True):
+    """1, 2 and 4 ranks give the single process's values and gradients over three steps of carried state; the
+    table written by 2 ranks resumes on 2 and on 4, the one written by 4 on 1, to the saved values bit for bit;
+    samples 0–3, on rank 0 of 2 before the resume and on rank 1 after, keep their temperatures. Tiled (the
+    harnesses of test_losses.py check tiled = dense)."""
+    from tests.helpers.dist import run_world
+    single = world_steps(0, 1, tiled)["out"]
+    two = run_world(world_steps, 2, tiled)                            # resumes on 2 from its own shards
+    check_world(two, single, 2)
+    four = run_world(world_steps, 4, tiled, [r["shard"] for r in two])
+    check_world(four, single, 4)
+    one = world_steps(0, 1, tiled, [r["shard"] for r in four])["out"]
+    for resumed, saved in ((two, two), (four, two), ([{"out": one}], four)):     # what was saved, read back
+        for r in resumed:
+            assert torch.equal(r["out"]["resumed"], saved[0]["out"]["saved"])
+    moved = single["saved"][4:8, 0]                                 # step 3 rows 4–7: samples 0–3, images
+    assert (moved != HYPER["tau_init"]).all()                        # learned, not the initial value
+    assert sum(len(r["shard"]["keys"]) for r in two) == 20            # 10 samples × (image, caption), each once

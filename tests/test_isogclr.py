@@ -62,6 +62,15 @@ def table_as_dict(loss) -> dict:
     return {int(k): [float(r[0]), math.exp(float(r[1])), float(r[2])] for k, r in zip(t.keys, t.values)}
 
 
+def test_each_row_knows_its_side():
+    u, v, _ = batch(3, seed=2)
+    loss = get_loss("isogclr", **HYPER)
+    run_step(loss, u, v, None, ids_of(range(3)), None)
+    loss.after_step()
+    sides = dict(zip(loss.table.keys.tolist(), loss.table.values[:, 3].tolist()))
+    assert sides == {**{1000 + s: 0.0 for s in range(3)}, **{-(2000 + s) * 7919: 1.0 for s in range(3)}}
+
+
 def run_step(loss, u, v, h, ids, cap):
     a, b = u.clone().requires_grad_(), v.clone().requires_grad_()
     extra = {} if h is None else {"negatives": h.clone().requires_grad_()}
@@ -86,6 +95,7 @@ def test_vector_two_orthogonal_pairs(tiled):
     assert loss.table.values[:, 0].tolist() == [0.005] * 4
     assert loss.table.values[:, 1].tolist() == pytest.approx([math.log(0.8) - 100] * 4, abs=1e-12)
     assert loss.table.values[:, 2].tolist() == pytest.approx([4.5] * 4, abs=1e-12)
+    assert {k: v.tolist() for k, v in loss.temperatures().items()} == {"image": [0.005] * 2, "text": [0.005] * 2}
 
 
 @pytest.mark.parametrize("tiled", [False, True], ids=["dense", "tiled"])
@@ -153,6 +163,8 @@ def test_bad_calls_and_config_are_named():
         load_config(None, ["loss.temperatures.rho=6"])
     cfg = load_config(None, ["loss.name=isogclr", "loss.learn_temperature=false", "loss.temperatures.rho=6"])
     assert get_loss(cfg.loss.name, **cfg.loss.hyper()).rho == 6.0
+    with pytest.raises(ConfigError, match="it trains on data.format: image_text, not 'text_pairs'"):
+        load_config(None, ["loss.name=isogclr", "loss.learn_temperature=false", "data.format=text_pairs"])
     with pytest.raises(ConfigError, match="drop loss.matryoshka_dims"):
         load_config(None, ["loss.name=isogclr", "loss.learn_temperature=false", "loss.matryoshka_dims=[2]"])
 

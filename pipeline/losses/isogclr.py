@@ -45,7 +45,7 @@ from torch import Tensor
 from pipeline.losses.base import ContrastiveLoss, Pairs, caption_counts, leave_out, mask
 from pipeline.losses.sample_table import SampleTable
 
-TAU, LOG_U, MOMENTUM = range(3)          # the table's columns: one row per image id and per caption id
+TAU, LOG_U, MOMENTUM, SIDE = range(4)    # the table's columns: one row per image id (side 0) and caption id (1)
 
 
 class IsogclrLoss(ContrastiveLoss):
@@ -71,7 +71,7 @@ class IsogclrLoss(ContrastiveLoss):
         self.gamma, self.rho, self.eta, self.beta_u = float(gamma), float(rho), float(eta), float(beta_u)
         self.tau_init, self.tau_min, self.tau_max, self.grad_clip = float(tau_init), float(tau_min), \
             float(tau_max), float(grad_clip)
-        self.table = SampleTable([self.tau_init, -math.inf, 0.0])
+        self.table = SampleTable([self.tau_init, -math.inf, 0.0, -1.0])
         self._pending: Optional[tuple[Tensor, Tensor]] = None
 
     def extra_repr(self) -> str:
@@ -89,13 +89,15 @@ class IsogclrLoss(ContrastiveLoss):
         text = self.side(p, p.v, p.U, p.u, text_state, n_all - 1 - duplicates)
         (image_value, image_new), (text_value, text_new) = image, text
         local = p.sample_ids.to(p.u.device).long()
-        self._pending = (torch.cat([local[:, 0], local[:, 1]]), torch.cat([image_new, text_new]))
+        sides = [torch.full_like(image_new[:, :1], side) for side in (0, 1)]
+        self._pending = (torch.cat([local[:, 0], local[:, 1]]),
+                         torch.cat([torch.cat([image_new, sides[0]], 1), torch.cat([text_new, sides[1]], 1)]))
         return image_value.mean() + text_value.mean()
 
     def side(self, p: Pairs, q: Tensor, columns: Tensor, partner: Tensor, state: Tensor,
              negatives: Tensor | int) -> tuple[Tensor, Tensor]:
         """(F_i as valued and differentiated, the new (τ, log u, m) rows) of anchors q against `columns`."""
-        tau, log_u, m = state.unbind(1)
+        tau, log_u, m = state[:, :SIDE].unbind(1)
         count = torch.as_tensor(negatives, device=q.device).expand(len(q)).to(q.dtype)
         has = count > 0                                  # an anchor whose every column is its duplicate: no term
         positive = (q * partner).sum(1) / tau
@@ -133,9 +135,10 @@ class IsogclrLoss(ContrastiveLoss):
             self.table.write(*self._pending)
             self._pending = None
 
-    def temperatures(self) -> Tensor:
-        """This rank's per-sample temperatures (images and captions), for the TensorBoard histogram."""
-        return self.table.values[:, TAU].clone()
+    def temperatures(self) -> dict[str, Tensor]:
+        """This rank's per-sample temperatures of images and of captions (the TensorBoard histograms)."""
+        values = self.table.values
+        return {side: values[values[:, SIDE] == i, TAU] for i, side in enumerate(("image", "text"))}
 
     def sample_state(self) -> dict[str, Tensor]:
         """This rank's shard of the table, for the checkpoint."""

@@ -90,6 +90,9 @@ def check_loss_config(cfg: Config) -> list[str]:
                "gradient)" if cls.uses_sample_ids else
                "uses the logit scale as a fixed temperature (learned, it would only fall to its clamp)")
         return [f"loss.name = {loss.name!r} (from {cfg.origin('loss.name')}) {why}: set loss.learn_temperature: false"]
+    if cls.uses_sample_ids and cfg.data.format != "image_text":
+        return [f"loss.name = {loss.name!r} (from {cfg.origin('loss.name')}) keeps a temperature per image and per "
+                f"caption, keyed by their ids: it trains on data.format: image_text, not {cfg.data.format!r}"]
     if cls.uses_sample_ids and loss.matryoshka_dims:
         return [f"loss.matryoshka_dims (from {cfg.origin('loss.matryoshka_dims')}): loss.name = {loss.name!r} keeps "
                 f"one state per sample, updated once per step; it is not summed over truncated embeddings: drop "

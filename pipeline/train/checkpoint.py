@@ -4,7 +4,8 @@ A resume checkpoint (`pipeline.layout` names its files) holds DeepSpeed's files 
 its own), the data stream's position with all ranks merged (any world size resumes from it), each
 rank's generator states, each rank's shard of the loss's per-sample state when it keeps one (isogclr's
 temperatures, safetensors; any world size reads every shard and keeps its own ids), `meta.json`
-(step, samples seen, world size, ZeRO stage, parameter shapes, the run config) and `manifest.json` (every file's size and sha256, `integrity`); `COMPLETE` is last.
+(step, samples seen, world size, ZeRO stage, parameter shapes, the run config) and `manifest.json`
+(every file's size and sha256, `integrity`); `COMPLETE` is last.
 
 Each rank saves locally, uploads through fsspec (any `run_dir` URL), then rank 0 writes the manifest
 and the marker and keeps the newest `checkpoint.keep`. Resume takes the newest complete folder whose

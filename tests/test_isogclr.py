@@ -231,3 +231,74 @@ def test_ranks_and_resume_at_another_world_size(tiled=True):
     moved = single["saved"][4:8, 0]                                 # step 3 rows 4–7: samples 0–3, images
     assert (moved != HYPER["tau_init"]).all()                        # learned, not the initial value
     assert sum(len(r["shard"]["keys"]) for r in two) == 20            # 10 samples × (image, caption), each once
+
+
+# ---- in the run: the train loop's step, its checkpoint, its TensorBoard ------------------------------
+
+LOG_LINE = {"train/loss": 0.0, "perf/samples_per_s": 1.0, "perf/step_time_s": 1.0, "perf/data_wait_fraction": 0.0,
+            "train/lr": 0.0, "train/temperature": 1.0, "train/grad_norm": 0.0, "perf/peak_memory_gb": 0.0,
+            "data/bad_samples": 0.0}
+
+
+def _loop_steps(rank: int, world: int, run_dir: str) -> dict:
+    """Two `train_step`s of the loop (real DeepSpeed engine, tiny model, gradient cache in chunks of 2) on 2
+    ranks, then the run's checkpoint with the loss's state, and the TensorBoard histograms of its temperatures.
+    Also the state of a plain loss fed each step's embeddings, written once per step (the reference)."""
+    from pipeline.config import load_config
+    from pipeline.models import run_tokenizer
+    from pipeline.train.checkpoint import TrainState, save_checkpoint
+    from pipeline.train.engine import Engine
+    from pipeline.train.interrupts import Boundary
+    from pipeline.train.loop import make_loss, train_step
+    from pipeline.train.metrics import TrainLogger, temperature_histograms
+    from tests.test_train_engine import _tiny
+    cfg = load_config(None, ["eval.schedule='off'", f"run_dir={run_dir}", "loss.name=isogclr", "seed=7",
+                             "loss.learn_temperature=false", "train.global_batch=8", "cluster.num_workers=2",
+                             "gradcache.chunk_size=2", "train.lr=1e-3", "loss.duplicates=off", "train.log_every=1"])
+    torch.manual_seed(0)
+    engine = Engine(cfg, _tiny(loss="isogclr"), world)
+    loss_fn, weights_from = make_loss(cfg)
+    reference = get_loss("isogclr")
+    state, boundary, logger = TrainState(), Boundary(run_dir, notices=False), TrainLogger(cfg, rank)
+    g = torch.Generator().manual_seed(0)
+    for step in range(2):
+        rows = torch.tensor(STEPS[step][rank * 4:(rank + 1) * 4])
+        batch = {"image": torch.randn(4, 3, 32, 32, generator=g), "text": torch.randint(1, 100, (4, 16), generator=g),
+                 "sample_id": ids_of(rows)}
+        out, _, _ = train_step(engine, batch, loss_fn, weights_from, state, cfg, boundary)
+        reference(out.image.double(), out.text.double(), logit_scale=1.0, sample_ids=ids_of(rows))
+        reference.after_step()
+        logger.log(state.step, LOG_LINE, temperature_histograms(loss_fn))
+    logger.close()
+    save_checkpoint(engine, cfg, state, {}, run_tokenizer(cfg), loss_fn.sample_state())
+    return dict(state=loss_fn.sample_state(), reference=reference.sample_state())
+
+
+@pytest.mark.slow
+def test_the_run_steps_checkpoints_and_logs_the_temperatures(tmp_path):
+    """Through the loop's `train_step` the table is the one a plain loss gets from each step's embeddings (the
+    gradient cache's chunks write it once per step); the checkpoint of 2 ranks holds every rank's shard and a
+    resume on 1 rank reads all of it; TensorBoard has the temperatures' histograms of images and of captions
+    at each logged step."""
+    from pipeline.config import load_config
+    from pipeline.train.checkpoint import find_resume
+    from tests.helpers.dist import run_world
+    from tests.helpers.tensorboard import histograms
+    ranks = run_world(_loop_steps, 2, str(tmp_path))
+    for r in ranks:
+        assert torch.equal(r["state"]["keys"], r["reference"]["keys"]) and len(r["state"]["keys"]) > 0
+        torch.testing.assert_close(r["state"]["values"], r["reference"]["values"], rtol=1e-4, atol=1e-6)
+    cfg = load_config(None, [f"run_dir={tmp_path}", "loss.name=isogclr", "loss.learn_temperature=false"])
+    resumed = get_loss("isogclr")
+    resumed.load_sample_state(find_resume(cfg).sample_state())
+    every = SampleTable([0.0] * 4)
+    every.load_shards(r["state"] for r in ranks)
+    assert torch.equal(resumed.table.keys, every.keys) and torch.equal(resumed.table.values, every.values)
+    assert len(every) == 2 * 10                                        # 10 samples seen, image and caption
+    seen = histograms(str(tmp_path / "tensorboard"))
+    for side in ("image", "text"):
+        (first, h1), (last, h2) = seen[f"train/sample_temperature/{side}"]
+        assert (first, last) == (1, 2) and (h1["num"], h2["num"]) == (8, 10)    # samples 8, 9 new at step 2
+        taus = resumed.temperatures()[side]
+        assert h2["min"] == pytest.approx(float(taus.min())) and h2["max"] == pytest.approx(float(taus.max()))
+        assert sum(h2["counts"]) == 10

@@ -28,7 +28,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 # what a loss needs besides its name (cacr: its scale is a fixed temperature; isogclr: unused)
-EXTRA = {"cacr": ["loss.learn_temperature=false"], "isogclr": ["loss.learn_temperature=false"]}   # isogclr: τ per sample
+EXTRA = {"cacr": ["loss.learn_temperature=false"], "isogclr": ["loss.learn_temperature=false"]}
 SEVERAL = {"polyview"}            # losses that take data.captions_per_image > 1
 LOG_EVERY = 10
 

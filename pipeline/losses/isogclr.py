@@ -44,6 +44,7 @@ from torch import Tensor
 
 from pipeline.losses.base import ContrastiveLoss, Pairs, caption_counts, leave_out, mask
 from pipeline.losses.sample_table import SampleTable
+from pipeline.losses.tiled import Term
 
 TAU, LOG_U, MOMENTUM, SIDE = range(4)    # the table's columns: one row per image id (side 0) and caption id (1)
 
@@ -80,6 +81,7 @@ class IsogclrLoss(ContrastiveLoss):
 
     # ------------------------------------------------------------------------------ the loss
     def compute(self, p: Pairs) -> Tensor:
+        """Both sides' F_i over this rank's rows, their state looked up by id; the new state kept for `after_step`."""
         ids = p.all_sample_ids                                               # (N, 2): image id, caption id
         state = self.table.lookup(torch.cat([ids[:, 0], ids[:, 1]])).to(device=p.u.device, dtype=p.u.dtype)
         n_all = ids.shape[0]
@@ -120,7 +122,7 @@ class IsogclrLoss(ContrastiveLoss):
         value = tau * (new_log_u + self.rho + carrier)
         return torch.where(has, value, 0.0), new
 
-    def softmax_mean(self, a: Tensor, columns: Tensor, h, positive: Tensor, lse: Tensor) -> Tensor:
+    def softmax_mean(self, a: Tensor, columns: Tensor, h: Term, positive: Tensor, lse: Tensor) -> Tensor:
         """Σ_j softmax_j(h_ij/τ_i)·h_ij/τ_i per row, i.e. (1/(|S_i| g_i)) Σ_j exp(h_ij/τ_i)·h_ij/τ_i (no gradient)."""
         def weighted(dots: Tensor, cols: slice, positive: Tensor, lse: Tensor) -> Tensor:
             t = h(dots, cols, positive)

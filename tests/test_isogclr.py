@@ -241,11 +241,11 @@ LOG_LINE = {"train/loss": 0.0, "perf/samples_per_s": 1.0, "perf/step_time_s": 1.
 
 
 def _loop_steps(rank: int, world: int, run_dir: str) -> dict:
-    """Two `train_step`s of the loop (real DeepSpeed engine, tiny model, gradient cache in chunks of 2) on 2
-    ranks, then the run's checkpoint with the loss's state, and the TensorBoard histograms of its temperatures.
+    """Two `train_step`s of the loop (real DeepSpeed engine, tiny model, gradient cache in chunks of 2) on this
+    rank's rows, then the run's checkpoint with the loss's state, and the TensorBoard histograms of its temperatures.
     Also the state of a plain loss fed each step's embeddings, written once per step (the reference)."""
     from pipeline.config import load_config
-    from pipeline.models import run_tokenizer
+    from pipeline.data import train_tokenizer
     from pipeline.train.checkpoint import TrainState, save_checkpoint
     from pipeline.train.engine import Engine
     from pipeline.train.interrupts import Boundary
@@ -253,7 +253,7 @@ def _loop_steps(rank: int, world: int, run_dir: str) -> dict:
     from pipeline.train.metrics import TrainLogger, temperature_histograms
     from tests.test_train_engine import _tiny
     cfg = load_config(None, ["eval.schedule='off'", f"run_dir={run_dir}", "loss.name=isogclr", "seed=7",
-                             "loss.learn_temperature=false", "train.global_batch=8", "cluster.num_workers=2",
+                             "loss.learn_temperature=false", "train.global_batch=8", f"cluster.num_workers={world}",
                              "gradcache.chunk_size=2", "train.lr=1e-3", "loss.duplicates=off", "train.log_every=1"])
     torch.manual_seed(0)
     engine = Engine(cfg, _tiny(loss="isogclr"), world)
@@ -261,16 +261,17 @@ def _loop_steps(rank: int, world: int, run_dir: str) -> dict:
     reference = get_loss("isogclr")
     state, boundary, logger = TrainState(), Boundary(run_dir, notices=False), TrainLogger(cfg, rank)
     g = torch.Generator().manual_seed(0)
+    n = 8 // world
     for step in range(2):
-        rows = torch.tensor(STEPS[step][rank * 4:(rank + 1) * 4])
-        batch = {"image": torch.randn(4, 3, 32, 32, generator=g), "text": torch.randint(1, 100, (4, 16), generator=g),
+        rows = torch.tensor(STEPS[step][rank * n:(rank + 1) * n])
+        batch = {"image": torch.randn(n, 3, 32, 32, generator=g), "text": torch.randint(1, 100, (n, 16), generator=g),
                  "sample_id": ids_of(rows)}
         out, _, _ = train_step(engine, batch, loss_fn, weights_from, state, cfg, boundary)
         reference(out.image.double(), out.text.double(), logit_scale=1.0, sample_ids=ids_of(rows))
         reference.after_step()
         logger.log(state.step, LOG_LINE, temperature_histograms(loss_fn))
     logger.close()
-    save_checkpoint(engine, cfg, state, {}, run_tokenizer(cfg), loss_fn.sample_state())
+    save_checkpoint(engine, cfg, state, {}, train_tokenizer(["a red square"], 100, 16), loss_fn.sample_state())
     return dict(state=loss_fn.sample_state(), reference=reference.sample_state())
 
 

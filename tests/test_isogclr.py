@@ -303,3 +303,32 @@ def test_the_run_steps_checkpoints_and_logs_the_temperatures(tmp_path):
         assert (first, last) == (1, 2) and counts == [8, 10]            # samples 8, 9 are new at step 2
         taus = resumed.temperatures()[side]
         assert h2[0][0] == pytest.approx(float(taus.min())) and h2[-1][1] == pytest.approx(float(taus.max()))
+
+
+def test_the_gradient_cache_equals_a_plain_step_and_writes_the_state_once():
+    """Two steps through the gradient cache (image chunks of 3, text chunks of 2, so the loss's inputs come from
+    several calls) give the parameters and the table of two plain steps over the whole batch."""
+    import copy
+
+    from pipeline.gradcache import forward_backward
+    from tests.test_gradcache import LR, ToyDual, params
+    from tests.test_gradcache import batch as toy_batch
+    images, texts, _ = toy_batch(8)
+    plain_model = ToyDual()
+    cached_model, initial = copy.deepcopy(plain_model), params(plain_model)
+    plain, cached = get_loss("isogclr", **HYPER), get_loss("isogclr", tiled=True, tile_size=3, **HYPER)
+    for samples in STEPS[:2]:
+        ids = ids_of(samples)
+        for model, loss, chunks in ((plain_model, plain, {}), (cached_model, cached, dict(chunk_size=3,
+                                                                                          text_chunk_size=2))):
+            forward_backward(model, images, texts, loss, sample_ids=ids, **chunks)
+            torch.optim.SGD(model.parameters(), lr=LR).step()
+            model.zero_grad()
+            loss.after_step()
+    got, want = params(cached_model), params(plain_model)
+    assert any((want[k] - initial[k]).abs().max() > 1e-3 for k in want)                  # it trained
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    assert torch.equal(cached.table.keys, plain.table.keys) and len(plain.table) == 20
+    # float32 towers: G's two terms (~100 each at τ = 0.05) cancel, so m agrees to ~1e-5 absolute
+    torch.testing.assert_close(cached.table.values, plain.table.values, rtol=1e-5, atol=1e-4)

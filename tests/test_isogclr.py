@@ -332,3 +332,15 @@ def test_the_gradient_cache_equals_a_plain_step_and_writes_the_state_once():
     assert torch.equal(cached.table.keys, plain.table.keys) and len(plain.table) == 20
     # float32 towers: G's two terms (~100 each at τ = 0.05) cancel, so m agrees to ~1e-5 absolute
     torch.testing.assert_close(cached.table.values, plain.table.values, rtol=1e-5, atol=1e-4)
+
+
+def test_the_table_merges_new_ids_in_order_and_overwrites_known_ones():
+    g = torch.Generator().manual_seed(0)
+    table, want = SampleTable([0.0]), {}
+    for _ in range(5):
+        ids = torch.randint(-50, 50, (12,), generator=g)
+        rows = torch.rand(12, 1, generator=g, dtype=F64)
+        table.write(ids, rows)
+        want.update({int(i): float(r) for i, r in zip(ids, rows)})              # later rows win, as in a dict
+    assert table.keys.tolist() == sorted(want)
+    assert table.values[:, 0].tolist() == [want[k] for k in sorted(want)]

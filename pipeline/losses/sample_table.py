@@ -64,14 +64,27 @@ class SampleTable:
         self._put(all_ids[mine], all_values[mine])
 
     def _put(self, ids: Tensor, values: Tensor) -> None:
-        """Insert or overwrite rows (no collective); of repeated ids the last row wins."""
-        keys = torch.cat([self.keys, ids])
-        rows = torch.cat([self.values, values])
-        order = torch.sort(keys, stable=True).indices             # old rows first, then the new in order
-        keys, rows = keys[order], rows[order]
-        last = torch.ones(len(keys), dtype=torch.bool)
-        last[:-1] = keys[1:] != keys[:-1]
-        self.keys, self.values = keys[last].contiguous(), rows[last].contiguous()
+        """Overwrite the rows of known ids in place and merge the new ones in (no collective; O(table + batch),
+        no sort of the table); of repeated ids the last row wins."""
+        order = torch.sort(ids, stable=True).indices
+        ids, values = ids[order], values[order]
+        last = torch.ones(len(ids), dtype=torch.bool)
+        last[:-1] = ids[1:] != ids[:-1]
+        ids, values = ids[last], values[last]
+        at = torch.searchsorted(self.keys, ids)
+        found = torch.zeros(len(ids), dtype=torch.bool)
+        if len(self.keys):
+            found = self.keys[at.clamp(max=len(self.keys) - 1)] == ids
+            self.values[at[found]] = values[found]
+        fresh, rows = ids[~found], values[~found]                # sorted, none in the table
+        if len(fresh):
+            size = len(self.keys) + len(fresh)
+            old_to = torch.arange(len(self.keys)) + torch.searchsorted(fresh, self.keys)
+            new_to = torch.searchsorted(self.keys, fresh) + torch.arange(len(fresh))
+            keys, table = torch.empty(size, dtype=torch.long), torch.empty(size, self.values.shape[1], dtype=F64)
+            keys[old_to], keys[new_to] = self.keys, fresh
+            table[old_to], table[new_to] = self.values, rows
+            self.keys, self.values = keys, table
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"keys": self.keys.clone(), "values": self.values.clone()}

@@ -27,8 +27,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-# what a loss needs besides its name (cacr: its scale is a fixed temperature)
-EXTRA = {"cacr": ["loss.learn_temperature=false"]}
+# what a loss needs besides its name (cacr: its scale is a fixed temperature; isogclr: unused)
+EXTRA = {"cacr": ["loss.learn_temperature=false"], "isogclr": ["loss.learn_temperature=false"]}
 SEVERAL = {"polyview"}            # losses that take data.captions_per_image > 1
 LOG_EVERY = 10
 
@@ -64,7 +64,8 @@ def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     for path in sorted((run_dir / "tensorboard").rglob("events.*")):
         for event in EventFileLoader(str(path)).Load():
             for v in event.summary.value:
-                series.setdefault(v.tag, {})[event.step] = float(tensor_util.make_ndarray(v.tensor))
+                if v.metadata.plugin_data.plugin_name != "histograms":     # isogclr's temperatures
+                    series.setdefault(v.tag, {})[event.step] = float(tensor_util.make_ndarray(v.tensor))
     return series
 
 

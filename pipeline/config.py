@@ -128,10 +128,24 @@ class MixNegativesConfig:
 
 
 @dataclass
+class TemperaturesConfig:
+    """isogclr's individualized temperatures (docs/losses-family-ii.md); a key left at None takes the loss default
+    (the paper's code's bimodal run)."""
+    gamma: Optional[float] = None          # γ of the per-sample moving average u of the inner function (0.8)
+    rho: Optional[float] = None            # ρ, the KL-DRO radius: larger ρ, larger temperatures (8)
+    tau_init: Optional[float] = None       # every sample's first temperature (0.01)
+    eta: Optional[float] = None            # η, the temperatures' step size (0.03)
+    beta_u: Optional[float] = None         # β of the temperatures' gradient momentum (0.9)
+    tau_min: Optional[float] = None        # the temperatures' lower bound (0.005)
+    tau_max: Optional[float] = None        # their upper bound (1.0)
+    grad_clip: Optional[float] = None      # the temperature gradient is clipped to ±grad_clip (5)
+
+
+@dataclass
 class LossConfig:
     """The loss and its hyper-parameters (LOSSES.md); a hyper left at None takes the loss default."""
     # clip, siglip, supcon, tcl, dcl, dclw, hcl, cwcl, clip_gap; family II (docs/losses-family-ii.md): cacr, mochi,
-    # polyview (several captions per image: data.captions_per_image)
+    # polyview (several captions per image: data.captions_per_image), isogclr (a temperature per sample)
     name: str = "clip"
     tiled: bool = False                # compute the loss in column tiles (memory O(local rows × tile))
     tile_size: int = 1024              # tiled: at most tile_size² pairs a tile (narrower with many rows)
@@ -147,17 +161,18 @@ class LossConfig:
     matryoshka_dims: list[int] = field(default_factory=list)   # e.g. [384, 128, 64]: loss summed over truncations
     duplicates: Literal["mask", "off"] = "mask"  # mask: pairs with identical captions are not each other's negatives
     mix_negatives: MixNegativesConfig = field(default_factory=MixNegativesConfig)  # mochi: {n, s, s_prime}
+    temperatures: TemperaturesConfig = field(default_factory=TemperaturesConfig)  # isogclr: {gamma, rho, eta, ...}
     caption_weight: float = 2.0            # CoCa models: weight of the captioning token cross-entropy (CoCa's 2.0)
     caption_label_smoothing: float = 0.0   # CoCa models: label smoothing of that cross-entropy
 
     def hyper(self) -> dict[str, Any]:
-        """The hyper-parameters explicitly set, as keyword arguments for `get_loss` (mix_negatives' keys too:
-        a loss other than mochi then refuses them by name)."""
+        """The hyper-parameters explicitly set, as keyword arguments for `get_loss` (mix_negatives' and
+        temperatures' keys too: a loss other than mochi, or isogclr, then refuses them by name)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                if f.metadata.get("hyper") and getattr(self, f.name) is not None}
-        mixing = self.mix_negatives
-        out.update({f.name: getattr(mixing, f.name) for f in dataclasses.fields(mixing)
-                    if getattr(mixing, f.name) is not None})
+        for group in (self.mix_negatives, self.temperatures):
+            out.update({f.name: getattr(group, f.name) for f in dataclasses.fields(group)
+                        if getattr(group, f.name) is not None})
         return out
 
 

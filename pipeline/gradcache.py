@@ -114,7 +114,8 @@ def forward_backward(model: nn.Module, images: Tensor, texts: Tensor, loss_fn: C
                      labels: Optional[Tensor] = None, chunk_size: int = 0, text_chunk_size: int = 0,
                      weights_from: Optional[str] = None, backward: Optional[Backward] = None,
                      negatives: Optional[Tensor] = None, caption_ids: Optional[Tensor] = None,
-                     caption: Optional[CaptionLoss] = None, positives: Optional[Tensor] = None) -> StepOutput:
+                     caption: Optional[CaptionLoss] = None, positives: Optional[Tensor] = None,
+                     sample_ids: Optional[Tensor] = None) -> StepOutput:
     """Forward and backward of one step over this rank's batch; the caller then steps the optimizer.
 
     `model` is a dual encoder (plain, DDP, or a DeepSpeed engine with its `backward`) called as
@@ -125,6 +126,7 @@ def forward_backward(model: nn.Module, images: Tensor, texts: Tensor, loss_fn: C
     text-tower inputs per row whose embeddings the loss gets as hard negatives; `caption_ids` go to the
     loss as they are (its duplicate mask). `positives` (n, k−1, ...) are captions 2..k of each row (text-tower
     inputs after the n first captions, row-major; the loss gets them as `positives=(n, k−1, D)`, polyview).
+    `sample_ids` (n, 2) go to the loss as they are (its per-sample state, isogclr; the loss is called once).
     `caption` (a CoCa model) adds its weight × the captioning loss of
     `texts` given the images; image and text chunks are then the same rows. The parameter gradients equal
     those of a plain backward over the batch, dropout included (the cache replays each call's RNG).
@@ -132,6 +134,8 @@ def forward_backward(model: nn.Module, images: Tensor, texts: Tensor, loss_fn: C
     n = _check_batch(images, texts, labels, chunk_size, text_chunk_size, weights_from, negatives)
     if caption_ids is not None and len(caption_ids) != n:
         raise ValueError(f"forward_backward: expected {n} caption ids (one per pair), got {len(caption_ids)}")
+    if sample_ids is not None and len(sample_ids) != n:
+        raise ValueError(f"forward_backward: expected {n} sample ids (one row per pair), got {len(sample_ids)}")
     if positives is not None:
         if negatives is not None or caption is not None:
             raise ValueError("forward_backward: several captions per row (positives) take no hard negatives and no "
@@ -153,7 +157,7 @@ def forward_backward(model: nn.Module, images: Tensor, texts: Tensor, loss_fn: C
         cap = _Caption(caption, caption_targets(texts))      # the global token count: a collective, every rank
     backward = backward or backward_strategy(model)
     loss = _Loss(loss_fn, labels, weights_from, 0 if negatives is None else negatives.shape[1], caption_ids,
-                 0 if positives is None else positives.shape[1])
+                 0 if positives is None else positives.shape[1], sample_ids)
     if image_chunk >= n and text_chunk >= len(texts):
         return _plain_step(model, images, texts, loss, backward, cap)
     locked = locked_towers(model)
@@ -330,6 +334,7 @@ class _Loss:
     negatives: int = 0                # k
     caption_ids: Optional[Tensor] = None
     positives: int = 0                # k − 1 further captions per row
+    sample_ids: Optional[Tensor] = None
 
     def split(self, image: Tensor, text: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """(first captions (n, D), hard negatives (n, k, D) or further captions (n, k−1, D), or None) of the
@@ -344,6 +349,8 @@ class _Loss:
         extra = {} if negatives is None else {"positives" if self.positives else "negatives": negatives}
         if self.caption_ids is not None:
             extra["caption_ids"] = self.caption_ids
+        if self.sample_ids is not None:
+            extra["sample_ids"] = self.sample_ids
         return self.fn(image, text, logit_scale=at_least_fp32(scale),
                        logit_bias=None if bias is None else at_least_fp32(bias),
                        labels=self.labels, weights_from=weights, **extra)

@@ -54,6 +54,7 @@ DATA_STATE = "data_state.json"
 DEEPSPEED = "deepspeed"
 UNIVERSAL = "universal"                    # a checkpoint's optimizer state re-shardable to any world size
 RNG = "rng"
+SAMPLE_STATE = "sample_state"              # a loss's per-sample state (isogclr), one shard per rank
 CLASSNAMES = "classnames.txt"
 TEMPLATES = "zeroshot_classification_templates.txt"
 NSHARDS = "nshards.txt"                    # CLIP_benchmark: a split's shard count (shards 0.tar .. N-1.tar)
@@ -176,6 +177,11 @@ def parse_lease_file(name: str) -> Optional[int]:
 def rng_file(rank: int) -> str:
     """A rank's generator states, relative to its checkpoint folder."""
     return _join(RNG, f"rank_{rank:05d}.json")
+
+
+def sample_state_file(rank: int) -> str:
+    """A rank's shard of the loss's per-sample state, relative to its checkpoint folder."""
+    return _join(SAMPLE_STATE, f"rank_{rank:05d}.safetensors")
 
 
 def run_dir_of_published(published: str) -> Optional[str]:

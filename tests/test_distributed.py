@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pipeline import distributed as D
 from pipeline.losses import LOSS_NAMES, embedding_metrics, get_loss, uses_bias
 from tests.helpers.dist import run_world
-from tests.test_losses import SETUPS, U, V
+from tests.test_losses import SETUPS, U, V, per_sample
 
 N, D_IN, D_EMB = 12, 6, 4       # global batch divisible by 2, 3 and 4
 RTOL = 1e-5
@@ -42,7 +42,7 @@ def loss_results(rank: int, world: int) -> dict:
             bias = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
             image = F.normalize(data["x"][rows] @ w_img, dim=1)
             text = F.normalize(data["t"][rows] @ w_txt, dim=1)
-            kwargs = dict(logit_scale=log_scale.exp(), labels=data["labels"][rows])
+            kwargs = dict(logit_scale=log_scale.exp(), labels=data["labels"][rows], **per_sample(name, range(N)[rows]))
             if uses_bias(name):
                 kwargs["logit_bias"] = bias
             if name == "cwcl":
@@ -50,7 +50,7 @@ def loss_results(rank: int, world: int) -> dict:
             value = get_loss(name, tiled=tiled, tile_size=5, **hyper)(image, text, **kwargs)
             value.backward()
             results[name, tiled] = dict(value=value.detach(), w_img=w_img.grad, w_txt=w_txt.grad,
-                                        log_scale=log_scale.grad,
+                                        log_scale=log_scale.grad if log_scale.grad is not None else torch.zeros(()),
                                         bias=bias.grad if bias.grad is not None else torch.zeros(()))
     image = F.normalize(data["x"][rows] @ data["w_img"], dim=1)
     text = F.normalize(data["t"][rows] @ data["w_txt"], dim=1)
@@ -81,7 +81,8 @@ def row_partials(rank: int, world: int) -> dict:
     for name in LOSS_NAMES:
         hyper, scale = SETUPS[name]
         u, v = U[rank:rank + 1].clone().requires_grad_(), V[rank:rank + 1].clone().requires_grad_()
-        kwargs = dict(logit_scale=torch.tensor(scale, dtype=torch.float64), labels=torch.tensor([[0, 0, 1][rank]]))
+        kwargs = dict(logit_scale=torch.tensor(scale, dtype=torch.float64), labels=torch.tensor([[0, 0, 1][rank]]),
+                      **per_sample(name, [rank]))
         if uses_bias(name):
             kwargs["logit_bias"] = torch.tensor(-3.0, dtype=torch.float64)
         if name == "cwcl":
@@ -134,7 +135,8 @@ def test_world(world):
         for name in LOSS_NAMES:
             hyper, scale = SETUPS[name]
             u, v = U.clone().requires_grad_(), V.clone().requires_grad_()
-            kwargs = dict(logit_scale=torch.tensor(scale, dtype=torch.float64), labels=torch.tensor([0, 0, 1]))
+            kwargs = dict(logit_scale=torch.tensor(scale, dtype=torch.float64), labels=torch.tensor([0, 0, 1]),
+                          **per_sample(name, range(3)))
             if uses_bias(name):
                 kwargs["logit_bias"] = torch.tensor(-3.0, dtype=torch.float64)
             if name == "cwcl":

@@ -7,6 +7,8 @@ parameters after the first step with one plain single-process step over the whol
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -49,6 +51,8 @@ CONFIGS = {
        for loss in ("cacr", "mochi")},
     # several captions per row (polyview, k = 3: the text tower encodes 3 rows per pair, chunked across them)
     **{f"zero{s}-polyview": dict(wrap="deepspeed", stage=s, loss="polyview") for s in range(4)},
+    # per-sample state (isogclr): the loss's `sample_ids` through the cache, its one call on the gathered rows
+    **{f"zero{s}-isogclr": dict(wrap="deepspeed", stage=s, dropout=0.5, loss="isogclr") for s in (0, 3)},
     # train.compile: the towers compiled (inductor), dropout and patch dropout replayed through the compiled graphs;
     # without ZeRO and under ZeRO-3, whose parameter hooks the compiled graphs must keep (each compile costs ~10 s)
     **{f"zero{s}-compiled": dict(wrap="deepspeed", stage=s, model="tiny", dropout=0.1, patch_dropout=0.5, compile=True)
@@ -76,8 +80,12 @@ def global_batch(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return images, texts
 
 
-def more_captions(cfg: dict) -> dict:
-    """polyview's captions 2..3 of each row of the global batch (forward_backward's `positives`)."""
+def more_inputs(cfg: dict) -> dict:
+    """forward_backward's per-row inputs of the global batch that a loss needs: polyview's captions 2..3
+    (`positives`), isogclr's image and caption ids (`sample_ids`)."""
+    if cfg.get("loss") == "isogclr":
+        rows = torch.arange(WORLD * LOCAL)
+        return {"sample_ids": torch.stack([rows, rows + 1000], 1)}
     if cfg.get("loss") != "polyview":
         return {}
     return {"positives": torch.randint(0, VOCAB, (WORLD * LOCAL, 2, 5), generator=torch.Generator().manual_seed(7))}
@@ -114,7 +122,7 @@ def _run(rank: int, cfg: dict) -> dict:
         wrapped.register_comm_hook(comms, _counting_allreduce)
     for i in range(cfg.get("steps", 1)):
         torch.manual_seed(SEED + rank)
-        more = {k: v[rank * LOCAL:(rank + 1) * LOCAL] for k, v in more_captions(cfg).items()}
+        more = {k: v[rank * LOCAL:(rank + 1) * LOCAL] for k, v in more_inputs(cfg).items()}
         out = forward_backward(wrapped, images, texts, loss_of(cfg), backward=backward, **cfg.get("chunks", CHUNKS),
                                **more)
         step()
@@ -174,9 +182,10 @@ def reference(cfg: dict) -> tuple[dict, dict]:
     images, texts = global_batch(cfg)
     initial = params(model)
     if cfg.get("loss") == "polyview":                    # no dropout: one call per tower is the plain step
-        return initial, polyview_reference(model, images, texts, more_captions(cfg)["positives"])[1]
+        return initial, polyview_reference(model, images, texts, more_inputs(cfg)["positives"])[1]
     calls = CALLS_6_4_3 if cfg.get("dropout") and "chunks" not in cfg else None
-    _, after = reference_step(model, images, texts, loss_of(cfg), calls=calls, world=WORLD, seed=SEED)
+    loss = functools.partial(loss_of(cfg), **more_inputs(cfg))          # isogclr: the whole batch's ids
+    _, after = reference_step(model, images, texts, loss, calls=calls, world=WORLD, seed=SEED)
     return initial, after
 
 

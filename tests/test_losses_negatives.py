@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.losses import LOSS_NAMES, get_loss, uses_bias
-from tests.test_losses import SETUPS
+from tests.test_losses import SETUPS, per_sample
 
 F64 = torch.float64
 N, K, D = 4, 2, 3
@@ -157,7 +157,7 @@ REFERENCED = [("clip", {}, 1 / 0.07), ("clip", dict(symmetric=False), 20.0), ("s
 
 
 def extras(name: str, n: int = N) -> dict:
-    out = {}
+    out = per_sample(name, range(n))
     if uses_bias(name):
         out["logit_bias"] = torch.tensor(-3.0, dtype=F64)
     if name == "cwcl":

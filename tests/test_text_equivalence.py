@@ -25,7 +25,7 @@ from tests.test_coca import batch as coca_batch
 from tests.test_coca import coca
 from tests.test_coca import params as tc_params
 from tests.test_coca import reference_step as coca_reference_step
-from tests.test_losses import SETUPS
+from tests.test_losses import SETUPS, per_sample
 
 pytestmark = pytest.mark.slow
 
@@ -183,7 +183,7 @@ def _loss_partials(rank: int, world: int) -> dict:
         for tiled in (False, True):
             weight = w.clone().requires_grad_()
             kwargs = dict(logit_scale=torch.tensor(scale, dtype=torch.float64), labels=labels[rows],
-                          negatives=F.normalize(h[rows] @ weight, dim=-1))
+                          negatives=F.normalize(h[rows] @ weight, dim=-1), **per_sample(name, range(12)[rows]))
             if uses_bias(name):
                 kwargs["logit_bias"] = torch.tensor(-3.0, dtype=torch.float64)
             if name == "cwcl":

@@ -157,6 +157,15 @@ def caption_id(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(canonical.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
+def sample_ids(source: str, shard: str, key: str, caption: str) -> tuple[int, int]:
+    """Signed 64-bit stable ids of a sample's image (its source, shard name and key) and of the caption it is
+    trained with (that image id and the caption's text): the same in every process and run, so per-sample
+    state (isogclr's temperatures) follows the sample whichever rank reads it."""
+    image = hashlib.blake2b(f"{source}\0{shard}\0{key}".encode(), digest_size=8).digest()
+    text = hashlib.blake2b(image + caption.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(image, "little", signed=True), int.from_bytes(text, "little", signed=True)
+
+
 # ------------------------------------------------------------------------------------ text pairs
 QUERY, POSITIVE, NEGATIVES = "query.txt", "pos.txt", "neg.json"     # a text pair's members
 

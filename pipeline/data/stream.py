@@ -46,7 +46,7 @@ from pipeline import storage
 from pipeline.config import Config, DataConfig, SourceConfig, register_check
 from pipeline.data.mixture import DEFAULT_SOURCE, MixturePlan, config_sources, source_problems
 from pipeline.data.order import RoundReader, SourceSpec, check_sizes, round_of
-from pipeline.data.samples import BadSample, Sample, caption_id, shard_name, validate_sample
+from pipeline.data.samples import BadSample, Sample, caption_id, sample_ids, shard_name, validate_sample
 from pipeline.data.shards import DataError, Lost, dataset_dir, resolve_shards, with_counts
 from pipeline.data.text_pairs import FORMAT as TEXT_PAIRS
 from pipeline.data.text_pairs import TextPairRows
@@ -135,6 +135,7 @@ class Row:
     label: int = -1                        # its class (KEY.cls or the JSON's "label"); −1: none
     source: str = DEFAULT_SOURCE
     more: list[str] = field(default_factory=list)   # data.captions_per_image = k > 1: captions 2..k of the row
+    shard: str = ""                        # its shard's name: with `source` and `key`, the sample's stable id
 
 
 def choose_captions(lines: Sequence[str], k: int, rng: random.Random) -> list[str]:
@@ -153,7 +154,7 @@ def decode_row(sample: Sample, size: int, rng: random.Random, captions: int = 1)
     lines = sample.caption_lines()
     chosen = [rng.choice(lines)] if captions == 1 else choose_captions(lines, captions, rng)
     return Row(sample.key, image, sample.caption, chosen[0], sample.meta,
-               -1 if sample.label is None else sample.label, more=chosen[1:])
+               -1 if sample.label is None else sample.label, more=chosen[1:], shard=sample.shard)
 
 
 @dataclass(frozen=True)
@@ -321,7 +322,8 @@ class VirtualStream:
 # -------------------------------------------------------------------------------------- batches
 def collate(rows: Sequence[Row], tokenizer: Tokenizer) -> dict[str, Any]:
     """Rows → the batch dict: key, image, text, caption, caption_id (equal ids: identical captions),
-    source, and label / meta when the shards carry them. Rows with k > 1 captions add "more_text"
+    sample_id (n, 2: the stable ids of the image and of its caption, `sample_ids`), source, and label / meta
+    when the shards carry them. Rows with k > 1 captions add "more_text"
     (n, k−1, L), the tokens of captions 2..k, and their caption_id is (n, k)."""
     batch: dict[str, Any] = {
         "key": [r.key for r in rows],
@@ -330,6 +332,7 @@ def collate(rows: Sequence[Row], tokenizer: Tokenizer) -> dict[str, Any]:
         "caption": [r.caption for r in rows],
         "caption_id": torch.tensor([caption_id(r.text) for r in rows], dtype=torch.long),
         "source": [r.source for r in rows],
+        "sample_id": torch.tensor([sample_ids(r.source, r.shard, r.key, r.text) for r in rows], dtype=torch.long),
     }
     if rows and rows[0].more:
         more = tokenizer([t for r in rows for t in r.more])

@@ -63,6 +63,8 @@ class Pairs:
         return self.V if self.H is None else torch.cat([self.V, self.H])
     ids: Optional[Tensor] = None        # (n,) duplicate group of each local pair, when duplicates are masked
     all_ids: Optional[Tensor] = None    # (N,)
+    sample_ids: Optional[Tensor] = None      # (n, 2) stable ids of each local pair's image and caption (isogclr)
+    all_sample_ids: Optional[Tensor] = None  # (N, 2)
 
     def duplicates(self, cols: slice) -> Optional[Tensor]:
         """(n × cols) True where candidate column j in `cols` is another pair with local pair i's caption."""
@@ -215,6 +217,7 @@ class ContrastiveLoss(nn.Module):
     masks_duplicates = True     # whether `caption_ids` take duplicate captions out of the negatives
     fixed_temperature = False   # cacr: the scale is a hyper-parameter; loss.learn_temperature must be false
     multi_positive = False      # polyview: takes several captions per image (`positives=`)
+    uses_sample_ids = False     # isogclr: per-sample state keyed by `sample_ids=` (required)
 
     def __init__(self, tiled: bool = False, tile_size: int = 1024) -> None:
         super().__init__()
@@ -235,19 +238,22 @@ class ContrastiveLoss(nn.Module):
     def forward(self, image: Tensor, text: Tensor, *, logit_scale: Tensor | float,
                 logit_bias: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 weights_from: Optional[Tensor] = None, negatives: Optional[Tensor] = None,
-                caption_ids: Optional[Tensor] = None, positives: Optional[Tensor] = None) -> Tensor:
+                caption_ids: Optional[Tensor] = None, positives: Optional[Tensor] = None,
+                sample_ids: Optional[Tensor] = None) -> Tensor:
         """The loss; with `caption_ids` (one integer per pair, equal for identical captions, or (n, m) integers
         per pair where sharing any one makes two pairs duplicates) pairs with the same caption are not each
         other's negatives. Pass them on every rank or on none. `positives` (n, k−1, D): captions 2..k of each
-        row, for a loss that takes several (`multi_positive`; `text` is caption 1), the same k on every rank."""
+        row, for a loss that takes several (`multi_positive`; `text` is caption 1), the same k on every rank.
+        `sample_ids` (n, 2): stable integer ids of each pair's image and caption, for a loss that keeps state
+        per sample (`uses_sample_ids`), required by it and refused by the others."""
         return self.compute(self._pairs(image, text, logit_scale, logit_bias, labels, weights_from, negatives,
-                                        caption_ids, positives))
+                                        caption_ids, positives, sample_ids))
 
     def compute(self, p: Pairs) -> Tensor:
         raise NotImplementedError
 
     def _pairs(self, image, text, logit_scale, logit_bias, labels, weights_from, negatives=None,
-               caption_ids=None, positives=None) -> Pairs:
+               caption_ids=None, positives=None, sample_ids=None) -> Pairs:
         """Check the call, cast to the compute dtype and gather all ranks' rows."""
         name = f"loss {self.name!r}"
         if image.ndim != 2 or image.shape != text.shape:
@@ -292,6 +298,12 @@ class ContrastiveLoss(nn.Module):
                                       or positives.shape[2] != image.shape[1] or positives.shape[1] < 1):
             raise ValueError(f"{name}: positives must be ({n}, k-1, {image.shape[1]}) with k >= 2 captions per "
                              f"row, got {tuple(positives.shape)}")
+        if self.uses_sample_ids != (sample_ids is not None):
+            need = "requires" if self.uses_sample_ids else "takes no"
+            raise ValueError(f"{name}: {need} sample_ids (per-sample state, isogclr)")
+        if sample_ids is not None and (sample_ids.shape != (n, 2) or sample_ids.is_floating_point()):
+            raise ValueError(f"{name}: sample_ids must be an integer tensor of shape ({n}, 2) (each pair's image id "
+                             f"and caption id), got {sample_ids.dtype} {tuple(sample_ids.shape)}")
         u, v = image.to(dtype), text.to(dtype)
         x = None if positives is None else positives.to(dtype)
         U, V, H, X = gather_rows(u, v, None if negatives is None else negatives.to(dtype), x)
@@ -311,4 +323,5 @@ class ContrastiveLoss(nn.Module):
         return Pairs(u=u, v=v, U=U, V=V, rows=rows,
                      scale=scale.reshape(()), bias=None if bias is None else bias.reshape(()),
                      labels=labels, all_labels=all_labels, weights=weights, all_weights=all_weights,
-                     ids=ids, all_ids=all_ids, H=H, x=x, X=X)
+                     ids=ids, all_ids=all_ids, H=H, x=x, X=X, sample_ids=sample_ids,
+                     all_sample_ids=None if sample_ids is None else all_gather(sample_ids.long().to(image.device)))

@@ -14,6 +14,7 @@ from pipeline.losses.clip_gap import ClipGapLoss
 from pipeline.losses.cwcl import CwclLoss
 from pipeline.losses.dcl import DclLoss, DclwLoss
 from pipeline.losses.hcl import HclLoss
+from pipeline.losses.isogclr import IsogclrLoss
 from pipeline.losses.matryoshka import Matryoshka
 from pipeline.losses.mochi import MochiLoss
 from pipeline.losses.polyview import PolyviewLoss
@@ -22,7 +23,7 @@ from pipeline.losses.supcon import SupConLoss, TclLoss
 
 _LOSSES: dict[str, type[ContrastiveLoss]] = {
     cls.name: cls for cls in (ClipLoss, SiglipLoss, SupConLoss, TclLoss, DclLoss, DclwLoss, HclLoss, CwclLoss,
-                              ClipGapLoss, CacrLoss, MochiLoss, PolyviewLoss)
+                              ClipGapLoss, CacrLoss, MochiLoss, PolyviewLoss, IsogclrLoss)
 }
 LOSS_NAMES: tuple[str, ...] = tuple(_LOSSES)
 
@@ -66,6 +67,11 @@ def uses_bias(name: str) -> bool:
     return _loss_class(name).uses_bias
 
 
+def uses_sample_ids(name: str) -> bool:
+    """Whether the loss keeps state per sample and must be passed the batch's `sample_ids` (isogclr)."""
+    return _loss_class(name).uses_sample_ids
+
+
 @register_check
 def check_loss_config(cfg: Config) -> list[str]:
     """`loss.name` and its hyper-parameters resolve; a loss weighted by a frozen reference tower
@@ -78,9 +84,19 @@ def check_loss_config(cfg: Config) -> list[str]:
         get_loss(loss.name, matryoshka_dims=loss.matryoshka_dims, **loss.hyper())
     except (TypeError, ValueError) as e:
         return [f"loss (from {cfg.origin('loss')}): {e}"]
-    if _LOSSES[loss.name].fixed_temperature and loss.learn_temperature:
-        return [f"loss.name = {loss.name!r} (from {cfg.origin('loss.name')}) uses the logit scale as a fixed "
-                f"temperature (learned, it would only fall to its clamp): set loss.learn_temperature: false"]
+    cls = _LOSSES[loss.name]
+    if cls.fixed_temperature and loss.learn_temperature:
+        why = ("learns a temperature per sample and does not use the model's logit scale (learned, it would get no "
+               "gradient)" if cls.uses_sample_ids else
+               "uses the logit scale as a fixed temperature (learned, it would only fall to its clamp)")
+        return [f"loss.name = {loss.name!r} (from {cfg.origin('loss.name')}) {why}: set loss.learn_temperature: false"]
+    if cls.uses_sample_ids and cfg.data.format != "image_text":
+        return [f"loss.name = {loss.name!r} (from {cfg.origin('loss.name')}) keeps a temperature per image and per "
+                f"caption, keyed by their ids: it trains on data.format: image_text, not {cfg.data.format!r}"]
+    if cls.uses_sample_ids and loss.matryoshka_dims:
+        return [f"loss.matryoshka_dims (from {cfg.origin('loss.matryoshka_dims')}): loss.name = {loss.name!r} keeps "
+                f"one state per sample, updated once per step; it is not summed over truncated embeddings: drop "
+                f"loss.matryoshka_dims"]
     k = cfg.data.captions_per_image
     if isinstance(k, int) and not isinstance(k, bool) and k > 1 and not _LOSSES[loss.name].multi_positive:
         several = ", ".join(n for n, c in _LOSSES.items() if c.multi_positive)

@@ -2,8 +2,10 @@
 
 A resume checkpoint (`pipeline.layout` names its files) holds DeepSpeed's files (each rank uploads
 its own), the data stream's position with all ranks merged (any world size resumes from it), each
-rank's generator states, `meta.json` (step, samples seen, world size, ZeRO stage, parameter shapes,
-the run config) and `manifest.json` (every file's size and sha256, `integrity`); `COMPLETE` is last.
+rank's generator states, each rank's shard of the loss's per-sample state when it keeps one (isogclr's
+temperatures, safetensors; any world size reads every shard and keeps its own ids), `meta.json`
+(step, samples seen, world size, ZeRO stage, parameter shapes, the run config) and `manifest.json`
+(every file's size and sha256, `integrity`); `COMPLETE` is last.
 
 Each rank saves locally, uploads through fsspec (any `run_dir` URL), then rank 0 writes the manifest
 and the marker and keeps the newest `checkpoint.keep`. Resume takes the newest complete folder whose
@@ -25,6 +27,8 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from pipeline import storage
 from pipeline.config import Config, ConfigError
@@ -42,6 +46,7 @@ from pipeline.layout import (
     parse_step,
     published_url,
     rng_file,
+    sample_state_file,
 )
 from pipeline.log import get_logger
 from pipeline.models import save_published
@@ -77,8 +82,9 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
 
 # ------------------------------------------------------------------------------------ saving
 def save_checkpoint(engine: Engine, cfg: Config, state: TrainState, data_state: dict[str, Any],
-                    tokenizer: Tokenizer) -> str:
-    """Write the resume checkpoint of `state.step` (a collective: every rank calls it). Returns its URL."""
+                    tokenizer: Tokenizer, sample_state: Optional[dict[str, torch.Tensor]] = None) -> str:
+    """Write the resume checkpoint of `state.step` (a collective: every rank calls it). Returns its URL.
+    `sample_state`: this rank's shard of the loss's per-sample state (tensors), when the loss keeps one."""
     rank, url = get_rank(), checkpoint_url(cfg.run_dir, state.step)
     if rank == 0:
         storage.remove(url)                  # the leftovers of an interrupted attempt at this step
@@ -89,6 +95,10 @@ def save_checkpoint(engine: Engine, cfg: Config, state: TrainState, data_state: 
         with storage.space_named(tmp, needed):
             engine.save(tmp)
         storage.write_json(str(Path(tmp, rng_file(rank))), rng_state())
+        if sample_state is not None:
+            path = Path(tmp, sample_state_file(rank))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(save_safetensors({k: v.contiguous().cpu() for k, v in sample_state.items()}))
         files = file_digests(tmp)
         storage.upload_dir(tmp, url)
     everyone = all_gather_objects(files)      # also waits until every rank's files are uploaded
@@ -221,6 +231,16 @@ class Resume:
     def resharded(self, world_size: int) -> bool:
         """Whether resuming on `world_size` workers re-shards ZeRO-partitioned optimizer state."""
         return self.meta["world_size"] != world_size and self.meta["zero_stage"] > 0
+
+    def sample_state(self) -> list[dict[str, torch.Tensor]]:
+        """Every saved rank's shard of the loss's per-sample state (none when the loss kept none): the caller
+        keeps the ids it owns at its world size."""
+        shards = []
+        for rank in range(self.meta["world_size"]):
+            url = storage.join(self.url, sample_state_file(rank))
+            if storage.exists(url):
+                shards.append(load_safetensors(storage.read_bytes(url)))
+        return shards
 
     def restore(self, engine: Engine, tokenizer: Tokenizer) -> TrainState:
         """Load model, optimizer, scheduler and (same world size) this rank's RNG; returns the counters to

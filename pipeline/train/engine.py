@@ -214,12 +214,17 @@ class Engine:
         if self.mask_duplicates and "caption_id" not in batch:
             raise ValueError("loss.duplicates = 'mask' needs the batch's 'caption_id' (one id per row, as the data "
                              "stream gives); pass it, or set loss.duplicates=off")
+        per_sample = getattr(loss_fn, "uses_sample_ids", False)        # isogclr: state keyed by the sample ids
+        if per_sample and "sample_id" not in batch:
+            raise ValueError(f"loss {getattr(loss_fn, 'name', '')!r} keeps state per sample and needs the batch's "
+                             "'sample_id' (image-caption data gives it; text pairs do not)")
         first, second = (batch["query"], batch["pos"]) if "query" in batch else (batch["image"], batch["text"])
         return forward_backward(self.ds, first, second, loss_fn, labels=batch.get("label"),
                                 chunk_size=chunk, text_chunk_size=text_chunk, weights_from=weights_from,
                                 backward=DeepSpeedBackward(self.ds), negatives=batch.get("neg"),
                                 caption_ids=batch["caption_id"] if self.mask_duplicates else None,
-                                caption=self.caption, positives=batch.get("more_text"))
+                                caption=self.caption, positives=batch.get("more_text"),
+                                sample_ids=batch["sample_id"] if per_sample else None)
 
     def step(self) -> float:
         """Optimizer step (clipping, schedule), then the logit-scale clamp; returns the pre-clip grad norm."""

@@ -26,7 +26,7 @@ from pipeline.train.checkpoint import (
 )
 from pipeline.train.engine import Engine, quiet_deepspeed
 from pipeline.train.interrupts import Boundary, Verdict, report_stopped, training, wait_for_restart
-from pipeline.train.metrics import Meter, TrainLogger, step_scalars
+from pipeline.train.metrics import Meter, TrainLogger, step_scalars, temperature_histograms
 from pipeline.train.progress import DATA_ENDED, FINISHED, STARTED, STOPPED, record_event
 
 log = get_logger(__name__)
@@ -59,6 +59,8 @@ def train_worker(config: Config | dict[str, Any], startup: Optional[Timeline] = 
     engine = Engine(cfg, model, world, universal=bool(resume and resume.resharded(world)))
     state = resume.restore(engine, stream.tokenizer) if resume else TrainState()
     loss_fn, weights_from = make_loss(cfg)
+    if resume and hasattr(loss_fn, "load_sample_state"):    # isogclr: every saved rank's shard, this rank's ids kept
+        loss_fn.load_sample_state(resume.sample_state())
     logger, meter, boundary = TrainLogger(cfg, rank), Meter(cfg.train.global_batch), Boundary(cfg.run_dir)
     if resume:
         publish(engine, stream.tokenizer, cfg, state)     # if a crash came between its checkpoint and publication
@@ -84,10 +86,11 @@ def train_worker(config: Config | dict[str, Any], startup: Optional[Timeline] = 
                         startup = None
                     if logger.due(state.step):
                         logger.log(state.step, step_scalars(out, batch, lr=engine.lr, grad_norm=grad_norm,
-                                                            data=stream.stats(), meter=meter))
+                                                            data=stream.stats(), meter=meter),
+                                   temperature_histograms(loss_fn))
                     if verdict or state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.steps:
                         logger.sync()              # the curves reach the checkpoint before a resume can start there
-                        checkpoint(engine, stream, cfg, state)
+                        checkpoint(engine, stream, cfg, state, loss_fn)
                         saved = state.step
                 if verdict.stop:
                     return stop(cfg, logger, verdict.stop, state.step)
@@ -95,7 +98,7 @@ def train_worker(config: Config | dict[str, Any], startup: Optional[Timeline] = 
                     wait_for_restart(verdict.notice, state.step)
             if saved < state.step:                 # the data ended between checkpoints: keep where it ended
                 logger.sync()
-                checkpoint(engine, stream, cfg, state)
+                checkpoint(engine, stream, cfg, state, loss_fn)
     finally:
         stream.close()                             # its loader processes end with the loop
     logger.close()
@@ -113,16 +116,22 @@ def train_step(engine: Engine, batch: dict[str, Any], loss_fn: torch.nn.Module, 
         at_step(state.step)
     out = engine.forward_backward(batch, loss_fn, weights_from)
     grad_norm = engine.step()
+    after_step = getattr(loss_fn, "after_step", None)  # isogclr: the step's per-sample state, written once
+    if after_step is not None:
+        after_step()
     state.advance(cfg.train.global_batch)
     verdict = boundary.check(state.step, float(out.loss), grad_norm)
     report_progress(cfg.run_dir, state.step)
     return out, grad_norm, verdict
 
 
-def checkpoint(engine: Engine, stream: Any, cfg: Config, state: TrainState) -> None:
-    """Resume checkpoint, then published weights (every rank calls it)."""
+def checkpoint(engine: Engine, stream: Any, cfg: Config, state: TrainState,
+               loss_fn: torch.nn.Module) -> None:
+    """Resume checkpoint (with the loss's per-sample state, when it keeps one), then published weights (every
+    rank calls it)."""
     started = time.perf_counter()
-    save_checkpoint(engine, cfg, state, gather_state(stream), stream.tokenizer)
+    sample_state = loss_fn.sample_state() if hasattr(loss_fn, "sample_state") else None
+    save_checkpoint(engine, cfg, state, gather_state(stream), stream.tokenizer, sample_state)
     publish(engine, stream.tokenizer, cfg, state)
     if get_rank() == 0:
         log.info("step %d checkpointed and published (%.1f s)", state.step, time.perf_counter() - started)

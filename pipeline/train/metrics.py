@@ -10,6 +10,8 @@ Scalars (global over ranks, at every `train.log_every`-th step and the last):
     data/   bad_samples, bad/<reason>, duplicate_rate (rows of the global batch whose caption another
             row has too), and per source <source>/samples, <source>/bad_samples (read so far)
     checkpoint/damaged_skipped   at a resume step: damaged newer checkpoints skipped for the one resumed
+Histograms (a loss with per-sample temperatures, isogclr; at the same steps, over every rank's table):
+    train/sample_temperature/image, train/sample_temperature/text   the temperatures of every sample seen
 Event files go to `run_dir/tensorboard/`, directly when it is local, else written locally and
 uploaded (at most every `SYNC_EVERY_S`, before each checkpoint and at the end). A resumed run first
 reads the last step of each scalar already logged there and logs none of them again: replayed steps
@@ -17,12 +19,14 @@ never appear twice on a curve, and none goes missing.
 """
 from __future__ import annotations
 
+import math
 import resource
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
@@ -105,6 +109,39 @@ def step_scalars(out: StepOutput, batch: dict[str, Any], *, lr: float, grad_norm
     return scalars
 
 
+@dataclass
+class Histogram:
+    """A distribution over every rank's values as TensorBoard's raw histogram takes it (log-spaced buckets)."""
+    count: float
+    total: float
+    squares: float
+    low: float
+    high: float
+    limits: list[float]              # each bucket's upper edge
+    counts: list[float]
+
+
+def temperature_histograms(loss_fn: Any, buckets: int = 48) -> dict[str, Optional[Histogram]]:
+    """`train/sample_temperature/<side>` of a loss with per-sample temperatures ({} for any other): this rank's
+    values counted in log-spaced buckets over [τ_min, τ_max], the counts and moments summed over ranks, so no
+    rank ever holds another's table (a collective; None where no rank has a value yet)."""
+    if not hasattr(loss_fn, "temperatures"):
+        return {}
+    edges = torch.logspace(math.log10(loss_fn.tau_min), math.log10(loss_fn.tau_max), buckets + 1, dtype=torch.float64)
+    out: dict[str, Optional[Histogram]] = {}
+    for side, values in loss_fn.temperatures().items():
+        counts = torch.bincount(torch.bucketize(values, edges[1:-1], right=True), minlength=buckets).double()
+        moments = torch.stack([torch.tensor(float(len(values)), dtype=torch.float64), values.sum(),
+                               values.square().sum()])
+        ends = torch.stack([-values.min(), values.max()]) if len(values) else torch.full((2,), -math.inf,
+                                                                                         dtype=torch.float64)
+        counts, moments, ends = all_reduce_sum(counts), all_reduce_sum(moments), all_reduce_max(ends)
+        out[f"train/sample_temperature/{side}"] = None if moments[0] == 0 else Histogram(
+            float(moments[0]), float(moments[1]), float(moments[2]), float(-ends[0]), float(ends[1]),
+            edges[1:].tolist(), counts.tolist())
+    return out
+
+
 def data_scalars(stats: dict[str, Any]) -> dict[str, float]:
     """Bad samples by reason, and usable and bad samples per source, summed over ranks (a collective)."""
     bad: Counter = Counter()
@@ -175,7 +212,8 @@ class TrainLogger:
         """Whether `step` is logged (the same answer on every rank: the scalars are collectives)."""
         return step % self.every == 0 or step == self.total
 
-    def log(self, step: int, scalars: dict[str, float]) -> None:
+    def log(self, step: int, scalars: dict[str, float], histograms: Optional[dict[str, Optional[Histogram]]] = None
+            ) -> None:
         if not self.enabled:
             return
         eta_s = self.eta.seconds(step, scalars["perf/step_time_s"])
@@ -186,6 +224,10 @@ class TrainLogger:
         for tag, value in scalars.items():
             if step > self.logged.get(tag, 0):            # else a replayed step, already on the curve
                 self.writer.add_scalar(tag, value, step)
+        for tag, h in (histograms or {}).items():
+            if h is not None and step > self.logged.get(tag, 0):
+                self.writer.add_histogram_raw(tag, h.low, h.high, h.count, h.total, h.squares, h.limits, h.counts,
+                                              step)
         if self.remote and time.monotonic() - self._synced > SYNC_EVERY_S:
             self.sync()
 

@@ -453,19 +453,28 @@ class Watched:
         self.proc.wait(60)
 
 
+def folder_mb(folder: str) -> float:
+    """MB of the files under `folder`."""
+    total = 0
+    for sub, _, files in os.walk(folder):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(sub, f))
+            except OSError:
+                pass
+    return total / MB
+
+
 def disk_use(run_dir: str) -> dict[str, float]:
     """MB under the run's resume checkpoints and its published weights."""
-    out = {}
-    for name in ("checkpoints", "published"):
-        total = 0
-        for folder, _, files in os.walk(os.path.join(run_dir, name)):
-            for f in files:
-                try:
-                    total += os.path.getsize(os.path.join(folder, f))
-                except OSError:
-                    pass
-        out[f"{name}_mb"] = total / MB
-    return out
+    return {f"{name}_mb": folder_mb(os.path.join(run_dir, name)) for name in ("checkpoints", "published")}
+
+
+def published_parameters(run_dir: str, step: int) -> int:
+    """Parameters of the model a run published at `step` (its vocabulary is the run's tokenizer's, not CLIP's)."""
+    from safetensors import safe_open
+    with safe_open(os.path.join(run_dir, "published", step_dir(step), "model.safetensors"), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
 def synth_data(tmp: Path, samples: int = 2048, size: int = 32, shard_size: int = 128, eval_samples: int = 64) -> str:
@@ -795,11 +804,7 @@ def model_dimension(tmp: Path, models: list[str], stages: list[int]) -> list[Dim
     """Per ZeRO stage, each model at 224 px, 2 workers, one gradient-cache step of 4 rows (chunk 2) with a
     checkpoint and its publish; the checkpoint's universal conversion (timed in a process of its own); a
     resume on 1 worker (another world size) to a second step. Scale: parameters."""
-    from pipeline.config import ModelConfig
-    from pipeline.models import count_parameters
     data = synth_data(tmp, samples=32, size=224, shard_size=8, eval_samples=8)   # two rows per worker a step
-    params = {m: count_parameters(ModelConfig(name=m), image_size=224, context_length=16, vocab_size=49408)["total"]
-              for m in models}
     dims = []
     for stage in stages:
         dim = Dimension(f"model-zero{stage}", f"parameters (ZeRO {stage})", MODEL_COSTS,
@@ -818,17 +823,18 @@ def model_dimension(tmp: Path, models: list[str], stages: list[int]) -> list[Dim
                 raise RuntimeError(f"{m} under ZeRO {stage}: no checkpoint line in its output:\n"
                                    + "".join(first.lines)[-3000:])
             ckpt = os.path.join(run_dir, "checkpoints", step_dir(1))
+            params, checkpoint_mb = published_parameters(run_dir, 1), folder_mb(ckpt)
             conversion = run_child("universal", ckpt)
             resumed = Watched([*args, "train.steps=2", "cluster.num_workers=1"], run_dir, samples, every_s=0.5)
             resumed.finish()
             again = startup_phases(resumed.lines)
             peaks = peak_by_role(samples)
-            row = {"scale": params[m], "model": m, "step_s": fresh["first step"], "checkpoint_s": saves[0],
+            row = {"scale": params, "model": m, "step_s": fresh["first step"], "checkpoint_s": saves[0],
                    **conversion, "resume_s": again["deepspeed"], "worker_peak_mb": peaks.get("worker"),
-                   "driver_peak_mb": peaks.get("driver"), "weights_mb": params[m] * 4 / MB,
-                   "checkpoint_mb": disk_use(run_dir)["checkpoints_mb"]}
+                   "driver_peak_mb": peaks.get("driver"), "weights_mb": params * 4 / MB,
+                   "checkpoint_mb": checkpoint_mb}
             dim.rows.append(row)
-            print(f"  ZeRO {stage} {m:>9} ({params[m] / 1e6:.1f} M): step {row['step_s']:.1f} s, checkpoint "
+            print(f"  ZeRO {stage} {m:>9} ({params / 1e6:.1f} M): step {row['step_s']:.1f} s, checkpoint "
                   f"{row['checkpoint_s']:.1f} s, universal {row['universal_s']:.1f} s, resume on 1 worker "
                   f"{row['resume_s']:.1f} s, worker peak {row['worker_peak_mb']:.0f} MB", flush=True)
         dims.append(dim)

@@ -149,12 +149,12 @@ def run_rules(folder: str, decisions: str) -> None:
 
     from pipeline.curate import Rules
     from pipeline.curate.embed import embedding_files
-    from pipeline.curate.filter import _write_decisions, read_pool, select
+    from pipeline.curate.filter import read_pool, select, write_decisions
 
     started = time.perf_counter()
     pool = read_pool(embedding_files(folder))
     reason = select(pool, Rules(top_fraction=0.7, dedup=0.95))
-    _write_decisions(decisions, pool.keys.to_pylist(), pool.shards.to_pylist(), pool.scores, reason)
+    write_decisions(decisions, pool.keys.to_pylist(), pool.shards.to_pylist(), pool.scores, reason)
     print(json.dumps({"pairs": len(pool), "dropped": Counter(map(str, reason[reason != ""])),
                       "kept": int(np.sum(reason == "")), "seconds": time.perf_counter() - started,
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

@@ -319,7 +319,7 @@ def filter_pool(urls: str | Sequence[str], out: str, rules: Rules, *, shard_size
     summary.pack = pack(items, out, shard_size=shard_size, progress=False, source=", ".join(sources[:3]) +
                         (f" (+{len(sources) - 3} more)" if len(sources) > 3 else ""),
                         tokenizer=_source_tokenizer(sources), manifest_extra={"lineage": lineage})
-    _write_decisions(storage.join(out, DECISIONS), keys, shards, pool.scores, reason)
+    write_decisions(storage.join(out, DECISIONS), keys, shards, pool.scores, reason)
     log.info("%s", summary.text())
     return summary
 
@@ -366,7 +366,7 @@ def _source_tokenizer(sources: Sequence[str]) -> Any:
     return None
 
 
-def _write_decisions(url: str, keys: list[str], shards: list[str], scores: np.ndarray, reason: np.ndarray) -> None:
+def write_decisions(url: str, keys: list[str], shards: list[str], scores: np.ndarray, reason: np.ndarray) -> None:
     table = pa.table({"key": keys, "shard": shards, "score": scores, "dropped_by": reason.astype(str)})
     buf = io.BytesIO()
     pq.write_table(table, buf)

@@ -690,9 +690,9 @@ def timed_attempt(args: list[str], run_dir: str, first_step: int) -> dict[str, f
     driver = [rss for s in samples for r, rss in s["rss"].values() if r == "driver"]
     at_first = next(c for c in cpu if c[0] >= first_step)
     at_last = next(c for c in cpu if c[0] >= cpu[-1][0])   # when the last step was seen: not the teardown after it
+    per_step = (at_last[2] - at_first[2]) / max(1, at_last[0] - at_first[0])
     return {"first_step_s": walls[first_step] - launched, "startup_cpu_per_worker_s": at_first[2] / at_first[1],
-            "cpu_per_step_s": (at_last[2] - at_first[2]) / max(1, at_last[0] - at_first[0]),
-            "cpu_per_worker_step_s": (at_last[2] - at_first[2]) / max(1, at_last[0] - at_first[0]) / at_last[1],
+            "cpu_per_step_s": per_step, "cpu_per_worker_step_s": per_step / at_last[1],
             "step_s": statistics.median(steps) if steps else None,
             "checkpoint_s": statistics.median(saves) if saves else None,
             "driver_mb": max(driver) / MB if driver else None}

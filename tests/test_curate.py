@@ -2,6 +2,7 @@
 broken shards are skipped and counted; filter's counts match a pandas reference; the lineage names every shard."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
@@ -257,3 +258,25 @@ def test_dedup_at_float16_cosines_near_one(tmp_path):
     expected = _dedup_reference(img, score, t)
     assert len(copies) < len(expected) < len(img) // 2
     assert set(np.flatnonzero(select(pool, Rules(dedup=t)) == "dedup")) == expected
+
+
+@pytest.mark.slow
+def test_filter_refuses_a_source_shard_that_lost_a_kept_sample(pool, local_ray, tmp_path):
+    import tarfile
+
+    from pipeline.data import DataError
+    work, data, ckpt = pool
+    source = tmp_path / "data"
+    shutil.copytree(data, source)
+    emb = tmp_path / "emb"
+    embed(ckpt, str(source), str(emb), workers=1, progress=False)
+    shard = sorted(source.glob("*.tar"))[1]
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    gone = members[0][0].name.split(".")[0]
+    with tarfile.open(shard, "w") as tar:                        # the shard changed after it was embedded
+        for m, payload in members:
+            if m.name.split(".")[0] != gone:
+                tar.addfile(m, io.BytesIO(payload))
+    with pytest.raises(DataError, match=rf"{shard.name}: 1 kept sample\(s\) are no longer in the shard \(e.g. {gone}\)"):
+        filter_pool(str(emb), str(tmp_path / "out"), Rules(), shard_size=50, progress=False)

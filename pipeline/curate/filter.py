@@ -344,18 +344,23 @@ def _kept_items(sources: Sequence[str], wanted: dict[str, set[str]], progress: b
         keys = wanted.get(url)
         if not keys:
             continue
+        found = set()
         for raw in iter_raw(Shard(url)):
             if isinstance(raw, Lost):
                 raise DataError(f"{url}: {raw.reason} while writing the kept pairs ({raw.error}); it was readable "
                                 "when embedded")
             if raw.key not in keys:
                 continue
+            found.add(raw.key)
             try:
                 s = validate_sample(raw.key, raw.members, raw.shard)
             except BadSample as e:
                 yield Item(raw.key, None, None, f"{url}:{raw.key}", error=e.reason)
                 continue
             yield Item(s.key, s.image, s.caption.encode("utf-8"), f"{s.shard}:{s.key}", s.meta, label=s.label)
+        if missing := sorted(keys - found):
+            raise DataError(f"{url}: {len(missing)} kept sample(s) are no longer in the shard (e.g. "
+                            f"{', '.join(missing[:3])}); it changed after it was embedded: embed it again")
 
 
 def _source_tokenizer(sources: Sequence[str]) -> Any:

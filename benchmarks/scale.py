@@ -24,8 +24,9 @@ the scales measured), the growth the design expects, and a verdict. Log-log plot
            each rank of a ZeRO-3 publish in copies of the weights. Expected: linear in the parameters;
            no rank above one copy.
   run      a `contrast train` run of S steps (tiny model), interrupted (SIGTERM, SIGKILL) and resumed
-           in the full mode, RSS of the driver and of every worker sampled every second: slope of each
-           process's RSS in MB per 1,000 steps over the second half of the run, disk use of the run
+           in the full mode, RSS of the driver, every worker, the evaluation actor and Ray's own processes
+           sampled every second: slope of each in MB per 1,000 steps over the second half of the run (the
+           evaluation actor apart: its start is not growth), disk use of the run
            folder against `checkpoint.keep`, TensorBoard steps, and the final weights against an
            uninterrupted run. Expected: no upward slope; disk bounded; the same weights.
 
@@ -390,12 +391,13 @@ CONTRAST = str(Path(sys.executable).with_name("contrast"))
 
 
 def role(p: Any) -> str:
-    """driver, worker (a Ray Train worker), or ray (Ray's own processes: raylet, GCS, idle workers)."""
+    """worker (a Ray Train worker), eval (the evaluation actor: it starts at the first evaluation, so it is
+    fitted apart from Ray's long-lived processes), or ray (Ray's own processes: raylet, GCS, idle workers)."""
     try:
         title = " ".join(p.cmdline())
     except Exception:                                   # gone, or a zombie
         return "gone"
-    return "worker" if "RayTrainWorker" in title else "ray"
+    return "worker" if "RayTrainWorker" in title else "eval" if "_EvalActor" in title else "ray"
 
 
 class Watched:
@@ -520,7 +522,7 @@ def soak(data: str, run_dir: str, steps: int, every: int, keep: int, eval_every:
 
 
 def rss_by_step(samples: list[dict], who: str) -> list[tuple[int, float]]:
-    """(step, MB) of the largest process of role `who` ("driver", "worker", "ray": all of them summed)."""
+    """(step, MB) of the largest process of role `who` ("driver", "worker", "eval", "ray": all of them summed)."""
     out = []
     for s in samples:
         values = [rss for r, rss in s["rss"].values() if r == who]
@@ -562,7 +564,7 @@ def weights_difference(a: str, b: str) -> float:
 
 
 RUN_COSTS = [Cost("driver_mb", "MB", 0.05, 0.05), Cost("worker_mb", "MB", 0.05, 0.05),
-             Cost("ray_mb", "MB", 0.05, 0.05)]
+             Cost("eval_mb", "MB", 0.05, 0.05), Cost("ray_mb", "MB", 0.05, 0.05)]
 
 
 def run_dimension(tmp: Path, steps: int, every: int, keep: int, eval_every: int, interruptions: int,
@@ -579,7 +581,7 @@ def run_dimension(tmp: Path, steps: int, every: int, keep: int, eval_every: int,
     wall = time.monotonic() - start
     dim = Dimension("run", "step", RUN_COSTS, extras=["checkpoints_mb", "published_mb"])
     marks = sorted({max(1, round(steps * f)) for f in (0.1, 0.25, 0.5, 0.75, 1.0)})
-    series = {r: rss_by_step(samples, r.split("_")[0]) for r in ("driver_mb", "worker_mb", "ray_mb")}
+    series = {r: rss_by_step(samples, r.split("_")[0]) for r in ("driver_mb", "worker_mb", "eval_mb", "ray_mb")}
     for mark in marks:
         row: dict[str, Any] = {"scale": mark}
         for name, pts in series.items():

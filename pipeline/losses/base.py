@@ -2,7 +2,11 @@
 
 A loss subclasses `ContrastiveLoss` and writes `compute(pairs)`, its formula over this rank's rows
 (`pairs.u`, `pairs.v`) against every rank's rows (`pairs.U`, `pairs.V`, gathered with gradient).
-It returns a value whose mean over ranks is the loss of the global batch.
+It returns a value whose mean over ranks is the loss of the global batch. V (with any hard negatives
+and further positives) is gathered in one collective; U only when a loss first reads it (clip and
+siglip never do: their image→text block is (s·u)·Vᵀ, and its columns give text→image), so a loss
+holds no gathered copy it does not use. Every rank runs the same formula, so they all gather U or
+none does, in the same order.
 
 Hard negatives (`negatives=`, (n, k, D): k extra candidates per row, e.g. passages that look relevant
 but are not) are gathered with the rows and laid out row-major after every rank's positives:
@@ -22,7 +26,7 @@ Hard-negative columns are never masked: they are their own row's negatives by co
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -44,8 +48,7 @@ class Pairs:
     """One rank's view of the global batch, in the compute dtype (float32, or float64 if given)."""
     u: Tensor                   # (n, D) this rank's image embeddings
     v: Tensor                   # (n, D) this rank's text embeddings
-    U: Tensor                   # (N, D) all ranks' image embeddings, rank-major, with gradient
-    V: Tensor                   # (N, D) all ranks' text embeddings
+    V: Tensor                   # (N, D) all ranks' text embeddings, rank-major, with gradient
     rows: Tensor                # (n,) global index of each local row
     scale: Tensor               # the logit scale s (scalar)
     bias: Optional[Tensor]      # the logit bias b (scalar) for losses that use one
@@ -65,10 +68,23 @@ class Pairs:
     all_ids: Optional[Tensor] = None    # (N,)
     sample_ids: Optional[Tensor] = None      # (n, 2) stable ids of each local pair's image and caption (isogclr)
     all_sample_ids: Optional[Tensor] = None  # (N, 2)
+    _U: Optional[Tensor] = field(default=None, repr=False)
+
+    @property
+    def U(self) -> Tensor:
+        """(N, D) all ranks' image embeddings, rank-major, with gradient: gathered on first use."""
+        if self._U is None:
+            self._U = all_gather_with_grad(self.u)
+        return self._U
+
+    @property
+    def N(self) -> int:
+        """Pairs in the global batch."""
+        return self.V.shape[0]
 
     def duplicates(self, cols: slice) -> Optional[Tensor]:
         """(n × cols) True where candidate column j in `cols` is another pair with local pair i's caption."""
-        return duplicate_mask(self.ids, self.rows, self.all_ids, cols, self.U.shape[0])
+        return duplicate_mask(self.ids, self.rows, self.all_ids, cols, self.N)
 
 
 @dataclass
@@ -87,7 +103,7 @@ class Views:
     def of(p: Pairs) -> Views:
         """The views of `p`; hard negatives join Z after [U; V] as columns with labels of their own
         (no anchor's class), so they are negatives for every anchor and positives of none."""
-        n = p.U.shape[0]
+        n = p.N
         Z, all_labels = torch.cat([p.U, p.V]), torch.cat([p.all_labels, p.all_labels])
         if p.H is not None:
             Z = torch.cat([Z, p.H])
@@ -114,18 +130,18 @@ class Views:
         return torch.cat([self.z[n:], self.z[:n]])
 
 
-def gather_rows(u: Tensor, v: Tensor, *blocks: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
-    """All ranks' rows of u, v and of each (n, k, D) block (hard negatives, further positives), rank-major,
+def gather_rows(v: Tensor, *blocks: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    """All ranks' rows of v and of each (n, k, D) block (hard negatives, further positives), rank-major,
     with gradient, in one collective; a block comes back flat (N·k, D), each row's k in a block at row·k
     (None stays None)."""
-    d = u.shape[1]
-    if not is_distributed():
-        return (u, v, *(None if b is None else b.reshape(-1, d) for b in blocks))
+    d = v.shape[1]
     given = [b for b in blocks if b is not None]
-    parts = [u, v] + [b.reshape(b.shape[0], -1) for b in given]
-    U, V, *flat = all_gather_with_grad(torch.cat(parts, 1)).split([d, d, *(b.shape[1] * d for b in given)], 1)
+    if not is_distributed() or not given:
+        return (all_gather_with_grad(v), *(None if b is None else b.reshape(-1, d) for b in blocks))
+    parts = [v] + [b.reshape(b.shape[0], -1) for b in given]
+    V, *flat = all_gather_with_grad(torch.cat(parts, 1)).split([d, *(b.shape[1] * d for b in given)], 1)
     flat = iter(f.reshape(-1, d) for f in flat)
-    return (U, V, *(None if b is None else next(flat) for b in blocks))
+    return (V, *(None if b is None else next(flat) for b in blocks))
 
 
 def duplicate_groups(ids: Tensor, across_columns: bool = False) -> Tensor:
@@ -306,9 +322,9 @@ class ContrastiveLoss(nn.Module):
                              f"and caption id), got {sample_ids.dtype} {tuple(sample_ids.shape)}")
         u, v = image.to(dtype), text.to(dtype)
         x = None if positives is None else positives.to(dtype)
-        U, V, H, X = gather_rows(u, v, None if negatives is None else negatives.to(dtype), x)
-        if U.shape[0] < 2:
-            raise ValueError(f"{name}: needs at least 2 pairs in the global batch, got {U.shape[0]}")
+        V, H, X = gather_rows(v, None if negatives is None else negatives.to(dtype), x)
+        if V.shape[0] < 2:
+            raise ValueError(f"{name}: needs at least 2 pairs in the global batch, got {V.shape[0]}")
         mine = local_rows(n)
         rows = torch.arange(mine.start, mine.stop, device=image.device)
         labels, all_labels = class_labels(labels, n, image.device)
@@ -320,7 +336,7 @@ class ContrastiveLoss(nn.Module):
         if caption_ids is not None and self.masks_duplicates:
             all_ids = duplicate_groups(all_gather(caption_ids.to(image.device)), across_columns=self.multi_positive)
             ids = all_ids[rows]
-        return Pairs(u=u, v=v, U=U, V=V, rows=rows,
+        return Pairs(u=u, v=v, V=V, rows=rows,
                      scale=scale.reshape(()), bias=None if bias is None else bias.reshape(()),
                      labels=labels, all_labels=all_labels, weights=weights, all_weights=all_weights,
                      ids=ids, all_ids=all_ids, H=H, x=x, X=X, sample_ids=sample_ids,

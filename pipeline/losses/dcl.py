@@ -52,4 +52,4 @@ class DclwLoss(DclLoss):
         """w_i = 2 − N·softmax_i(u_i·v_i/σ), the softmax normalised over all ranks' pairs; no gradient."""
         x = (p.u * p.v).sum(1).detach() / self.sigma
         log_total = all_reduce_logsumexp(torch.logsumexp(x, 0))
-        return 2 - torch.exp(x - log_total + math.log(p.U.shape[0]))
+        return 2 - torch.exp(x - log_total + math.log(p.N))

@@ -55,7 +55,7 @@ class HclLoss(ContrastiveLoss):
         """log M_i per local pair: M = 2N − 2 (+ the N·k hard negatives), less the two views of every other
         pair with its caption."""
         hard = 0 if p.H is None else p.H.shape[0]
-        m = torch.full_like(p.u[:, 0], 2.0 * p.U.shape[0] - 2 + hard)
+        m = torch.full_like(p.u[:, 0], 2.0 * p.N - 2 + hard)
         if p.ids is not None:
             m = m - 2 * (caption_counts(p.ids, p.all_ids) - 1)
         return m.log()

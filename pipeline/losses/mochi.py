@@ -90,7 +90,7 @@ class MochiLoss(ContrastiveLoss):
         image_to_text, text_to_image = infonce_lse(self, p)
         i2t, t2i = (
             {key: value[p.rows] for key, value in d.items()}
-            for d in self.draws(p.U.shape[0], p.u.dtype, p.u.device))
+            for d in self.draws(p.N, p.u.dtype, p.u.device))
         image_to_text = torch.logaddexp(image_to_text, self.synthetic_lse(p, p.u, p.candidates, i2t))
         text_to_image = torch.logaddexp(text_to_image, self.synthetic_lse(p, p.v, p.U, t2i))
         positive = p.scale * (p.u * p.v).sum(1)

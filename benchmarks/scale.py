@@ -799,7 +799,7 @@ def child_consolidate(model_name: str) -> dict:
 
 
 MODEL_COSTS = [Cost("step_s", "s", 1.0), Cost("checkpoint_s", "s", 1.0), Cost("universal_s", "s", 1.0),
-               Cost("resume_s", "s", 1.0), Cost("worker_peak_mb", "MB", 1.0)]
+               Cost("resume_s", "s", 1.0), Cost("worker_peak_mb", "MB", 1.0), Cost("resumed_worker_peak_mb", "MB", 1.0)]
 
 
 def model_dimension(tmp: Path, models: list[str], stages: list[int]) -> list[Dimension]:
@@ -827,18 +827,22 @@ def model_dimension(tmp: Path, models: list[str], stages: list[int]) -> list[Dim
             ckpt = os.path.join(run_dir, "checkpoints", step_dir(1))
             params, checkpoint_mb = published_parameters(run_dir, 1), folder_mb(ckpt)
             conversion = run_child("universal", ckpt)
-            resumed = Watched([*args, "train.steps=2", "cluster.num_workers=1"], run_dir, samples, every_s=0.5)
+            on_one: list[dict] = []
+            resumed = Watched([*args, "train.steps=2", "cluster.num_workers=1"], run_dir, on_one, every_s=0.5)
             resumed.finish()
             again = startup_phases(resumed.lines)
-            peaks = peak_by_role(samples)
+            peaks, resumed_peaks = peak_by_role(samples), peak_by_role(on_one)
             row = {"scale": params, "model": m, "step_s": fresh["first step"], "checkpoint_s": saves[0],
                    **conversion, "resume_s": again["deepspeed"], "worker_peak_mb": peaks.get("worker"),
-                   "driver_peak_mb": peaks.get("driver"), "weights_mb": params * 4 / MB,
+                   "resumed_worker_peak_mb": resumed_peaks.get("worker"),
+                   "driver_peak_mb": max(peaks.get("driver", 0), resumed_peaks.get("driver", 0)),
+                   "weights_mb": params * 4 / MB,
                    "checkpoint_mb": checkpoint_mb}
             dim.rows.append(row)
             print(f"  ZeRO {stage} {m:>9} ({params / 1e6:.1f} M): step {row['step_s']:.1f} s, checkpoint "
                   f"{row['checkpoint_s']:.1f} s, universal {row['universal_s']:.1f} s, resume on 1 worker "
-                  f"{row['resume_s']:.1f} s, worker peak {row['worker_peak_mb']:.0f} MB", flush=True)
+                  f"{row['resume_s']:.1f} s, worker peak {row['worker_peak_mb']:.0f} MB (2 workers), "
+                  f"{row['resumed_worker_peak_mb']:.0f} MB (the resume on 1)", flush=True)
         dims.append(dim)
     return dims
 

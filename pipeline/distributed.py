@@ -68,8 +68,14 @@ class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         # Every rank holds a gradient for all rows; the owner of a row receives their sum.
+        grad = grad.contiguous()
+        if dist.get_backend() == "gloo":
+            # gloo's reduce-scatter first copies its whole input (N rows); summing this buffer, autograd's
+            # own and read by no other node, in place and keeping our rows costs n rows instead
+            dist.all_reduce(grad)
+            return grad[local_rows(ctx.n)].clone()
         out = grad.new_empty((ctx.n, *grad.shape[1:]))
-        dist.reduce_scatter_single(out, grad.contiguous())
+        dist.reduce_scatter_single(out, grad)
         return out
 
 

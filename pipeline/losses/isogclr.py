@@ -12,7 +12,10 @@ and the same for caption i over the images (h'_ij = u_j·v_i − u_i·v_i, j ≠
 (the paper sums the two sides). g_i is a mean over the dataset's negatives, estimated by a per-sample moving
 average u_i (the paper's inner-function estimator, Alg. 1 line 5):
 
-    u_i ← (1 − γ)·u_i + γ·g_i(batch)                                                    (u_i starts at 0)
+    u_i ← (1 − γ)·u_i + γ·g_i(batch),    u_i ← g_i(batch) at the sample's first visit
+
+(the first visit as the authors' unimodal code, their 2023 bimodal code and LibAUC's GCLoss_v2, which take
+γ = 1 in the first epoch; from u_i = 0 it would be γ·g_i, a first estimate 1/γ too small);
 
 the model's gradient uses it in place of g_i (Eq. 6): ∇_w F_i ≈ τ_i·∇g_i / u_i; and τ_i follows the
 gradient of F_i in τ (Eq. 7), with a momentum m_i and a projection (Alg. 1 lines 7–8, the code's update):
@@ -112,7 +115,8 @@ class IsogclrLoss(ContrastiveLoss):
             log_g0 = log_g.detach()
             mean_h = self.softmax_mean(q.detach() / tau.unsqueeze(1), columns.detach(), h, positive.detach(), lse)
             keep = math.log1p(-self.gamma) if self.gamma < 1 else -math.inf
-            new_log_u = torch.logaddexp(keep + log_u, math.log(self.gamma) + log_g0)
+            average = torch.logaddexp(keep + log_u, math.log(self.gamma) + log_g0)
+            new_log_u = torch.where(torch.isfinite(log_u), average, log_g0)    # an unseen id: u_i = g_i
             grad_tau = new_log_u + self.rho - torch.exp(log_g0 - new_log_u) * mean_h
             new_m = (1 - self.beta_u) * m + self.beta_u * grad_tau.clamp(-self.grad_clip, self.grad_clip)
             new_tau = (tau - self.eta * new_m).clamp(self.tau_min, self.tau_max)

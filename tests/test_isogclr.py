@@ -141,7 +141,7 @@ def test_state_is_written_once_per_step_not_per_call():
 def test_the_table_keeps_the_last_row_of_a_repeated_id():
     table = SampleTable([1.0, 2.0])
     table.write(torch.tensor([5, 3, 5]), torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]], dtype=F64))
-    assert table.keys.tolist() == [3, 5]
+    assert sorted(table.keys.tolist()) == [3, 5]
     assert table.lookup(torch.tensor([5, 4, 3])).tolist() == [[0.5, 0.6], [1.0, 2.0], [0.3, 0.4]]
 
 
@@ -334,7 +334,7 @@ def test_the_gradient_cache_equals_a_plain_step_and_writes_the_state_once():
     torch.testing.assert_close(cached.table.values, plain.table.values, rtol=1e-5, atol=1e-4)
 
 
-def test_the_table_merges_new_ids_in_order_and_overwrites_known_ones():
+def test_the_table_adds_new_ids_and_overwrites_known_ones():
     g = torch.Generator().manual_seed(0)
     table, want = SampleTable([0.0]), {}
     for _ in range(5):
@@ -342,5 +342,21 @@ def test_the_table_merges_new_ids_in_order_and_overwrites_known_ones():
         rows = torch.rand(12, 1, generator=g, dtype=F64)
         table.write(ids, rows)
         want.update({int(i): float(r) for i, r in zip(ids, rows)})              # later rows win, as in a dict
-    assert table.keys.tolist() == sorted(want)
-    assert table.values[:, 0].tolist() == [want[k] for k in sorted(want)]
+    assert dict(zip(table.keys.tolist(), table.values[:, 0].tolist())) == want and len(table) == len(want)
+    shard = table.state_dict()                                        # the checkpoint's shard: ascending ids
+    assert shard["keys"].tolist() == sorted(want)
+    assert shard["values"][:, 0].tolist() == [want[k] for k in sorted(want)]
+    assert table.local(torch.tensor([51, *sorted(want)[:2]])).flatten().tolist() == [0.0, *(want[k] for k in sorted(want)[:2])]
+
+
+def test_a_write_touches_the_batch_not_the_table():
+    """New ids go into the storage's spare rows and known ones are overwritten in place: the write does not copy
+    the table (O(batch)); the storage doubles only when full."""
+    table = SampleTable([0.0])
+    table.write(torch.arange(600), torch.zeros(600, 1, dtype=F64))
+    storage = table.values.data_ptr()
+    table.write(torch.arange(300, 1000), torch.ones(700, 1, dtype=F64))         # 300 known, 400 new: room left
+    assert table.values.data_ptr() == storage and len(table) == 1000
+    assert table.local(torch.tensor([0, 299, 300, 999])).flatten().tolist() == [0.0, 0.0, 1.0, 1.0]
+    table.write(torch.arange(1000, 1100), torch.ones(100, 1, dtype=F64))         # full: the storage grows
+    assert table.values.data_ptr() != storage and len(table) == 1100

@@ -62,15 +62,9 @@ def run(loss: str, args: argparse.Namespace) -> Path:
 
 
 def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.util import tensor_util
-    series: dict[str, dict[int, float]] = {}
-    for path in sorted((run_dir / "tensorboard").rglob("events.*")):
-        for event in EventFileLoader(str(path)).Load():
-            for v in event.summary.value:
-                if v.metadata.plugin_data.plugin_name != "histograms":     # isogclr's temperatures
-                    series.setdefault(v.tag, {})[event.step] = float(tensor_util.make_ndarray(v.tensor))
-    return series
+    """The run's training scalars by tag, {step: value} (isogclr's temperature histograms are not scalars)."""
+    from pipeline.eval.report import read_scalars
+    return {tag: dict(points) for tag, points in read_scalars(str(run_dir)).items()}
 
 
 def last(series: dict[str, dict[int, float]], suffix: str) -> float:

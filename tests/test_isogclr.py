@@ -87,7 +87,7 @@ def test_vector_two_orthogonal_pairs(tiled):
     visit), so F = τ·(−1/τ + ρ) and L = 2F = −1.84 at τ = 0.01, ρ = 8 (from u = 0 it was u = γg and L = 2τ·ln γ
     − 1.84 = −1.844462871). G = −1/τ + ρ + 1/τ = ρ = 8 clips to 5: m = 4.5, τ − 0.03·4.5 < τ_min: τ = 0.005."""
     e = torch.eye(2, dtype=F64)
-    loss = get_loss("isogclr", tiled=tiled, tile_size=1)
+    loss = get_loss("isogclr", tiled=tiled, tile_size=1, tau_init=0.01)
     value = loss(e, e, logit_scale=1.0, sample_ids=ids_of([0, 1]))
     assert value.item() == pytest.approx(2 * (-1 + 0.08), abs=1e-12)
     assert value.item() == pytest.approx(-1.84, abs=1e-12)

@@ -23,8 +23,10 @@ gradient of F_i in τ (Eq. 7), with a momentum m_i and a projection (Alg. 1 line
     G_i = log u_i + ρ − (1/u_i)·(1/|S_i|) Σ_j exp(h_ij/τ_i)·h_ij/τ_i
     m_i ← (1 − β_u)·m_i + β_u·clip(G_i, ±5),   τ_i ← Π_[τ_min, τ_max](τ_i − η·m_i)
 
-Defaults are the paper's code's bimodal run (its README: γ = 0.8, ρ = 8, τ_init = 0.01, η = 0.03
-constant; `clip.py`: β_u = 0.9; the loss: τ ∈ [0.005, 1], clip 5).
+Defaults are the paper's code's bimodal run (its README: γ = 0.8, η = 0.03 constant; `clip.py`: ρ = 8,
+β_u = 0.9; the loss: τ ∈ [0.005, 1], clip 5) except τ_init = 0.07, clip's starting temperature: the paper's
+0.01 is for a pretrained tower; from scratch every first visit is at τ_init and at 0.01 the demo's embeddings
+collapse (docs/losses-family-ii.md, the ablation).
 
 The returned value is Σ of τ_i·(log u_i + ρ) (the objective as estimated) and τ_i·(g_i − sg g_i)/u_i (zero,
 carrying the gradient τ_i·∇g_i/u_i): its gradient is the paper's estimator. The model's logit scale takes no
@@ -54,11 +56,11 @@ TAU, LOG_U, MOMENTUM, SIDE = range(4)    # the table's columns: one row per imag
 
 class IsogclrLoss(ContrastiveLoss):
     name = "isogclr"
-    default_temperature = 0.01           # the model's scale is not used; τ_init of the per-sample ones
+    default_temperature = 0.07           # the model's scale is not used; τ_init of the per-sample ones
     uses_sample_ids = True
     fixed_temperature = True             # the shared scale is unused: loss.learn_temperature must be false
 
-    def __init__(self, gamma: float = 0.8, rho: float = 8.0, tau_init: float = 0.01, eta: float = 0.03,
+    def __init__(self, gamma: float = 0.8, rho: float = 8.0, tau_init: float = 0.07, eta: float = 0.03,
                  beta_u: float = 0.9, tau_min: float = 0.005, tau_max: float = 1.0, grad_clip: float = 5.0,
                  tiled: bool = False, tile_size: int = 1024) -> None:
         super().__init__(tiled=tiled, tile_size=tile_size)

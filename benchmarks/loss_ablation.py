@@ -13,6 +13,10 @@ dropped). Heavy (two Ray workers per loss): run it under the shared lock.
 `--captions K` synthesises K phrasings per training sample (`data.synth.captions`); a loss that takes several
 captions (polyview) then trains on K per row (`data.captions_per_image: K`), the others on one line drawn per
 step. Use its own --out: the data differ.
+
+`--set KEY=VALUE ...` adds config overrides to every loss of the invocation (e.g. isogclr's
+`loss.temperatures.tau_init=0.07`) and `--tag NAME` names their run folders `LOSS-NAME`, so settings of one
+loss share an --out (and its synthesised data) without reusing each other's runs.
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ def result_file(run_dir: Path, steps: int) -> Path:
 
 def run(loss: str, args: argparse.Namespace) -> Path:
     """Train (and evaluate) `loss`; a finished run of it under --out is reused, not trained again."""
-    run_dir = Path(args.out) / loss
+    run_dir = Path(args.out) / (f"{loss}-{args.tag}" if args.tag else loss)
     if result_file(run_dir, args.steps).exists():
         return run_dir
     data = Path(args.out) / "data"
@@ -49,7 +53,7 @@ def run(loss: str, args: argparse.Namespace) -> Path:
                  f"data.train_urls=[{data}/train]", f"data.eval_dir={data}/eval",
                  f"data.synth.samples={args.samples}", "eval.schedule=every",
                  "eval.sets=[zeroshot_heldout,retrieval]", "logging.progress=false", *EXTRA.get(loss, []),
-                 f"data.synth.captions={args.captions}"]
+                 f"data.synth.captions={args.captions}", *args.set]
     if loss in SEVERAL:
         overrides.append(f"data.captions_per_image={args.captions}")
     contrast = Path(sys.executable).with_name("contrast")
@@ -58,15 +62,9 @@ def run(loss: str, args: argparse.Namespace) -> Path:
 
 
 def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.util import tensor_util
-    series: dict[str, dict[int, float]] = {}
-    for path in sorted((run_dir / "tensorboard").rglob("events.*")):
-        for event in EventFileLoader(str(path)).Load():
-            for v in event.summary.value:
-                if v.metadata.plugin_data.plugin_name != "histograms":     # isogclr's temperatures
-                    series.setdefault(v.tag, {})[event.step] = float(tensor_util.make_ndarray(v.tensor))
-    return series
+    """The run's training scalars by tag, {step: value} (isogclr's temperature histograms are not scalars)."""
+    from pipeline.eval.report import read_scalars
+    return {tag: dict(points) for tag, points in read_scalars(str(run_dir)).items()}
 
 
 def last(series: dict[str, dict[int, float]], suffix: str) -> float:
@@ -101,9 +99,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8000)
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument("--captions", type=int, default=1, help="phrasings per training sample (polyview: all)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every loss")
+    parser.add_argument("--tag", default="", help="run folders are LOSS-TAG (settings sharing an --out)")
     args = parser.parse_args()
     rows = [row(loss, run(loss, args), args.steps) for loss in args.losses]
-    Path(args.out, "ablation.json").write_text(json.dumps(rows, indent=1))
+    Path(args.out, f"ablation{'-' + args.tag if args.tag else ''}.json").write_text(json.dumps(rows, indent=1))
     base = rows[0]["step_time_s"]
     print("| loss | held-out zero-shot acc@1 | retrieval R@1 i→t / t→i | uniformity | tolerance | step time (× clip) |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -246,10 +246,8 @@ def measure(cmd: list[str], env: dict[str, str], marks_of) -> tuple[dict[str, fl
 def tensorboard_marks(run_dir: str):
     """The wall times of the first and last `train/loss` events of a run."""
     def marks(_output: str) -> tuple[float, float]:
-        from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-        times = sorted(event.wall_time for f in Path(run_dir, "tensorboard").rglob("events.*")
-                       for event in EventFileLoader(str(f)).Load()
-                       if any(v.tag == "train/loss" for v in event.summary.value))
+        from pipeline.eval.report import read_scalar_events
+        times = sorted(event.wall_time for event in read_scalar_events(run_dir)["train/loss"])
         return times[0], times[-1]
     return marks
 

@@ -57,15 +57,8 @@ def worker(config: dict) -> None:
 
 def full_step_times(cfg) -> tuple[float, float]:
     """Median step time and data-wait fraction of the training loop, from its TensorBoard scalars."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.util import tensor_util
-
-    from pipeline import storage
-    series: dict[str, dict[int, float]] = {}
-    for url in storage.iter_files(storage.join(cfg.run_dir, "tensorboard")):
-        for event in EventFileLoader(url).Load():
-            for v in event.summary.value:
-                series.setdefault(v.tag, {})[event.step] = float(tensor_util.make_ndarray(v.tensor))
+    from pipeline.eval.report import read_scalars
+    series = {tag: dict(points) for tag, points in read_scalars(cfg.run_dir).items()}
     steps = sorted(s for s in series["perf/step_time_s"] if s > LOG_EVERY)     # the first window is start-up
     return (statistics.median(series["perf/step_time_s"][s] for s in steps),
             statistics.median(series["perf/data_wait_fraction"][s] for s in steps))

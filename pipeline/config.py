@@ -133,7 +133,7 @@ class TemperaturesConfig:
     (the paper's code's bimodal run)."""
     gamma: Optional[float] = None          # γ of the per-sample moving average u of the inner function (0.8)
     rho: Optional[float] = None            # ρ, the KL-DRO radius: larger ρ, larger temperatures (8)
-    tau_init: Optional[float] = None       # every sample's first temperature (0.01)
+    tau_init: Optional[float] = None       # every sample's first temperature (0.07; the paper's 0.01)
     eta: Optional[float] = None            # η, the temperatures' step size (0.03)
     beta_u: Optional[float] = None         # β of the temperatures' gradient momentum (0.9)
     tau_min: Optional[float] = None        # the temperatures' lower bound (0.005)

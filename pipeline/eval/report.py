@@ -55,23 +55,31 @@ class Figure:
 
 
 # ------------------------------------------------------------------------------------ sources
-def read_scalars(run_dir: str, exclude: tuple[str, ...] = (EVAL,)) -> Series:
-    """Every scalar in the run's TensorBoard folders (except `exclude`d sub-folders), by tag.
-
-    A step logged twice (a resumed run) keeps its last value.
-    """
+def read_scalar_events(run_dir: str, exclude: tuple[str, ...] = (EVAL,)) -> dict[str, list[Any]]:
+    """Every scalar event (`.wall_time`, `.step`, `.value`) in the run's TensorBoard folders (except `exclude`d
+    sub-folders), by tag, in the order written. Scalars only: histograms (isogclr's per-sample temperatures)
+    and other summaries are not read as numbers. The one reader of a run's scalars (report, benchmarks)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    events: dict[str, list[Any]] = defaultdict(list)
     with storage.local_copy(tensorboard_dir(run_dir)) as root:
         folders = sorted({p.parent for p in root.rglob("*tfevents*")
                           if not set(p.relative_to(root).parts[:-1]) & set(exclude)})
-        values: dict[str, dict[int, float]] = defaultdict(dict)
         for folder in folders:
             acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
             acc.Reload()
             for tag in acc.Tags()["scalars"]:
-                for event in acc.Scalars(tag):
-                    values[tag][event.step] = event.value
+                events[tag].extend(acc.Scalars(tag))
+    return dict(events)
+
+
+def read_scalars(run_dir: str, exclude: tuple[str, ...] = (EVAL,)) -> Series:
+    """Every scalar in the run's TensorBoard folders (except `exclude`d sub-folders), by tag, as (step, value)
+    sorted by step. A step logged twice (a resumed run) keeps its last value."""
+    values: dict[str, dict[int, float]] = defaultdict(dict)
+    for tag, events in read_scalar_events(run_dir, exclude).items():
+        for event in events:
+            values[tag][event.step] = event.value
     return {tag: sorted(points.items()) for tag, points in values.items()}
 
 

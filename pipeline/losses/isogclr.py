@@ -12,7 +12,10 @@ and the same for caption i over the images (h'_ij = u_j·v_i − u_i·v_i, j ≠
 (the paper sums the two sides). g_i is a mean over the dataset's negatives, estimated by a per-sample moving
 average u_i (the paper's inner-function estimator, Alg. 1 line 5):
 
-    u_i ← (1 − γ)·u_i + γ·g_i(batch)                                                    (u_i starts at 0)
+    u_i ← (1 − γ)·u_i + γ·g_i(batch),    u_i ← g_i(batch) at the sample's first visit
+
+(the first visit as the authors' unimodal code, their 2023 bimodal code and LibAUC's GCLoss_v2, which take
+γ = 1 in the first epoch; from u_i = 0 it would be γ·g_i, a first estimate 1/γ too small);
 
 the model's gradient uses it in place of g_i (Eq. 6): ∇_w F_i ≈ τ_i·∇g_i / u_i; and τ_i follows the
 gradient of F_i in τ (Eq. 7), with a momentum m_i and a projection (Alg. 1 lines 7–8, the code's update):
@@ -20,8 +23,10 @@ gradient of F_i in τ (Eq. 7), with a momentum m_i and a projection (Alg. 1 line
     G_i = log u_i + ρ − (1/u_i)·(1/|S_i|) Σ_j exp(h_ij/τ_i)·h_ij/τ_i
     m_i ← (1 − β_u)·m_i + β_u·clip(G_i, ±5),   τ_i ← Π_[τ_min, τ_max](τ_i − η·m_i)
 
-Defaults are the paper's code's bimodal run (its README: γ = 0.8, ρ = 8, τ_init = 0.01, η = 0.03
-constant; `clip.py`: β_u = 0.9; the loss: τ ∈ [0.005, 1], clip 5).
+Defaults are the paper's code's bimodal run (its README: γ = 0.8, η = 0.03 constant; `clip.py`: ρ = 8,
+β_u = 0.9; the loss: τ ∈ [0.005, 1], clip 5) except τ_init = 0.07, clip's starting temperature: the paper's
+0.01 is for a pretrained tower; from scratch every first visit is at τ_init and at 0.01 the demo's embeddings
+collapse (docs/losses-family-ii.md, the ablation).
 
 The returned value is Σ of τ_i·(log u_i + ρ) (the objective as estimated) and τ_i·(g_i − sg g_i)/u_i (zero,
 carrying the gradient τ_i·∇g_i/u_i): its gradient is the paper's estimator. The model's logit scale takes no
@@ -51,11 +56,11 @@ TAU, LOG_U, MOMENTUM, SIDE = range(4)    # the table's columns: one row per imag
 
 class IsogclrLoss(ContrastiveLoss):
     name = "isogclr"
-    default_temperature = 0.01           # the model's scale is not used; τ_init of the per-sample ones
+    default_temperature = 0.07           # the model's scale is not used; τ_init of the per-sample ones
     uses_sample_ids = True
     fixed_temperature = True             # the shared scale is unused: loss.learn_temperature must be false
 
-    def __init__(self, gamma: float = 0.8, rho: float = 8.0, tau_init: float = 0.01, eta: float = 0.03,
+    def __init__(self, gamma: float = 0.8, rho: float = 8.0, tau_init: float = 0.07, eta: float = 0.03,
                  beta_u: float = 0.9, tau_min: float = 0.005, tau_max: float = 1.0, grad_clip: float = 5.0,
                  tiled: bool = False, tile_size: int = 1024) -> None:
         super().__init__(tiled=tiled, tile_size=tile_size)
@@ -112,7 +117,8 @@ class IsogclrLoss(ContrastiveLoss):
             log_g0 = log_g.detach()
             mean_h = self.softmax_mean(q.detach() / tau.unsqueeze(1), columns.detach(), h, positive.detach(), lse)
             keep = math.log1p(-self.gamma) if self.gamma < 1 else -math.inf
-            new_log_u = torch.logaddexp(keep + log_u, math.log(self.gamma) + log_g0)
+            average = torch.logaddexp(keep + log_u, math.log(self.gamma) + log_g0)
+            new_log_u = torch.where(torch.isfinite(log_u), average, log_g0)    # an unseen id: u_i = g_i
             grad_tau = new_log_u + self.rho - torch.exp(log_g0 - new_log_u) * mean_h
             new_m = (1 - self.beta_u) * m + self.beta_u * grad_tau.clamp(-self.grad_clip, self.grad_clip)
             new_tau = (tau - self.eta * new_m).clamp(self.tau_min, self.tau_max)

@@ -23,15 +23,32 @@ F64 = torch.float64
 
 
 class SampleTable:
-    """Rows of `len(defaults)` float64 values per sample id; an id never written reads as `defaults`."""
+    """Rows of `len(defaults)` float64 values per sample id; an id never written reads as `defaults`.
+
+    A dict maps each id this rank owns to its row of `values` (rows in the order the ids arrived; the storage
+    doubles when full), so a step's lookup and write cost O(batch), whatever the table's size."""
 
     def __init__(self, defaults: Sequence[float]) -> None:
         self.defaults = torch.tensor(list(defaults), dtype=F64)
-        self.keys = torch.empty(0, dtype=torch.long)                  # sorted, this rank's ids
-        self.values = torch.empty(0, len(self.defaults), dtype=F64)
+        self._clear()
+
+    def _clear(self) -> None:
+        self._row: dict[int, int] = {}                                # id → its row
+        self._keys = torch.empty(0, dtype=torch.long)
+        self._values = torch.empty(0, len(self.defaults), dtype=F64)
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self._row)
+
+    @property
+    def keys(self) -> Tensor:
+        """This rank's ids, in the order they were first written."""
+        return self._keys[:len(self)]
+
+    @property
+    def values(self) -> Tensor:
+        """Their rows (a view: row r belongs to keys[r])."""
+        return self._values[:len(self)]
 
     @staticmethod
     def owned(ids: Tensor) -> Tensor:
@@ -41,10 +58,10 @@ class SampleTable:
     def local(self, ids: Tensor) -> Tensor:
         """(len(ids), C) values of ids this rank owns (the defaults where never written)."""
         out = self.defaults.expand(len(ids), -1).clone()
-        if len(self.keys):
-            at = torch.searchsorted(self.keys, ids).clamp(max=len(self.keys) - 1)
-            found = self.keys[at] == ids
-            out[found] = self.values[at[found]]
+        row = self._row.get
+        at = torch.tensor([row(i, -1) for i in ids.tolist()], dtype=torch.long)
+        found = at >= 0
+        out[found] = self._values[at[found]]
         return out
 
     def lookup(self, all_ids: Tensor) -> Tensor:
@@ -64,35 +81,30 @@ class SampleTable:
         self._put(all_ids[mine], all_values[mine])
 
     def _put(self, ids: Tensor, values: Tensor) -> None:
-        """Overwrite the rows of known ids in place and merge the new ones in (no collective; O(table + batch),
-        no sort of the table); of repeated ids the last row wins."""
-        order = torch.sort(ids, stable=True).indices
-        ids, values = ids[order], values[order]
-        last = torch.ones(len(ids), dtype=torch.bool)
-        last[:-1] = ids[1:] != ids[:-1]
-        ids, values = ids[last], values[last]
-        at = torch.searchsorted(self.keys, ids)
-        found = torch.zeros(len(ids), dtype=torch.bool)
-        if len(self.keys):
-            found = self.keys[at.clamp(max=len(self.keys) - 1)] == ids
-            self.values[at[found]] = values[found]
-        fresh, rows = ids[~found], values[~found]                # sorted, none in the table
-        if len(fresh):
-            size = len(self.keys) + len(fresh)
-            old_to = torch.arange(len(self.keys)) + torch.searchsorted(fresh, self.keys)
-            new_to = torch.searchsorted(self.keys, fresh) + torch.arange(len(fresh))
-            keys, table = torch.empty(size, dtype=torch.long), torch.empty(size, self.values.shape[1], dtype=F64)
-            keys[old_to], keys[new_to] = self.keys, fresh
-            table[old_to], table[new_to] = self.values, rows
-            self.keys, self.values = keys, table
+        """Overwrite the rows of known ids and append the new ones (no collective; O(batch), the storage's
+        doubling amortised); of repeated ids the last row wins."""
+        last = {i: n for n, i in enumerate(ids.tolist())}             # id → its last position in the batch
+        rows = [self._row.setdefault(i, len(self._row)) for i in last]
+        self._reserve(len(self._row))
+        at, of = torch.tensor(rows, dtype=torch.long), torch.tensor(list(last.values()), dtype=torch.long)
+        self._keys[at], self._values[at] = ids[of], values[of].to(F64)
+
+    def _reserve(self, size: int) -> None:
+        """Room for `size` rows: the storage at least doubles when it grows."""
+        if size > len(self._keys):
+            capacity = max(size, 2 * len(self._keys), 1024)
+            keys, values = torch.empty(capacity, dtype=torch.long), torch.empty(capacity, len(self.defaults), dtype=F64)
+            keys[:len(self._keys)], values[:len(self._keys)] = self._keys, self._values
+            self._keys, self._values = keys, values
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"keys": self.keys.clone(), "values": self.values.clone()}
+        """This rank's ids in ascending order and their rows (the same shard whatever order the ids came in)."""
+        order = torch.argsort(self.keys)
+        return {"keys": self.keys[order], "values": self.values[order]}
 
     def load_shards(self, shards: Iterable[dict[str, Tensor]]) -> None:
         """Replace this rank's rows by the ones it owns among every saved shard (any saved world size)."""
-        self.keys = torch.empty(0, dtype=torch.long)
-        self.values = torch.empty(0, len(self.defaults), dtype=F64)
+        self._clear()
         for shard in shards:
             keys, values = shard["keys"].long(), shard["values"].to(F64)
             if values.ndim != 2 or values.shape != (len(keys), len(self.defaults)):

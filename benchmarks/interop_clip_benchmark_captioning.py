@@ -11,9 +11,9 @@ size into the work folder. Then:
   CIDEr-D from pycocoevalcap's scorers on `caption_words` tokens;
 - CLIP_benchmark: `clip_benchmark eval --task captioning --model local-dir:OC --pretrained none --dataset
   wds/captioning_heldout` (its CLI, in the side venv) on the `contrast export --format open_clip` folder, twice:
-  with open_clip's `generate` as CLIP_benchmark calls it (beam search: 6 beams in 3 groups, 30 tokens, at least
-  5), and greedy (`generation_type="top_k"`, `top_k=1`, `--max-len` tokens, at least 1) as ours. Its scores come
-  from pycocoevalcap's own PTB tokenizer (Java) and scorers.
+  with open_clip's `generate` as CLIP_benchmark calls it (beam search: 6 beams in 3 groups, 30 tokens or the
+  context length when shorter, at least 5), and greedy (`generation_type="top_k"`, `top_k=1`, `--max-len`
+  tokens, at least 1) as ours. Its scores come from pycocoevalcap's own PTB tokenizer (Java) and scorers.
 
 Three things CLIP_benchmark cannot do here are changed in the side process, and only those: it calls
 `generate` with CLIP's start and end ids (49406, 49407) and decodes with CLIP's BPE, so `generate` gets the
@@ -39,14 +39,15 @@ from pathlib import Path
 SIDE_PYTHON = Path.home() / ".cache" / "open-clip-venv" / "bin" / "python"
 SET = "captioning_heldout"
 GREEDY = {"generation_type": "top_k", "top_k": 1, "min_seq_len": 1}      # seq_len: --max-len
+DEFAULT_SEQ_LEN = 30                       # open_clip's `generate` default, which CLIP_benchmark keeps
 
 
 # ------------------------------------------------------------------ the judge (runs in the side venv)
 def judge(job: dict) -> None:
     """CLIP_benchmark's CLI on the job's export and set; writes its generated captions to job["captions"]."""
-    import tv_shim_hook  # noqa: F401  (before torch: the side venv's CUDA-only torchvision)
     import open_clip
     import torch
+    import tv_shim_hook  # noqa: F401  (before torch: the side venv's CUDA-only torchvision)
     from clip_benchmark import cli
     from clip_benchmark.metrics import captioning
 
@@ -148,12 +149,15 @@ def main() -> int:
                         for c in published.generate(encoder.pixels([s.image for s in samples[i:i + 50]]),
                                                     args.max_len)]
         export(args.checkpoint, "open_clip", str(work / "oc"))
-        base = {"export": str(work / "oc"), "set": str(work / "sets" / SET), "ids": [tok.sot_id, tok.eot_id, tok.pad_id]}
+        context = published.model.context_length         # its 30 tokens do not fit a shorter context
+        default = {} if context >= DEFAULT_SEQ_LEN else {"seq_len": context}
+        base = {"export": str(work / "oc"), "set": str(work / "sets" / SET),
+                "ids": [tok.sot_id, tok.eot_id, tok.pad_id]}
         theirs = {name: run_judge(args.side_python, {**base, "name": name, "generate": gen,
                                                      "output": str(work / f"{name}.json"),
                                                      "captions": str(work / f"{name}_captions.json")},
                                   work, extra_path)
-                  for name, gen in (("greedy", {**GREEDY, "seq_len": args.max_len}), ("default", {}))}
+                  for name, gen in (("greedy", {**GREEDY, "seq_len": args.max_len}), ("default", default))}
     greedy = theirs["greedy"]["captions"]
     same = sum(caption_words(a) == caption_words(b) for a, b in zip(our_captions, greedy))
     rescored = caption_metrics(greedy, references)

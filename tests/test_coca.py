@@ -391,6 +391,7 @@ def write_clip_benchmark_captioning_set(root: Path, rows: list[tuple[bytes, list
     test/nshards.txt, dataset_type.txt "retrieval"; no manifest.json and no tokenizer."""
     import io
     import tarfile
+
     from PIL import Image
     (root / "test").mkdir(parents=True)
     (root / "dataset_type.txt").write_text("retrieval\n")

@@ -5,11 +5,13 @@ import hashlib
 import io
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from tokenizers import Tokenizer, pre_tokenizers
 
 from pipeline import cli, storage
 from pipeline.config import Config
@@ -224,12 +226,10 @@ def test_open_clip_export_computes_our_embeddings(published, tokenizer, tmp_path
     assert (text - model.encode_text(tokens)).abs().max() < 1e-5
 
 
-# ------------------------------------------------------------------------------ CLI and refusals
-def as_transformers_4_loads(folder) -> "Tokenizer":
+def as_transformers_4_loads(folder: Path) -> Tokenizer:
     """An export's tokenizer.json as transformers 4.x's `PreTrainedTokenizerFast` loads it: `add_prefix_space`
     from tokenizer_config.json (False when absent) replaces the file's top-level pre-tokenizer's when they differ
     (transformers 5, the version here, keeps the file's, so this re-enacts 4.x with the `tokenizers` library)."""
-    from tokenizers import Tokenizer, pre_tokenizers
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     wanted = json.load(open(folder / "tokenizer_config.json")).get("add_prefix_space", False)
     state = json.loads(tok.pre_tokenizer.__getstate__())
@@ -257,6 +257,7 @@ def test_exported_tokenizer_config_keeps_the_prefix_space_of_the_pre_tokenizer(p
     assert first != int(ours[0, 0]) and tokenizer.decode([first]).strip() == tokenizer.decode([int(ours[0, 0])]).strip()
 
 
+# ------------------------------------------------------------------------------ CLI and refusals
 def test_cli_export_safetensors(published, tmp_path, capsys):
     model, url = published
     out = tmp_path / "st"

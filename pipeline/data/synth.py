@@ -382,9 +382,10 @@ def synthesize(out: str, samples: int, *, eval_samples: int = 1000, image_size: 
     as it is: zero-shot sets are classification sets (labels in ``KEY.cls``), retrieval sets hold one
     caption a line. `captioning_heldout` is CLIP_benchmark's captioning layout (its retrieval layout, what
     ``clip_benchmark eval --task captioning`` reads, as its wds form of mscoco_captions): single objects of the
-    held-out combinations, each with CAPTION_REFERENCES reference captions in the training phrasings. The relation set is a retrieval set to CLIP_benchmark (it scores the true captions)
-    with our extra ``KEY.json`` {"swapped": caption}, which CLIP_benchmark does not read. A copy of the
-    train tokenizer.json sits in each set, so each set stands alone. `captions` > 1 gives every training
+    held-out combinations, each with CAPTION_REFERENCES reference captions in the training phrasings. The
+    relation set is a retrieval set to CLIP_benchmark (it scores the true captions) with our extra
+    ``KEY.json`` {"swapped": caption}, which CLIP_benchmark does not read. A copy of the train tokenizer.json
+    sits in each set, so each set stands alone. `captions` > 1 gives every training
     sample that many phrasings, one a line (for data.captions_per_image).
     """
     if samples < 1 or eval_samples < 1:

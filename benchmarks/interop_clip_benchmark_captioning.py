@@ -45,9 +45,9 @@ DEFAULT_SEQ_LEN = 30                       # open_clip's `generate` default, whi
 # ------------------------------------------------------------------ the judge (runs in the side venv)
 def judge(job: dict) -> None:
     """CLIP_benchmark's CLI on the job's export and set; writes its generated captions to job["captions"]."""
+    __import__("tv_shim_hook")        # before torch and open_clip: the side venv's CUDA-only torchvision
     import open_clip
     import torch
-    import tv_shim_hook  # noqa: F401  (before torch: the side venv's CUDA-only torchvision)
     from clip_benchmark import cli
     from clip_benchmark.metrics import captioning
 

@@ -328,7 +328,7 @@ def test_caption_metrics_by_hand():
     """Exact match, BLEU-4 and CIDEr-D on captions whose scores follow from their definitions."""
     from pipeline.eval.metrics import caption_metrics
     refs = [["A red circle on a plain background.", "something else"], ["two blue squares left of stars today"]]
-    same = caption_metrics(["a  red circle on a PLAIN background.", "two blue squares left of stars today"], refs)
+    same = caption_metrics(["a  red circle on a PLAIN background", "two blue squares, left of stars today."], refs)
     assert same["exact_match"] == 1.0
     assert same["bleu4"] == pytest.approx(1.0, abs=1e-6)             # every n-gram matched, no brevity penalty
     # CIDEr-D: 10 × mean over n of the tf-idf cosine; the two images share no n-gram, so every idf > 0 and
@@ -383,6 +383,63 @@ def test_captioning_task_on_the_held_out_combinations(synth, tmp_path):
     from pipeline.eval.report import caption_figure  # the report shows them beside their images
     figure = caption_figure(str(tmp_path), tmp_path)
     assert figure.file == "captions.png" and (tmp_path / "captions.png").stat().st_size > 1000
+
+
+def write_clip_benchmark_captioning_set(root: Path, rows: list[tuple[bytes, list[str]]], per_shard: int) -> None:
+    """A captioning set the way CLIP_benchmark's `convert_retrieval_dataset` writes one (its wds form of
+    mscoco_captions): test/0.tar … with keys s0000000 …, a .webp image and a .txt of the captions one a line,
+    test/nshards.txt, dataset_type.txt "retrieval"; no manifest.json and no tokenizer."""
+    import io
+    import tarfile
+
+    from PIL import Image
+    (root / "test").mkdir(parents=True)
+    (root / "dataset_type.txt").write_text("retrieval\n")
+    shards = [rows[i:i + per_shard] for i in range(0, len(rows), per_shard)]
+    for n, shard in enumerate(shards):
+        with tarfile.open(root / "test" / f"{n}.tar", "w") as tar:
+            for i, (image, captions) in enumerate(shard):
+                webp = io.BytesIO()
+                Image.open(io.BytesIO(image)).save(webp, format="webp", lossless=True)
+                for ext, data in (("webp", webp.getvalue()), ("txt", "\n".join(captions).encode())):
+                    info = tarfile.TarInfo(f"s{n * per_shard + i:07d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    (root / "test" / "nshards.txt").write_text(f"{len(shards)}\n")
+
+
+def test_a_clip_benchmark_captioning_set_is_read_and_captioned(synth, tmp_path):
+    """CLIP_benchmark's captioning layout (several references a line) is read with every reference, the
+    captioning task scores against all of them, and `contrast data synth` writes its held-out set that way."""
+    from pipeline.data.synth import CAPTION_REFERENCES, HELD, classname
+    from pipeline.eval.sets import open_eval_set
+    from pipeline.eval.tasks import Encoder, captioning
+    from pipeline.models import load_published, run_tokenizer, save_published
+    root = synth(64, eval_samples=12)
+    ours = open_eval_set(str(root / "eval"), "captioning_heldout")
+    samples = list(ours.samples())
+    assert ours.kind == "retrieval" and len(samples) == 12
+    held = [classname(c) for c in HELD]
+    for s in samples:                                        # held-out objects only, five distinct phrasings
+        lines = s.caption_lines()
+        assert len(set(lines)) == CAPTION_REFERENCES and sum(any(h in line for h in held) for line in lines) == 5
+    rows = [(s.image, s.caption_lines()) for s in samples]
+    write_clip_benchmark_captioning_set(tmp_path / "eval" / "cb_captions", rows, per_shard=5)   # 3 shards
+    theirs = open_eval_set(str(tmp_path / "eval"), "cb_captions")
+    read = list(theirs.samples())
+    assert theirs.kind == "retrieval" and [s.key for s in read] == [f"s{i:07d}" for i in range(12)]
+    assert [s.caption_lines() for s in read] == [r for _, r in rows]
+
+    cfg = Config()
+    cfg.model.name, cfg.data.train_urls, cfg.data.context_length = "coca_tiny", [str(root / "train")], 16
+    tok = run_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, image_size=32, context_length=16, vocab_size=tok.vocab_size)
+    published = load_published(save_published(model, tok, str(tmp_path / "published" / "step_00000001"), 1,
+                                              run_config=cfg))
+    got = captioning(Encoder(published, 5), theirs, max_len=12)      # the task runs on it (an untrained decoder)
+    assert set(got) == {"caption_exact_match", "caption_bleu4", "caption_cider", "caption_token_acc"}
+    assert 0 <= got["caption_token_acc"] <= 1
 
 
 # ------------------------------------------------------------------------------------ open_clip interop

@@ -5,11 +5,13 @@ import hashlib
 import io
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from tokenizers import Tokenizer, pre_tokenizers
 
 from pipeline import cli, storage
 from pipeline.config import Config
@@ -222,6 +224,37 @@ def test_open_clip_export_computes_our_embeddings(published, tokenizer, tmp_path
         image, text = open_clip_reference(sd, cfg, images, tokens)
     assert (image - model.encode_image(images)).abs().max() < 1e-5
     assert (text - model.encode_text(tokens)).abs().max() < 1e-5
+
+
+def as_transformers_4_loads(folder: Path) -> Tokenizer:
+    """An export's tokenizer.json as transformers 4.x's `PreTrainedTokenizerFast` loads it: `add_prefix_space`
+    from tokenizer_config.json (False when absent) replaces the file's top-level pre-tokenizer's when they differ
+    (transformers 5, the version here, keeps the file's, so this re-enacts 4.x with the `tokenizers` library)."""
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    wanted = json.load(open(folder / "tokenizer_config.json")).get("add_prefix_space", False)
+    state = json.loads(tok.pre_tokenizer.__getstate__())
+    if state.get("add_prefix_space", wanted) != wanted:
+        kind = state.pop("type")
+        tok.pre_tokenizer = getattr(pre_tokenizers, kind)(**{**state, "add_prefix_space": wanted})
+    return tok
+
+
+@pytest.mark.parametrize("fmt", ["hf", "open_clip"])
+def test_exported_tokenizer_config_keeps_the_prefix_space_of_the_pre_tokenizer(published, tokenizer, tmp_path, fmt):
+    _, url = published
+    out = tmp_path / fmt
+    export(url, fmt, str(out))
+    pre_tokenizer = json.load(open(out / "tokenizer.json"))["pre_tokenizer"]
+    config = json.load(open(out / "tokenizer_config.json"))
+    assert pre_tokenizer["add_prefix_space"] is True and config.get("add_prefix_space") is True
+    ours = tokenizer(CAPTIONS[:3])
+    ids = [e.ids for e in as_transformers_4_loads(out).encode_batch(CAPTIONS[:3])]
+    assert [row[: len(i)] for row, i in zip(ours.tolist(), ids)] == ids        # the first word with its space
+
+    del config["add_prefix_space"]                # the export before the fix: 4.x drops the first word's space
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    first = as_transformers_4_loads(out).encode(CAPTIONS[0]).ids[0]
+    assert first != int(ours[0, 0]) and tokenizer.decode([first]).strip() == tokenizer.decode([int(ours[0, 0])]).strip()
 
 
 # ------------------------------------------------------------------------------ CLI and refusals

@@ -25,7 +25,7 @@ from pipeline import storage
 from pipeline.data.evalsets import CLASSIFICATION, RETRIEVAL, split_writer, write_set_files
 from pipeline.data.samples import encode_label
 from pipeline.data.shards import ShardWriter
-from pipeline.data.tokenizer import train_tokenizer
+from pipeline.data.tokenizer import Tokenizer, train_tokenizer
 from pipeline.layout import DATASET_EVAL, DATASET_TRAIN, EVAL_TEST, TOKENIZER
 from pipeline.log import get_logger, progress_bar
 
@@ -52,7 +52,9 @@ SINGLE_PHRASES = ("a photo of a {o}.", "a {o}.", "an image of a {o}.", "there is
 PAIR_PHRASES = ("a {a} {r} a {b}.", "a photo of a {a} {r} a {b}.", "an image of a {a} {r} a {b}.",
                 "a {a} {r} a {b} on a {g} background.")
 FLIPPED = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-EVAL_SETS = ("zeroshot_seen", "zeroshot_heldout", "retrieval", "relation")
+CAPTIONING_SET = "captioning_heldout"      # held-out combinations, CAPTION_REFERENCES captions each (CoCa's task)
+CAPTION_REFERENCES = 5                     # reference captions per image, as many as MS-COCO's
+EVAL_SETS = ("zeroshot_seen", "zeroshot_heldout", "retrieval", "relation", CAPTIONING_SET)
 SINGLE_FRACTION = 0.6                      # of training samples with one object (the rest: two)
 JPEG_QUALITY = 90
 PLANTED = "planted_noise.json"      # train/planted_noise.json: the planted noise by key
@@ -278,6 +280,11 @@ def eval_sample(name: str, seed: int, index: int, size: int) -> tuple[bytes, str
         obj, _ = _single(rng, classes[label], size)
         caption = ZEROSHOT_TEMPLATES[0].format(c=classname(classes[label]))
         return render([obj], bg, size, rng, seed), caption, {"label": label}
+    if name == CAPTIONING_SET:                                # one held-out object, several phrasings a line
+        combo = HELD[index % len(HELD)]
+        obj, z = _single(rng, combo, size)
+        lines = [p.format(o=classname(combo), z=z, b=bg) for p in rng.sample(SINGLE_PHRASES, CAPTION_REFERENCES)]
+        return render([obj], bg, size, rng, seed), "\n".join(lines), None
     a, b = _two_combos(rng, SEEN)
     relation = rng.choice(RELATIONS)
     jpeg = render(_pair(rng, a, b, relation, size), bg, size, rng, seed)
@@ -350,6 +357,22 @@ class _Inline:
         return None
 
 
+def write_eval_set(set_dir: str, name: str, samples: int, tokenizer: Tokenizer, *, seed: int = 0,
+                   image_size: int = 64, shard_size: int = 1000, workers: int = 1, progress: bool = False) -> None:
+    """One eval set of EVAL_SETS at `set_dir` in CLIP_benchmark's layout, with a copy of `tokenizer`."""
+    if name not in EVAL_SETS:
+        raise ValueError(f"unknown eval set {name!r}; expected one of {', '.join(EVAL_SETS)}")
+    storage.makedirs(set_dir)
+    tokenizer.save(storage.join(set_dir, TOKENIZER))
+    if name.startswith("zeroshot"):
+        classes = SEEN if name == "zeroshot_seen" else HELD
+        write_set_files(set_dir, CLASSIFICATION, [classname(c) for c in classes], ZEROSHOT_TEMPLATES)
+    else:
+        write_set_files(set_dir, RETRIEVAL)
+    # the shards last: nshards.txt, written after them, is what says the set is whole
+    _write_split(split_writer(set_dir, EVAL_TEST, shard_size), name, samples, seed, image_size, workers, progress)
+
+
 def synthesize(out: str, samples: int, *, eval_samples: int = 1000, image_size: int = 64, shard_size: int = 1000,
                seed: int = 0, workers: int = 1, vocab_size: int = 1024, progress: bool = True,
                noise: float = 0.0, duplicates: float = 0.0, captions: int = 1) -> dict:
@@ -357,9 +380,12 @@ def synthesize(out: str, samples: int, *, eval_samples: int = 1000, image_size: 
 
     Each eval set is in CLIP_benchmark's layout (see `pipeline.data.evalsets`), so CLIP_benchmark reads it
     as it is: zero-shot sets are classification sets (labels in ``KEY.cls``), retrieval sets hold one
-    caption a line. The relation set is a retrieval set to CLIP_benchmark (it scores the true captions)
-    with our extra ``KEY.json`` {"swapped": caption}, which CLIP_benchmark does not read. A copy of the
-    train tokenizer.json sits in each set, so each set stands alone. `captions` > 1 gives every training
+    caption a line. `captioning_heldout` is CLIP_benchmark's captioning layout (its retrieval layout, what
+    ``clip_benchmark eval --task captioning`` reads, as its wds form of mscoco_captions): single objects of the
+    held-out combinations, each with CAPTION_REFERENCES reference captions in the training phrasings. The
+    relation set is a retrieval set to CLIP_benchmark (it scores the true captions) with our extra
+    ``KEY.json`` {"swapped": caption}, which CLIP_benchmark does not read. A copy of the train tokenizer.json
+    sits in each set, so each set stands alone. `captions` > 1 gives every training
     sample that many phrasings, one a line (for data.captions_per_image).
     """
     if samples < 1 or eval_samples < 1:
@@ -380,17 +406,8 @@ def synthesize(out: str, samples: int, *, eval_samples: int = 1000, image_size: 
     tokenizer = train_tokenizer(corpus, vocab_size=vocab_size)
     tokenizer.save(storage.join(train_dir, TOKENIZER))
     for name in EVAL_SETS:
-        set_dir = storage.join(out, DATASET_EVAL, name)
-        storage.makedirs(set_dir)
-        tokenizer.save(storage.join(set_dir, TOKENIZER))
-        if name.startswith("zeroshot"):
-            classes = SEEN if name == "zeroshot_seen" else HELD
-            write_set_files(set_dir, CLASSIFICATION, [classname(c) for c in classes], ZEROSHOT_TEMPLATES)
-        else:
-            write_set_files(set_dir, RETRIEVAL)
-        # the shards last: nshards.txt, written after them, is what says the set is whole
-        _write_split(split_writer(set_dir, EVAL_TEST, shard_size), name, eval_samples, seed, image_size, workers,
-                     progress)
+        write_eval_set(storage.join(out, DATASET_EVAL, name), name, eval_samples, tokenizer, seed=seed,
+                       image_size=image_size, shard_size=shard_size, workers=workers, progress=progress)
     summary = {"train": train_dir, "samples": samples,
                "eval": {n: storage.join(out, DATASET_EVAL, n) for n in EVAL_SETS},
                "held_out": sorted(classname(c) for c in HELD),

@@ -6,6 +6,8 @@ acc@5 exists only with at least 5 classes; a retrieval hit at k means any positi
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
@@ -101,14 +103,18 @@ def fit_linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarra
     return float((clf.predict(scaler.transform(x_test)) == y_test).mean())
 
 
+WORD = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")     # letters and digits, joined by inner hyphens or apostrophes
+
+
 def caption_words(text: str) -> list[str]:
-    """A caption as the captioning metrics compare it: lower-cased, split at whitespace."""
-    return text.lower().split()
+    """A caption as the captioning metrics compare it: its lower-cased words, punctuation dropped, as COCO's
+    caption evaluation leaves them (pycocoevalcap's PTB tokenizer, which needs Java, then drops punctuation)."""
+    return WORD.findall(text.lower())
 
 
 def caption_metrics(generated: list[str], references: list[list[str]]) -> dict[str, float]:
     """Exact match (the generated caption equals one of its references, word for word after `caption_words`),
-    corpus BLEU-4 and CIDEr-D (pycocoevalcap's scorers, fed `caption_words` tokens: its PTB tokenizer needs Java)."""
+    corpus BLEU-4 and CIDEr-D (pycocoevalcap's scorers, fed `caption_words` tokens in place of its PTB tokenizer's)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
 

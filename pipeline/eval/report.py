@@ -24,6 +24,7 @@ from pipeline.config import config_from_dict
 from pipeline.data.transforms import decode_image
 from pipeline.eval.evaluate import eval_sets
 from pipeline.eval.fashion_mnist import SET_NAME as FASHION_MNIST
+from pipeline.eval.metrics import caption_words
 from pipeline.eval.retrieval_text import is_text_retrieval_set
 from pipeline.eval.scheduler import published_checkpoints
 from pipeline.eval.sets import open_eval_set
@@ -236,7 +237,7 @@ def checkpoint_figures(run_dir: str, out_dir: Path, n: int = 8, queries: int = 4
     ]
 
 
-CAPTION_SETS = ("zeroshot_heldout", "relation")        # shown first when present: what the training never saw
+CAPTION_SETS = ("captioning_heldout", "zeroshot_heldout", "relation")   # shown first when present: never trained on
 
 
 def caption_figure(run_dir: str, out_dir: Path, n: int = 6) -> Optional[Figure]:
@@ -268,9 +269,10 @@ def caption_figure(run_dir: str, out_dir: Path, n: int = 6) -> Optional[Figure]:
         axes[row, 0].imshow(decode_image(sample.image, 96))
         axes[row, 0].axis("off")
         true = sample.caption_lines()
-        mark = "✓" if caption.lower().split() in [t.lower().split() for t in true] else "✗"
+        mark = "✓" if caption_words(caption) in [caption_words(t) for t in true] else "✗"
+        more = f" (+{len(true) - 1} more references)" if len(true) > 1 else ""
         axes[row, 1].text(0, 0.5, f"{mark} generated: {_shorten(caption, 80)}\n   true: {_shorten(true[0], 80)}"
-                          f"\n   ({name})", va="center", fontsize=10)
+                          f"{more}\n   ({name})", va="center", fontsize=10)
         axes[row, 1].axis("off")
     fig.suptitle(f"generated captions ({cfg.eval.caption_strategy}, step {checkpoints[-1].step})")
     fig.tight_layout()

@@ -16,7 +16,9 @@ keeps working. Samples are ``KEY.jpg|png|webp`` with a label (``KEY.cls``, or ``
 - ``zeroshot``: classnames.txt present, or dataset_type.txt says classification;
 - ``relation``: each sample's ``.json`` carries ``{"swapped": caption}``, its ``.txt`` the true caption
   (CLIP_benchmark sees a retrieval set: it does not read the ``.json``);
-- ``retrieval``: otherwise; each sample's ``.txt`` holds one caption a line.
+- ``retrieval``: otherwise; each sample's ``.txt`` holds one caption a line. This is also CLIP_benchmark's
+  captioning layout (``--task captioning`` reads it, e.g. its wds form of mscoco_captions, several references
+  an image): a captioning model captions every set with captions (`tasks.captioning`), so it needs no kind.
 """
 from __future__ import annotations
 

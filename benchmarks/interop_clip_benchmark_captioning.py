@@ -49,7 +49,7 @@ def judge(job: dict) -> None:
     import open_clip
     import torch
     from clip_benchmark import cli
-    from clip_benchmark.metrics import captioning
+    from clip_benchmark.metrics import captioning as cb_captioning
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     hf = open_clip.get_tokenizer(f"local-dir:{job['export']}").tokenizer
@@ -82,7 +82,7 @@ def judge(job: dict) -> None:
                                         **job["generate"], **kwargs})
 
     open_clip.CoCa.generate = generate
-    captioning._tokenizer, captioning.Spice = ExportDecoder(), NoSpice
+    cb_captioning._tokenizer, cb_captioning.Spice = ExportDecoder(), NoSpice
     sys.argv = ["clip_benchmark", "eval", "--model", f"local-dir:{job['export']}", "--pretrained", "none",
                 "--dataset", f"wds/{SET}", "--dataset_root", job["set"], "--task", "captioning",
                 "--batch_size", "50", "--num_workers", "0", "--output", job["output"]]

@@ -839,6 +839,7 @@ def model_dimension(tmp: Path, models: list[str], stages: list[int]) -> list[Dim
                    "weights_mb": params * 4 / MB,
                    "checkpoint_mb": checkpoint_mb}
             dim.rows.append(row)
+            shutil.rmtree(run_dir)                      # ViT-L/14's run holds 17 GB (checkpoints, universal copy)
             print(f"  ZeRO {stage} {m:>9} ({params / 1e6:.1f} M): step {row['step_s']:.1f} s, checkpoint "
                   f"{row['checkpoint_s']:.1f} s, universal {row['universal_s']:.1f} s, resume on 1 worker "
                   f"{row['resume_s']:.1f} s, worker peak {row['worker_peak_mb']:.0f} MB (2 workers), "

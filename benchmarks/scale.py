@@ -32,7 +32,7 @@ the scales measured), the growth the design expects, and a verdict. Log-log plot
 
     python benchmarks/scale.py [--quick] [--only shards,batch,workers,model,run] [--out build/scale]
 
---quick (≤ 2 minutes; tests/test_scale.py runs it) measures small scales of each dimension.
+--quick (about 2.5 minutes on an idle 2-core machine; tests/test_scale.py runs it) measures small scales of each dimension.
 """
 from __future__ import annotations
 
@@ -917,7 +917,7 @@ def timed(walls: dict[str, float], name: str) -> Iterator[None]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small scales of every dimension (≤ 2 minutes)")
+    ap.add_argument("--quick", action="store_true", help="small scales of every dimension (about 2.5 minutes)")
     ap.add_argument("--only", default=",".join(DIMENSIONS), help=f"comma-separated subset of {DIMENSIONS}")
     ap.add_argument("--out", default="build/scale", help="folder for the plots and results.json")
     ap.add_argument("--models", help="comma-separated models of the model dimension (default: the mode's)")

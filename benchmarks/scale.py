@@ -32,7 +32,8 @@ the scales measured), the growth the design expects, and a verdict. Log-log plot
 
     python benchmarks/scale.py [--quick] [--only shards,batch,workers,model,run] [--out build/scale]
 
---quick (about 2.5 minutes on an idle 2-core machine; tests/test_scale.py runs it) measures small scales of each dimension.
+--quick (about 2.5 minutes on an idle 2-core machine; tests/test_scale.py runs it) measures small scales
+of each dimension.
 """
 from __future__ import annotations
 

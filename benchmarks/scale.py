@@ -84,13 +84,20 @@ class Dimension:
         return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def exponent(xs: list[float], ys: list[float]) -> Optional[float]:
-    """k of the least-squares fit log y = k log x + c; None with fewer than two distinct scales."""
+def power_fit(xs: list[float], ys: list[float]) -> Optional[tuple[float, float]]:
+    """(k, c) of the least-squares fit log y = k log x + c; None with fewer than two distinct scales."""
     if len(set(xs)) < 2:
         return None
     lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
     mx, my = statistics.fmean(lx), statistics.fmean(ly)
-    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+    k = sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+    return k, my - k * mx
+
+
+def exponent(xs: list[float], ys: list[float]) -> Optional[float]:
+    """k of `power_fit`: cost ∝ scaleᵏ."""
+    fit = power_fit(xs, ys)
+    return None if fit is None else fit[0]
 
 
 def verdicts(dim: Dimension) -> list[dict[str, Any]]:
@@ -150,9 +157,9 @@ def plot(dim: Dimension, out: Path) -> Path:
     for ax, c, v in zip(axes[0], dim.costs, verdicts(dim)):
         xs, ys = dim.series(c.name)
         ax.loglog(xs, ys, "o")
-        if v["k"] is not None:                        # the fit through the points' log-mean
-            mx, my = (statistics.fmean(math.log(t) for t in ts) for ts in (xs, ys))
-            ax.loglog(xs, [math.exp(my + v["k"] * (math.log(x) - mx)) for x in xs], "--", alpha=0.6)
+        fit = power_fit(xs, ys)
+        if fit is not None:
+            ax.loglog(xs, [math.exp(fit[1]) * x ** fit[0] for x in xs], "--", alpha=0.6)
         # Ticks at the measured scales and at 1-2-5 of the cost, plain labels: mathtext's 10^k labels and the
         # minor ticks took 2 s a figure.
         ax.set_xticks(xs, [_short(x) for x in xs], fontsize=7)

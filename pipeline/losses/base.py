@@ -246,9 +246,9 @@ class ContrastiveLoss(nn.Module):
         return f"tiled={self.tiled}, tile_size={self.tile_size}" if self.tiled else "tiled=False"
 
     def pairwise(self, a: Tensor, b: Tensor, term: Term, *params: Tensor, row: str = "lse",
-                 col: Optional[str] = None) -> tuple[Tensor, Optional[Tensor]]:
+                 col: Optional[str] = None, scale: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
         """`pairwise_reduce` in this loss's mode (tiled or dense)."""
-        return pairwise_reduce(a, b, term, *params, row=row, col=col,
+        return pairwise_reduce(a, b, term, *params, row=row, col=col, scale=scale,
                                tile_size=self.tile_size if self.tiled else None)
 
     def forward(self, image: Tensor, text: Tensor, *, logit_scale: Tensor | float,

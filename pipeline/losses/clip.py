@@ -4,7 +4,7 @@ Natural Language Supervision").
     ℓ^{I→T}_i = LSE_j(s·u_i·v_j) − s·u_i·v_i,   ℓ^{T→I}_i = LSE_j(s·v_i·u_j) − s·u_i·v_i,
     L = ½ (mean_i ℓ^{I→T}_i + mean_i ℓ^{T→I}_i).
 
-Both directions come from ONE block (s·u_local)·V_allᵀ: its rows give I→T for this rank's images;
+Both directions come from ONE block s·u_local·V_allᵀ: its rows give I→T for this rank's images;
 its columns give, for every text, the LSE over this rank's images, which combined across ranks
 (an all-reduced log-sum-exp) is T→I for the texts this rank owns. No second matmul.
 
@@ -28,8 +28,8 @@ def infonce_lse(loss: ContrastiveLoss, p: Pairs, both: bool = True) -> tuple[Ten
     caption are left out (when `p` carries caption ids)."""
     def logits(x: Tensor, cols: slice) -> Tensor:
         return mask(x, p.duplicates(cols))
-    image_to_text, text_partial = loss.pairwise(p.scale * p.u, p.candidates, logits, row="lse",
-                                                col="lse" if both else None)
+    image_to_text, text_partial = loss.pairwise(p.u, p.candidates, logits, row="lse", col="lse" if both else None,
+                                                scale=p.scale)
     if not both:
         return image_to_text, None
     text_to_image = all_reduce_logsumexp(text_partial[:p.V.shape[0]])[p.rows]

@@ -30,7 +30,7 @@ class DclLoss(ContrastiveLoss):
 
         def negatives(x: Tensor, cols: slice) -> Tensor:
             return mask(leave_out(x, cols, views.me, views.partner), views.duplicates(cols))
-        log_negatives, _ = self.pairwise(p.scale * views.z, views.Z, negatives)
+        log_negatives, _ = self.pairwise(views.z, views.Z, negatives, scale=p.scale)
         weights = self.positive_weights(p).repeat(2)
         positive = p.scale * (views.z * views.partner_z).sum(1)
         return (log_negatives - weights * positive).mean()

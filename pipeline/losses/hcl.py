@@ -41,7 +41,7 @@ class HclLoss(ContrastiveLoss):
             return mask(leave_out(x, cols, views.me, views.partner), views.duplicates(cols))
 
         def negatives_lse(factor: float) -> Tensor:                 # LSE_j factor·x_ij over the negatives
-            return self.pairwise(factor * p.scale * views.z, views.Z, negatives)[0]
+            return self.pairwise(views.z, views.Z, negatives, scale=factor * p.scale)[0]
 
         log_m = self._log_negative_counts(p).repeat(2)
         positive = p.scale * (views.z * views.partner_z).sum(1)

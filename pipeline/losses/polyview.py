@@ -51,7 +51,7 @@ class PolyviewLoss(ContrastiveLoss):
             who = owner[cols]
             group = torch.where(who >= 0, p.all_ids[who.clamp_min(0)], -1)     # groups are >= 0
             return mask(dots, (p.ids.unsqueeze(1) == group.unsqueeze(0)) & (p.rows.unsqueeze(1) != who.unsqueeze(0)))
-        image_to_text, caption_partial = self.pairwise(p.scale * p.u, columns, logits, row="lse", col="lse")
+        image_to_text, caption_partial = self.pairwise(p.u, columns, logits, row="lse", col="lse", scale=p.scale)
         caption_lse = all_reduce_logsumexp(caption_partial[:captions])       # (N·k,) over every image
         mine = [p.rows] + [n_all + p.rows * extra + a for a in range(extra)]
         text_to_image = torch.stack([caption_lse[c] for c in mine], 1).logsumexp(1)   # LSE over the k captions

@@ -21,8 +21,9 @@ class SiglipLoss(ContrastiveLoss):
 
     def compute(self, p: Pairs) -> Tensor:
         def softplus_logits(x: Tensor, cols: slice, bias: Tensor) -> Tensor:
-            """softplus(t·u_i·c_j + b), with x = (t·u_i)·c_j; 0 for another pair with the same caption."""
+            """softplus(t·u_i·c_j + b), with x = t·u_i·c_j; 0 for another pair with the same caption."""
             return mask(F.softplus(x + bias), p.duplicates(cols), 0.0)
-        negatives_and_positive, _ = self.pairwise(p.scale * p.u, p.candidates, softplus_logits, p.bias, row="sum")
+        negatives_and_positive, _ = self.pairwise(p.u, p.candidates, softplus_logits, p.bias, row="sum",
+                                                  scale=p.scale)
         positive = p.scale * (p.u * p.v).sum(1) + p.bias
         return (negatives_and_positive - positive).mean()

@@ -47,7 +47,7 @@ class SupConLoss(ContrastiveLoss):
         """LSE_{a≠i} s·z_i·z_a over all ranks' anchors."""
         def others(x: Tensor, cols: slice) -> Tensor:
             return mask(leave_out(x, cols, views.me), duplicate_negatives(views, cols))
-        return self.pairwise(scale * views.z, views.Z, others)[0]
+        return self.pairwise(views.z, views.Z, others, scale=scale)[0]
 
     def compute(self, p: Pairs) -> Tensor:
         views = Views.of(p)

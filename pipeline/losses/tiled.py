@@ -6,8 +6,9 @@ Every loss in this package is built from reductions of a matrix of per-pair term
 
 over the columns j (a log-sum-exp or a sum per row) and, for the symmetric InfoNCE losses, over
 the rows i as well. The rows a are this rank's, the columns b all ranks', so column reductions
-are partial and the caller combines them across ranks. The losses fold the logit scale into a,
-so a_i·b_j is already the logit and most terms only leave pairs out.
+are partial and the caller combines them across ranks. The losses pass the logit scale s as `scale`:
+each tile is multiplied by it before the term, so the term sees the logit s·a_i·b_j (most terms only
+leave pairs out), and no scaled copy of a (rows × dim, with its gradient) is ever made.
 
 `pairwise_reduce` computes them densely (plain autograd; memory O(rows × cols)) or in column
 tiles with one custom autograd function: the forward keeps a running log-sum-exp (or sum) per
@@ -30,21 +31,31 @@ REDUCTIONS = ("lse", "sum")
 
 
 def pairwise_reduce(a: Tensor, b: Tensor, term: Term, *params: Tensor, row: str = "lse",
-                    col: Optional[str] = None, tile_size: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
-    """Reduce t = term(a @ bᵀ, ...) over columns (`row`) and optionally over rows (`col`).
+                    col: Optional[str] = None, tile_size: Optional[int] = None,
+                    scale: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Reduce t = term(s·(a @ bᵀ), ...) over columns (`row`) and optionally over rows (`col`).
 
-    `row` / `col` are "lse" (log Σ exp) or "sum". `params` are tensors the term uses (the logit
-    scale and bias) and that need gradients. With `tile_size` the columns are processed in tiles
-    of at most tile_size² terms and nothing of size rows × cols is ever stored.
-    Returns (row_values, col_values or None).
+    `row` / `col` are "lse" (log Σ exp) or "sum". `scale` is s (a scalar tensor; none: 1). `params`
+    are further tensors the term uses (the logit bias) and that need gradients. With `tile_size` the
+    columns are processed in tiles of at most tile_size² terms and nothing of size rows × cols is
+    ever stored. Returns (row_values, col_values or None).
     """
     if row not in REDUCTIONS or col not in (*REDUCTIONS, None):
         raise ValueError(f"pairwise_reduce: row/col reductions must be one of {REDUCTIONS}, got {row!r}/{col!r}")
+    if scale is not None:                              # s is the scaled term's first parameter
+        term, params = _scaled(term), (scale, *params)
     if tile_size is None:
         t = term(a @ b.T, slice(0, b.shape[0]), *params)
         return _reduce(t, row, 1), (None if col is None else _reduce(t, col, 0))
     row_out, col_out = _TiledPairwise.apply(term, row, col, tile_size, a, b, *params)
     return row_out, (None if col is None else col_out)
+
+
+def _scaled(term: Term) -> Term:
+    """term(s·x, cols, *params) as a term of (x, cols, s, *params): a tile's worth of scaling."""
+    def scaled(x: Tensor, cols: slice, s: Tensor, *params: Tensor) -> Tensor:
+        return term(s * x, cols, *params)
+    return scaled
 
 
 def tile_width(rows: int, tile_size: int) -> int:

@@ -2,7 +2,7 @@
 
 Every loss in this package is built from reductions of a matrix of per-pair terms
 
-    t_ij = term(a_i·b_j, j, *params)        (−inf marks a pair that is left out)
+    t_ij = term(s·a_i·b_j, j, *params)      (−inf marks a pair that is left out)
 
 over the columns j (a log-sum-exp or a sum per row) and, for the symmetric InfoNCE losses, over
 the rows i as well. The rows a are this rank's, the columns b all ranks', so column reductions

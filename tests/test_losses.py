@@ -317,6 +317,22 @@ def test_kernel_tiles_hold_at_most_tile_squared_terms_however_many_rows():
         torch.testing.assert_close(g, d, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("tile_size", [None, 4])
+def test_kernel_scale_equals_scaled_rows(tile_size):
+    """`scale=s` gives the values and gradients (s's included) of the rows scaled by s before the kernel."""
+    a, b = torch.randn(9, 3, dtype=F64, requires_grad=True), torch.randn(7, 3, dtype=F64, requires_grad=True)
+    shift = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    s = torch.tensor(2.5, dtype=F64, requires_grad=True)
+    out = []
+    for scaled in (True, False):
+        rows, kw = (a, dict(scale=s)) if scaled else (s * a, {})
+        got = pairwise_reduce(rows, b, shifted_softplus, shift, row="lse", col="sum", tile_size=tile_size, **kw)
+        grads = torch.autograd.grad(got[0].sum() + (got[1] ** 2).sum(), (a, b, shift, s))
+        out.append((*got, *grads))
+    for g, w in zip(*out):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
 def test_kernel_fully_left_out_row_has_zero_gradient():
     """A row whose every pair is left out reduces to −inf and passes back 0, not NaN."""
     a, b = torch.randn(3, 2, requires_grad=True), torch.randn(5, 2, requires_grad=True)

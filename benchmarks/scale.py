@@ -557,6 +557,19 @@ def rss_by_step(samples: list[dict], who: str) -> list[tuple[int, float]]:
     return out
 
 
+def evaluation_peaks(points: list[tuple[int, float]], eval_every: int) -> list[tuple[int, float]]:
+    """(the first step of each evaluation's window of `eval_every` steps, the evaluation actor's peak MB in it),
+    from the first evaluation on. The actor holds only its imports until then, and the most while it evaluates,
+    so a leak shows as peaks that rise from one evaluation to the next (its samples over time mostly show when
+    an evaluation was running)."""
+    peaks: dict[int, float] = {}
+    for step, mb in points:
+        if step >= eval_every:
+            window = step // eval_every * eval_every
+            peaks[window] = max(peaks.get(window, 0.0), mb)
+    return sorted(peaks.items())
+
+
 def slope_per_1k(points: list[tuple[int, float]]) -> Optional[float]:
     """MB per 1,000 steps of a least-squares line through the second half of the run's points."""
     half = [p for p in points if p[0] >= max(q[0] for q in points) / 2]
@@ -608,9 +621,14 @@ def run_dimension(tmp: Path, steps: int, every: int, keep: int, eval_every: int,
     dim = Dimension("run", "step", RUN_COSTS, extras=["checkpoints_mb", "published_mb"])
     marks = sorted({max(1, round(steps * f)) for f in (0.1, 0.25, 0.5, 0.75, 1.0)})
     series = {r: rss_by_step(samples, r.split("_")[0]) for r in ("driver_mb", "worker_mb", "eval_mb", "ray_mb")}
+    if eval_every:
+        series["eval_mb"] = evaluation_peaks(series["eval_mb"], eval_every)
     for mark in marks:
         row: dict[str, Any] = {"scale": mark}
         for name, pts in series.items():
+            if name == "eval_mb" and eval_every:              # the peak of the evaluation window holding the mark
+                row[name] = dict(pts).get(mark // eval_every * eval_every)
+                continue
             near = [mb for st, mb in pts if abs(st - mark) <= max(5, steps // 50)]
             row[name] = statistics.median(near) if near else None
         disk = [s for s in samples if abs(s["step"] - mark) <= max(5, steps // 50)]
@@ -626,7 +644,8 @@ def run_dimension(tmp: Path, steps: int, every: int, keep: int, eval_every: int,
               "checkpoints_bound_mb": (keep + 1) * one, "keep": keep,
               "published_mb_end": samples[-1]["published_mb"] if samples else None,
               "tensorboard_steps_unique": len(tb) == len(set(tb)), "tensorboard_steps_complete":
-              sorted(set(tb)) == list(range(1, steps + 1))}
+              sorted(set(tb)) == list(range(1, steps + 1)),
+              "evaluation_peaks_mb": series["eval_mb"] if eval_every else None}
     if interruptions:
         ref_args = run_job(data, str(tmp / "reference"), steps, every, keep, 0)
         Watched(ref_args, str(tmp / "reference"), []).finish()
@@ -650,6 +669,9 @@ def print_run_checks(checks: dict) -> None:
           f"{checks['checkpoint_mb']:.1f} MB; bound with keep={checks['keep']} and one being written: "
           f"{checks['checkpoints_bound_mb']:.1f} MB); published weights "
           f"{checks['published_mb_end']:.1f} MB at the end (all kept, by design)")
+    if checks.get("evaluation_peaks_mb"):
+        print("  evaluation actor's peak per evaluation window: "
+              + ", ".join(f"{mb:.0f} MB from step {step}" for step, mb in checks["evaluation_peaks_mb"]))
     print(f"  TensorBoard train/loss steps unique: {checks['tensorboard_steps_unique']}, "
           f"every step 1..{checks['steps']} once: {checks['tensorboard_steps_complete']}")
     if "final_weights_max_abs_diff" in checks:

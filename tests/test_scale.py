@@ -29,6 +29,14 @@ def test_slope_per_1k_steps():
     assert scale.slope_per_1k(points) == pytest.approx(20.0)
 
 
+def test_evaluation_peaks_per_window():
+    idle = [(s, 330.0) for s in range(1, 500, 50)]
+    loaded = [(s, 486.0 + (s % 500 < 60) * 40) for s in range(500, 1600, 20)]      # +40 MB while evaluating
+    peaks = scale.evaluation_peaks(idle + loaded, 500)               # the idle actor before step 500 is left out
+    assert peaks == [(500, 526.0), (1000, 526.0), (1500, 526.0)]
+    assert scale.slope_per_1k(peaks) == pytest.approx(0.0)           # transients at each evaluation: no growth
+
+
 @pytest.mark.slow
 def test_quick_mode(tmp_path):
     out = tmp_path / "scale"

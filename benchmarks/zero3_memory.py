@@ -7,7 +7,7 @@ samples its RSS every 2 ms; after each phase it reports the RSS and the phase's 
 model's fp32 weights, with the bytes DeepSpeed's ZeRO-3 optimizer holds in tensors (its parameter
 partition, the fp32 master copy when it is not the partition itself, AdamW's moments, the gradient
 partitions, the gradient bucket as allocated and the full parameters gathered right then) and the bytes
-glibc's heap holds free (freed, not given back to the system):
+glibc's heap holds free (freed by the program; resident unless `malloc_trim` handed their pages back):
 
   phases: start (imports, process group) · model built · engine initialised · gradient-cache first pass
   (the no-grad forward of every chunk, measured at the first backward) · backward (the chunks' forward

@@ -52,6 +52,19 @@ def test_deepspeed_config_from_run_config():
     assert deepspeed_config(cfg_of("deepspeed.bf16.enabled=true"), 1)["bf16"]["enabled"] is True
 
 
+def test_zero3_gradient_bucket_is_a_tenth_of_the_model_unless_set():
+    """DeepSpeed's own 5·10⁸ elements held a full copy of the gradients on every rank (docs/scaling.md)."""
+    zero3 = ("train.global_batch=8", "cluster.num_workers=2", "deepspeed.zero_optimization.stage=3")
+    bucket = [deepspeed_config(cfg_of(*zero3), 2, parameters=n)["zero_optimization"]["reduce_bucket_size"]
+              for n in (151_000_000, 10**10, 7)]
+    assert bucket == [15_100_000, 500_000_000, 1]
+    mine = cfg_of(*zero3, "deepspeed.zero_optimization.reduce_bucket_size=123")
+    assert deepspeed_config(mine, 2, parameters=151_000_000)["zero_optimization"]["reduce_bucket_size"] == 123
+    other = cfg_of("train.global_batch=8", "cluster.num_workers=2", "deepspeed.zero_optimization.stage=2")
+    assert "reduce_bucket_size" not in deepspeed_config(other, 2, parameters=151_000_000)["zero_optimization"]
+    assert "reduce_bucket_size" not in deepspeed_config(cfg_of(*zero3), 2)["zero_optimization"]
+
+
 @pytest.mark.parametrize("override, named", [
     ("deepspeed.gradient_accumulation_steps=4", "deepspeed.gradient_accumulation_steps"),
     ("deepspeed.train_batch_size=999", "deepspeed.train_batch_size"),
@@ -364,6 +377,47 @@ def test_every_step_starts_from_zero_gradients_under_zero3():
     reference = norms[0][0]
     for stage, values in norms.items():
         assert values == pytest.approx([reference] * 3, rel=1e-4), (stage, values)
+
+
+def _two_steps(rank: int, world_size: int, stage: int) -> dict:
+    """Two gradient-cache steps of the tiny model on one global batch of 8 (each rank its rows) under ZeRO
+    `stage`: the weights after them and, under ZeRO 3, the bytes DeepSpeed's optimizer holds per holder, in
+    copies of the fp32 weights (`benchmarks/zero3_memory.py` counts them)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from zero3_memory import deepspeed_bytes
+
+    from pipeline.losses import get_loss
+    from pipeline.train.engine import Engine
+    g = torch.Generator().manual_seed(0)
+    images, texts = torch.randn(8, 3, 32, 32, generator=g), torch.randint(1, 100, (8, 16), generator=g)
+    rows = slice(rank * 8 // world_size, (rank + 1) * 8 // world_size)
+    cfg = cfg_of("train.global_batch=8", f"cluster.num_workers={world_size}", "train.precision=fp32",
+                 f"deepspeed.zero_optimization.stage={stage}", "train.lr=1e-3", "train.warmup_steps=0",
+                 "gradcache.chunk_size=2", "loss.duplicates=off")
+    torch.manual_seed(0)
+    model = _tiny(loss="clip")
+    weights = sum(p.numel() for p in model.parameters()) * 4
+    engine = Engine(cfg, model, world_size)
+    for _ in range(2):
+        engine.forward_backward({"image": images[rows], "text": texts[rows]}, get_loss("clip"))
+        engine.step()
+    return {"held": {k: v / weights for k, v in deepspeed_bytes(engine.ds).items()},
+            "state": engine.consolidated_state()}
+
+
+@pytest.mark.slow
+def test_zero3_holds_two_copies_of_the_weights_at_two_ranks_and_steps_as_without_zero():
+    """fp32 at 2 ranks: half of 16 B per parameter (the partition, which is its own fp32 master, AdamW's two
+    moments, the gradient partition) and a gradient bucket of a tenth of the weights; DeepSpeed alone held
+    another half copy (a cloned master) and a 2 GB bucket. The steps' weights are those of ZeRO 0 on 1 rank."""
+    from tests.helpers.dist import run_world
+    (plain,) = run_world(_two_steps, 1, 0)
+    for r in run_world(_two_steps, 2, 3):
+        held = r["held"]
+        assert held["master"] == 0, held                                  # the partition itself
+        assert held["bucket"] <= 0.1 + 1e-6, held
+        assert held["partition"] + held["adam"] + held["grads"] + held["bucket"] <= 2.2, held
+        assert max((r["state"][k] - v).abs().max().item() for k, v in plain["state"].items()) <= 1e-5
 
 
 def test_pipe_urls_reach_the_workers_unchanged(tmp_path, monkeypatch):

@@ -17,6 +17,16 @@ These traps of DeepSpeed 0.19 are handled here, once:
   first one (weight decay on the undecayed group) and one `step` tensor shared by all of them (Adam's
   bias correction then advances once per group per step): both are put right after the load.
 
+Under ZeRO 3, three things held memory beyond the partitioned state and one gathered copy of the weights
+(benchmarks/zero3_memory.py measures each phase; docs/scaling.md "Model size"):
+* its gradient bucket, 5·10⁸ elements by default, took every gradient of a backward before reducing them: a
+  full copy of the weights' size on every rank. It is sized to a tenth of the model (`zero3_buffers`) unless
+  `deepspeed.zero_optimization.reduce_bucket_size` is set;
+* in fp32 it cloned each rank's parameter partition as its fp32 master (a device test torch 2.13 answers
+  False): the master is the partition again (`share_fp32_master`);
+* the model built whole and then partitioned left its full copy in glibc's heap, freed but resident: the
+  heap is trimmed once the engine is built (`trim_heap`).
+
 Three of its start-up costs are avoided (`contrast train` logs the start-up phases):
 * its ZeRO optimizers import its Muon optimizer's modules (at start-up and in every gradient reduction)
   only to ask `isinstance(optimizer, MuonWithAuxAdam)` or to find a Muon update they call for Muon
@@ -32,6 +42,7 @@ Three of its start-up costs are avoided (`contrast train` logs the start-up phas
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
 import pickle
@@ -71,12 +82,15 @@ def resolve_precision(cfg: Config) -> str:
     return "bf16" if gpu_bf16 else "fp32"
 
 
-def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False,
+                     parameters: Optional[int] = None) -> dict[str, Any]:
     """DeepSpeed's config: ours from the run config, then the `deepspeed.*` keys passed through.
 
     One optimizer step per global batch: the gradient cache accumulates its chunks inside a step,
     so DeepSpeed's own accumulation stays at 1 and the micro batch is the local batch. `load_universal`:
     the engine will load a universal checkpoint (DeepSpeed must know it when the engine is built).
+    `parameters` (the model's count): under ZeRO 3, the buffers DeepSpeed sizes in elements are sized to
+    the model (`zero3_buffers`) unless `deepspeed.zero_optimization` sets them.
     """
     t = cfg.train
     precision = resolve_precision(cfg)
@@ -95,6 +109,8 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
     if load_universal:
         ours["checkpoint"] = {"load_universal": True}
     merged = _merge(ours, cfg.deepspeed)
+    if parameters is not None and merged["zero_optimization"].get("stage") == 3:
+        merged["zero_optimization"] = {**zero3_buffers(parameters), **merged["zero_optimization"]}
     fixed = {"train_batch_size": t.global_batch, "gradient_accumulation_steps": 1,
              "train_micro_batch_size_per_gpu": t.global_batch // world_size}
     wrong = [f"deepspeed.{k} = {merged[k]!r} (expected {v}: set by train.global_batch and the gradient cache)"
@@ -105,6 +121,19 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
     if wrong:
         raise ConfigError("deepspeed settings that conflict with the run config:\n  - " + "\n  - ".join(wrong))
     return merged
+
+
+ZERO3_BUCKET_SHARE = 10          # ZeRO 3's gradient bucket: at most this fraction (1/10) of the parameters
+
+
+def zero3_buffers(parameters: int) -> dict[str, int]:
+    """ZeRO 3's gradient bucket sized to the model: a tenth of its parameters, at most DeepSpeed's 5·10⁸.
+
+    DeepSpeed allocates the bucket (`reduce_bucket_size` elements) once and fills it with full gradients
+    until it holds that many, then reduce-scatters them into each rank's partition. Its default of 5·10⁸
+    elements (2 GB in fp32) is above every model here, so a backward wrote every gradient into it: a full
+    unpartitioned copy of the weights' size, on every rank, for as long as the process lives."""
+    return {"reduce_bucket_size": int(min(5e8, max(1, parameters // ZERO3_BUCKET_SHARE)))}
 
 
 @register_check
@@ -176,13 +205,16 @@ class Engine:
 
     def __init__(self, cfg: Config, model: DualEncoder, world_size: int, universal: bool = False):
         import deepspeed
-        config = deepspeed_config(cfg, world_size, load_universal=universal)
+        config = deepspeed_config(cfg, world_size, load_universal=universal,
+                                  parameters=sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()))
         prepare_deepspeed(config)
         self.ds, _, _, self._scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
             config=config, lr_scheduler=warmup_cosine(cfg))
         self._group_settings = [{k: g[k] for k in ("weight_decay", "betas", "eps")}
                                 for g in self.ds.optimizer.param_groups]
+        share_fp32_master(self.ds.optimizer)
+        trim_heap()                                     # the full weights ZeRO 3 partitioned away
         if cfg.train.compile:
             self.module.compile_towers()          # after DeepSpeed's hooks (ZeRO-3) are in place
         self.zero_stage = self.ds.zero_optimization_stage()
@@ -460,6 +492,40 @@ def _unsafe_file(local_dir: str) -> str:
             except pickle.UnpicklingError:
                 return str(path)
     return f"{local_dir}/{DEEPSPEED}"
+
+
+def share_fp32_master(optimizer: Any) -> int:
+    """ZeRO-3 with fp32 parameters: make each fp32 master partition the parameter partition itself, as
+    DeepSpeed means to (stage3's `_create_fp32_partitions` shares them when dtype and device agree), and
+    return the bytes no longer held. Its device test compares a tensor's `torch.device` with the string
+    "cpu" or "cuda:0", which torch 2.13 answers False, so it cloned the partition: 1/W of the weights more
+    on every rank. Not for offloaded or swapped optimizer state (the master lives elsewhere there), nor
+    once the optimizer holds state for the clone."""
+    lows = getattr(optimizer, "fp16_partitioned_groups_flat", None)
+    if not lows or optimizer.offload_optimizer or optimizer.swap_optimizer or optimizer.params_in_nvme_and_cpu:
+        return 0
+    freed = 0
+    masters = optimizer.fp32_partitioned_groups_flat
+    for i, (low, master) in enumerate(zip(lows, masters)):
+        if (low is None or master is low or low.dtype != master.dtype or low.device != master.device
+                or master in optimizer.optimizer.state):
+            continue
+        low.ds_id, low.requires_grad = master.ds_id, True
+        masters[i] = low
+        freed += master.numel() * master.element_size()
+    return freed
+
+
+def trim_heap() -> int:
+    """Hand the pages glibc's malloc holds free back to the system (`malloc_trim(0)`); 1 if any went back.
+
+    Tensors below glibc's mmap threshold (which grows, up to 32 MB, each time a larger block is freed) live
+    in its heap, and freeing them leaves the pages resident for later allocations: ZeRO 3 partitioning a
+    model built whole frees a full copy of the weights this way. 0 where the C library has no malloc_trim."""
+    try:
+        return int(ctypes.CDLL(None).malloc_trim(0))
+    except (AttributeError, OSError):
+        return 0
 
 
 def _groups(params: list[nn.Parameter], max_bytes: int) -> Iterator[list[nn.Parameter]]:

@@ -152,7 +152,7 @@ def plot(dim: Dimension, out: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+    from matplotlib.ticker import LogLocator, NullLocator, ScalarFormatter
     fig, axes = plt.subplots(1, len(dim.costs), figsize=(3.6 * len(dim.costs), 3.2), squeeze=False)
     for ax, c, v in zip(axes[0], dim.costs, verdicts(dim)):
         xs, ys = dim.series(c.name)
@@ -160,11 +160,12 @@ def plot(dim: Dimension, out: Path) -> Path:
         fit = power_fit(xs, ys)
         if fit is not None:
             ax.loglog(xs, [math.exp(fit[1]) * x ** fit[0] for x in xs], "--", alpha=0.6)
-        # Ticks at the measured scales and at 1-2-5 of the cost, plain labels: mathtext's 10^k labels and the
+        # Ticks at the measured scales and at 1-2-5 of the cost, plain labels with as many digits as the ticks
+        # need (a cost within 1% of itself gets matplotlib's linear ticks): mathtext's 10^k labels and the
         # minor ticks took 2 s a figure.
         ax.set_xticks(xs, [_short(x) for x in xs], fontsize=7)
         ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:.4g}"))
+        ax.yaxis.set_major_formatter(ScalarFormatter(useOffset=False))
         for axis in (ax.xaxis, ax.yaxis):
             axis.set_minor_locator(NullLocator())
         ax.set_title(f"{c.name}  k={_k(v['k'])} (≤{c.expected:.2g})", fontsize=9)

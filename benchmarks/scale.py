@@ -870,9 +870,9 @@ def model_dimension(tmp: Path, models: list[str], stages: list[int]) -> list[Dim
             first.finish()
             fresh = startup_phases(first.lines)
             saves = [float(m_.group(1)) for m_ in map(CHECKPOINT_LINE.search, first.lines) if m_]
-            if not saves:
-                raise RuntimeError(f"{m} under ZeRO {stage}: no checkpoint line in its output:\n"
-                                   + "".join(first.lines)[-3000:])
+            if not saves:                       # seen once (ViT-L/14): Ray forwards a worker's last lines late
+                print(f"  ZeRO {stage} {m}: its 'checkpointed and published' line did not reach the driver's "
+                      "output; the checkpoint is measured from its folder, its time is not", flush=True)
             ckpt = os.path.join(run_dir, "checkpoints", step_dir(1))
             params, checkpoint_mb = published_parameters(run_dir, 1), folder_mb(ckpt)
             conversion = run_child("universal", ckpt)
@@ -881,7 +881,7 @@ def model_dimension(tmp: Path, models: list[str], stages: list[int]) -> list[Dim
             resumed.finish()
             again = startup_phases(resumed.lines)
             peaks, resumed_peaks = peak_by_role(samples), peak_by_role(on_one)
-            row = {"scale": params, "model": m, "step_s": fresh["first step"], "checkpoint_s": saves[0],
+            row = {"scale": params, "model": m, "step_s": fresh["first step"], "checkpoint_s": next(iter(saves), None),
                    **conversion, "resume_s": again["deepspeed"], "worker_peak_mb": peaks.get("worker"),
                    "resumed_worker_peak_mb": resumed_peaks.get("worker"),
                    "driver_peak_mb": max(peaks.get("driver", 0), resumed_peaks.get("driver", 0)),
@@ -890,7 +890,7 @@ def model_dimension(tmp: Path, models: list[str], stages: list[int]) -> list[Dim
             dim.rows.append(row)
             shutil.rmtree(run_dir)                      # ViT-L/14's run holds 17 GB (checkpoints, universal copy)
             print(f"  ZeRO {stage} {m:>9} ({params / 1e6:.1f} M): step {row['step_s']:.1f} s, checkpoint "
-                  f"{row['checkpoint_s']:.1f} s, universal {row['universal_s']:.1f} s, resume on 1 worker "
+                  f"{_fmt(row['checkpoint_s'])} s, universal {row['universal_s']:.1f} s, resume on 1 worker "
                   f"{row['resume_s']:.1f} s, worker peak {row['worker_peak_mb']:.0f} MB (2 workers), "
                   f"{row['resumed_worker_peak_mb']:.0f} MB (the resume on 1)", flush=True)
         dims.append(dim)

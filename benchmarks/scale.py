@@ -815,14 +815,14 @@ def child_universal(checkpoint: str) -> dict:
 def child_consolidate(model_name: str) -> dict:
     """One rank of a 2-rank ZeRO-3 engine: its RSS growth while `consolidated_state(rank0_only=True)` runs
     (sampled every 2 ms), in full copies of the weights."""
-    import psutil
     import torch
     import torch.distributed as dist
+    from zero3_memory import RssSampler
 
     from pipeline.config import load_config
     from pipeline.distributed import get_rank
     from pipeline.models import build_model
-    from pipeline.train.engine import Engine
+    from pipeline.train.engine import Engine, parameter_count
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -831,20 +831,17 @@ def child_consolidate(model_name: str) -> dict:
                              "train.precision=fp32"])
     torch.manual_seed(0)
     engine = Engine(cfg, build_model(cfg.model, image_size=224, context_length=77, vocab_size=49408), 2)
-    weights = sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters()) * 4
-    me, peak, done = psutil.Process(), [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], me.memory_info().rss)
-            time.sleep(0.002)
-    before = me.memory_info().rss
-    threading.Thread(target=sample, daemon=True).start()
+    weights = parameter_count(engine.module) * 4
+    sampler = RssSampler(dict)                      # every 2 ms
+    sampler.mark("before")
     state = engine.consolidated_state(rank0_only=True)
-    done.set()
+    sampler.mark("consolidated")
+    sampler.stop()
+    before, during = sampler.marks
     rank = get_rank()
     dist.destroy_process_group()
-    return {"rank": rank, "copies": (peak[0] - before) / weights, "weights_mb": weights / MB, "returned": len(state)}
+    return {"rank": rank, "copies": (during["peak"] - before["rss"]) / weights, "weights_mb": weights / MB,
+            "returned": len(state)}
 
 
 MODEL_COSTS = [Cost("step_s", "s", 1.0), Cost("checkpoint_s", "s", 1.0), Cost("universal_s", "s", 1.0),

@@ -134,7 +134,7 @@ def measure_rank(rank: int, world_size: int, model: str, rows: int, chunk: int, 
 
     from pipeline.data import clip_tokenizer
     from pipeline.models import run_tokenizer
-    from pipeline.train.engine import Engine
+    from pipeline.train.engine import Engine, parameter_count
     from pipeline.train.loop import make_loss, new_model
 
     engine: list[Any] = []
@@ -144,7 +144,7 @@ def measure_rank(rank: int, world_size: int, model: str, rows: int, chunk: int, 
     cfg = run_config(model, rows, chunk, image_size, overrides)
     tokenizer = run_tokenizer(cfg) or clip_tokenizer(cfg.data.context_length)   # no shards here: CLIP's vocabulary
     net = new_model(cfg, tokenizer)
-    weights = sum(p.numel() for p in net.parameters()) * 4
+    weights = parameter_count(net) * 4
     sampler.mark("model built")
     engine.append(Engine(cfg, net, world_size))
     del net

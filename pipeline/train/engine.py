@@ -205,8 +205,7 @@ class Engine:
 
     def __init__(self, cfg: Config, model: DualEncoder, world_size: int, universal: bool = False):
         import deepspeed
-        config = deepspeed_config(cfg, world_size, load_universal=universal,
-                                  parameters=sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()))
+        config = deepspeed_config(cfg, world_size, load_universal=universal, parameters=parameter_count(model))
         prepare_deepspeed(config)
         self.ds, _, _, self._scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
@@ -305,7 +304,7 @@ class Engine:
     def checkpoint_bytes(self) -> int:
         """About what `save` writes on this rank: the weights, and this rank's share of the fp32 master
         copy and AdamW's two moments (partitioned over the ranks from ZeRO 1 on)."""
-        numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in self.module.parameters())
+        numel = parameter_count(self.module)
         shards = dist_world_size() if self.zero_stage >= 1 else 1
         return numel * 4 + numel * 12 // shards
 
@@ -528,12 +527,21 @@ def trim_heap() -> int:
         return 0
 
 
+def parameter_count(module: nn.Module) -> int:
+    """The parameters of `module` as the model defines them (ZeRO-3's partitioning undone)."""
+    return sum(_numel(p) for p in module.parameters())
+
+
+def _numel(p: nn.Parameter) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def _groups(params: list[nn.Parameter], max_bytes: int) -> Iterator[list[nn.Parameter]]:
     """`params` in order, in groups of at most `max_bytes` of fp32 (a larger parameter is a group alone)."""
     group: list[nn.Parameter] = []
     size = 0
     for p in params:
-        n = int(getattr(p, "ds_numel", p.numel())) * 4
+        n = _numel(p) * 4
         if group and size + n > max_bytes:
             yield group
             group, size = [], 0
